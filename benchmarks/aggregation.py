@@ -1,0 +1,326 @@
+"""Time and memory of one product-space MIRA server step against the number of clients.
+
+One server step is :func:`mira.laplacian.product_step` on SmolLM2-135M-shaped adapters: 30
+layers of q_proj (576 -> 576), k_proj (576 -> 192), v_proj (576 -> 192) and o_proj (576 -> 576),
+float32 factors, ranks drawn from {4, 8, 16}, scale lora_alpha / r, on a sparse random
+symmetric task graph with about 8 neighbours per client and server.step * max degree = 0.5.
+
+At 1000 clients the adapters alone are several GB, so the step is driven module by module with
+:func:`mira.laplacian.product_mix_module` (modules are independent; product_step is exactly this
+loop): a worker holds one module's factors for all clients at a time. The synthetic factors
+(a shared A initialisation plus a per-client drift, random B) are generated per module from a
+seed; their generation time is reported apart from the step. The step's modules are split over
+`--workers` processes; each worker times its modules, then reruns one q_proj module under
+tracemalloc for the numpy peak (tracemalloc slows numpy down, so it stays out of the timing).
+
+For small client counts the modules of the first `--dense-layers` layers are also aggregated
+densely (form each out x in target, full SVD, truncate) in the same process, and the time
+ratio dense / stacked is reported with the largest relative difference of the products
+s_k B_k' A_k' (both float32 outputs compared in float64).
+
+Each client count runs in a fresh process so that its peak RSS is its own. Example:
+
+    python benchmarks/aggregation.py --clients 10 100 1000 --out docs/aggregation_table.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+import tracemalloc
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+from mira.laplacian import mixing_matrix, product_mix_module
+
+HIDDEN = 576
+KV_WIDTH = 192
+MODULES = (
+    ("q_proj", HIDDEN, HIDDEN),
+    ("k_proj", HIDDEN, KV_WIDTH),
+    ("v_proj", HIDDEN, KV_WIDTH),
+    ("o_proj", HIDDEN, HIDDEN),
+)
+LORA_ALPHA = 16.0
+STEP_TIMES_MAX_DEGREE = 0.5
+
+
+@dataclass(frozen=True)
+class Setup:
+    clients: int
+    layers: int
+    degree: int
+    ranks: tuple[int, ...]
+    seed: int
+
+
+@dataclass(frozen=True)
+class WorkerResult:
+    step_seconds: float  # time inside product_mix_module, summed over this worker's modules
+    generate_seconds: float
+    max_rss_bytes: int  # this worker process, after its timed modules
+    tracemalloc_peak_bytes: int  # numpy peak while aggregating one q_proj module
+
+
+def module_list(layers: int) -> list[tuple[str, int, int]]:
+    """(name, in, out) of every LoRA target module, layer by layer."""
+    return [(f"layers.{i}.{name}", fan_in, fan_out) for i in range(layers) for name, fan_in, fan_out in MODULES]
+
+
+def client_ranks(setup: Setup) -> np.ndarray:
+    return np.random.default_rng([setup.seed, 0]).choice(setup.ranks, size=setup.clients)
+
+
+def client_scales(setup: Setup) -> np.ndarray:
+    return LORA_ALPHA / client_ranks(setup)
+
+
+def random_graph(setup: Setup) -> np.ndarray:
+    """Sparse random symmetric graph: each client links to degree/2 random others."""
+    rng = np.random.default_rng([setup.seed, 1])
+    k = setup.clients
+    adjacency = np.zeros((k, k))
+    for client in range(k):
+        partners = rng.choice(k - 1, size=min(setup.degree // 2, k - 1), replace=False)
+        partners[partners >= client] += 1  # skip self
+        weights = rng.uniform(0.5, 1.0, size=partners.size)
+        adjacency[client, partners] = weights
+        adjacency[partners, client] = weights
+    return adjacency
+
+
+def module_factors(setup: Setup, index: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """One module's float32 factors for every client: shared A init + drift, random B."""
+    _, fan_in, fan_out = module_list(setup.layers)[index]
+    ranks = client_ranks(setup)
+    rng = np.random.default_rng([setup.seed, 2, index])
+    bound = 1.0 / np.sqrt(fan_in)  # peft's kaiming-uniform bound for lora_A
+    shared_a = rng.uniform(-bound, bound, size=(max(ranks), fan_in)).astype(np.float32)
+    a_factors, b_factors = [], []
+    for rank in ranks:
+        drift = rng.standard_normal((rank, fan_in), dtype=np.float32) * np.float32(0.1 * bound)
+        a_factors.append(shared_a[:rank] + drift)
+        b_factors.append(rng.standard_normal((fan_out, rank), dtype=np.float32) * np.float32(0.01))
+    return a_factors, b_factors
+
+
+def run_worker(setup: Setup, mixing: np.ndarray, module_indices: list[int]) -> WorkerResult:
+    """Aggregate these modules one at a time (timed), then one q_proj under tracemalloc."""
+    scales = client_scales(setup)
+    step = generate = 0.0
+    for index in module_indices:
+        start = time.perf_counter()
+        a_factors, b_factors = module_factors(setup, index)
+        generate += time.perf_counter() - start
+        start = time.perf_counter()
+        product_mix_module(a_factors, b_factors, mixing, scales)
+        step += time.perf_counter() - start
+        del a_factors, b_factors
+    max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    tracemalloc.start()
+    a_factors, b_factors = module_factors(setup, 0)  # layers.0.q_proj, the largest shape
+    product_mix_module(a_factors, b_factors, mixing, scales)
+    del a_factors, b_factors
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    return WorkerResult(step, generate, max_rss, peak)
+
+
+def dense_mix(
+    a_factors: list[np.ndarray], b_factors: list[np.ndarray], mixing: np.ndarray, scales: np.ndarray
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Dense reference: form each out x in target, full SVD, truncate to rank r_k."""
+    result = []
+    for k in range(len(a_factors)):
+        target = np.zeros((b_factors[k].shape[0], a_factors[k].shape[1]))
+        for l in np.flatnonzero(mixing[k]):
+            b, a = b_factors[l].astype(np.float64), a_factors[l].astype(np.float64)
+            target += (mixing[k, l] * scales[l]) * (b @ a)
+        u, s, vt = np.linalg.svd(target, full_matrices=False)
+        rank = a_factors[k].shape[0]
+        root = np.sqrt(s[:rank] / scales[k])
+        new_a, new_b = root[:, None] * vt[:rank], u[:, :rank] * root
+        result.append((new_a.astype(np.float32), new_b.astype(np.float32)))
+    return result
+
+
+def dense_check(setup: Setup, mixing: np.ndarray, dense_layers: int) -> dict[str, float]:
+    """Stacked and dense on the modules of the first layers: time ratio and largest difference."""
+    scales = client_scales(setup)
+    stacked_seconds = dense_seconds = worst = 0.0
+    for index in range(4 * min(dense_layers, setup.layers)):
+        a_factors, b_factors = module_factors(setup, index)
+        start = time.perf_counter()
+        new_a, new_b = product_mix_module(a_factors, b_factors, mixing, scales)
+        stacked_seconds += time.perf_counter() - start
+        start = time.perf_counter()
+        reference = dense_mix(a_factors, b_factors, mixing, scales)
+        dense_seconds += time.perf_counter() - start
+        for k, (ref_a, ref_b) in enumerate(reference):
+            ours = new_b[k].astype(np.float64) @ new_a[k].astype(np.float64)
+            theirs = ref_b.astype(np.float64) @ ref_a.astype(np.float64)
+            worst = max(worst, float(np.linalg.norm(ours - theirs) / np.linalg.norm(theirs)))
+    return {
+        "dense_seconds": dense_seconds,
+        "stacked_seconds": stacked_seconds,
+        "max_relative_difference": worst,
+    }
+
+
+def measure(setup: Setup, workers: list[int], dense_layers: int, dense_max_clients: int) -> list[dict]:
+    """One server step for setup.clients clients with each worker count; dense check once."""
+    adjacency = random_graph(setup)
+    step = STEP_TIMES_MAX_DEGREE / adjacency.sum(axis=1).max()
+    mixing = mixing_matrix(adjacency, step)
+    degree = (adjacency > 0).sum(axis=1)
+    stacked_rank = (mixing != 0).astype(int) @ client_ranks(setup)
+    dense = dense_check(setup, mixing, dense_layers) if setup.clients <= dense_max_clients else None
+    rows = []
+    for count in workers:
+        shares = [list(range(w, 4 * setup.layers, count)) for w in range(count)]
+        with ProcessPoolExecutor(count, mp_context=get_context("spawn")) as pool:
+            futures = [pool.submit(run_worker, setup, mixing, share) for share in shares]
+            results = [future.result() for future in futures]
+        one_core = sum(r.step_seconds for r in results)
+        rows.append(
+            {
+                "clients": setup.clients,
+                "mean_degree": float(degree.mean()),
+                "mean_stacked_rank": float(stacked_rank.mean()),
+                "workers": count,
+                # Workers run at the same time: the step lasts as long as the slowest one.
+                "step_seconds": max(r.step_seconds for r in results),
+                "summed_worker_seconds": one_core,
+                "ms_per_client_module": 1e3 * one_core / (setup.clients * 4 * setup.layers),
+                "generate_seconds": sum(r.generate_seconds for r in results),
+                "tracemalloc_peak_mb_per_worker": max(r.tracemalloc_peak_bytes for r in results)
+                / 2**20,
+                "max_rss_mb_per_worker": max(r.max_rss_bytes for r in results) / 2**20,
+                "dense_layers": min(dense_layers, setup.layers) if dense else 0,
+                **(dense or {}),
+            }
+        )
+    return rows
+
+
+def markdown_table(rows: list[dict]) -> str:
+    columns = [
+        "clients",
+        "mean degree",
+        "mean stacked rank R",
+        "workers",
+        "step (s)",
+        "summed worker time (s)",
+        "ms per client-module",
+        "numpy peak per worker, tracemalloc (MB)",
+        "max RSS per worker (MB)",
+        "dense / stacked time (layers)",
+        "max rel. diff vs dense",
+    ]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        if row["dense_layers"]:
+            ratio = row["dense_seconds"] / row["stacked_seconds"]
+            dense = f"{ratio:.1f}x ({row['dense_layers']})"
+            diff = f"{row['max_relative_difference']:.1e}"
+        else:
+            dense, diff = "not run", "-"
+        cells = [
+            f"{row['clients']}",
+            f"{row['mean_degree']:.1f}",
+            f"{row['mean_stacked_rank']:.1f}",
+            f"{row['workers']}",
+            f"{row['step_seconds']:.2f}",
+            f"{row['summed_worker_seconds']:.2f}",
+            f"{row['ms_per_client_module']:.3f}",
+            f"{row['tracemalloc_peak_mb_per_worker']:.0f}",
+            f"{row['max_rss_mb_per_worker']:.0f}",
+            dense,
+            diff,
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    cpu = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, numpy {np.__version__}"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
+    parser.add_argument("--clients", type=int, nargs="+", default=[10, 100, 1000])
+    parser.add_argument("--layers", type=int, default=30, help="transformer layers (default 30)")
+    parser.add_argument("--degree", type=int, default=8, help="target mean degree (default 8)")
+    parser.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--workers", type=int, nargs="+", default=[1], help="worker processes (one row each)"
+    )
+    parser.add_argument(
+        "--blas-threads",
+        type=int,
+        default=1,
+        help="BLAS threads per process (default 1: threading these small products is slower)",
+    )
+    parser.add_argument("--dense-max-clients", type=int, default=100)
+    parser.add_argument("--dense-layers", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=None, help="also write the table here")
+    parser.add_argument("--one", type=int, default=None, help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if args.one is not None:  # child process: one client count, rows as JSON
+        setup = Setup(args.one, args.layers, args.degree, tuple(args.ranks), args.seed)
+        rows = measure(setup, args.workers, args.dense_layers, args.dense_max_clients)
+        print(json.dumps(rows))
+        return
+    env = dict(os.environ)
+    for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        env[variable] = str(args.blas_threads)
+    rows = []
+    for clients in args.clients:
+        child = [sys.executable, __file__, "--one", str(clients), "--layers", str(args.layers)]
+        child += ["--degree", str(args.degree), "--seed", str(args.seed)]
+        child += ["--ranks", *map(str, args.ranks), "--workers", *map(str, args.workers)]
+        child += ["--dense-max-clients", str(args.dense_max_clients)]
+        child += ["--dense-layers", str(args.dense_layers)]
+        started = time.perf_counter()
+        completed = subprocess.run(child, env=env, capture_output=True, text=True, check=False)
+        if completed.returncode != 0:
+            sys.exit(f"benchmark for {clients} clients failed:\n{completed.stderr}")
+        rows += json.loads(completed.stdout.strip().splitlines()[-1])
+        print(f"{clients} clients done in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    table = markdown_table(rows)
+    note = (
+        f"Machine: {machine()}. BLAS threads per process: {args.blas_threads}. "
+        f"Layers: {args.layers}, target degree: {args.degree}, ranks: {args.ranks}, "
+        f"seed: {args.seed}."
+    )
+    print(table + "\n\n" + note)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(table + "\n\n" + note + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,126 @@
+"""The ``mira`` command line: run a federation, show the config reference, manage data."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from mira.config import ConfigError, describe, load_config
+from mira.data import DataError
+
+
+def _run(args: argparse.Namespace) -> int:
+    from mira.federation.simulation import run_simulation
+    from mira.outputs import final_table
+
+    cfg = load_config(args.config, args.set)
+    out_dir = Path(args.out)
+    started = time.monotonic()
+    print(
+        f"mira run: {cfg.num_clients} clients ({', '.join(t.name for t in cfg.tasks)}), "
+        f"model {cfg.model.name}, method {cfg.server.method}, {cfg.federation.rounds} rounds "
+        f"-> {out_dir}",
+        flush=True,
+    )
+    run_simulation(cfg, out_dir, verbose=args.verbose)
+    print()
+    print(final_table(out_dir))
+    print(f"\nfinished in {time.monotonic() - started:.0f}s; outputs in {out_dir}")
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    if args.show:
+        print(load_config(args.show if args.show != "-" else None).to_json())
+        return 0
+    rows = describe()
+    if args.markdown:
+        print("| key | default | meaning |")
+        print("| --- | --- | --- |")
+        for key, default, help_text in rows:
+            print(f"| `{key}` | `{default}` | {help_text} |")
+        return 0
+    for key, default, help_text in rows:
+        print(f"{key:<28} {default:<28} {help_text}")
+    return 0
+
+
+def _data_list(args: argparse.Namespace) -> int:
+    from mira.data import format_task_table, list_tasks
+
+    print(format_task_table(list_tasks(args.data_dir, args.cache_dir)))
+    return 0
+
+
+def _data_prepare(args: argparse.Namespace) -> int:
+    from mira.data import prepare
+
+    for done in prepare(args.tasks, args.data_dir, args.cache_dir):
+        state = "fetched" if done.fetched else "already prepared"
+        print(f"{done.name:<14} {state:<17} {done.folder}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mira",
+        description="Federated multi-task LoRA fine-tuning with MIRA's Laplacian pull.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="run a federated experiment on the Simulation Engine")
+    run.add_argument(
+        "config", nargs="?", default=None, help="TOML config (default: packaged quickstart)"
+    )
+    run.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config key (repeatable), e.g. --set server.method=fedit",
+    )
+    run.add_argument("--out", default="runs/latest", help="output directory (default: %(default)s)")
+    run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    run.set_defaults(func=_run)
+
+    config = sub.add_parser("config", help="print the config reference (key, default, help)")
+    config.add_argument(
+        "--show", metavar="CONFIG", help="print a config resolved with defaults ('-': quickstart)"
+    )
+    config.add_argument("--markdown", action="store_true", help="print a markdown table")
+    config.set_defaults(func=_config)
+
+    data = sub.add_parser("data", help="list the built-in tasks or prepare their data offline")
+    data_sub = data.add_subparsers(dest="data_command", required=True)
+    listing = data_sub.add_parser("list", help="name, kind, size, source and licence of each task")
+    listing.set_defaults(func=_data_list)
+    prep = data_sub.add_parser("prepare", help="fetch and cache task data (default: all tasks)")
+    prep.add_argument("tasks", nargs="*", help="task names (default: every built-in task)")
+    prep.set_defaults(func=_data_prepare)
+    for p in (listing, prep):
+        p.add_argument("--data-dir", default="", help="data folder (default: the mira cache)")
+        p.add_argument("--cache-dir", default="", help="cache folder (default: ~/.cache/mira)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except ConfigError as err:
+        print(f"mira: config error: {err}", file=sys.stderr)
+        return 2
+    except DataError as err:
+        print(f"mira: data error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            "mira: interrupted; completed rounds are kept in the output directory", file=sys.stderr
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,416 @@
+"""The one configuration schema of mira.
+
+Every default lives here. A config is a TOML document with the sections below; it is
+validated once, before any work starts, by :func:`load_config` / :func:`config_from_dict`,
+and the resulting frozen :class:`Config` is trusted everywhere else.
+
+An unknown key, a value of the wrong type or outside its allowed set raises
+:class:`ConfigError` with a message naming the key (``section.key``) and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import tomllib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, get_args, get_origin, get_type_hints
+
+METHODS = ("mira", "fedit", "cluster-fedavg", "cluster-merge", "local")
+GRAPH_SOURCES = ("tasks", "full")
+PULL_SPACES = ("auto", "factor", "product")
+TASK_KINDS = ("classification", "generation")
+QUICKSTART = "quickstart"
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or not allowed."""
+
+
+def _help(text: str, **choices: Any) -> dict[str, Any]:
+    meta: dict[str, Any] = {"help": text}
+    meta.update(choices)
+    return meta
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = field(
+        default="smollm2-135m-instruct",
+        metadata=_help(
+            "Base causal LM: 'smollm2-135m-instruct' (packaged, offline), "
+            "'tiny-random-llama' (built locally, for tests and smoke runs), "
+            "a Hugging Face model id or a local directory."
+        ),
+    )
+    max_length: int = field(
+        default=64, metadata=_help("Tokens per example (prompt + target), truncated from the left.")
+    )
+    cache_dir: str = field(
+        default="",
+        metadata=_help(
+            "Where converted models and fetched packages are cached; '' = ~/.cache/mira."
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    rank: int = field(default=8, metadata=_help("LoRA rank r of every client."))
+    alpha: float = field(default=16.0, metadata=_help("LoRA alpha; the scale is alpha / r."))
+    dropout: float = field(default=0.0, metadata=_help("LoRA dropout probability."))
+    target_modules: tuple[str, ...] = field(
+        default=("q_proj", "k_proj", "v_proj", "o_proj"),
+        metadata=_help("Module names (suffixes) that get LoRA adapters."),
+    )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    batch_size: int = field(default=4, metadata=_help("Examples per local optimizer step."))
+    learning_rate: float = field(default=3e-4, metadata=_help("AdamW learning rate."))
+    weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
+    eval_batch_size: int = field(default=8, metadata=_help("Examples per evaluation batch."))
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    rounds: int = field(default=3, metadata=_help("Federated rounds."))
+    local_steps: int = field(default=5, metadata=_help("Local optimizer steps per round."))
+    fraction: float = field(
+        default=1.0, metadata=_help("Fraction of clients sampled per round, in (0, 1].")
+    )
+    seed: int = field(
+        default=0,
+        metadata=_help("Seed of the shared LoRA initialisation, client sampling and data order."),
+    )
+    workers: int = field(
+        default=1,
+        metadata=_help("Simulation Engine: client processes running at once (cores are shared)."),
+    )
+    timeout: float = field(
+        default=3600.0, metadata=_help("Seconds the server waits for the replies of one round.")
+    )
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    method: str = field(
+        default="mira",
+        metadata=_help("Server rule.", choices=METHODS),
+    )
+    step: float = field(
+        default=0.1,
+        metadata=_help("MIRA server step gamma = eta * lambda; gamma * max degree must be < 1."),
+    )
+    graph: str = field(
+        default="tasks",
+        metadata=_help(
+            "Task graph: 'tasks' (clients of one declared task are neighbours, uniform weights), "
+            "'full' (every pair, uniform weights), or the path of a K x K matrix "
+            "(.json list of lists, .csv or .npy) in client order."
+        ),
+    )
+    pull_space: str = field(
+        default="auto",
+        metadata=_help(
+            "Where the pull acts: 'factor' (A and B separately, equal ranks), "
+            "'product' (B @ A, any ranks), 'auto' (factor when all ranks are equal).",
+            choices=PULL_SPACES,
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    train_size: int = field(default=64, metadata=_help("Training examples per client."))
+    eval_size: int = field(default=16, metadata=_help("Held-out evaluation examples per client."))
+    dir: str = field(
+        default="",
+        metadata=_help("Folder of prepared task data; '' = the cache (see model.cache_dir)."),
+    )
+    label_skew: float = field(
+        default=0.0,
+        metadata=_help(
+            "Dirichlet alpha of label skew among one classification task's clients; 0 = IID."
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    name: str = field(default="", metadata=_help("Task name: a built-in task or your own."))
+    clients: int = field(default=1, metadata=_help("Number of clients holding this task."))
+    path: str = field(
+        default="",
+        metadata=_help("User task: a local .jsonl, .csv or .parquet file ('' for built-ins)."),
+    )
+    kind: str = field(
+        default="",
+        metadata=_help("User task kind: 'classification' or 'generation'."),
+    )
+    input_column: str = field(default="input", metadata=_help("User task: input column."))
+    target_column: str = field(default="target", metadata=_help("User task: target column."))
+    verbalisers: tuple[str, ...] = field(
+        default=(), metadata=_help("User classification task: the label words.")
+    )
+    template: str = field(
+        default="",
+        metadata=_help("User task prompt template with '{input}'; '' = a default template."),
+    )
+
+
+@dataclass(frozen=True)
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    server: ServerConfig = field(default_factory=ServerConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tasks: tuple[TaskConfig, ...] = ()
+
+    @property
+    def client_tasks(self) -> list[str]:
+        """Task name of every client, in client (partition) order."""
+        return [t.name for t in self.tasks for _ in range(t.clients)]
+
+    @property
+    def client_ids(self) -> list[str]:
+        """Stable client identities, e.g. 'sentiment-0', in partition order."""
+        return [f"{t.name}-{i}" for t in self.tasks for i in range(t.clients)]
+
+    @property
+    def num_clients(self) -> int:
+        return sum(t.clients for t in self.tasks)
+
+    def task(self, name: str) -> TaskConfig:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise KeyError(name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "lora": LoraConfig,
+    "train": TrainConfig,
+    "federation": FederationConfig,
+    "server": ServerConfig,
+    "data": DataConfig,
+}
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _coerce(key: str, value: Any, annotation: Any) -> Any:
+    """Check one value against its annotated type; ints are accepted for floats."""
+    if get_origin(annotation) is tuple:
+        (item_type, _ellipsis) = get_args(annotation)
+        if isinstance(value, str) or not isinstance(value, Sequence):
+            raise ConfigError(f"{key} must be a list of {item_type.__name__}, got {value!r}")
+        return tuple(_coerce(f"{key}[{i}]", v, item_type) for i, v in enumerate(value))
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key} must be finite, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string, got {value!r}")
+        return value
+    raise TypeError(f"unsupported config type {annotation!r} for {key}")
+
+
+def _build_section(section: str, cls: type, raw: Any) -> Any:
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"[{section}] must be a table of keys, got {raw!r}")
+    hints = get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        if key not in fields:
+            allowed = ", ".join(sorted(fields))
+            raise ConfigError(f"unknown key {section}.{key}; allowed keys: {allowed}")
+        choices = fields[key].metadata.get("choices")
+        coerced = _coerce(f"{section}.{key}", value, hints[key])
+        if choices is not None and coerced not in choices:
+            raise ConfigError(
+                f"{section}.{key} = {coerced!r} is not allowed; choose one of: "
+                + ", ".join(choices)
+            )
+        values[key] = coerced
+    return cls(**values)
+
+
+def _check_ranges(cfg: Config) -> None:
+    def positive(key: str, value: float) -> None:
+        if value <= 0:
+            raise ConfigError(f"{key} must be > 0, got {value!r}")
+
+    positive("model.max_length", cfg.model.max_length)
+    positive("lora.rank", cfg.lora.rank)
+    positive("lora.alpha", cfg.lora.alpha)
+    if not 0.0 <= cfg.lora.dropout < 1.0:
+        raise ConfigError(f"lora.dropout must be in [0, 1), got {cfg.lora.dropout!r}")
+    if not cfg.lora.target_modules:
+        raise ConfigError("lora.target_modules must name at least one module")
+    positive("train.batch_size", cfg.train.batch_size)
+    positive("train.learning_rate", cfg.train.learning_rate)
+    positive("train.eval_batch_size", cfg.train.eval_batch_size)
+    if cfg.train.weight_decay < 0:
+        raise ConfigError(f"train.weight_decay must be >= 0, got {cfg.train.weight_decay!r}")
+    positive("federation.rounds", cfg.federation.rounds)
+    positive("federation.local_steps", cfg.federation.local_steps)
+    positive("federation.workers", cfg.federation.workers)
+    positive("federation.timeout", cfg.federation.timeout)
+    if not 0.0 < cfg.federation.fraction <= 1.0:
+        raise ConfigError(f"federation.fraction must be in (0, 1], got {cfg.federation.fraction!r}")
+    if cfg.federation.seed < 0:
+        raise ConfigError(f"federation.seed must be >= 0, got {cfg.federation.seed!r}")
+    if cfg.server.step < 0:
+        raise ConfigError(f"server.step must be >= 0, got {cfg.server.step!r}")
+    if cfg.server.graph not in GRAPH_SOURCES and not cfg.server.graph.endswith(
+        (".json", ".csv", ".npy")
+    ):
+        raise ConfigError(
+            f"server.graph = {cfg.server.graph!r} is not allowed; choose one of: "
+            + ", ".join(GRAPH_SOURCES)
+            + ", or a matrix file ending in .json, .csv or .npy"
+        )
+    positive("data.train_size", cfg.data.train_size)
+    positive("data.eval_size", cfg.data.eval_size)
+    if cfg.data.label_skew < 0:
+        raise ConfigError(f"data.label_skew must be >= 0, got {cfg.data.label_skew!r}")
+    if not cfg.tasks:
+        raise ConfigError("at least one [[tasks]] entry is required")
+    seen: set[str] = set()
+    for i, task in enumerate(cfg.tasks):
+        where = f"tasks[{i}]"
+        if not task.name:
+            raise ConfigError(f"{where}.name is required")
+        if task.name in seen:
+            raise ConfigError(f"{where}.name = {task.name!r} is declared twice")
+        seen.add(task.name)
+        positive(f"{where}.clients", task.clients)
+        if task.path and task.kind not in TASK_KINDS:
+            raise ConfigError(
+                f"{where}.kind = {task.kind!r} is not allowed for a user task; choose one of: "
+                + ", ".join(TASK_KINDS)
+            )
+
+
+def config_from_dict(raw: Mapping[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from a parsed TOML mapping."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError("a config must be a TOML table")
+    allowed = [*SECTIONS, "tasks"]
+    sections: dict[str, Any] = {}
+    for name, value in raw.items():
+        if name == "tasks":
+            continue
+        if name not in SECTIONS:
+            raise ConfigError(f"unknown section [{name}]; allowed sections: {', '.join(allowed)}")
+        sections[name] = _build_section(name, SECTIONS[name], value)
+    raw_tasks = raw.get("tasks", [])
+    if not isinstance(raw_tasks, Sequence) or isinstance(raw_tasks, str):
+        raise ConfigError("tasks must be an array of tables ([[tasks]])")
+    tasks = tuple(_build_section(f"tasks[{i}]", TaskConfig, t) for i, t in enumerate(raw_tasks))
+    cfg = Config(**sections, tasks=tasks)
+    _check_ranges(cfg)
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Parse 'section.key=value'; the value is read as TOML, else taken as a string."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value")
+    dotted, value_text = text.split("=", 1)
+    path = [p.strip() for p in dotted.strip().split(".")]
+    if len(path) < 2 or not all(path):
+        raise ConfigError(f"override {text!r} must name section.key")
+    try:
+        value = tomllib.loads(f"v = {value_text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = value_text.strip()
+    return path, value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with each 'section.key=value' applied.
+
+    ``tasks.N.key=value`` addresses the N-th task entry.
+    """
+    result = json.loads(json.dumps(raw))
+    for text in overrides:
+        path, value = parse_override(text)
+        node: Any = result
+        for i, part in enumerate(path[:-1]):
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise ConfigError(f"override {text!r}: no entry {part} in {'.'.join(path[:i])}")
+                node = node[int(part)]
+            else:
+                node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {text!r} does not address a key")
+        node[path[-1]] = value
+    return result
+
+
+def read_raw(source: str | Path | None) -> dict[str, Any]:
+    """Read a TOML config file, or the packaged quickstart when ``source`` is None."""
+    if source is None or str(source) == QUICKSTART:
+        text = resources.files("mira.configs").joinpath("quickstart.toml").read_text()
+        return tomllib.loads(text)
+    path = Path(source)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise ConfigError(f"config file {path} is not valid TOML: {err}") from err
+
+
+def load_config(source: str | Path | None = None, overrides: Sequence[str] = ()) -> Config:
+    """Read, override and validate a config; ``source=None`` is the packaged quickstart."""
+    return config_from_dict(apply_overrides(read_raw(source), overrides))
+
+
+def describe() -> list[tuple[str, str, str]]:
+    """(key, default, help) for every key of the schema, for the README and ``mira config``."""
+    rows = []
+    for section, cls in [*SECTIONS.items(), ("tasks[]", TaskConfig)]:
+        defaults = cls()
+        for f in dataclasses.fields(cls):
+            default = getattr(defaults, f.name)
+            help_text = f.metadata.get("help", "")
+            if "choices" in f.metadata:
+                help_text += " One of: " + ", ".join(f.metadata["choices"]) + "."
+            rows.append((f"{section}.{f.name}", json.dumps(_plain(default)), help_text))
+    return rows

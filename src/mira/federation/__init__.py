@@ -1,0 +1,1 @@
+"""Federation glue: the Flower ServerApp, ClientApp and the per-client strategy."""

@@ -1,0 +1,648 @@
+"""The MIRA server pull and the baseline aggregation rules, as mixing matrices.
+
+MIRA (Elbakary et al., "MIRA: A Method of Federated Multi-Task Learning for Large Language
+Models", IEEE Networking Letters 7(3), 2025; arXiv 2410.15524) keeps one LoRA adapter per client
+and, after the local steps of a round, pulls every client toward its task-graph neighbours
+(paper eq. 8):
+
+    W_k <- W_k - gamma * sum_l a_kl (W_k - W_l)        gamma = eta * lambda.
+
+The update is simultaneous, so it is one matrix product over clients: W_new = M @ W with the
+mixing matrix M = I - gamma * L, where L = D - A is the graph Laplacian (D = diag(delta_k),
+delta_k = sum_l a_kl). Row k of M holds 1 - gamma * delta_k on the diagonal and gamma * a_kl
+elsewhere; it is a convex combination exactly when gamma * max_k delta_k < 1.
+
+Every aggregation rule here is such a row-wise mixing, applied in one of two spaces:
+
+- factor space (:func:`factor_mix`, :func:`factor_step`): the paper's eq. 8 applied to each
+  stored tensor (lora_A and lora_B separately); needs equal ranks.
+- product space (:func:`product_mix`, :func:`product_step`): mixes the effective updates
+  s_l B_l A_l and gives each client the best rank-r_k approximation of its target
+  (Eckart-Young), computed from stacked factors without forming an out x in matrix.
+
+The baselines are other mixing matrices (:func:`fedavg_mixing`, :func:`cluster_mixing`,
+:func:`cluster_merge_mixing`). A row equal to e_k ("keep your adapter") returns client k's
+arrays untouched, which is how a client not sampled this round keeps its adapter while its
+stored copy still serves as a neighbour for the others.
+
+Conventions: an adjacency is a K x K float array, symmetric, non-negative, zero diagonal. All
+functions are pure: arrays in, arrays out; nothing here reads files, configs or Flower types.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+
+import numpy as np
+
+__all__ = [
+    "FactorAdapter",
+    "ProductAdapter",
+    "cluster_merge_mixing",
+    "cluster_mixing",
+    "factor_mix",
+    "factor_step",
+    "fedavg_mixing",
+    "laplacian",
+    "mixing_matrix",
+    "product_mix",
+    "product_mix_module",
+    "product_step",
+    "validate_adjacency",
+]
+
+FactorAdapter = dict[str, np.ndarray]
+"""Tensor name -> array, e.g. the lora_A / lora_B weights of every target module."""
+
+ProductAdapter = dict[str, tuple[np.ndarray, np.ndarray]]
+"""Module name -> (A [r_k, in], B [out, r_k]) in peft's layout; dW = s_k * B @ A."""
+
+_EPS = float(np.finfo(np.float64).eps)
+# A Cholesky pivot ratio below this means the stacked B factors are nearly dependent; the
+# eigendecomposition path then gives a rank-revealing factor instead.
+_CHOLESKY_MIN_PIVOT_RATIO = 1e-4
+
+
+# --------------------------------------------------------------------------------------------
+# Graph -> mixing matrix
+# --------------------------------------------------------------------------------------------
+
+
+def validate_adjacency(adjacency: np.ndarray, num_clients: int | None = None) -> np.ndarray:
+    """Check a task-graph adjacency and return it as a float64 copy.
+
+    A valid adjacency (the a_kl of paper eq. 8) is a finite, square, symmetric, non-negative
+    K x K array with a zero diagonal. Symmetry is checked to a relative tolerance of 1e-12 and
+    the returned copy is exactly symmetric.
+
+    Args:
+        adjacency: the K x K weights a_kl.
+        num_clients: the expected K, or None to accept any size.
+
+    Raises:
+        ValueError: naming the problem (not square, wrong size, non-finite, negative entry at
+            (i, j), not symmetric with its largest asymmetry, non-zero diagonal).
+    """
+    a = np.array(adjacency, dtype=np.float64, copy=True)
+    if a.ndim != 2 or a.shape[0] != a.shape[1]:
+        raise ValueError(f"adjacency must be a square K x K matrix, got shape {a.shape}")
+    if num_clients is not None and a.shape[0] != num_clients:
+        raise ValueError(f"adjacency is {a.shape[0]} x {a.shape[1]} but there are {num_clients} clients")
+    if not np.all(np.isfinite(a)):
+        i, j = np.argwhere(~np.isfinite(a))[0]
+        raise ValueError(f"adjacency has a non-finite entry {a[i, j]} at ({i}, {j})")
+    if np.any(a < 0):
+        i, j = np.argwhere(a < 0)[0]
+        raise ValueError(f"adjacency has a negative entry {a[i, j]:.6g} at ({i}, {j})")
+    asymmetry = float(np.max(np.abs(a - a.T))) if a.size else 0.0
+    if asymmetry > 1e-12 * max(1.0, float(np.max(a, initial=0.0))):
+        i, j = np.unravel_index(np.argmax(np.abs(a - a.T)), a.shape)
+        raise ValueError(
+            f"adjacency is not symmetric: max |a_ij - a_ji| = {asymmetry:.3g} at ({i}, {j})"
+        )
+    if np.any(np.diag(a) != 0):
+        i = int(np.flatnonzero(np.diag(a))[0])
+        raise ValueError(f"adjacency has a non-zero diagonal entry {a[i, i]:.6g} at ({i}, {i})")
+    # (a + a.T) / 2 is bit-exact for an already symmetric matrix.
+    return (a + a.T) / 2
+
+
+def laplacian(adjacency: np.ndarray) -> np.ndarray:
+    """Graph Laplacian L = D - A of a validated adjacency (D = diag of the degrees delta_k)."""
+    a = validate_adjacency(adjacency)
+    return np.diag(a.sum(axis=1)) - a
+
+
+def mixing_matrix(
+    adjacency: np.ndarray, step: float, active: Sequence[bool] | None = None
+) -> np.ndarray:
+    """The MIRA mixing matrix M = I - step * L of paper eq. 8, so that W_new = M @ W.
+
+    Row k is (1 - step * delta_k) e_k + step * a_k: the self-weight must stay in (0, 1], hence
+    the requirement step * max_k delta_k < 1. A client that is not active this round gets the
+    identity row (it keeps its adapter); its column is untouched, so its stored adapter still
+    pulls its active neighbours.
+
+    Args:
+        adjacency: the K x K task graph a_kl (see :func:`validate_adjacency`).
+        step: the server step gamma = eta * lambda, >= 0.
+        active: K booleans, True for the clients sampled this round; None means all.
+
+    Raises:
+        ValueError: on a bad adjacency, a negative or non-finite step, or
+            step * max degree >= 1.
+    """
+    a = validate_adjacency(adjacency)
+    step = float(step)
+    if not np.isfinite(step) or step < 0:
+        raise ValueError(f"server.step must be a finite number >= 0, got {step!r}")
+    degrees = a.sum(axis=1)
+    max_degree = float(degrees.max(initial=0.0))
+    if step * max_degree >= 1:
+        raise ValueError(
+            f"server.step * max degree = {step * max_degree:.4g} >= 1; lower server.step below "
+            f"{1.0 / max_degree:.4g} or normalise the graph"
+        )
+    mixing = step * a
+    mixing[np.diag_indices_from(mixing)] = 1.0 - step * degrees
+    is_active = _active_mask(active, a.shape[0])
+    mixing[~is_active] = 0.0
+    inactive = np.flatnonzero(~is_active)
+    mixing[inactive, inactive] = 1.0
+    return mixing
+
+
+# --------------------------------------------------------------------------------------------
+# Baseline mixing matrices (each row stochastic)
+# --------------------------------------------------------------------------------------------
+
+
+def fedavg_mixing(weights: Sequence[float], active: Sequence[bool] | None = None) -> np.ndarray:
+    """FedAvg (FedIT): every row is the normalised weights of the active clients.
+
+    Everyone, sampled or not, receives the one global model sum_l w_l W_l / sum_l w_l over the
+    active clients l.
+
+    Raises:
+        ValueError: on negative or non-finite weights, or no active weight.
+    """
+    w = _weights(weights)
+    is_active = _active_mask(active, len(w))
+    row = np.where(is_active, w, 0.0)
+    total = row.sum()
+    if total <= 0:
+        raise ValueError("fedavg needs at least one active client with a positive weight")
+    return np.tile(row / total, (len(w), 1))
+
+
+def cluster_mixing(
+    labels: Sequence[Hashable], weights: Sequence[float], active: Sequence[bool] | None = None
+) -> np.ndarray:
+    """Cluster-FedAvg baseline: row k averages the active members of k's cluster.
+
+    Every member of a cluster (sampled or not) receives the same cluster model, the
+    weight-normalised average over the cluster's active members. A cluster with no active
+    member (or only zero weights) keeps its adapters: its rows are identity rows.
+    """
+    w = _weights(weights)
+    is_active = _active_mask(active, len(w))
+    mixing = np.eye(len(w))
+    for members in _clusters(labels, len(w)):
+        row = np.zeros(len(w))
+        row[members] = np.where(is_active[members], w[members], 0.0)
+        if row.sum() > 0:
+            mixing[members] = row / row.sum()
+    return mixing
+
+
+def cluster_merge_mixing(
+    labels: Sequence[Hashable], weights: Sequence[float], active: Sequence[bool] | None = None
+) -> np.ndarray:
+    """Cluster-merge baseline: cluster averages merged with equal weight into one global model.
+
+    Each cluster with active members is averaged over them (weight-normalised); those cluster
+    models are then averaged with equal weight, and everyone receives the result.
+
+    Raises:
+        ValueError: when no cluster has an active member with a positive weight.
+    """
+    w = _weights(weights)
+    is_active = _active_mask(active, len(w))
+    cluster_rows = []
+    for members in _clusters(labels, len(w)):
+        row = np.zeros(len(w))
+        row[members] = np.where(is_active[members], w[members], 0.0)
+        if row.sum() > 0:
+            cluster_rows.append(row / row.sum())
+    if not cluster_rows:
+        raise ValueError("cluster-merge needs at least one active client with a positive weight")
+    merged = np.mean(cluster_rows, axis=0)
+    return np.tile(merged, (len(w), 1))
+
+
+# --------------------------------------------------------------------------------------------
+# Factor space: mix every stored tensor
+# --------------------------------------------------------------------------------------------
+
+
+def factor_mix(adapters: Sequence[Mapping[str, np.ndarray]], mixing: np.ndarray) -> list[FactorAdapter]:
+    """Row-wise mixing of every tensor: new_k[key] = sum_l M[k, l] adapters[l][key].
+
+    All rows are computed from the same snapshot (the simultaneous update of paper eq. 8), in
+    float64, and returned in each client's input dtype. Only the nonzero entries of a row are
+    visited; an identity row returns an exact copy of the client's arrays.
+
+    Raises:
+        ValueError: on an empty list, different key sets or shapes across clients, non-finite
+            values, or a mixing matrix that is not a finite K x K array.
+    """
+    keys = _check_factor_adapters(adapters)
+    mixing = _check_mixing(mixing, len(adapters))
+    rows = [(np.flatnonzero(mixing[k]), _is_identity_row(mixing, k)) for k in range(len(adapters))]
+    mixed: list[FactorAdapter] = [{} for _ in adapters]
+    for key in keys:
+        stacked: np.ndarray | None = None  # float64 [K, ...], built only if some row needs it
+        for k, (support, identity) in enumerate(rows):
+            original = adapters[k][key]
+            if identity:
+                mixed[k][key] = original.copy()
+                continue
+            if stacked is None:
+                stacked = np.stack([np.asarray(a[key], dtype=np.float64) for a in adapters])
+            value = np.tensordot(mixing[k, support], stacked[support], axes=1)
+            mixed[k][key] = value.astype(original.dtype, copy=False)
+    return mixed
+
+
+def factor_step(
+    adapters: Sequence[Mapping[str, np.ndarray]],
+    adjacency: np.ndarray,
+    step: float,
+    active: Sequence[bool] | None = None,
+) -> list[FactorAdapter]:
+    """MIRA's server update (paper eq. 8) in factor space.
+
+    W_k <- W_k - step * sum_l a_kl (W_k - W_l) for every tensor, simultaneously; clients that
+    are not active keep their tensors. Equal to ``factor_mix(adapters, mixing_matrix(...))``.
+
+    Raises:
+        ValueError: on mismatched keys or shapes, a negative, asymmetric or non-zero-diagonal
+            adjacency, non-finite values, a negative step, or step * max degree >= 1.
+    """
+    _check_factor_adapters(adapters)
+    validate_adjacency(adjacency, num_clients=len(adapters))
+    return factor_mix(adapters, mixing_matrix(adjacency, step, active))
+
+
+# --------------------------------------------------------------------------------------------
+# Product space: mix the effective updates, project back to each client's rank
+# --------------------------------------------------------------------------------------------
+
+
+def product_mix(
+    adapters: Sequence[Mapping[str, tuple[np.ndarray, np.ndarray]]],
+    mixing: np.ndarray,
+    scales: Sequence[float],
+) -> list[ProductAdapter]:
+    """Mix the effective updates s_l B_l A_l and truncate each target to the client's rank.
+
+    For client k and every module the target is T_k = sum_l M[k, l] s_l B_l A_l; the client
+    receives (A_k', B_k') of its own rank r_k with s_k B_k' A_k' the best rank-r_k
+    approximation of T_k (Eckart-Young), singular values split evenly between the factors.
+    With M from :func:`mixing_matrix` this is the product-space MIRA pull; with
+    :func:`fedavg_mixing` it is FlexLoRA's average-then-truncate. See
+    :func:`product_mix_module` for the computation, which never forms an out x in matrix.
+
+    Args:
+        adapters: per client, module name -> (A [r_k, in], B [out, r_k]).
+        mixing: K x K mixing matrix.
+        scales: per client LoRA scale s_k (lora_alpha / r_k, or lora_alpha / sqrt(r_k)).
+
+    Raises:
+        ValueError: on an empty list, different module sets, inconsistent A/B shapes, a rank
+            that differs across one client's modules, non-finite values, scales that are not
+            positive and finite, or a mixing matrix that is not a finite K x K array.
+    """
+    modules = _check_product_adapters(adapters)
+    mixing = _check_mixing(mixing, len(adapters))
+    _check_scales(scales, len(adapters))
+    mixed: list[ProductAdapter] = [{} for _ in adapters]
+    for name in modules:
+        new_a, new_b = product_mix_module(
+            [adapter[name][0] for adapter in adapters],
+            [adapter[name][1] for adapter in adapters],
+            mixing,
+            scales,
+            name=name,
+        )
+        for k in range(len(adapters)):
+            mixed[k][name] = (new_a[k], new_b[k])
+    return mixed
+
+
+def product_step(
+    adapters: Sequence[Mapping[str, tuple[np.ndarray, np.ndarray]]],
+    adjacency: np.ndarray,
+    step: float,
+    scales: Sequence[float],
+    active: Sequence[bool] | None = None,
+) -> list[ProductAdapter]:
+    """MIRA's server update (paper eq. 8) in product space, for any mix of LoRA ranks.
+
+    T_k = (1 - step * delta_k) s_k B_k A_k + step * sum_l a_kl s_l B_l A_l, truncated back to
+    rank r_k. Equal to ``product_mix(adapters, mixing_matrix(adjacency, step, active), scales)``.
+
+    Raises:
+        ValueError: as :func:`product_mix` and :func:`mixing_matrix`.
+    """
+    return product_mix(adapters, mixing_matrix(adjacency, step, active), scales)
+
+
+def product_mix_module(
+    a_factors: Sequence[np.ndarray],
+    b_factors: Sequence[np.ndarray],
+    mixing: np.ndarray,
+    scales: Sequence[float],
+    *,
+    name: str = "module",
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """:func:`product_mix` for one module: the per-module, streaming entry point.
+
+    Modules are independent, so a server holding many clients can pass one module's factors at
+    a time. For row k with support S = {l : M[k, l] != 0} the target is T_k = Bs @ As with
+    Bs = [M[k, l] s_l B_l]_{l in S} (out x R) and As = [A_l]_{l in S} (R x in), R = sum of the
+    ranks in S. The computation is the stacked-QR one, T_k = Qb (Rb As), with Rb the R x R
+    triangular factor of Bs taken from the Cholesky factor of the Gram matrix Bs^T Bs (a
+    rank-revealing eigendecomposition when Bs is nearly rank deficient) and the singular
+    vectors of the core from the eigendecomposition of Rb (As As^T) Rb^T. Cost
+    O((out + in) R^2 + R^3) per distinct row, no out x in matrix. Rows that are identical are
+    computed once. An identity row returns the client's own arrays, copied exactly.
+
+    A client whose rank exceeds the rank of its target (for instance r_k > min(in, out)) gets
+    zero singular values for the missing components: zero columns of B_k' and, so that those
+    components still receive gradient in later local training, its own rows of A_k (the
+    product s_k B_k' A_k' is unaffected). Singular values below sqrt(R * eps) times the largest
+    (under 2e-7 relative for R <= 200, beneath float32 resolution) count as zero.
+
+    Args:
+        a_factors: per client, A_k [r_k, in].
+        b_factors: per client, B_k [out, r_k].
+        mixing: K x K mixing matrix.
+        scales: per client LoRA scale s_k > 0.
+        name: the module name, used in error messages.
+
+    Returns:
+        (new A factors, new B factors), per client, shapes and dtypes as given.
+    """
+    ranks = _check_module_factors(a_factors, b_factors, name)
+    num_clients = len(ranks)
+    mixing = _check_mixing(mixing, num_clients)
+    scale = _check_scales(scales, num_clients)
+    new_a: list[np.ndarray] = list(a_factors)
+    new_b: list[np.ndarray] = list(b_factors)
+    # float64 copies (A and B^T, so both stacks are row blocks), made once per client and only
+    # for clients that some computed row reads.
+    a64: dict[int, np.ndarray] = {}
+    bt64: dict[int, np.ndarray] = {}
+    for support, members in _distinct_rows(mixing):
+        todo = []
+        for k in members:
+            if support.size == 1 and support[0] == k and mixing[k, k] == 1.0:
+                new_a[k], new_b[k] = a_factors[k].copy(), b_factors[k].copy()
+            else:
+                todo.append(k)
+        if not todo:
+            continue
+        for l in support:
+            if l not in a64:
+                a64[l] = np.asarray(a_factors[l], dtype=np.float64)
+                bt64[l] = np.asarray(b_factors[l].T, dtype=np.float64, order="C")
+        coefs = mixing[todo[0], support] * scale[support]
+        left_t, sigma, right = _stacked_truncated_svd(
+            [a64[l] for l in support], [bt64[l] for l in support], coefs, max(ranks[todo])
+        )
+        for k in todo:
+            new_a[k], new_b[k] = _split_factors(
+                left_t, sigma, right, a_factors[k], b_factors[k], scale[k]
+            )
+    return new_a, new_b
+
+
+def _stacked_truncated_svd(
+    a_blocks: Sequence[np.ndarray],
+    bt_blocks: Sequence[np.ndarray],
+    coefs: np.ndarray,
+    rank: int,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Top-`rank` singular triplets of T = sum_j coefs[j] * B_j @ A_j from the stacked factors.
+
+    Takes the A_j [r_j, in] and the transposed B_j^T [r_j, out]. Returns (U^T [q, out],
+    sigma [q], V^T [q, in]) with q <= rank, sigma > 0 descending, and U diag(sigma) V^T the best
+    rank-q approximation of T; components with (numerically) zero singular value are dropped.
+    """
+    bt_stack = np.concatenate(bt_blocks)  # R x out: Bs^T, unscaled
+    a_stack = np.concatenate(a_blocks)  # R x in: As
+    row_coefs = np.repeat(coefs, [block.shape[0] for block in bt_blocks])
+    r_total = row_coefs.size
+    # Bs = Qb @ Rb. Fast path: Rb = L^T from the Cholesky factor L of the Gram matrix Bs^T Bs,
+    # computed without scaling the stack; Qb = Bs Rb^-1 is never formed.
+    gram_b = (bt_stack @ bt_stack.T) * np.outer(row_coefs, row_coefs)
+    lower = _well_conditioned_cholesky(gram_b)
+    if lower is not None:
+        r_factor = lower.T
+        q_basis = None
+    else:
+        # Nearly dependent (or more than out) columns: Householder QR of the stack, which stays
+        # backward stable where the Gram matrix has lost the small singular values.
+        q_basis, r_factor = np.linalg.qr(bt_stack.T * row_coefs)
+    # T = Qb (Rb As): the left singular vectors of T are Qb z for the eigenvectors z of
+    # (Rb As)(Rb As)^T = Rb (As As^T) Rb^T, a p x p matrix (p <= R); eigh reads one triangle.
+    core = r_factor @ (a_stack @ a_stack.T) @ r_factor.T
+    eigenvalues, eigenvectors = np.linalg.eigh(core)
+    count = min(rank, eigenvalues.size)
+    eigenvalues = eigenvalues[::-1][:count]
+    eigenvectors = eigenvectors[:, ::-1][:, :count]
+    top = float(eigenvalues[0]) if count else 0.0
+    keep = eigenvalues > top * r_total * _EPS
+    if top <= 0 or not np.any(keep):
+        return np.zeros((0, bt_stack.shape[1])), np.zeros(0), np.zeros((0, a_stack.shape[1]))
+    eigenvalues, eigenvectors = eigenvalues[keep], eigenvectors[:, keep]
+    sigma = np.sqrt(eigenvalues)
+    if q_basis is None:
+        weights = np.linalg.solve(r_factor, eigenvectors) * row_coefs[:, None]
+        left_t = weights.T @ bt_stack
+    else:
+        left_t = eigenvectors.T @ q_basis.T
+    right = ((eigenvectors.T @ r_factor) @ a_stack) / sigma[:, None]
+    return left_t, sigma, right
+
+
+def _well_conditioned_cholesky(gram: np.ndarray) -> np.ndarray | None:
+    """Lower Cholesky factor of a Gram matrix, or None when it is (nearly) singular.
+
+    The pivot ratio bounds the conditioning of the stacked factors; past it, forming the Gram
+    matrix has squared away too much precision and the caller falls back to QR.
+    """
+    try:
+        lower = np.linalg.cholesky(gram)
+    except np.linalg.LinAlgError:
+        return None
+    pivots = np.diag(lower)
+    return lower if pivots.min() > _CHOLESKY_MIN_PIVOT_RATIO * pivots.max() else None
+
+
+def _split_factors(
+    left_t: np.ndarray,
+    sigma: np.ndarray,
+    right: np.ndarray,
+    own_a: np.ndarray,
+    own_b: np.ndarray,
+    scale: float,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Client factors of rank r_k with scale * B' @ A' = truncation to r_k of U diag(sigma) V^T.
+
+    The singular values are split evenly (sqrt on each side); missing components (rank of the
+    target below r_k) get a zero B column and keep the client's own A row.
+    """
+    rank = own_a.shape[0]
+    kept = min(rank, sigma.size)
+    root = np.sqrt(sigma[:kept] / scale)[:, None]
+    new_bt = np.zeros((rank, own_b.shape[0]), dtype=own_b.dtype)
+    new_bt[:kept] = root * left_t[:kept]
+    new_a = own_a.copy()
+    new_a[:kept] = root * right[:kept]
+    return new_a, new_bt.T.copy()
+
+
+# --------------------------------------------------------------------------------------------
+# Validation helpers
+# --------------------------------------------------------------------------------------------
+
+
+def _active_mask(active: Sequence[bool] | None, num_clients: int) -> np.ndarray:
+    if active is None:
+        return np.ones(num_clients, dtype=bool)
+    mask = np.asarray(active)
+    if mask.shape != (num_clients,):
+        raise ValueError(f"active must hold {num_clients} booleans, got shape {mask.shape}")
+    if mask.dtype != np.bool_ and not np.all((mask == 0) | (mask == 1)):
+        raise ValueError(f"active must hold booleans, got {mask.tolist()}")
+    return mask.astype(bool)
+
+
+def _weights(weights: Sequence[float]) -> np.ndarray:
+    w = np.asarray(weights, dtype=np.float64)
+    if w.ndim != 1 or w.size == 0:
+        raise ValueError(f"weights must be a non-empty 1-D sequence, got shape {w.shape}")
+    if not np.all(np.isfinite(w)) or np.any(w < 0):
+        raise ValueError(f"weights must be finite and >= 0, got {w.tolist()}")
+    return w
+
+
+def _clusters(labels: Sequence[Hashable], num_clients: int) -> list[np.ndarray]:
+    """Client indices per cluster label, in order of first appearance."""
+    if len(labels) != num_clients:
+        raise ValueError(f"got {len(labels)} cluster labels for {num_clients} clients")
+    groups: dict[Hashable, list[int]] = {}
+    for k, label in enumerate(labels):
+        groups.setdefault(label, []).append(k)
+    return [np.asarray(members) for members in groups.values()]
+
+
+def _check_mixing(mixing: np.ndarray, num_clients: int) -> np.ndarray:
+    m = np.asarray(mixing, dtype=np.float64)
+    if m.shape != (num_clients, num_clients):
+        raise ValueError(
+            f"mixing matrix must be {num_clients} x {num_clients} (one row per client), "
+            f"got shape {m.shape}"
+        )
+    if not np.all(np.isfinite(m)):
+        raise ValueError("mixing matrix has non-finite entries")
+    return m
+
+
+def _check_scales(scales: Sequence[float], num_clients: int) -> np.ndarray:
+    s = np.asarray(scales, dtype=np.float64)
+    if s.shape != (num_clients,):
+        raise ValueError(f"scales must hold one value per client ({num_clients}), got {s.shape}")
+    if not np.all(np.isfinite(s)) or np.any(s <= 0):
+        raise ValueError(f"LoRA scales must be positive and finite, got {s.tolist()}")
+    return s
+
+
+def _is_identity_row(mixing: np.ndarray, k: int) -> bool:
+    row = mixing[k]
+    return bool(row[k] == 1.0 and np.count_nonzero(row) == 1)
+
+
+def _distinct_rows(mixing: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Group identical rows: [(support of the row, clients having that row)]."""
+    _, first, inverse = np.unique(mixing, axis=0, return_index=True, return_inverse=True)
+    inverse = inverse.reshape(-1)
+    return [
+        (np.flatnonzero(mixing[row]), np.flatnonzero(inverse == group))
+        for group, row in enumerate(first)
+    ]
+
+
+def _check_array(value: object, where: str) -> np.ndarray:
+    if not isinstance(value, np.ndarray) or not np.issubdtype(value.dtype, np.floating):
+        kind = getattr(value, "dtype", type(value).__name__)
+        raise ValueError(f"{where} must be a floating-point numpy array, got {kind}")
+    if not np.all(np.isfinite(value)):
+        raise ValueError(f"{where} has non-finite values (NaN or inf)")
+    return value
+
+
+def _check_key_sets(adapters: Sequence[Mapping[str, object]], what: str) -> list[str]:
+    if len(adapters) == 0:
+        raise ValueError("need at least one client adapter")
+    keys = list(adapters[0])
+    reference = set(keys)
+    for k, adapter in enumerate(adapters[1:], start=1):
+        if set(adapter) != reference:
+            missing = sorted(reference - set(adapter))
+            extra = sorted(set(adapter) - reference)
+            raise ValueError(
+                f"client {k} {what} differ from client 0's: missing {missing}, extra {extra}"
+            )
+    return keys
+
+
+def _check_factor_adapters(adapters: Sequence[Mapping[str, np.ndarray]]) -> list[str]:
+    keys = _check_key_sets(adapters, "keys")
+    for key in keys:
+        shape = _check_array(adapters[0][key], f"client 0 key {key!r}").shape
+        for k, adapter in enumerate(adapters[1:], start=1):
+            value = _check_array(adapter[key], f"client {k} key {key!r}")
+            if value.shape != shape:
+                raise ValueError(
+                    f"key {key!r}: client {k} has shape {value.shape}, client 0 has {shape}"
+                )
+    return keys
+
+
+def _check_module_factors(
+    a_factors: Sequence[np.ndarray], b_factors: Sequence[np.ndarray], name: str
+) -> np.ndarray:
+    """Check one module's factors across clients; return the ranks r_k."""
+    if len(a_factors) == 0 or len(a_factors) != len(b_factors):
+        raise ValueError(
+            f"module {name!r}: need one A and one B per client, got {len(a_factors)} A and "
+            f"{len(b_factors)} B"
+        )
+    ranks = np.zeros(len(a_factors), dtype=int)
+    width = height = -1
+    for k, (a, b) in enumerate(zip(a_factors, b_factors, strict=True)):
+        a = _check_array(a, f"client {k} module {name!r} A")
+        b = _check_array(b, f"client {k} module {name!r} B")
+        if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1]:
+            raise ValueError(
+                f"client {k} module {name!r}: A {a.shape} and B {b.shape} are not "
+                "A [r, in], B [out, r]"
+            )
+        if k == 0:
+            height, width = b.shape[0], a.shape[1]
+        elif (b.shape[0], a.shape[1]) != (height, width):
+            raise ValueError(
+                f"module {name!r}: client {k} maps {a.shape[1]} -> {b.shape[0]}, "
+                f"client 0 maps {width} -> {height}"
+            )
+        ranks[k] = a.shape[0]
+    return ranks
+
+
+def _check_product_adapters(
+    adapters: Sequence[Mapping[str, tuple[np.ndarray, np.ndarray]]],
+) -> list[str]:
+    modules = _check_key_sets(adapters, "modules")
+    for k, adapter in enumerate(adapters):
+        ranks = set()
+        for name in modules:
+            pair = adapter[name]
+            if not isinstance(pair, tuple | list) or len(pair) != 2:
+                raise ValueError(f"client {k} module {name!r} must be a pair (A, B)")
+            ranks.add(np.shape(pair[0])[0] if np.ndim(pair[0]) else -1)
+        if len(ranks) > 1:
+            raise ValueError(f"client {k} has different LoRA ranks across modules: {sorted(ranks)}")
+    return modules

@@ -1,0 +1,123 @@
+"""Local LoRA training and evaluation on one client's data, read top to bottom.
+
+An example is a prompt followed by a target; the loss is the mean cross-entropy of the
+target tokens only (prompt tokens are masked with -100). Prompts are truncated from the left
+so the target always fits in ``model.max_length`` tokens.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from mira.config import Config
+from mira.data import Example
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]  # -100 on prompt tokens
+
+
+def encode(tokenizer: Any, example: Example, max_length: int) -> Encoded:
+    """Tokenise prompt and target; keep all of the target, cut the prompt from the left."""
+    prompt_ids = tokenizer(example.prompt, add_special_tokens=False)["input_ids"]
+    target_ids = tokenizer(example.target, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        target_ids = [*target_ids, tokenizer.eos_token_id]
+    target_ids = target_ids[: max_length - 1]
+    prompt_ids = prompt_ids[-(max_length - len(target_ids)) :]
+    return Encoded(
+        input_ids=prompt_ids + target_ids,
+        labels=[IGNORE] * len(prompt_ids) + target_ids,
+    )
+
+
+def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch; padded positions are masked out of attention and loss."""
+    width = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    for row, e in enumerate(batch):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        labels[row, :n] = torch.tensor(e.labels)
+        mask[row, :n] = 1
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def target_nll(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
+    """Summed negative log-likelihood of the target tokens, and how many there are."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    shifted_logits = logits[:, :-1, :].float()
+    shifted_labels = batch["labels"][:, 1:]
+    nll = torch.nn.functional.cross_entropy(
+        shifted_logits.reshape(-1, shifted_logits.shape[-1]),
+        shifted_labels.reshape(-1),
+        ignore_index=IGNORE,
+        reduction="sum",
+    )
+    return nll, int((shifted_labels != IGNORE).sum())
+
+
+def train_steps(
+    model: Any,
+    parameters: list[torch.nn.Parameter],
+    encoded: Sequence[Encoded],
+    cfg: Config,
+    pad_id: int,
+    seed: int,
+) -> float:
+    """``federation.local_steps`` AdamW steps on batches drawn without replacement.
+
+    The data order comes from ``seed`` alone, so a client's training is reproducible
+    whatever process runs it. A fresh optimizer each round: its state never leaves the
+    client and stays comparable across server rules. Returns the mean training loss.
+    """
+    rng = np.random.default_rng(seed)
+    torch.manual_seed(seed)
+    optimizer = torch.optim.AdamW(
+        parameters, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay
+    )
+    model.train()
+    order: list[int] = []
+    losses = []
+    for _ in range(cfg.federation.local_steps):
+        if len(order) < cfg.train.batch_size:
+            order.extend(rng.permutation(len(encoded)).tolist())
+        picked, order = order[: cfg.train.batch_size], order[cfg.train.batch_size :]
+        batch = collate([encoded[i] for i in picked], pad_id)
+        nll, count = target_nll(model, batch)
+        loss = nll / max(count, 1)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"training loss became {loss.item()} (learning rate "
+                f"{cfg.train.learning_rate} may be too high)"
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    model.eval()
+    return float(np.mean(losses))
+
+
+@torch.no_grad()
+def eval_loss(model: Any, encoded: Sequence[Encoded], batch_size: int, pad_id: int) -> float:
+    """Token-weighted mean target NLL over the whole evaluation split."""
+    model.eval()
+    total, count = 0.0, 0
+    for start in range(0, len(encoded), batch_size):
+        nll, n = target_nll(model, collate(encoded[start : start + batch_size], pad_id))
+        total += nll.item()
+        count += n
+    return total / count if count else math.nan

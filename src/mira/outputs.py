@@ -1,0 +1,160 @@
+"""Everything a run writes into its output directory, and nothing else.
+
+Layout of ``DIR``::
+
+    config.toml         the resolved config (every default filled in)
+    metrics.jsonl       one object per client per round (``"kind": "client"``) and one
+                        aggregate per round (``"kind": "round"``)
+    graph.json          client ids, tasks, clusters and the adjacency the server used
+    adapters/<client>/  that client's personalised PEFT adapter (rewritten every round)
+
+Every file is written to a temporary name and renamed, and metrics are appended and
+flushed per round, so a run that stops part-way keeps all it had written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tomli_w
+
+from mira.config import Config
+from mira.model import Adapter, save_adapter_dir
+
+
+def write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    with tmp.open("w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _finite_or_none(value: float | None) -> float | None:
+    if value is None or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def round_aggregate(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Mean, worst and std over clients of the personalised eval loss (and train loss)."""
+    eval_losses = [r["eval_loss"] for r in rows if r.get("eval_loss") is not None]
+    train_losses = [r["train_loss"] for r in rows if r.get("train_loss") is not None]
+    out: dict[str, Any] = {
+        "personalised_eval_loss_mean": float(np.mean(eval_losses)) if eval_losses else None,
+        "personalised_eval_loss_worst": float(np.max(eval_losses)) if eval_losses else None,
+        "personalised_eval_loss_std": float(np.std(eval_losses)) if eval_losses else None,
+        "train_loss_mean": float(np.mean(train_losses)) if train_losses else None,
+        "clients_trained": len(train_losses),
+        "bytes_up": int(sum(r["bytes_up"] for r in rows)),
+        "bytes_down": int(sum(r["bytes_down"] for r in rows)),
+    }
+    return out
+
+
+class RunWriter:
+    """Owns the output directory of one run."""
+
+    def __init__(self, out_dir: Path, cfg: Config):
+        self.out = Path(out_dir)
+        self.cfg = cfg
+        self.out.mkdir(parents=True, exist_ok=True)
+        (self.out / "adapters").mkdir(exist_ok=True)
+        self.metrics_path = self.out / "metrics.jsonl"
+
+    def write_config(self) -> None:
+        write_atomic(self.out / "config.toml", tomli_w.dumps(self.cfg.to_dict()))
+
+    def write_graph(
+        self,
+        client_ids: Sequence[str],
+        tasks: Sequence[str],
+        clusters: Sequence[int],
+        adjacency: np.ndarray,
+        source: str,
+        extra: dict[str, Any] | None = None,
+    ) -> None:
+        graph = {
+            "source": source,
+            "clients": list(client_ids),
+            "tasks": list(tasks),
+            "clusters": [int(c) for c in clusters],
+            "adjacency": adjacency.tolist(),
+            "degree": adjacency.sum(axis=1).tolist(),
+            "step": self.cfg.server.step,
+            **(extra or {}),
+        }
+        write_atomic(self.out / "graph.json", json.dumps(graph, indent=1))
+
+    def append_round(self, server_round: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
+        """Append the per-client rows and the round aggregate; return the aggregate."""
+        aggregate = {
+            "kind": "round",
+            "round": server_round,
+            "method": self.cfg.server.method,
+            **round_aggregate(rows),
+        }
+        lines = []
+        for row in rows:
+            clean = {k: (_finite_or_none(v) if isinstance(v, float) else v) for k, v in row.items()}
+            lines.append(json.dumps({"kind": "client", **clean}))
+        lines.append(json.dumps(aggregate))
+        with self.metrics_path.open("a") as handle:
+            handle.write("\n".join(lines) + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        return aggregate
+
+    def adapter_dir(self, client_id: str) -> Path:
+        return self.out / "adapters" / client_id
+
+    def write_adapter(self, client_id: str, adapter: Adapter, rank: int, base_source: str) -> Path:
+        path = self.adapter_dir(client_id)
+        save_adapter_dir(path, adapter, self.cfg.lora, rank, base_source)
+        return path
+
+
+def read_metrics(out_dir: Path) -> list[dict[str, Any]]:
+    path = Path(out_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def final_table(out_dir: Path) -> str:
+    """Per-client personalised eval loss of the last round, with each adapter's path."""
+    rows = read_metrics(out_dir)
+    clients = [r for r in rows if r["kind"] == "client"]
+    if not clients:
+        return "no rounds completed"
+    last = max(r["round"] for r in clients)
+    final = [r for r in clients if r["round"] == last]
+    first = {r["client"]: r for r in clients if r["round"] == min(c["round"] for c in clients)}
+    width = max(len(r["client"]) for r in final)
+    lines = [
+        f"Personalised eval loss after round {last} "
+        "(each client's own adapter on its own held-out split)",
+        f"{'client':<{width}}  {'task':<14} {'round 1':>8} {'final':>8}  adapter",
+    ]
+    for r in final:
+        start = first[r["client"]].get("eval_loss")
+        lines.append(
+            f"{r['client']:<{width}}  {r['task']:<14} {_fmt(start):>8} {_fmt(r['eval_loss']):>8}"
+            f"  {Path(out_dir) / 'adapters' / r['client']}"
+        )
+    aggregate = next(r for r in rows if r["kind"] == "round" and r["round"] == last)
+    lines.append(
+        f"mean {_fmt(aggregate['personalised_eval_loss_mean'])}  "
+        f"worst {_fmt(aggregate['personalised_eval_loss_worst'])}  "
+        f"std {_fmt(aggregate['personalised_eval_loss_std'])}  (method {aggregate['method']})"
+    )
+    return "\n".join(lines)
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"

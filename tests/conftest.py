@@ -1,0 +1,94 @@
+"""Shared fixtures: a tiny random model cached once per session, and tiny user tasks."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from mira.config import Config, apply_overrides, config_from_dict
+
+POSITIVE = ["good", "great", "lovely", "superb", "fine", "bright", "warm", "happy"]
+NEGATIVE = ["bad", "awful", "dull", "poor", "grim", "sad", "cold", "weak"]
+SPORT = ["match", "goal", "team", "league", "coach", "race", "score", "player"]
+SCIENCE = ["atom", "cell", "orbit", "energy", "theory", "lab", "gene", "planet"]
+
+
+def _write_jsonl(path: Path, rows: list[dict[str, str]]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One mira cache for the whole session, so the tiny model is built once."""
+    path = tmp_path_factory.mktemp("mira-cache")
+    os.environ["MIRA_CACHE"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tasks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two small classification tasks of different kinds, as user JSONL files."""
+    folder = tmp_path_factory.mktemp("tiny-tasks")
+    sentiment, topic = [], []
+    for i in range(48):
+        word = (POSITIVE if i % 2 == 0 else NEGATIVE)[i % 8]
+        sentiment.append(
+            {
+                "input": f"the film was {word} and {word} again",
+                "target": "positive" if i % 2 == 0 else "negative",
+            }
+        )
+        noun = (SPORT if i % 2 == 0 else SCIENCE)[i % 8]
+        topic.append(
+            {
+                "input": f"an article about the {noun} and the {noun}",
+                "target": "sport" if i % 2 == 0 else "science",
+            }
+        )
+    return {
+        "polarity": _write_jsonl(folder / "polarity.jsonl", sentiment),
+        "subject": _write_jsonl(folder / "subject.jsonl", topic),
+    }
+
+
+def tiny_raw(tasks: dict[str, Path], cache: Path, clients: int = 2) -> dict:
+    return {
+        "model": {"name": "tiny-random-llama", "max_length": 32, "cache_dir": str(cache)},
+        "lora": {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+        "train": {"batch_size": 4, "learning_rate": 0.01, "eval_batch_size": 8},
+        "federation": {"rounds": 2, "local_steps": 2, "seed": 7, "workers": 1},
+        "server": {"method": "mira", "step": 0.3, "graph": "tasks"},
+        "data": {"train_size": 8, "eval_size": 4},
+        "tasks": [
+            {
+                "name": "polarity",
+                "clients": clients,
+                "path": str(tasks["polarity"]),
+                "kind": "classification",
+                "verbalisers": ["positive", "negative"],
+            },
+            {
+                "name": "subject",
+                "clients": clients,
+                "path": str(tasks["subject"]),
+                "kind": "classification",
+                "verbalisers": ["sport", "science"],
+            },
+        ],
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_config(cache_dir: Path, tiny_tasks: dict[str, Path]):
+    """Factory: the tiny config with 'section.key=value' overrides applied."""
+
+    def make(*overrides: str, clients: int = 2) -> Config:
+        return config_from_dict(
+            apply_overrides(tiny_raw(tiny_tasks, cache_dir, clients), overrides)
+        )
+
+    return make

@@ -1,0 +1,100 @@
+"""A federation replayed in one process without Flower, as a reference for the real runs.
+
+The server rules are written out densely here (weighted means, I - step * L) instead of
+calling mira.rules, so a simulated run is checked against an independent implementation.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from mira import learner
+from mira.config import Config
+from mira.data import load_client_data
+from mira.federation.client_app import training_seed
+from mira.model import Adapter, lora_model
+
+
+def _dense_rule(cfg: Config, trained: list[Adapter], weights: list[int]) -> list[Adapter]:
+    k = len(trained)
+    tasks = cfg.client_tasks
+    method = cfg.server.method
+    if method == "local":
+        return trained
+    if method == "fedit":
+        w = np.array(weights, dtype=float) / sum(weights)
+        avg = {
+            key: sum(w[i] * trained[i][key].astype(float) for i in range(k)) for key in trained[0]
+        }
+        return [{key: v.astype(np.float32) for key, v in avg.items()} for _ in range(k)]
+    if method == "cluster-fedavg":
+        out = []
+        for i in range(k):
+            members = [j for j in range(k) if tasks[j] == tasks[i]]
+            total = sum(weights[j] for j in members)
+            out.append(
+                {
+                    key: sum(
+                        weights[j] / total * trained[j][key].astype(float) for j in members
+                    ).astype(np.float32)
+                    for key in trained[0]
+                }
+            )
+        return out
+    if method == "mira":
+        adjacency = np.array(
+            [
+                [
+                    1.0 / (tasks.count(tasks[i]) - 1) if i != j and tasks[i] == tasks[j] else 0.0
+                    for j in range(k)
+                ]
+                for i in range(k)
+            ]
+        )
+        laplacian = np.diag(adjacency.sum(1)) - adjacency
+        mixing = np.eye(k) - cfg.server.step * laplacian
+        return [
+            {
+                key: sum(mixing[i, j] * trained[j][key].astype(float) for j in range(k)).astype(
+                    np.float32
+                )
+                for key in trained[0]
+            }
+            for i in range(k)
+        ]
+    raise ValueError(method)
+
+
+def replay(cfg: Config) -> tuple[list[Adapter], list[float]]:
+    """Final adapters and final eval losses of every client (full participation)."""
+    torch.set_num_threads(1)
+    model = lora_model(cfg.model)
+    init = model.shared_init(cfg.lora, cfg.lora.rank, cfg.federation.seed)
+    name = model.activate(cfg.lora, cfg.lora.rank)
+    data = [load_client_data(cfg, p) for p in range(cfg.num_clients)]
+    tok = model.tokenizer
+    encoded = [[learner.encode(tok, e, cfg.model.max_length) for e in d.train] for d in data]
+    adapters = [dict(init) for _ in range(cfg.num_clients)]
+    for server_round in range(1, cfg.federation.rounds + 1):
+        trained = []
+        for p in range(cfg.num_clients):
+            model.set_adapter(name, adapters[p])
+            learner.train_steps(
+                model.peft,
+                model.lora_parameters(name),
+                encoded[p],
+                cfg,
+                pad_id=tok.pad_token_id,
+                seed=training_seed(cfg.federation.seed, p, server_round),
+            )
+            trained.append(model.get_adapter(name))
+        adapters = _dense_rule(cfg, trained, [len(d.train) for d in data])
+    losses = []
+    for p in range(cfg.num_clients):
+        model.set_adapter(name, adapters[p])
+        ev = [learner.encode(tok, e, cfg.model.max_length) for e in data[p].eval]
+        losses.append(
+            learner.eval_loss(model.peft, ev, cfg.train.eval_batch_size, tok.pad_token_id)
+        )
+    return adapters, losses

