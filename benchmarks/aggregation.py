@@ -26,9 +26,11 @@ Each client count runs in a fresh process so that its peak RSS is its own. Examp
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
 import platform
+import pstats
 import resource
 import subprocess
 import sys
@@ -74,7 +76,11 @@ class WorkerResult:
 
 def module_list(layers: int) -> list[tuple[str, int, int]]:
     """(name, in, out) of every LoRA target module, layer by layer."""
-    return [(f"layers.{i}.{name}", fan_in, fan_out) for i in range(layers) for name, fan_in, fan_out in MODULES]
+    return [
+        (f"layers.{i}.{name}", fan_in, fan_out)
+        for i in range(layers)
+        for name, fan_in, fan_out in MODULES
+    ]
 
 
 def client_ranks(setup: Setup) -> np.ndarray:
@@ -143,9 +149,9 @@ def dense_mix(
     result = []
     for k in range(len(a_factors)):
         target = np.zeros((b_factors[k].shape[0], a_factors[k].shape[1]))
-        for l in np.flatnonzero(mixing[k]):
-            b, a = b_factors[l].astype(np.float64), a_factors[l].astype(np.float64)
-            target += (mixing[k, l] * scales[l]) * (b @ a)
+        for j in np.flatnonzero(mixing[k]):
+            b, a = b_factors[j].astype(np.float64), a_factors[j].astype(np.float64)
+            target += (mixing[k, j] * scales[j]) * (b @ a)
         u, s, vt = np.linalg.svd(target, full_matrices=False)
         rank = a_factors[k].shape[0]
         root = np.sqrt(s[:rank] / scales[k])
@@ -177,7 +183,24 @@ def dense_check(setup: Setup, mixing: np.ndarray, dense_layers: int) -> dict[str
     }
 
 
-def measure(setup: Setup, workers: list[int], dense_layers: int, dense_max_clients: int) -> list[dict]:
+def eigh_share(setup: Setup, mixing: np.ndarray) -> float:
+    """Fraction of one q_proj aggregation spent in the R x R eigendecompositions (cProfile)."""
+    a_factors, b_factors = module_factors(setup, 0)
+    profile = cProfile.Profile()
+    profile.runcall(product_mix_module, a_factors, b_factors, mixing, client_scales(setup))
+    stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
+    total = max(cumulative for (_, _, _, cumulative, _) in stats.values())
+    eigh = sum(
+        cumulative
+        for (path, _, function), (_, _, _, cumulative, _) in stats.items()
+        if function == "eigh" and "linalg" in path
+    )
+    return eigh / total
+
+
+def measure(
+    setup: Setup, workers: list[int], dense_layers: int, dense_max_clients: int
+) -> list[dict]:
     """One server step for setup.clients clients with each worker count; dense check once."""
     adjacency = random_graph(setup)
     step = STEP_TIMES_MAX_DEGREE / adjacency.sum(axis=1).max()
@@ -185,6 +208,7 @@ def measure(setup: Setup, workers: list[int], dense_layers: int, dense_max_clien
     degree = (adjacency > 0).sum(axis=1)
     stacked_rank = (mixing != 0).astype(int) @ client_ranks(setup)
     dense = dense_check(setup, mixing, dense_layers) if setup.clients <= dense_max_clients else None
+    share = eigh_share(setup, mixing)
     rows = []
     for count in workers:
         shares = [list(range(w, 4 * setup.layers, count)) for w in range(count)]
@@ -206,6 +230,7 @@ def measure(setup: Setup, workers: list[int], dense_layers: int, dense_max_clien
                 "tracemalloc_peak_mb_per_worker": max(r.tracemalloc_peak_bytes for r in results)
                 / 2**20,
                 "max_rss_mb_per_worker": max(r.max_rss_bytes for r in results) / 2**20,
+                "eigh_share": share,
                 "dense_layers": min(dense_layers, setup.layers) if dense else 0,
                 **(dense or {}),
             }
@@ -224,6 +249,7 @@ def markdown_table(rows: list[dict]) -> str:
         "ms per client-module",
         "numpy peak per worker, tracemalloc (MB)",
         "max RSS per worker (MB)",
+        "share in R x R eigh",
         "dense / stacked time (layers)",
         "max rel. diff vs dense",
     ]
@@ -245,6 +271,7 @@ def markdown_table(rows: list[dict]) -> str:
             f"{row['ms_per_client_module']:.3f}",
             f"{row['tracemalloc_peak_mb_per_worker']:.0f}",
             f"{row['max_rss_mb_per_worker']:.0f}",
+            f"{100 * row['eigh_share']:.0f}%",
             dense,
             diff,
         ]
@@ -261,7 +288,8 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return f"{os.cpu_count()} cores ({cpu}), Python {platform.python_version()}, numpy {np.__version__}"
+    python = platform.python_version()
+    return f"{os.cpu_count()} cores ({cpu}), Python {python}, numpy {np.__version__}"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -297,6 +325,7 @@ def main(argv: list[str] | None = None) -> None:
     env = dict(os.environ)
     for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
         env[variable] = str(args.blas_threads)
+    load_before = os.getloadavg()
     rows = []
     for clients in args.clients:
         child = [sys.executable, __file__, "--one", str(clients), "--layers", str(args.layers)]
@@ -314,7 +343,9 @@ def main(argv: list[str] | None = None) -> None:
     note = (
         f"Machine: {machine()}. BLAS threads per process: {args.blas_threads}. "
         f"Layers: {args.layers}, target degree: {args.degree}, ranks: {args.ranks}, "
-        f"seed: {args.seed}."
+        f"seed: {args.seed}. Load average (1, 5, 15 min) before: "
+        f"{', '.join(f'{x:.2f}' for x in load_before)}; after: "
+        f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}."
     )
     print(table + "\n\n" + note)
     if args.out is not None:

@@ -25,6 +25,8 @@ RUNS = {
     "local": ["server.method=local"],
     "cluster-fedavg": ["server.method=cluster-fedavg"],
     "mira-step0": ["server.method=mira", "server.step=0.0"],
+    "mira-hetero": ["server.method=mira", "lora.ranks=[2, 4, 2, 4]"],
+    "fedit-hetero": ["server.method=fedit", "lora.ranks=[2, 4, 2, 4]"],
 }
 
 
@@ -145,6 +147,71 @@ def test_saved_adapter_reloads_with_peft_to_the_recorded_eval_loss(runs):
     source = model_source(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(source)
     for partition in (0, 3):
+        client = cfg.client_ids[partition]
+        base = AutoModelForCausalLM.from_pretrained(source)
+        model = PeftModel.from_pretrained(base, str(folder / "adapters" / client))
+        data = load_client_data(cfg, partition)
+        encoded = [learner.encode(tokenizer, e, cfg.model.max_length) for e in data.eval]
+        loss = learner.eval_loss(model, encoded, cfg.train.eval_batch_size, tokenizer.pad_token_id)
+        assert loss == pytest.approx(recorded[client], abs=1e-5)
+
+
+def product(adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """B @ A of every module of a saved adapter."""
+    return {
+        key[: -len(".lora_A.weight")]: adapter[key.replace("lora_A", "lora_B")] @ adapter[key]
+        for key in adapter
+        if key.endswith(".lora_A.weight")
+    }
+
+
+@pytest.mark.parametrize("run", ["mira-hetero", "fedit-hetero"])
+def test_mixed_ranks_keep_each_clients_rank(runs, run):
+    cfg, folder = runs[run]
+    for client, rank in zip(cfg.client_ids, cfg.lora.ranks, strict=True):
+        settings = json.loads((folder / "adapters" / client / "adapter_config.json").read_text())
+        assert settings["r"] == rank
+        adapter = adapters_of(folder)[client]
+        for key, value in adapter.items():
+            assert rank in value.shape, key
+    rows = [r for r in read_metrics(folder) if r["kind"] == "client"]
+    assert {r["client"]: r["rank"] for r in rows} == dict(
+        zip(cfg.client_ids, cfg.lora.ranks, strict=True)
+    )
+
+
+def test_mixed_rank_fedit_gives_each_rank_the_truncation_of_one_average(runs):
+    """FlexLoRA: one averaged effective update s * B @ A; rank-4 clients share it (rank 4
+    holds it exactly here), and the rank-2 clients hold its best rank-2 approximation."""
+    cfg, folder = runs["fedit-hetero"]
+    scale = {c: cfg.lora.alpha / r for c, r in zip(cfg.client_ids, cfg.lora.ranks, strict=True)}
+    saved = {c: product(a) for c, a in adapters_of(folder).items()}
+    for module in saved["polarity-1"]:
+        effective = {c: scale[c] * saved[c][module].astype(np.float64) for c in saved}
+        np.testing.assert_allclose(effective["subject-1"], effective["polarity-1"], atol=1e-6)
+        np.testing.assert_allclose(effective["subject-0"], effective["polarity-0"], atol=1e-6)
+        u, s, vt = np.linalg.svd(effective["polarity-1"])
+        best2 = (u[:, :2] * s[:2]) @ vt[:2]
+        np.testing.assert_allclose(effective["polarity-0"], best2, atol=1e-5)
+
+
+def test_mixed_rank_adapters_reload_with_peft_to_the_recorded_eval_loss(runs):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from mira import learner
+    from mira.data import load_client_data
+    from mira.model import model_source
+
+    cfg, folder = runs["mira-hetero"]
+    recorded = {
+        r["client"]: r["eval_loss"]
+        for r in read_metrics(folder)
+        if r["kind"] == "client" and r["round"] == cfg.federation.rounds
+    }
+    source = model_source(cfg.model)
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    for partition in (0, 1):
         client = cfg.client_ids[partition]
         base = AutoModelForCausalLM.from_pretrained(source)
         model = PeftModel.from_pretrained(base, str(folder / "adapters" / client))

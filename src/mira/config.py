@@ -60,8 +60,27 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class LoraConfig:
-    rank: int = field(default=8, metadata=_help("LoRA rank r of every client."))
+    rank: int = field(
+        default=8,
+        metadata=_help("LoRA rank r of every client without a rank of its own (see below)."),
+    )
+    ranks: tuple[int, ...] = field(
+        default=(),
+        metadata=_help(
+            "Per-client ranks in client order (overrides tasks[].rank and memory budgets)."
+        ),
+    )
+    rank_choices: tuple[int, ...] = field(
+        default=(4, 8, 16),
+        metadata=_help(
+            "Ranks a client with a memory budget (tasks[].memory_mb) chooses from: the "
+            "largest whose estimated training memory fits."
+        ),
+    )
     alpha: float = field(default=16.0, metadata=_help("LoRA alpha; the scale is alpha / r."))
+    rslora: bool = field(
+        default=False, metadata=_help("rsLoRA scaling alpha / sqrt(r) instead of alpha / r.")
+    )
     dropout: float = field(default=0.0, metadata=_help("LoRA dropout probability."))
     target_modules: tuple[str, ...] = field(
         default=("q_proj", "k_proj", "v_proj", "o_proj"),
@@ -75,6 +94,10 @@ class TrainConfig:
     learning_rate: float = field(default=3e-4, metadata=_help("AdamW learning rate."))
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
     eval_batch_size: int = field(default=8, metadata=_help("Examples per evaluation batch."))
+    max_new_tokens: int = field(
+        default=24,
+        metadata=_help("Generation tasks: greedy tokens generated per evaluation example."),
+    )
 
 
 @dataclass(frozen=True)
@@ -161,6 +184,14 @@ class TaskConfig:
     template: str = field(
         default="",
         metadata=_help("User task prompt template with '{input}'; '' = a default template."),
+    )
+    rank: int = field(default=0, metadata=_help("LoRA rank of this task's clients; 0 = lora.rank."))
+    memory_mb: float = field(
+        default=0.0,
+        metadata=_help(
+            "Training-memory budget of this task's clients in MB; their rank is the largest "
+            "of lora.rank_choices that fits (0 = no budget)."
+        ),
     )
 
 
@@ -275,6 +306,17 @@ def _check_ranges(cfg: Config) -> None:
 
     positive("model.max_length", cfg.model.max_length)
     positive("lora.rank", cfg.lora.rank)
+    for i, rank in enumerate(cfg.lora.ranks):
+        positive(f"lora.ranks[{i}]", rank)
+    if cfg.lora.ranks and len(cfg.lora.ranks) != cfg.num_clients:
+        raise ConfigError(
+            f"lora.ranks has {len(cfg.lora.ranks)} entries but the tasks declare "
+            f"{cfg.num_clients} clients; give one rank per client or leave it empty"
+        )
+    if not cfg.lora.rank_choices:
+        raise ConfigError("lora.rank_choices must list at least one rank")
+    for i, rank in enumerate(cfg.lora.rank_choices):
+        positive(f"lora.rank_choices[{i}]", rank)
     positive("lora.alpha", cfg.lora.alpha)
     if not 0.0 <= cfg.lora.dropout < 1.0:
         raise ConfigError(f"lora.dropout must be in [0, 1), got {cfg.lora.dropout!r}")
@@ -283,6 +325,7 @@ def _check_ranges(cfg: Config) -> None:
     positive("train.batch_size", cfg.train.batch_size)
     positive("train.learning_rate", cfg.train.learning_rate)
     positive("train.eval_batch_size", cfg.train.eval_batch_size)
+    positive("train.max_new_tokens", cfg.train.max_new_tokens)
     if cfg.train.weight_decay < 0:
         raise ConfigError(f"train.weight_decay must be >= 0, got {cfg.train.weight_decay!r}")
     positive("federation.rounds", cfg.federation.rounds)
@@ -318,6 +361,10 @@ def _check_ranges(cfg: Config) -> None:
             raise ConfigError(f"{where}.name = {task.name!r} is declared twice")
         seen.add(task.name)
         positive(f"{where}.clients", task.clients)
+        if task.rank < 0:
+            raise ConfigError(f"{where}.rank must be >= 0 (0 = lora.rank), got {task.rank!r}")
+        if task.memory_mb < 0:
+            raise ConfigError(f"{where}.memory_mb must be >= 0, got {task.memory_mb!r}")
         if task.path and task.kind not in TASK_KINDS:
             raise ConfigError(
                 f"{where}.kind = {task.kind!r} is not allowed for a user task; choose one of: "

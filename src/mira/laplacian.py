@@ -57,9 +57,15 @@ FactorAdapter = dict[str, np.ndarray]
 ProductAdapter = dict[str, tuple[np.ndarray, np.ndarray]]
 """Module name -> (A [r_k, in], B [out, r_k]) in peft's layout; dW = s_k * B @ A."""
 
+FloatVector = Sequence[float] | np.ndarray
+"""Per-client numbers (LoRA scales, data weights) as a sequence or a 1-D array."""
+
+BoolVector = Sequence[bool] | np.ndarray
+"""Per-client flags (True for the clients sampled this round) as a sequence or a 1-D array."""
+
 _EPS = float(np.finfo(np.float64).eps)
-# A Cholesky pivot ratio below this means the stacked B factors are nearly dependent; the
-# eigendecomposition path then gives a rank-revealing factor instead.
+# A Cholesky pivot ratio below this means the stacked B factors are nearly dependent (the Gram
+# matrix has squared away their small singular values); Householder QR takes over.
 _CHOLESKY_MIN_PIVOT_RATIO = 1e-4
 
 
@@ -87,7 +93,9 @@ def validate_adjacency(adjacency: np.ndarray, num_clients: int | None = None) ->
     if a.ndim != 2 or a.shape[0] != a.shape[1]:
         raise ValueError(f"adjacency must be a square K x K matrix, got shape {a.shape}")
     if num_clients is not None and a.shape[0] != num_clients:
-        raise ValueError(f"adjacency is {a.shape[0]} x {a.shape[1]} but there are {num_clients} clients")
+        raise ValueError(
+            f"adjacency is {a.shape[0]} x {a.shape[1]} but there are {num_clients} clients"
+        )
     if not np.all(np.isfinite(a)):
         i, j = np.argwhere(~np.isfinite(a))[0]
         raise ValueError(f"adjacency has a non-finite entry {a[i, j]} at ({i}, {j})")
@@ -114,7 +122,7 @@ def laplacian(adjacency: np.ndarray) -> np.ndarray:
 
 
 def mixing_matrix(
-    adjacency: np.ndarray, step: float, active: Sequence[bool] | None = None
+    adjacency: np.ndarray, step: float, active: BoolVector | None = None
 ) -> np.ndarray:
     """The MIRA mixing matrix M = I - step * L of paper eq. 8, so that W_new = M @ W.
 
@@ -157,7 +165,7 @@ def mixing_matrix(
 # --------------------------------------------------------------------------------------------
 
 
-def fedavg_mixing(weights: Sequence[float], active: Sequence[bool] | None = None) -> np.ndarray:
+def fedavg_mixing(weights: FloatVector, active: BoolVector | None = None) -> np.ndarray:
     """FedAvg (FedIT): every row is the normalised weights of the active clients.
 
     Everyone, sampled or not, receives the one global model sum_l w_l W_l / sum_l w_l over the
@@ -176,7 +184,7 @@ def fedavg_mixing(weights: Sequence[float], active: Sequence[bool] | None = None
 
 
 def cluster_mixing(
-    labels: Sequence[Hashable], weights: Sequence[float], active: Sequence[bool] | None = None
+    labels: Sequence[Hashable] | np.ndarray, weights: FloatVector, active: BoolVector | None = None
 ) -> np.ndarray:
     """Cluster-FedAvg baseline: row k averages the active members of k's cluster.
 
@@ -196,7 +204,7 @@ def cluster_mixing(
 
 
 def cluster_merge_mixing(
-    labels: Sequence[Hashable], weights: Sequence[float], active: Sequence[bool] | None = None
+    labels: Sequence[Hashable] | np.ndarray, weights: FloatVector, active: BoolVector | None = None
 ) -> np.ndarray:
     """Cluster-merge baseline: cluster averages merged with equal weight into one global model.
 
@@ -225,7 +233,9 @@ def cluster_merge_mixing(
 # --------------------------------------------------------------------------------------------
 
 
-def factor_mix(adapters: Sequence[Mapping[str, np.ndarray]], mixing: np.ndarray) -> list[FactorAdapter]:
+def factor_mix(
+    adapters: Sequence[Mapping[str, np.ndarray]], mixing: np.ndarray
+) -> list[FactorAdapter]:
     """Row-wise mixing of every tensor: new_k[key] = sum_l M[k, l] adapters[l][key].
 
     All rows are computed from the same snapshot (the simultaneous update of paper eq. 8), in
@@ -258,7 +268,7 @@ def factor_step(
     adapters: Sequence[Mapping[str, np.ndarray]],
     adjacency: np.ndarray,
     step: float,
-    active: Sequence[bool] | None = None,
+    active: BoolVector | None = None,
 ) -> list[FactorAdapter]:
     """MIRA's server update (paper eq. 8) in factor space.
 
@@ -282,7 +292,7 @@ def factor_step(
 def product_mix(
     adapters: Sequence[Mapping[str, tuple[np.ndarray, np.ndarray]]],
     mixing: np.ndarray,
-    scales: Sequence[float],
+    scales: FloatVector,
 ) -> list[ProductAdapter]:
     """Mix the effective updates s_l B_l A_l and truncate each target to the client's rank.
 
@@ -324,8 +334,8 @@ def product_step(
     adapters: Sequence[Mapping[str, tuple[np.ndarray, np.ndarray]]],
     adjacency: np.ndarray,
     step: float,
-    scales: Sequence[float],
-    active: Sequence[bool] | None = None,
+    scales: FloatVector,
+    active: BoolVector | None = None,
 ) -> list[ProductAdapter]:
     """MIRA's server update (paper eq. 8) in product space, for any mix of LoRA ranks.
 
@@ -342,7 +352,7 @@ def product_mix_module(
     a_factors: Sequence[np.ndarray],
     b_factors: Sequence[np.ndarray],
     mixing: np.ndarray,
-    scales: Sequence[float],
+    scales: FloatVector,
     *,
     name: str = "module",
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
@@ -351,18 +361,21 @@ def product_mix_module(
     Modules are independent, so a server holding many clients can pass one module's factors at
     a time. For row k with support S = {l : M[k, l] != 0} the target is T_k = Bs @ As with
     Bs = [M[k, l] s_l B_l]_{l in S} (out x R) and As = [A_l]_{l in S} (R x in), R = sum of the
-    ranks in S. The computation is the stacked-QR one, T_k = Qb (Rb As), with Rb the R x R
-    triangular factor of Bs taken from the Cholesky factor of the Gram matrix Bs^T Bs (a
-    rank-revealing eigendecomposition when Bs is nearly rank deficient) and the singular
-    vectors of the core from the eigendecomposition of Rb (As As^T) Rb^T. Cost
-    O((out + in) R^2 + R^3) per distinct row, no out x in matrix. Rows that are identical are
-    computed once. An identity row returns the client's own arrays, copied exactly.
+    ranks in S. With the reduced QR Bs = Qb Rb, T_k = Qb (Rb As): its left singular vectors
+    are Qb z for the top eigenvectors z of the R x R core Rb (As As^T) Rb^T, and its right
+    singular vectors follow as z^T Rb As / sigma. Rb comes from the Cholesky factor of the Gram
+    matrix Bs^T Bs (Qb is never formed), or from Householder QR when Bs is nearly rank
+    deficient (more stacked columns than rows, or nearly equal factors). Only one side is
+    factorised, so no QR of As is needed. Cost O((out + in) R^2 + R^3) per distinct row; no
+    out x in matrix is formed. Identical rows (FedAvg, cluster rules) are computed once. An
+    identity row returns the client's own arrays, copied exactly.
 
     A client whose rank exceeds the rank of its target (for instance r_k > min(in, out)) gets
     zero singular values for the missing components: zero columns of B_k' and, so that those
     components still receive gradient in later local training, its own rows of A_k (the
-    product s_k B_k' A_k' is unaffected). Singular values below sqrt(R * eps) times the largest
-    (under 2e-7 relative for R <= 200, beneath float32 resolution) count as zero.
+    product s_k B_k' A_k' is unaffected; a zero row paired with a zero column never trains
+    again). Singular values below sqrt(R * eps) times the largest (2e-7 relative at R = 200,
+    beneath float32 resolution) count as zero.
 
     Args:
         a_factors: per client, A_k [r_k, in].
@@ -393,13 +406,13 @@ def product_mix_module(
                 todo.append(k)
         if not todo:
             continue
-        for l in support:
-            if l not in a64:
-                a64[l] = np.asarray(a_factors[l], dtype=np.float64)
-                bt64[l] = np.asarray(b_factors[l].T, dtype=np.float64, order="C")
+        for j in support:
+            if j not in a64:
+                a64[j] = np.asarray(a_factors[j], dtype=np.float64)
+                bt64[j] = np.asarray(b_factors[j].T, dtype=np.float64, order="C")
         coefs = mixing[todo[0], support] * scale[support]
         left_t, sigma, right = _stacked_truncated_svd(
-            [a64[l] for l in support], [bt64[l] for l in support], coefs, max(ranks[todo])
+            [a64[j] for j in support], [bt64[j] for j in support], coefs, max(ranks[todo])
         )
         for k in todo:
             new_a[k], new_b[k] = _split_factors(
@@ -499,7 +512,7 @@ def _split_factors(
 # --------------------------------------------------------------------------------------------
 
 
-def _active_mask(active: Sequence[bool] | None, num_clients: int) -> np.ndarray:
+def _active_mask(active: BoolVector | None, num_clients: int) -> np.ndarray:
     if active is None:
         return np.ones(num_clients, dtype=bool)
     mask = np.asarray(active)
@@ -510,7 +523,7 @@ def _active_mask(active: Sequence[bool] | None, num_clients: int) -> np.ndarray:
     return mask.astype(bool)
 
 
-def _weights(weights: Sequence[float]) -> np.ndarray:
+def _weights(weights: FloatVector) -> np.ndarray:
     w = np.asarray(weights, dtype=np.float64)
     if w.ndim != 1 or w.size == 0:
         raise ValueError(f"weights must be a non-empty 1-D sequence, got shape {w.shape}")
@@ -519,7 +532,7 @@ def _weights(weights: Sequence[float]) -> np.ndarray:
     return w
 
 
-def _clusters(labels: Sequence[Hashable], num_clients: int) -> list[np.ndarray]:
+def _clusters(labels: Sequence[Hashable] | np.ndarray, num_clients: int) -> list[np.ndarray]:
     """Client indices per cluster label, in order of first appearance."""
     if len(labels) != num_clients:
         raise ValueError(f"got {len(labels)} cluster labels for {num_clients} clients")
@@ -541,7 +554,7 @@ def _check_mixing(mixing: np.ndarray, num_clients: int) -> np.ndarray:
     return m
 
 
-def _check_scales(scales: Sequence[float], num_clients: int) -> np.ndarray:
+def _check_scales(scales: FloatVector, num_clients: int) -> np.ndarray:
     s = np.asarray(scales, dtype=np.float64)
     if s.shape != (num_clients,):
         raise ValueError(f"scales must hold one value per client ({num_clients}), got {s.shape}")

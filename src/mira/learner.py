@@ -15,8 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from mira import metrics
 from mira.config import Config
-from mira.data import Example
+from mira.data import Example, Task
 
 IGNORE = -100
 
@@ -121,3 +122,107 @@ def eval_loss(model: Any, encoded: Sequence[Encoded], batch_size: int, pad_id: i
         total += nll.item()
         count += n
     return total / count if count else math.nan
+
+
+def sequence_nll(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed target NLL of each sequence of a batch, shape [batch]."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    shifted_logits = logits[:, :-1, :].float()
+    shifted_labels = batch["labels"][:, 1:]
+    per_token = torch.nn.functional.cross_entropy(
+        shifted_logits.transpose(1, 2), shifted_labels, ignore_index=IGNORE, reduction="none"
+    )
+    return per_token.sum(dim=1)
+
+
+@torch.no_grad()
+def label_scores(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[Example],
+    verbalisers: Sequence[str],
+    max_length: int,
+    batch_size: int,
+) -> np.ndarray:
+    """Log-likelihood of every label verbaliser after every prompt, shape [n, labels].
+
+    Classification is scored, never generated: the predicted label is the verbaliser the
+    model finds most likely (summed over its tokens, end-of-text included).
+    """
+    model.eval()
+    encoded = [
+        encode(tokenizer, Example(prompt=e.prompt, target=v), max_length)
+        for e in examples
+        for v in verbalisers
+    ]
+    scores = []
+    for start in range(0, len(encoded), batch_size):
+        batch = collate(encoded[start : start + batch_size], tokenizer.pad_token_id)
+        scores.append(-sequence_nll(model, batch))
+    return torch.cat(scores).reshape(len(examples), len(verbalisers)).numpy().astype(np.float64)
+
+
+@torch.no_grad()
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[str],
+    max_length: int,
+    max_new_tokens: int,
+    batch_size: int,
+) -> list[str]:
+    """Greedy continuations of ``prompts`` (left-padded batches), up to end-of-text."""
+    model.eval()
+    keep = max(1, max_length - max_new_tokens)
+    outputs: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        ids = [
+            tokenizer(p, add_special_tokens=False)["input_ids"][-keep:]
+            for p in prompts[start : start + batch_size]
+        ]
+        width = max(len(i) for i in ids)
+        input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for row, seq in enumerate(ids):
+            input_ids[row, width - len(seq) :] = torch.tensor(seq)
+            mask[row, width - len(seq) :] = 1
+        generated = model.generate(
+            input_ids=input_ids,
+            attention_mask=mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+        for row in generated[:, width:]:
+            outputs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return outputs
+
+
+def task_metrics(
+    model: Any, tokenizer: Any, task: Task, examples: Sequence[Example], cfg: Config
+) -> dict[str, float]:
+    """The task's own metrics on ``examples``: accuracy, ROUGE-L, exact match, token F1."""
+    if not task.metrics or not examples:
+        return {}
+    if task.kind == "classification":
+        scores = label_scores(
+            model,
+            tokenizer,
+            examples,
+            task.verbalisers,
+            cfg.model.max_length,
+            cfg.train.eval_batch_size,
+        )
+        labels = [e.label if e.label is not None else -1 for e in examples]
+        return {"accuracy": metrics.accuracy_from_scores(scores, labels)}
+    predictions = generate(
+        model,
+        tokenizer,
+        [e.prompt for e in examples],
+        cfg.model.max_length,
+        cfg.train.max_new_tokens,
+        cfg.train.eval_batch_size,
+    )
+    references = [e.target.strip() for e in examples]
+    return metrics.score_texts(task.metrics, predictions, references)

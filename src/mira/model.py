@@ -190,8 +190,8 @@ def base_model(cfg: ModelConfig) -> LoadedBase:
 
 
 def lora_scale(lora: LoraConfig, rank: int) -> float:
-    """s = alpha / r, the factor peft applies to B @ A."""
-    return lora.alpha / rank
+    """The factor s that peft applies to B @ A: alpha / r, or alpha / sqrt(r) with rsLoRA."""
+    return lora.alpha / (rank**0.5 if lora.rslora else rank)
 
 
 def peft_lora_config(lora: LoraConfig, rank: int, base_source: str = "") -> Any:
@@ -203,6 +203,7 @@ def peft_lora_config(lora: LoraConfig, rank: int, base_source: str = "") -> Any:
         lora_alpha=cast(Any, lora.alpha),
         lora_dropout=lora.dropout,
         target_modules=list(lora.target_modules),
+        use_rslora=lora.rslora,
         bias="none",
         task_type="CAUSAL_LM",
         base_model_name_or_path=base_source or None,
@@ -212,7 +213,9 @@ def peft_lora_config(lora: LoraConfig, rank: int, base_source: str = "") -> Any:
 def adapter_name(lora: LoraConfig, rank: int) -> str:
     """Name of the peft adapter for one LoRA layout; different layouts coexist on one model."""
     digest = hashlib.sha1(
-        json.dumps([rank, lora.alpha, lora.dropout, sorted(lora.target_modules)]).encode()
+        json.dumps(
+            [rank, lora.alpha, lora.dropout, lora.rslora, sorted(lora.target_modules)]
+        ).encode()
     ).hexdigest()[:8]
     return f"mira_r{rank}_{digest}"
 

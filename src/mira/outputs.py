@@ -24,7 +24,9 @@ from typing import Any
 import numpy as np
 import tomli_w
 
+from mira import metrics
 from mira.config import Config
+from mira.metrics import HIGHER_IS_BETTER
 from mira.model import Adapter, save_adapter_dir
 
 
@@ -55,7 +57,17 @@ def round_aggregate(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "clients_trained": len(train_losses),
         "bytes_up": int(sum(r["bytes_up"] for r in rows)),
         "bytes_down": int(sum(r["bytes_down"] for r in rows)),
+        "peak_memory_mb": max((r.get("peak_memory_mb") or 0.0) for r in rows),
     }
+    per_metric = {
+        name: [r.get(name, math.nan) for r in rows]
+        for name in HIGHER_IS_BETTER
+        if any(name in r for r in rows)
+    }
+    for name, summary in metrics.summarise(per_metric).items():
+        out[f"{name}_mean"] = summary["mean"]
+        out[f"{name}_worst"] = summary["worst"]
+        out[f"{name}_worst_client"] = rows[int(summary["worst_index"])]["client"]
     return out
 
 
@@ -93,12 +105,15 @@ class RunWriter:
         }
         write_atomic(self.out / "graph.json", json.dumps(graph, indent=1))
 
-    def append_round(self, server_round: int, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    def append_round(
+        self, seconds: float, server_round: int, rows: list[dict[str, Any]]
+    ) -> dict[str, Any]:
         """Append the per-client rows and the round aggregate; return the aggregate."""
         aggregate = {
             "kind": "round",
             "round": server_round,
             "method": self.cfg.server.method,
+            "seconds": round(seconds, 3),
             **round_aggregate(rows),
         }
         lines = []
@@ -139,13 +154,15 @@ def final_table(out_dir: Path) -> str:
     lines = [
         f"Personalised eval loss after round {last} "
         "(each client's own adapter on its own held-out split)",
-        f"{'client':<{width}}  {'task':<14} {'round 1':>8} {'final':>8}  adapter",
+        f"{'client':<{width}}  {'task':<14} {'round 1':>8} {'final':>8}  "
+        f"{'task metric (final)':<26} adapter",
     ]
     for r in final:
         start = first[r["client"]].get("eval_loss")
+        scores = " ".join(f"{m} {_fmt(r[m])}" for m in HIGHER_IS_BETTER if m in r)
         lines.append(
             f"{r['client']:<{width}}  {r['task']:<14} {_fmt(start):>8} {_fmt(r['eval_loss']):>8}"
-            f"  {Path(out_dir) / 'adapters' / r['client']}"
+            f"  {scores:<26} {Path(out_dir) / 'adapters' / r['client']}"
         )
     aggregate = next(r for r in rows if r["kind"] == "round" and r["round"] == last)
     lines.append(

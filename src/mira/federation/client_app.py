@@ -15,6 +15,7 @@ The base model is loaded once per process and reused; data splits are cached per
 from __future__ import annotations
 
 import os
+import resource
 from functools import lru_cache
 from typing import Any
 
@@ -27,6 +28,7 @@ from mira import learner
 from mira.config import Config, config_from_dict
 from mira.data import ClientData, load_client_data
 from mira.model import Adapter, LoraModel, lora_model
+from mira.ranks import client_rank
 
 CONFIG_KEY = "mira.config"
 
@@ -56,10 +58,9 @@ def _client_data(config_json: str, partition: int) -> tuple[ClientData, Any, Any
     return data, train, evaluation
 
 
-def client_rank(cfg: Config, partition: int) -> int:
-    """LoRA rank of a client (one rank for all clients for now)."""
-    del partition
-    return cfg.lora.rank
+def peak_memory_mb() -> float:
+    """Peak resident memory of this client process so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 def training_seed(seed: int, partition: int, server_round: int) -> int:
@@ -162,7 +163,15 @@ def evaluate(msg: Message, context: Context) -> Message:
     loss = learner.eval_loss(
         model.peft, encoded_eval, cfg.train.eval_batch_size, model.tokenizer.pad_token_id
     )
-    metrics = MetricRecord({"eval_loss": loss, "num_examples": len(data.eval)})
+    scores = learner.task_metrics(model.peft, model.tokenizer, data.task, data.eval, cfg)
+    metrics = MetricRecord(
+        {
+            "eval_loss": loss,
+            "num_examples": len(data.eval),
+            "peak_memory_mb": peak_memory_mb(),
+            **scores,
+        }
+    )
     return Message(
         RecordDict({"metrics": metrics, "identity": _identity(cfg, partition)}),
         reply_to=msg,

@@ -6,12 +6,14 @@ import logging
 import os
 from pathlib import Path
 
-from mira.config import Config
+from mira import rules
+from mira.config import Config, ConfigError
 from mira.data import load_client_data
 from mira.federation.client_app import app as client_app
 from mira.federation.server_app import make_server_app
 from mira.federation.strategy import FederationError, build_graph
 from mira.model import prepare_model
+from mira.ranks import client_rank
 
 
 def preflight(cfg: Config) -> str:
@@ -22,15 +24,47 @@ def preflight(cfg: Config) -> str:
     """
     build_graph(cfg)
     base_source = prepare_model(cfg.model)
+    try:
+        ranks = [client_rank(cfg, partition) for partition in range(cfg.num_clients)]
+        rules.resolve_pull_space(cfg.server.pull_space, ranks)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     for partition in range(cfg.num_clients):
         load_client_data(cfg, partition)
     return base_source
+
+
+class _DropDeprecationNotice(logging.Filter):
+    """Hide Flower's notice that the in-process ``run_simulation`` entry point is deprecated:
+    ``mira run`` uses it on purpose so the whole federation lives inside one command."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "DEPRECATED FEATURE" not in record.getMessage()
+
+
+def quiet_libraries() -> None:
+    """Keep the terminal for mira's own progress lines (``--verbose`` shows everything).
+
+    Environment variables are set before Ray starts, so its workers inherit them.
+    """
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::UserWarning")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.setLevel(logging.WARNING)
+    flwr_logger.addFilter(_DropDeprecationNotice())
 
 
 def run_simulation(cfg: Config, out_dir: Path, verbose: bool = False) -> None:
     """Start the Simulation Engine with one virtual SuperNode per client and run ``cfg``."""
     from flwr.simulation import run_simulation as flower_run_simulation
 
+    if not verbose:
+        quiet_libraries()
     base_source = preflight(cfg)
     cpus = os.cpu_count() or 1
     workers = min(cfg.federation.workers, cfg.num_clients, cpus)
@@ -42,8 +76,6 @@ def run_simulation(cfg: Config, out_dir: Path, verbose: bool = False) -> None:
             "logging_level": logging.WARNING if not verbose else logging.INFO,
         },
     }
-    if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
     errors: list[BaseException] = []
     flower_run_simulation(
         server_app=make_server_app(cfg, out_dir, base_source, errors),

@@ -36,6 +36,7 @@ from flwr.serverapp.strategy import Result, Strategy
 from mira import graph, rules
 from mira.config import Config, ConfigError
 from mira.federation.client_app import CONFIG_KEY, from_record, to_record
+from mira.metrics import HIGHER_IS_BETTER as TASK_METRICS
 from mira.model import Adapter, lora_scale
 from mira.outputs import RunWriter
 
@@ -216,6 +217,10 @@ class MiraStrategy(Strategy):
             raise FederationError(f"no node answered as client(s) {', '.join(missing)}")
         self.clients = [found[c] for c in self.cfg.client_ids]
         self._check_shared_init()
+        try:
+            rules.resolve_pull_space(self.cfg.server.pull_space, [c.rank for c in self.clients])
+        except ValueError as err:
+            raise ConfigError(str(err)) from err
 
     def _check_shared_init(self) -> None:
         """All clients of one rank must start from the same LoRA init (same seed)."""
@@ -309,8 +314,13 @@ class MiraStrategy(Strategy):
         losses = []
         for reply in replies:
             index = self._client_of(reply)
-            loss = float(reply.content.metric_records["metrics"]["eval_loss"])  # type: ignore[arg-type]
+            record = reply.content.metric_records["metrics"]
+            loss = float(record["eval_loss"])  # type: ignore[arg-type]
             self._rows[index]["eval_loss"] = loss
+            self._rows[index]["peak_memory_mb"] = float(record["peak_memory_mb"])  # type: ignore[arg-type]
+            for name in TASK_METRICS:
+                if name in record:
+                    self._rows[index][name] = float(record[name])  # type: ignore[arg-type]
             losses.append(loss)
         return MetricRecord({"personalised_eval_loss_mean": float(np.mean(losses))})
 
@@ -386,7 +396,9 @@ class MiraStrategy(Strategy):
                     client.client_id, client.adapter, client.rank, self.base_source
                 )
             aggregate = self.writer.append_round(
-                server_round, [self._rows[i] for i in sorted(self._rows)]
+                time.monotonic() - started,
+                server_round,
+                [self._rows[i] for i in sorted(self._rows)],
             )
             if train_metrics is not None:
                 result.train_metrics_clientapp[server_round] = train_metrics

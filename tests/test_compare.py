@@ -1,0 +1,412 @@
+"""mira compare: planning, skipping and re-running, and the aggregated numbers.
+
+A fake runner writes synthetic run directories with fixed numbers, so every statistic in
+comparison.csv is checked against a value computed by hand below. One slow test runs the real
+Simulation Engine on the tiny model.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tomli_w
+
+from mira.compare import (
+    DONE,
+    RUN_INFO,
+    CompareError,
+    Table,
+    markdown_table,
+    parse_methods,
+    parse_seeds,
+    run_comparison,
+    run_folder,
+    summarise_comparison,
+    write_comparison,
+)
+from mira.config import Config, ConfigError, load_config
+
+CLIENTS = [("sentiment-0", "sentiment"), ("sentiment-1", "sentiment"), ("qa-0", "qa")]
+# Final-round personalised eval loss of each client (order of CLIENTS) at seed 1; every seed
+# above 1 adds SEED_SHIFT * (seed - 1) to every client. Round 1 is 0.5 higher.
+FINAL_LOSS = {"mira": [1.0, 2.0, 4.0], "local": [1.5, 2.5, 5.0], "fedit": [2.0, 2.0, 2.0]}
+SEED_SHIFT = 0.2
+ACCURACY = {"mira": [0.5, 0.75], "local": [0.25, 0.5], "fedit": [0.5, 0.5]}  # + 0.05 (seed - 1)
+TOKEN_F1 = {"mira": 0.3, "local": 0.2, "fedit": 0.1}  # qa-0; + 0.1 (seed - 1)
+BYTES_UP = [300, 500]  # round totals
+BYTES_DOWN = [600, 1000]
+
+
+def raw_config(rounds: int = 2) -> dict:
+    return {
+        "model": {"name": "tiny-random-llama"},
+        "federation": {"rounds": rounds},
+        "tasks": [
+            {
+                "name": "sentiment",
+                "clients": 2,
+                "path": "sentiment.jsonl",
+                "kind": "classification",
+                "verbalisers": ["positive", "negative"],
+            },
+            {"name": "qa", "clients": 1, "path": "qa.jsonl", "kind": "generation"},
+        ],
+    }
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    path = tmp_path / "compare.toml"
+    path.write_text(tomli_w.dumps(raw_config()))
+    return path
+
+
+def write_fake_run(
+    folder: Path,
+    method: str,
+    seed: int,
+    cfg: Config | None = None,
+    rounds: int = 2,
+    seconds: float | None = None,
+) -> None:
+    """A run directory as mira.outputs writes it, with the fixed numbers above."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if cfg is not None:
+        (folder / "config.toml").write_text(tomli_w.dumps(cfg.to_dict()))
+    lines = []
+    for rnd in range(1, rounds + 1):
+        rows = []
+        for index, (client, task) in enumerate(CLIENTS):
+            loss = FINAL_LOSS[method][index] + SEED_SHIFT * (seed - 1) + 0.5 * (rounds - rnd)
+            row = {
+                "kind": "client",
+                "round": rnd,
+                "client": client,
+                "task": task,
+                "method": method,
+                "rank": 8,
+                "sampled": True,
+                "train_loss": loss + 0.1,
+                "eval_loss": loss,
+                "bytes_up": BYTES_UP[(rnd - 1) % 2] // 3,
+                "bytes_down": BYTES_DOWN[(rnd - 1) % 2] // 3,
+                "peak_memory_mb": 100.0 + 50.0 * (rnd - 1) + seed,
+            }
+            if task == "sentiment":
+                row["accuracy"] = ACCURACY[method][index] + 0.05 * (seed - 1)
+            else:
+                row["token_f1"] = TOKEN_F1[method] + 0.1 * (seed - 1)
+            rows.append(row)
+        losses = [r["eval_loss"] for r in rows]
+        aggregate = {
+            "kind": "round",
+            "round": rnd,
+            "method": method,
+            "seconds": 1.5,
+            "personalised_eval_loss_mean": float(np.mean(losses)),
+            "personalised_eval_loss_worst": float(np.max(losses)),
+            "personalised_eval_loss_std": float(np.std(losses)),
+            "train_loss_mean": float(np.mean(losses)) + 0.1,
+            "bytes_up": BYTES_UP[(rnd - 1) % 2],
+            "bytes_down": BYTES_DOWN[(rnd - 1) % 2],
+            "peak_memory_mb": max(r["peak_memory_mb"] for r in rows),
+        }
+        lines += [json.dumps(r) for r in [*rows, aggregate]]
+    (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    adjacency = [[0.0, 0.5, 0.0], [0.5, 0.0, 0.0], [0.0, 0.0, 0.0]]
+    graph = {
+        "source": "tasks",
+        "clients": [c for c, _ in CLIENTS],
+        "tasks": [t for _, t in CLIENTS],
+        "clusters": [0, 0, 1],
+        "adjacency": adjacency,
+        "degree": [0.5, 0.5, 0.0],
+        "step": 0.1,
+    }
+    (folder / "graph.json").write_text(json.dumps(graph))
+    if seconds is not None:
+        (folder / RUN_INFO).write_text(json.dumps({"seconds": seconds}))
+        (folder / DONE).write_text("done\n")
+
+
+SECONDS = {("mira", 1): 10.0, ("mira", 2): 14.0, ("local", 1): 5.0, ("local", 2): 5.0}
+
+
+def make_comparison_dir(root: Path) -> Path:
+    """mira and local with seeds 1 and 2, fedit with seed 1, as a finished comparison."""
+    for (method, seed), seconds in [*SECONDS.items(), (("fedit", 1), 7.0)]:
+        write_fake_run(run_folder(root, method, seed), method, seed, seconds=seconds)
+    return root
+
+
+def read_csv(path: Path) -> dict[str, dict[str, str]]:
+    with path.open() as handle:
+        rows = list(csv.DictReader(handle))
+    key = "client" if "client" in rows[0] else "method"
+    return {(r["method"], r[key]) if key == "client" else r["method"]: r for r in rows}
+
+
+def approx(value: float) -> object:
+    return pytest.approx(value, rel=1e-9, abs=1e-12)
+
+
+class FakeRunner:
+    """Writes a synthetic run from the config it is given; records every call."""
+
+    def __init__(self, rounds: int | None = None) -> None:
+        self.calls: list[tuple[str, int]] = []
+        self.rounds = rounds
+
+    def __call__(self, cfg: Config, folder: Path) -> None:
+        self.calls.append((cfg.server.method, cfg.federation.seed))
+        rounds = self.rounds or cfg.federation.rounds
+        write_fake_run(folder, cfg.server.method, cfg.federation.seed, cfg, rounds=rounds)
+
+
+# ------------------------------------------------------------------------------ numbers
+def test_comparison_csv_holds_means_and_stds_over_seeds(tmp_path: Path) -> None:
+    root = make_comparison_dir(tmp_path)
+    write_comparison(root)
+    rows = read_csv(root / "comparison.csv")
+    assert list(rows) == ["mira", "fedit", "local"]  # canonical method order without a manifest
+
+    mira = rows["mira"]
+    assert mira["seeds"] == "2" and mira["seed_list"] == "1 2"
+    # seed 1: mean(1, 2, 4) = 7/3; seed 2: every client + 0.2
+    assert float(mira["personalised_loss_mean"]) == approx(7 / 3 + 0.1)
+    assert float(mira["personalised_loss_mean_std"]) == approx(0.2 / math.sqrt(2))
+    assert float(mira["personalised_loss_worst"]) == approx(4.1)
+    assert float(mira["personalised_loss_worst_std"]) == approx(0.2 / math.sqrt(2))
+    assert float(mira["personalised_loss_spread"]) == approx(np.std([1.0, 2.0, 4.0]))
+    assert float(mira["personalised_loss_spread_std"]) == approx(0.0)
+    assert float(mira["personalised_loss[sentiment]"]) == approx(1.6)
+    assert float(mira["personalised_loss[qa]"]) == approx(4.1)
+    # accuracy only on the two sentiment clients: (0.5 + 0.75) / 2 = 0.625, then + 0.05
+    assert float(mira["accuracy"]) == approx(0.65)
+    assert float(mira["accuracy_std"]) == approx(0.05 / math.sqrt(2))
+    assert float(mira["accuracy[sentiment]"]) == approx(0.65)
+    assert "accuracy[qa]" not in mira
+    assert float(mira["token_f1"]) == approx(0.35)
+    assert float(mira["token_f1[qa]"]) == approx(0.35)
+    assert float(mira["token_f1_std"]) == approx(0.1 / math.sqrt(2))
+    assert float(mira["bytes_up_per_round"]) == approx(400.0)
+    assert float(mira["bytes_down_per_round"]) == approx(800.0)
+    assert float(mira["wall_seconds"]) == approx(12.0)
+    assert float(mira["wall_seconds_std"]) == approx(math.sqrt(8.0))
+    assert float(mira["peak_memory_mb"]) == approx(151.5)  # max over rounds: 151 and 152
+
+    local = rows["local"]
+    assert float(local["personalised_loss_mean"]) == approx(3.1)
+    assert float(local["personalised_loss_worst"]) == approx(5.1)
+    assert float(local["accuracy"]) == approx(0.4)
+    assert float(local["wall_seconds_std"]) == approx(0.0)
+
+    fedit = rows["fedit"]  # one seed: no std
+    assert fedit["seeds"] == "1"
+    assert float(fedit["personalised_loss_mean"]) == approx(2.0)
+    assert float(fedit["personalised_loss_spread"]) == approx(0.0)
+    assert fedit["personalised_loss_mean_std"] == ""
+
+    clients = read_csv(root / "comparison_clients.csv")
+    assert float(clients[("mira", "sentiment-0")]["personalised_loss"]) == approx(1.1)
+    assert float(clients[("mira", "sentiment-0")]["personalised_loss_std"]) == approx(
+        0.2 / math.sqrt(2)
+    )
+    assert float(clients[("local", "qa-0")]["personalised_loss"]) == approx(5.1)
+    assert float(clients[("local", "qa-0")]["token_f1"]) == approx(0.25)
+    assert clients[("local", "qa-0")].get("accuracy", "") == ""
+    assert float(clients[("mira", "sentiment-1")]["accuracy"]) == approx(0.775)
+
+
+def test_summary_matches_csv_and_markdown_says_personalised(tmp_path: Path) -> None:
+    root = make_comparison_dir(tmp_path)
+    rows, per_client = summarise_comparison(root)
+    assert [r["method"] for r in rows] == ["mira", "fedit", "local"]
+    assert len(per_client) == 9
+    write_comparison(root)
+    text = (root / "comparison.md").read_text()
+    assert "2.433 ± 0.1414" in text  # mira mean loss, 4 significant digits
+    fedit = next(line for line in text.splitlines() if line.startswith("| fedit "))
+    assert [c.strip() for c in fedit.split("|")[2:6]] == ["1", "2.000", "2.000", "0.000"]
+    local = next(line for line in text.splitlines() if line.startswith("| local "))
+    assert "1.472 ± 0.000" in local  # equal spreads over seeds: a std of 0, not 2e-16
+    assert "personalised" in text.lower()
+    assert "fedit and cluster-merge the personalised adapter is the shared global model" in text
+    assert "global loss" not in text.lower() and "global eval" not in text.lower()
+    assert "accuracy[sentiment]" in text
+    # tables are aligned: every line of a table has the same width
+    for block in text.split("\n\n"):
+        lines = block.splitlines()
+        if lines and lines[0].startswith("|"):
+            assert len({len(line) for line in lines}) == 1, block
+
+
+def test_markdown_table_is_aligned() -> None:
+    table = Table("t", ["method", "value"], [["mira", "1.234"], ["cluster-fedavg", "10"]])
+    lines = markdown_table(table).splitlines()
+    assert lines == [
+        "| method         | value |",
+        "| -------------- | ----: |",
+        "| mira           | 1.234 |",
+        "| cluster-fedavg |    10 |",
+    ]
+
+
+def test_parse_methods_and_seeds() -> None:
+    assert parse_methods("mira, fedit,local") == ["mira", "fedit", "local"]
+    assert parse_seeds("1,2,3") == [1, 2, 3]
+    assert parse_seeds("0-2,7") == [0, 1, 2, 7]
+    with pytest.raises(CompareError):
+        parse_seeds("one")
+    with pytest.raises(CompareError):
+        parse_methods(" , ")
+
+
+# ------------------------------------------------------------------------------ running
+def test_runs_every_cell_then_skips_completed_runs(tmp_path: Path, config_file: Path) -> None:
+    out = tmp_path / "cmp"
+    runner = FakeRunner()
+    logs: list[str] = []
+    result = run_comparison(
+        str(config_file), [], ["mira", "local"], [1, 2], out, runner=runner, log=logs.append
+    )
+    assert result == out
+    assert runner.calls == [("mira", 1), ("mira", 2), ("local", 1), ("local", 2)]
+    for method, seed in runner.calls:
+        folder = run_folder(out, method, seed)
+        assert (folder / DONE).is_file()
+        info = json.loads((folder / RUN_INFO).read_text())
+        assert info["method"] == method and info["seed"] == seed and info["seconds"] >= 0
+    rows = read_csv(out / "comparison.csv")
+    assert float(rows["local"]["personalised_loss_mean"]) == approx(3.1)
+    assert (out / "comparison.md").is_file()
+
+    again = FakeRunner()
+    run_comparison(str(config_file), [], ["mira", "local"], [1, 2], out, runner=again, log=print)
+    assert again.calls == []
+
+    more = FakeRunner()
+    run_comparison(str(config_file), [], ["local", "fedit"], [2, 3], out, runner=more, log=print)
+    assert more.calls == [("local", 3), ("fedit", 2), ("fedit", 3)]
+    manifest = json.loads((out / "comparison.json").read_text())
+    assert manifest["methods"] == ["mira", "local", "fedit"]
+    assert len(manifest["commands"]) == 3
+    assert manifest["commands"][0]["command"].startswith("mira compare ")
+    assert list(read_csv(out / "comparison.csv")) == ["mira", "local", "fedit"]
+
+
+def test_incomplete_runs_are_rerun_from_scratch(tmp_path: Path, config_file: Path) -> None:
+    out = tmp_path / "cmp"
+    run_comparison(str(config_file), [], ["mira"], [1, 2, 3], out, runner=FakeRunner(), log=print)
+    no_marker = run_folder(out, "mira", 1)
+    (no_marker / DONE).unlink()
+    (no_marker / "stale.txt").write_text("from the interrupted run")
+    short = run_folder(out, "mira", 2)  # DONE present but round 2 missing
+    metrics = (short / "metrics.jsonl").read_text().splitlines()
+    (short / "metrics.jsonl").write_text("\n".join(metrics[:4]) + "\n")
+
+    runner = FakeRunner()
+    run_comparison(str(config_file), [], ["mira"], [1, 2, 3], out, runner=runner, log=print)
+    assert runner.calls == [("mira", 1), ("mira", 2)]
+    assert not (no_marker / "stale.txt").exists()
+    assert (no_marker / DONE).is_file() and (short / DONE).is_file()
+
+
+def test_resume_hook_finishes_incomplete_runs_in_place(tmp_path: Path, config_file: Path) -> None:
+    out = tmp_path / "cmp"
+    run_comparison(str(config_file), [], ["mira"], [1, 2], out, runner=FakeRunner(), log=print)
+    folder = run_folder(out, "mira", 2)
+    (folder / DONE).unlink()
+    (folder / "keep.txt").write_text("resume needs what is here")
+    resumed: list[Path] = []
+
+    def resume(cfg: Config, where: Path) -> None:
+        assert (where / "keep.txt").is_file()
+        resumed.append(where)
+
+    runner = FakeRunner()
+    run_comparison(
+        str(config_file), [], ["mira"], [1, 2], out, runner=runner, resume=resume, log=print
+    )
+    assert runner.calls == [] and resumed == [folder]
+    assert json.loads((folder / RUN_INFO).read_text())["resumed"] is True
+    assert (folder / DONE).is_file()
+
+
+def test_bad_method_fails_before_any_run(tmp_path: Path, config_file: Path) -> None:
+    out = tmp_path / "cmp"
+    runner = FakeRunner()
+    with pytest.raises(ConfigError, match=r"server\.method"):
+        run_comparison(str(config_file), [], ["mira", "fedavg"], [1], out, runner=runner)
+    assert runner.calls == []
+    assert not out.exists()
+
+
+def test_bad_override_and_owned_keys_fail_before_any_run(tmp_path: Path, config_file: Path) -> None:
+    runner = FakeRunner()
+    with pytest.raises(ConfigError, match=r"federation\.rounds"):
+        run_comparison(
+            str(config_file), ["federation.rounds=0"], ["mira"], [1], tmp_path, runner=runner
+        )
+    with pytest.raises(CompareError, match=r"server\.method"):
+        run_comparison(
+            str(config_file), ["server.method=fedit"], ["mira"], [1], tmp_path, runner=runner
+        )
+    assert runner.calls == []
+
+
+def test_a_run_with_a_different_config_is_refused(tmp_path: Path, config_file: Path) -> None:
+    out = tmp_path / "cmp"
+    run_comparison(str(config_file), [], ["mira"], [1], out, runner=FakeRunner(), log=print)
+    runner = FakeRunner()
+    with pytest.raises(CompareError, match=r"server\.step: 0\.1 -> 0\.2"):
+        run_comparison(
+            str(config_file), ["server.step=0.2"], ["mira"], [1], out, runner=runner, log=print
+        )
+    # how many workers run the clients does not change the results: the run is reused
+    run_comparison(
+        str(config_file), ["federation.workers=2"], ["mira"], [1], out, runner=runner, log=print
+    )
+    assert runner.calls == []
+
+
+def test_a_runner_that_stops_early_is_not_marked_done(tmp_path: Path, config_file: Path) -> None:
+    out = tmp_path / "cmp"
+    with pytest.raises(CompareError, match="round 2"):
+        run_comparison(str(config_file), [], ["mira"], [1], out, runner=FakeRunner(rounds=1))
+    assert not (run_folder(out, "mira", 1) / DONE).exists()
+
+
+# ------------------------------------------------------------------------------ real
+@pytest.mark.slow
+def test_real_comparison_of_mira_and_local_on_the_tiny_model(tiny_config, tmp_path: Path) -> None:
+    # one client per task: the 'full' graph gives mira a neighbour to pull toward
+    cfg = tiny_config(
+        "federation.rounds=1", "federation.local_steps=1", "server.graph=full", clients=1
+    )
+    path = tmp_path / "tiny.toml"
+    path.write_text(tomli_w.dumps(cfg.to_dict()))
+    out = tmp_path / "cmp"
+    run_comparison(str(path), [], ["mira", "local"], [3], out)
+    rows = read_csv(out / "comparison.csv")
+    assert list(rows) == ["mira", "local"]
+    for row in rows.values():
+        assert row["seeds"] == "1"
+        assert math.isfinite(float(row["personalised_loss_mean"]))
+        assert math.isfinite(float(row["personalised_loss_worst"]))
+        assert float(row["bytes_up_per_round"]) > 0
+        assert float(row["wall_seconds"]) > 0
+    # same clients, data and initialisation; only the server rule differs
+    assert rows["mira"]["personalised_loss_mean"] != rows["local"]["personalised_loss_mean"]
+    stored = load_config(out / "runs" / "mira" / "seed-3" / "config.toml")
+    assert stored.federation.seed == 3 and stored.server.method == "mira"
+    # the report reads what real runs write (seconds, not minutes, on top of the runs)
+    from mira.report import write_report
+
+    write_report(out)
+    assert (out / "plots" / "task_graph.png").is_file()
