@@ -68,7 +68,8 @@ class Setup:
 
 @dataclass(frozen=True)
 class WorkerResult:
-    step_seconds: float  # time inside product_mix_module, summed over this worker's modules
+    step_seconds: float  # wall time inside product_mix_module, summed over this worker's modules
+    step_cpu_seconds: float  # CPU time of this process over the same calls
     generate_seconds: float
     max_rss_bytes: int  # this worker process, after its timed modules
     tracemalloc_peak_bytes: int  # numpy peak while aggregating one q_proj module
@@ -123,14 +124,15 @@ def module_factors(setup: Setup, index: int) -> tuple[list[np.ndarray], list[np.
 def run_worker(setup: Setup, mixing: np.ndarray, module_indices: list[int]) -> WorkerResult:
     """Aggregate these modules one at a time (timed), then one q_proj under tracemalloc."""
     scales = client_scales(setup)
-    step = generate = 0.0
+    step = step_cpu = generate = 0.0
     for index in module_indices:
         start = time.perf_counter()
         a_factors, b_factors = module_factors(setup, index)
         generate += time.perf_counter() - start
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         product_mix_module(a_factors, b_factors, mixing, scales)
         step += time.perf_counter() - start
+        step_cpu += time.process_time() - start_cpu
         del a_factors, b_factors
     max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     tracemalloc.start()
@@ -139,7 +141,7 @@ def run_worker(setup: Setup, mixing: np.ndarray, module_indices: list[int]) -> W
     del a_factors, b_factors
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
-    return WorkerResult(step, generate, max_rss, peak)
+    return WorkerResult(step, step_cpu, generate, max_rss, peak)
 
 
 def dense_mix(
@@ -163,15 +165,15 @@ def dense_mix(
 def dense_check(setup: Setup, mixing: np.ndarray, dense_layers: int) -> dict[str, float]:
     """Stacked and dense on the modules of the first layers: time ratio and largest difference."""
     scales = client_scales(setup)
-    stacked_seconds = dense_seconds = worst = 0.0
+    stacked_seconds = dense_seconds = worst = 0.0  # CPU time, robust to other load
     for index in range(4 * min(dense_layers, setup.layers)):
         a_factors, b_factors = module_factors(setup, index)
-        start = time.perf_counter()
+        start = time.process_time()
         new_a, new_b = product_mix_module(a_factors, b_factors, mixing, scales)
-        stacked_seconds += time.perf_counter() - start
-        start = time.perf_counter()
+        stacked_seconds += time.process_time() - start
+        start = time.process_time()
         reference = dense_mix(a_factors, b_factors, mixing, scales)
-        dense_seconds += time.perf_counter() - start
+        dense_seconds += time.process_time() - start
         for k, (ref_a, ref_b) in enumerate(reference):
             ours = new_b[k].astype(np.float64) @ new_a[k].astype(np.float64)
             theirs = ref_b.astype(np.float64) @ ref_a.astype(np.float64)
@@ -207,6 +209,9 @@ def measure(
     mixing = mixing_matrix(adjacency, step)
     degree = (adjacency > 0).sum(axis=1)
     stacked_rank = (mixing != 0).astype(int) @ client_ranks(setup)
+    # float32 A and B of every client and module: what a server would hold without streaming.
+    widths = sum(fan_in + fan_out for _, fan_in, fan_out in module_list(setup.layers))
+    adapter_bytes = 4 * int(client_ranks(setup).sum()) * widths
     dense = dense_check(setup, mixing, dense_layers) if setup.clients <= dense_max_clients else None
     share = eigh_share(setup, mixing)
     rows = []
@@ -215,17 +220,18 @@ def measure(
         with ProcessPoolExecutor(count, mp_context=get_context("spawn")) as pool:
             futures = [pool.submit(run_worker, setup, mixing, share) for share in shares]
             results = [future.result() for future in futures]
-        one_core = sum(r.step_seconds for r in results)
+        cpu = sum(r.step_cpu_seconds for r in results)
         rows.append(
             {
                 "clients": setup.clients,
                 "mean_degree": float(degree.mean()),
                 "mean_stacked_rank": float(stacked_rank.mean()),
+                "adapters_mb": adapter_bytes / 2**20,
                 "workers": count,
                 # Workers run at the same time: the step lasts as long as the slowest one.
                 "step_seconds": max(r.step_seconds for r in results),
-                "summed_worker_seconds": one_core,
-                "ms_per_client_module": 1e3 * one_core / (setup.clients * 4 * setup.layers),
+                "cpu_seconds": cpu,
+                "cpu_ms_per_client_module": 1e3 * cpu / (setup.clients * 4 * setup.layers),
                 "generate_seconds": sum(r.generate_seconds for r in results),
                 "tracemalloc_peak_mb_per_worker": max(r.tracemalloc_peak_bytes for r in results)
                 / 2**20,
@@ -243,14 +249,15 @@ def markdown_table(rows: list[dict]) -> str:
         "clients",
         "mean degree",
         "mean stacked rank R",
+        "all adapters, float32 (MB)",
         "workers",
-        "step (s)",
-        "summed worker time (s)",
-        "ms per client-module",
+        "step, wall (s)",
+        "step, CPU summed over workers (s)",
+        "CPU ms per client-module",
         "numpy peak per worker, tracemalloc (MB)",
         "max RSS per worker (MB)",
         "share in R x R eigh",
-        "dense / stacked time (layers)",
+        "dense / stacked CPU time (layers)",
         "max rel. diff vs dense",
     ]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
@@ -265,10 +272,11 @@ def markdown_table(rows: list[dict]) -> str:
             f"{row['clients']}",
             f"{row['mean_degree']:.1f}",
             f"{row['mean_stacked_rank']:.1f}",
+            f"{row['adapters_mb']:.0f}",
             f"{row['workers']}",
             f"{row['step_seconds']:.2f}",
-            f"{row['summed_worker_seconds']:.2f}",
-            f"{row['ms_per_client_module']:.3f}",
+            f"{row['cpu_seconds']:.2f}",
+            f"{row['cpu_ms_per_client_module']:.3f}",
             f"{row['tracemalloc_peak_mb_per_worker']:.0f}",
             f"{row['max_rss_mb_per_worker']:.0f}",
             f"{100 * row['eigh_share']:.0f}%",

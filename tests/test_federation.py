@@ -27,6 +27,7 @@ RUNS = {
     "mira-step0": ["server.method=mira", "server.step=0.0"],
     "mira-hetero": ["server.method=mira", "lora.ranks=[2, 4, 2, 4]"],
     "fedit-hetero": ["server.method=fedit", "lora.ranks=[2, 4, 2, 4]"],
+    "mira-clusters": ["server.graph=clusters", "server.graph_refresh=1", "lora.ranks=[2, 4, 2, 4]"],
 }
 
 
@@ -219,3 +220,23 @@ def test_mixed_rank_adapters_reload_with_peft_to_the_recorded_eval_loss(runs):
         encoded = [learner.encode(tokenizer, e, cfg.model.max_length) for e in data.eval]
         loss = learner.eval_loss(model, encoded, cfg.train.eval_batch_size, tokenizer.pad_token_id)
         assert loss == pytest.approx(recorded[client], abs=1e-5)
+
+
+def test_cluster_graph_from_fingerprints_is_written_with_k_and_ari(runs):
+    from mira.graph import adjusted_rand_index, cluster_graph
+
+    _cfg, folder = runs["mira-clusters"]
+    graph = json.loads((folder / "graph.json").read_text())
+    clusters = graph["clusters"]
+    assert graph["source"] == "clusters"
+    assert graph["k"] == len(set(clusters)) >= 2
+    assert graph["silhouette"] == graph["silhouette_by_k"][str(graph["k"])]
+    task_ids = [0 if t == "polarity" else 1 for t in graph["tasks"]]
+    assert graph["ari_vs_declared_tasks"] == pytest.approx(adjusted_rand_index(task_ids, clusters))
+    adjacency = np.array(graph["adjacency"])
+    if min(clusters.count(c) for c in set(clusters)) >= 2:
+        np.testing.assert_allclose(adjacency, cluster_graph(clusters))
+    assert adjacency.sum(axis=1).max() <= 1.0 + 1e-12
+    # graph_refresh = 1 with 2 rounds: fingerprints were taken again after round 1.
+    assert graph["built_after_round"] == 1
+    assert (folder / "graph.png").stat().st_size > 1000

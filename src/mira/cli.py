@@ -7,16 +7,40 @@ import sys
 import time
 from pathlib import Path
 
-from mira.config import ConfigError, describe, load_config
+from mira.assets import AssetError
+from mira.compare import CompareError
+from mira.config import Config, ConfigError, describe, load_config
 from mira.data import DataError
+from mira.federation.strategy import FederationError
+from mira.model import ModelError
+from mira.report import ReportError
 
 
 def _run(args: argparse.Namespace) -> int:
     from mira.federation.simulation import run_simulation
     from mira.outputs import final_table
+    from mira.report import write_report
 
-    cfg = load_config(args.config, args.set)
-    out_dir = Path(args.out)
+    if args.resume:
+        if args.config:
+            raise ConfigError("give either a CONFIG or --resume DIR, not both")
+        out_dir = Path(args.resume)
+        allowed = ("federation.rounds=", "federation.workers=", "federation.timeout=")
+        for override in args.set:
+            if not override.startswith(allowed):
+                raise ConfigError(
+                    f"--set {override}: a resumed run keeps its config; only "
+                    "federation.rounds, federation.workers and federation.timeout may change"
+                )
+        cfg = load_config(out_dir / "config.toml", args.set)
+    else:
+        cfg = load_config(args.config, args.set)
+        out_dir = Path(args.out)
+        if (out_dir / "metrics.jsonl").exists():
+            raise ConfigError(
+                f"{out_dir} already holds a run; continue it with --resume {out_dir} "
+                "or choose another --out"
+            )
     started = time.monotonic()
     print(
         f"mira run: {cfg.num_clients} clients ({', '.join(t.name for t in cfg.tasks)}), "
@@ -24,10 +48,57 @@ def _run(args: argparse.Namespace) -> int:
         f"-> {out_dir}",
         flush=True,
     )
-    run_simulation(cfg, out_dir, verbose=args.verbose)
+    run_simulation(cfg, out_dir, verbose=args.verbose, resume=bool(args.resume))
     print()
     print(final_table(out_dir))
+    report = write_report(out_dir)
+    print(f"\nreport: {report} and {report.with_suffix('.html')}")
     print(f"\nfinished in {time.monotonic() - started:.0f}s; outputs in {out_dir}")
+    return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    import functools
+
+    from mira.compare import parse_methods, parse_seeds, run_comparison
+    from mira.federation.simulation import run_simulation
+    from mira.report import write_report
+
+    out = run_comparison(
+        args.config,
+        args.set,
+        parse_methods(args.methods),
+        parse_seeds(args.seeds),
+        Path(args.out),
+        runner=functools.partial(run_simulation, verbose=args.verbose),
+        resume=functools.partial(_resume_or_restart, verbose=args.verbose),
+    )
+    print((out / "comparison.md").read_text())
+    report = write_report(out)
+    print(f"report: {report} and {report.with_suffix('.html')}")
+    return 0
+
+
+def _resume_or_restart(cfg: Config, folder: Path, verbose: bool) -> None:
+    """Finish an interrupted comparison run: from its checkpoint, or from scratch if it
+    never completed a round."""
+    import shutil
+
+    from mira.federation.simulation import run_simulation
+    from mira.outputs import read_checkpoint
+
+    if read_checkpoint(folder) is None:
+        shutil.rmtree(folder)
+        run_simulation(cfg, folder, verbose=verbose)
+    else:
+        run_simulation(cfg, folder, verbose=verbose, resume=True)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from mira.report import write_report
+
+    path = write_report(Path(args.dir))
+    print(f"wrote {path} and {path.with_suffix('.html')}")
     return 0
 
 
@@ -82,8 +153,46 @@ def build_parser() -> argparse.ArgumentParser:
         help="override one config key (repeatable), e.g. --set server.method=fedit",
     )
     run.add_argument("--out", default="runs/latest", help="output directory (default: %(default)s)")
+    run.add_argument(
+        "--resume",
+        metavar="DIR",
+        help="continue the run in DIR after its last complete round (its own config)",
+    )
     run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     run.set_defaults(func=_run)
+
+    compare = sub.add_parser(
+        "compare", help="run several methods x seeds on the same clients and tabulate them"
+    )
+    compare.add_argument(
+        "config", nargs="?", default=None, help="TOML config (default: packaged quickstart)"
+    )
+    compare.add_argument(
+        "--methods",
+        default="mira,fedit,cluster-fedavg,cluster-merge,local",
+        help="comma-separated server rules (default: %(default)s)",
+    )
+    compare.add_argument(
+        "--seeds", default="0", help="federation seeds: '1,2,3' or '1-3' (default: %(default)s)"
+    )
+    compare.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config key for every run (repeatable)",
+    )
+    compare.add_argument(
+        "--out", default="runs/compare", help="comparison directory (default: %(default)s)"
+    )
+    compare.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    compare.set_defaults(func=_compare)
+
+    report = sub.add_parser(
+        "report", help="write report.md and report.html with plots for a run or a comparison"
+    )
+    report.add_argument("dir", help="a run directory or a comparison directory")
+    report.set_defaults(func=_report)
 
     config = sub.add_parser("config", help="print the config reference (key, default, help)")
     config.add_argument(
@@ -114,6 +223,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except DataError as err:
         print(f"mira: data error: {err}", file=sys.stderr)
+        return 1
+    except (CompareError, ReportError, FederationError, ModelError, AssetError) as err:
+        print(f"mira: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(

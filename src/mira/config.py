@@ -21,7 +21,11 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 METHODS = ("mira", "fedit", "cluster-fedavg", "cluster-merge", "local")
-GRAPH_SOURCES = ("tasks", "full")
+GRAPH_SOURCES = ("clusters", "tasks", "random", "full", "knn")
+FINGERPRINT_GRAPHS = ("clusters", "knn")
+CLUSTER_METHODS = ("kmeans", "agglomerative")
+EDGE_WEIGHTS = ("uniform", "rbf")
+FINGERPRINTS = ("gradient", "update")
 PULL_SPACES = ("auto", "factor", "product")
 TASK_KINDS = ("classification", "generation")
 QUICKSTART = "quickstart"
@@ -131,12 +135,63 @@ class ServerConfig:
         metadata=_help("MIRA server step gamma = eta * lambda; gamma * max degree must be < 1."),
     )
     graph: str = field(
-        default="tasks",
+        default="clusters",
         metadata=_help(
-            "Task graph: 'tasks' (clients of one declared task are neighbours, uniform weights), "
-            "'full' (every pair, uniform weights), or the path of a K x K matrix "
-            "(.json list of lists, .csv or .npy) in client order."
+            "Task graph: 'clusters' (clustering of client fingerprints), 'tasks' (declared task "
+            "labels, an oracle), 'random' (symmetric uniform weights above a threshold, the "
+            "MIRA paper's setting), 'full', 'knn' (nearest fingerprints), or the path of a "
+            "K x K matrix (.json, .csv or .npy) in client order. Every graph except a "
+            "matrix file is scaled to max degree 1."
         ),
+    )
+    cluster_method: str = field(
+        default="kmeans",
+        metadata=_help("Clustering of fingerprints.", choices=CLUSTER_METHODS),
+    )
+    num_clusters: int = field(
+        default=0,
+        metadata=_help("Clusters for server.graph = 'clusters'; 0 = chosen by silhouette."),
+    )
+    edge_weights: str = field(
+        default="uniform",
+        metadata=_help(
+            "Edge weights inside a cluster: uniform, or an RBF kernel of fingerprint distance "
+            "(median-heuristic bandwidth).",
+            choices=EDGE_WEIGHTS,
+        ),
+    )
+    knn: int = field(
+        default=1,
+        metadata=_help(
+            "'knn' graph: neighbours per client; 'clusters': a client left alone in its "
+            "cluster gets edges to this many nearest clients (0 = leave it alone)."
+        ),
+    )
+    random_threshold: float = field(
+        default=0.5,
+        metadata=_help("'random' graph: weights below this are dropped (in [0, 1))."),
+    )
+    graph_refresh: int = field(
+        default=0,
+        metadata=_help("Recompute fingerprints and the graph every N rounds; 0 = only once."),
+    )
+    fingerprint: str = field(
+        default="gradient",
+        metadata=_help(
+            "Client fingerprint: the gradient of a fixed probe LoRA on a few local batches, "
+            "or the probe's update after as many local steps.",
+            choices=FINGERPRINTS,
+        ),
+    )
+    fingerprint_dim: int = field(
+        default=256, metadata=_help("Size of the randomly projected fingerprint.")
+    )
+    fingerprint_batches: int = field(
+        default=4, metadata=_help("Local batches (or steps) a fingerprint is computed from.")
+    )
+    fingerprint_rank: int = field(
+        default=8,
+        metadata=_help("Rank of the probe LoRA: the same for every client, whatever its rank."),
     )
     pull_space: str = field(
         default="auto",
@@ -338,6 +393,21 @@ def _check_ranges(cfg: Config) -> None:
         raise ConfigError(f"federation.seed must be >= 0, got {cfg.federation.seed!r}")
     if cfg.server.step < 0:
         raise ConfigError(f"server.step must be >= 0, got {cfg.server.step!r}")
+    if cfg.server.num_clusters < 0:
+        raise ConfigError(f"server.num_clusters must be >= 0, got {cfg.server.num_clusters!r}")
+    if cfg.server.knn < 0:
+        raise ConfigError(f"server.knn must be >= 0, got {cfg.server.knn!r}")
+    if cfg.server.graph == "knn" and cfg.server.knn < 1:
+        raise ConfigError("server.graph = 'knn' needs server.knn >= 1")
+    if not 0.0 <= cfg.server.random_threshold < 1.0:
+        raise ConfigError(
+            f"server.random_threshold must be in [0, 1), got {cfg.server.random_threshold!r}"
+        )
+    if cfg.server.graph_refresh < 0:
+        raise ConfigError(f"server.graph_refresh must be >= 0, got {cfg.server.graph_refresh!r}")
+    positive("server.fingerprint_dim", cfg.server.fingerprint_dim)
+    positive("server.fingerprint_batches", cfg.server.fingerprint_batches)
+    positive("server.fingerprint_rank", cfg.server.fingerprint_rank)
     if cfg.server.graph not in GRAPH_SOURCES and not cfg.server.graph.endswith(
         (".json", ".csv", ".npy")
     ):

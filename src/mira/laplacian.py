@@ -32,6 +32,7 @@ functions are pure: arrays in, arrays out; nothing here reads files, configs or 
 from __future__ import annotations
 
 from collections.abc import Hashable, Mapping, Sequence
+from typing import cast
 
 import numpy as np
 
@@ -393,10 +394,10 @@ def product_mix_module(
     scale = _check_scales(scales, num_clients)
     new_a: list[np.ndarray] = list(a_factors)
     new_b: list[np.ndarray] = list(b_factors)
-    # float64 copies (A and B^T, so both stacks are row blocks), made once per client and only
-    # for clients that some computed row reads.
-    a64: dict[int, np.ndarray] = {}
-    bt64: dict[int, np.ndarray] = {}
+    # Row-contiguous views of the factors (A and B^T, so both stacks are row blocks), kept in
+    # the input dtype: the float64 stacks are built per row, reading half the bytes for float32.
+    a_rows: dict[int, np.ndarray] = {}
+    bt_rows: dict[int, np.ndarray] = {}
     for support, members in _distinct_rows(mixing):
         todo = []
         for k in members:
@@ -407,12 +408,12 @@ def product_mix_module(
         if not todo:
             continue
         for j in support:
-            if j not in a64:
-                a64[j] = np.asarray(a_factors[j], dtype=np.float64)
-                bt64[j] = np.asarray(b_factors[j].T, dtype=np.float64, order="C")
+            if j not in a_rows:
+                a_rows[j] = np.ascontiguousarray(a_factors[j])
+                bt_rows[j] = np.ascontiguousarray(b_factors[j].T)
         coefs = mixing[todo[0], support] * scale[support]
         left_t, sigma, right = _stacked_truncated_svd(
-            [a64[j] for j in support], [bt64[j] for j in support], coefs, max(ranks[todo])
+            [a_rows[j] for j in support], [bt_rows[j] for j in support], coefs, max(ranks[todo])
         )
         for k in todo:
             new_a[k], new_b[k] = _split_factors(
@@ -433,21 +434,11 @@ def _stacked_truncated_svd(
     sigma [q], V^T [q, in]) with q <= rank, sigma > 0 descending, and U diag(sigma) V^T the best
     rank-q approximation of T; components with (numerically) zero singular value are dropped.
     """
-    bt_stack = np.concatenate(bt_blocks)  # R x out: Bs^T, unscaled
-    a_stack = np.concatenate(a_blocks)  # R x in: As
+    bt_stack = np.concatenate(bt_blocks, dtype=np.float64)  # R x out: Bs^T, unscaled
+    a_stack = np.concatenate(a_blocks, dtype=np.float64)  # R x in: As
     row_coefs = np.repeat(coefs, [block.shape[0] for block in bt_blocks])
     r_total = row_coefs.size
-    # Bs = Qb @ Rb. Fast path: Rb = L^T from the Cholesky factor L of the Gram matrix Bs^T Bs,
-    # computed without scaling the stack; Qb = Bs Rb^-1 is never formed.
-    gram_b = (bt_stack @ bt_stack.T) * np.outer(row_coefs, row_coefs)
-    lower = _well_conditioned_cholesky(gram_b)
-    if lower is not None:
-        r_factor = lower.T
-        q_basis = None
-    else:
-        # Nearly dependent (or more than out) columns: Householder QR of the stack, which stays
-        # backward stable where the Gram matrix has lost the small singular values.
-        q_basis, r_factor = np.linalg.qr(bt_stack.T * row_coefs)
+    r_factor = _triangular_factor(bt_stack, row_coefs)  # Bs = Qb @ Rb
     # T = Qb (Rb As): the left singular vectors of T are Qb z for the eigenvectors z of
     # (Rb As)(Rb As)^T = Rb (As As^T) Rb^T, a p x p matrix (p <= R); eigh reads one triangle.
     core = r_factor @ (a_stack @ a_stack.T) @ r_factor.T
@@ -459,29 +450,31 @@ def _stacked_truncated_svd(
     keep = eigenvalues > top * r_total * _EPS
     if top <= 0 or not np.any(keep):
         return np.zeros((0, bt_stack.shape[1])), np.zeros(0), np.zeros((0, a_stack.shape[1]))
-    eigenvalues, eigenvectors = eigenvalues[keep], eigenvectors[:, keep]
-    sigma = np.sqrt(eigenvalues)
-    if q_basis is None:
-        weights = np.linalg.solve(r_factor, eigenvectors) * row_coefs[:, None]
-        left_t = weights.T @ bt_stack
-    else:
-        left_t = eigenvectors.T @ q_basis.T
-    right = ((eigenvectors.T @ r_factor) @ a_stack) / sigma[:, None]
+    sigma = np.sqrt(eigenvalues[keep])
+    # v_i^T = z_i^T Rb As / sigma_i, then u_i = T v_i / sigma_i = Bs (As v_i) / sigma_i.
+    right = ((eigenvectors[:, keep].T @ r_factor) @ a_stack) / sigma[:, None]
+    left_t = (((right @ a_stack.T) * row_coefs) @ bt_stack) / sigma[:, None]
     return left_t, sigma, right
 
 
-def _well_conditioned_cholesky(gram: np.ndarray) -> np.ndarray | None:
-    """Lower Cholesky factor of a Gram matrix, or None when it is (nearly) singular.
+def _triangular_factor(bt_stack: np.ndarray, row_coefs: np.ndarray) -> np.ndarray:
+    """Rb of the reduced QR Bs = Qb Rb, for Bs = (bt_stack * row_coefs[:, None])^T.
 
-    The pivot ratio bounds the conditioning of the stacked factors; past it, forming the Gram
-    matrix has squared away too much precision and the caller falls back to QR.
+    Fast path: Rb = L^T with L the Cholesky factor of the Gram matrix Bs^T Bs, formed without
+    scaling the stack. When the pivots show the columns are nearly dependent (the Gram matrix
+    has squared away their small singular values), or there are more columns than rows,
+    Householder QR of the stack, which stays backward stable.
     """
+    gram = (bt_stack @ bt_stack.T) * np.outer(row_coefs, row_coefs)
     try:
         lower = np.linalg.cholesky(gram)
+        pivots = np.diag(lower)
+        if pivots.min() > _CHOLESKY_MIN_PIVOT_RATIO * pivots.max():
+            return lower.T
     except np.linalg.LinAlgError:
-        return None
-    pivots = np.diag(lower)
-    return lower if pivots.min() > _CHOLESKY_MIN_PIVOT_RATIO * pivots.max() else None
+        pass
+    # mode="r" returns the triangular factor alone (numpy's stubs type every mode as QRResult).
+    return cast(np.ndarray, np.linalg.qr(bt_stack.T * row_coefs, mode="r"))
 
 
 def _split_factors(

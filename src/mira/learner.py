@@ -226,3 +226,58 @@ def task_metrics(
     )
     references = [e.target.strip() for e in examples]
     return metrics.score_texts(task.metrics, predictions, references)
+
+
+def fingerprint_signal(
+    model: Any,
+    probe_parameters: dict[str, torch.nn.Parameter],
+    encoded: Sequence[Encoded],
+    cfg: Config,
+    pad_id: int,
+    seed: int,
+) -> dict[str, np.ndarray]:
+    """What a client's fingerprint is made of, before the random projection.
+
+    ``server.fingerprint = "gradient"``: the probe LoRA's B-factor gradient of the mean
+    target loss over ``server.fingerprint_batches`` local batches (at B = 0 the A gradient
+    is zero). ``"update"``: the probe's change (A and B) after as many AdamW steps from its
+    init. The probe has the same rank and init on every client, so the vectors are
+    comparable whatever rank a client trains. The probe is reset afterwards.
+    """
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(encoded)).tolist()
+    size = cfg.train.batch_size
+    batches = [
+        [encoded[order[(i * size + j) % len(order)]] for j in range(size)]
+        for i in range(cfg.server.fingerprint_batches)
+    ]
+    start = {k: p.detach().clone() for k, p in probe_parameters.items()}
+    params = list(probe_parameters.values())
+    if cfg.server.fingerprint == "gradient":
+        model.eval()
+        for p in params:
+            p.grad = None
+        for batch in batches:
+            nll, count = target_nll(model, collate(batch, pad_id))
+            (nll / max(count, 1) / len(batches)).backward()
+        signal = {
+            k: p.grad.detach().numpy().copy()
+            for k, p in probe_parameters.items()
+            if ".lora_B." in k and p.grad is not None
+        }
+    else:
+        torch.manual_seed(seed)
+        optimizer = torch.optim.AdamW(params, lr=cfg.train.learning_rate)
+        model.train()
+        for batch in batches:
+            nll, count = target_nll(model, collate(batch, pad_id))
+            optimizer.zero_grad(set_to_none=True)
+            (nll / max(count, 1)).backward()
+            optimizer.step()
+        model.eval()
+        signal = {k: (p.detach() - start[k]).numpy().copy() for k, p in probe_parameters.items()}
+    with torch.no_grad():
+        for k, p in probe_parameters.items():
+            p.copy_(start[k])
+            p.grad = None
+    return signal

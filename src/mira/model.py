@@ -210,14 +210,12 @@ def peft_lora_config(lora: LoraConfig, rank: int, base_source: str = "") -> Any:
     )
 
 
-def adapter_name(lora: LoraConfig, rank: int) -> str:
-    """Name of the peft adapter for one LoRA layout; different layouts coexist on one model."""
-    digest = hashlib.sha1(
-        json.dumps(
-            [rank, lora.alpha, lora.dropout, lora.rslora, sorted(lora.target_modules)]
-        ).encode()
-    ).hexdigest()[:8]
-    return f"mira_r{rank}_{digest}"
+def adapter_name(lora: LoraConfig, rank: int, purpose: str = "mira") -> str:
+    """Name of the peft adapter for one LoRA layout and purpose ('mira' for the client's own
+    adapter, 'probe' for the fingerprint probe); different layouts coexist on one model."""
+    layout = [rank, lora.alpha, lora.dropout, lora.rslora, sorted(lora.target_modules)]
+    digest = hashlib.sha1(json.dumps(layout).encode()).hexdigest()[:8]
+    return f"{purpose}_r{rank}_{digest}"
 
 
 class LoraModel:
@@ -235,11 +233,11 @@ class LoraModel:
     def tokenizer(self) -> Any:
         return self.base.tokenizer
 
-    def activate(self, lora: LoraConfig, rank: int) -> str:
-        """Make the adapter for (``lora``, ``rank``) the active one; return its name."""
+    def activate(self, lora: LoraConfig, rank: int, purpose: str = "mira") -> str:
+        """Activate the adapter for (``lora``, ``rank``, ``purpose``); return its name."""
         from peft import get_peft_model
 
-        name = adapter_name(lora, rank)
+        name = adapter_name(lora, rank, purpose)
         if self.peft is None:
             config = peft_lora_config(lora, rank, self.base.source)
             self.peft = get_peft_model(self.base.model, config, adapter_name=name)
@@ -281,7 +279,11 @@ class LoraModel:
         state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in adapter.items()}
         set_peft_model_state_dict(self.peft, state, adapter_name=name)
 
-    def shared_init(self, lora: LoraConfig, rank: int, seed: int) -> Adapter:
+    def activate_together(self, names: list[str]) -> None:
+        """Make several adapters active at once (their updates add up in every layer)."""
+        self.peft.base_model.set_adapter(names)
+
+    def shared_init(self, lora: LoraConfig, rank: int, seed: int, purpose: str = "mira") -> Adapter:
         """The LoRA initialisation every client of this layout starts from.
 
         A is Kaiming-uniform (peft's default bound, 1/sqrt(in)) drawn from a generator
@@ -289,7 +291,7 @@ class LoraModel:
         result does not depend on which process builds it or what it did before (DESIGN:
         all clients start from one shared initialisation).
         """
-        name = self.activate(lora, rank)
+        name = self.activate(lora, rank, purpose)
         generator = torch.Generator().manual_seed(seed * 1000 + rank)
         init: Adapter = {}
         for key, value in sorted(self.get_adapter(name).items()):

@@ -6,6 +6,7 @@ Layout of ``DIR``::
     metrics.jsonl       one object per client per round (``"kind": "client"``) and one
                         aggregate per round (``"kind": "round"``)
     graph.json          client ids, tasks, clusters and the adjacency the server used
+    graph.png           heatmap of the adjacency, clients ordered by cluster
     adapters/<client>/  that client's personalised PEFT adapter (rewritten every round)
 
 Every file is written to a temporary name and renamed, and metrics are appended and
@@ -18,6 +19,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ import tomli_w
 
 from mira import metrics
 from mira.config import Config
+from mira.graph import plot_adjacency
 from mira.metrics import HIGHER_IS_BETTER
 from mira.model import Adapter, save_adapter_dir
 
@@ -104,6 +107,7 @@ class RunWriter:
             **(extra or {}),
         }
         write_atomic(self.out / "graph.json", json.dumps(graph, indent=1))
+        plot_adjacency(adjacency, list(client_ids), list(clusters), self.out / "graph.png")
 
     def append_round(
         self, seconds: float, server_round: int, rows: list[dict[str, Any]]
@@ -134,6 +138,101 @@ class RunWriter:
         path = self.adapter_dir(client_id)
         save_adapter_dir(path, adapter, self.cfg.lora, rank, base_source)
         return path
+
+
+@dataclass
+class Checkpoint:
+    """Server state after a complete round: enough to continue as if never stopped.
+
+    Sampling and local training draw their randomness from (federation.seed, round,
+    client) alone, so the round number is the whole random state.
+    """
+
+    round: int
+    client_ids: list[str]
+    ranks: list[int]
+    adapters: list[Adapter]
+    adjacency: np.ndarray
+    clusters: list[int]
+    graph_source: str
+    graph_info: dict[str, Any]
+
+
+def write_checkpoint(out_dir: Path, checkpoint: Checkpoint) -> None:
+    """Write the checkpoint of a complete round, crash-safely.
+
+    The adapters go to ``checkpoint/adapters-r<round>.safetensors`` (temporary name, fsync,
+    rename), then ``checkpoint/state.json`` naming that file is replaced the same way: the
+    state file is the commit point, so a crash at any moment leaves the previous complete
+    checkpoint readable. Older adapter files are removed afterwards.
+    """
+    from safetensors.numpy import save_file
+
+    folder = Path(out_dir) / "checkpoint"
+    folder.mkdir(parents=True, exist_ok=True)
+    name = f"adapters-r{checkpoint.round}.safetensors"
+    tensors = {
+        f"{client}/{key}": np.ascontiguousarray(value)
+        for client, adapter in zip(checkpoint.client_ids, checkpoint.adapters, strict=True)
+        for key, value in adapter.items()
+    }
+    tmp = folder / (name + ".partial")
+    save_file(tensors, str(tmp))
+    with tmp.open("rb") as handle:
+        os.fsync(handle.fileno())
+    os.replace(tmp, folder / name)
+    state = {
+        "round": checkpoint.round,
+        "clients": checkpoint.client_ids,
+        "ranks": checkpoint.ranks,
+        "adapters_file": name,
+        "adjacency": checkpoint.adjacency.tolist(),
+        "clusters": checkpoint.clusters,
+        "graph_source": checkpoint.graph_source,
+        "graph_info": checkpoint.graph_info,
+        "random_state": "stateless: numpy default_rng([seed, round]) for sampling, "
+        "SeedSequence([seed, client, round]) for local training",
+    }
+    write_atomic(folder / "state.json", json.dumps(state))
+    for old in folder.glob("adapters-r*.safetensors"):
+        if old.name != name:
+            old.unlink()
+
+
+def read_checkpoint(out_dir: Path) -> Checkpoint | None:
+    """The last complete round's checkpoint in ``out_dir``, or None if there is none."""
+    from safetensors.numpy import load_file
+
+    state_path = Path(out_dir) / "checkpoint" / "state.json"
+    if not state_path.is_file():
+        return None
+    state = json.loads(state_path.read_text())
+    tensors = load_file(str(state_path.parent / state["adapters_file"]))
+    adapters: list[Adapter] = [{} for _ in state["clients"]]
+    index = {client: i for i, client in enumerate(state["clients"])}
+    for name, value in tensors.items():
+        client, key = name.split("/", 1)
+        adapters[index[client]][key] = value
+    return Checkpoint(
+        round=int(state["round"]),
+        client_ids=list(state["clients"]),
+        ranks=[int(r) for r in state["ranks"]],
+        adapters=adapters,
+        adjacency=np.array(state["adjacency"], dtype=np.float64),
+        clusters=[int(c) for c in state["clusters"]],
+        graph_source=str(state["graph_source"]),
+        graph_info=dict(state["graph_info"]),
+    )
+
+
+def truncate_metrics(out_dir: Path, last_round: int) -> None:
+    """Drop metric rows of rounds after ``last_round`` (written before a crash, but not
+    covered by the checkpoint), so a resumed run appends each round exactly once."""
+    path = Path(out_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return
+    keep = [row for row in read_metrics(out_dir) if row["round"] <= last_round]
+    write_atomic(path, "".join(json.dumps(row) + "\n" for row in keep))
 
 
 def read_metrics(out_dir: Path) -> list[dict[str, Any]]:

@@ -14,6 +14,7 @@ The base model is loaded once per process and reused; data splits are cached per
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import resource
 from functools import lru_cache
@@ -24,7 +25,7 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from mira import learner
+from mira import fingerprint, learner
 from mira.config import Config, config_from_dict
 from mira.data import ClientData, load_client_data
 from mira.model import Adapter, LoraModel, lora_model
@@ -97,21 +98,58 @@ def _identity(cfg: Config, partition: int) -> ConfigRecord:
     )
 
 
+def client_fingerprint(
+    cfg: Config, partition: int, model: LoraModel, encoded_train: Any, own: str | None
+) -> np.ndarray:
+    """This client's task fingerprint: a probe-LoRA signal on a few local batches, randomly
+    projected to ``server.fingerprint_dim`` with the seed every client shares, unit norm.
+
+    ``own`` names the client's current adapter to keep active (a refresh measures the
+    client's personalised model); None measures the base model.
+    """
+    probe_lora = dataclasses.replace(cfg.lora, dropout=0.0)
+    rank = cfg.server.fingerprint_rank
+    model.shared_init(probe_lora, rank, cfg.federation.seed, purpose="probe")
+    probe = model.activate(probe_lora, rank, purpose="probe")
+    if own is not None:
+        model.activate_together([own, probe])
+    parameters = {n: p for n, p in model.peft.named_parameters() if f".{probe}." in n}
+    signal = learner.fingerprint_signal(
+        model.peft,
+        parameters,
+        encoded_train,
+        cfg,
+        pad_id=model.tokenizer.pad_token_id,
+        seed=training_seed(cfg.federation.seed, partition, 0),
+    )
+    for parameter in model.peft.parameters():
+        parameter.grad = None
+    return fingerprint.project(signal, cfg.server.fingerprint_dim, seed=cfg.federation.seed)
+
+
 @app.query()
 def query(msg: Message, context: Context) -> Message:
-    config_json = str(msg.content.config_records["config"][CONFIG_KEY])
+    """Identify this client; on request, also send its fingerprint."""
+    settings = msg.content.config_records["config"]
+    config_json = str(settings[CONFIG_KEY])
     cfg = _config(config_json)
     partition = _partition(context, cfg)
-    data, _, _ = _client_data(config_json, partition)
+    data, encoded_train, _ = _client_data(config_json, partition)
     rank = client_rank(cfg, partition)
-    init = _lora_model(cfg).shared_init(cfg.lora, rank, cfg.federation.seed)
-    identity = _identity(cfg, partition)
-    identity["num_train"] = len(data.train)
-    identity["num_eval"] = len(data.eval)
-    return Message(
-        RecordDict({"identity": identity, "init": to_record(init)}),
-        reply_to=msg,
-    )
+    model = _lora_model(cfg)
+    content = RecordDict({"identity": _identity(cfg, partition)})
+    content.config_records["identity"]["num_train"] = len(data.train)
+    content.config_records["identity"]["num_eval"] = len(data.eval)
+    own = None
+    if "adapter" in msg.content.array_records:
+        _, _, model, own = _prepare(msg, context)
+    else:
+        init = model.shared_init(cfg.lora, rank, cfg.federation.seed)
+        content.array_records["init"] = to_record(init)
+    if bool(settings.get("fingerprint", False)):
+        vector = client_fingerprint(cfg, partition, model, encoded_train, own)
+        content.array_records["fingerprint"] = ArrayRecord([vector.astype(np.float64)])
+    return Message(content, reply_to=msg)
 
 
 def _prepare(msg: Message, context: Context) -> tuple[Config, int, LoraModel, str]:

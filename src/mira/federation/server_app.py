@@ -29,11 +29,16 @@ def main(grid: Grid, context: Context) -> None:
     source = str(run_config.get("config", "")) or None
     cfg = load_config(source, split_overrides(str(run_config.get("overrides", ""))))
     out_dir = Path(str(run_config.get("out", "runs/flwr")))
-    run_federation(grid, cfg, out_dir, prepare_model(cfg.model))
+    resume = bool(run_config.get("resume", False))
+    run_federation(grid, cfg, out_dir, prepare_model(cfg.model), resume=resume)
 
 
 def make_server_app(
-    cfg: Config, out_dir: Path, base_source: str, errors: list[BaseException]
+    cfg: Config,
+    out_dir: Path,
+    base_source: str,
+    errors: list[BaseException],
+    resume: bool = False,
 ) -> ServerApp:
     """A ServerApp bound to an already validated config; failures are kept in ``errors``
     so the caller can report them after the Simulation Engine has shut down."""
@@ -43,7 +48,7 @@ def make_server_app(
     def _main(grid: Grid, context: Context) -> None:
         del context
         try:
-            run_federation(grid, cfg, out_dir, base_source)
+            run_federation(grid, cfg, out_dir, base_source, resume=resume)
         except BaseException as err:
             errors.append(err)
             raise

@@ -11,9 +11,10 @@ from mira.config import Config, ConfigError
 from mira.data import load_client_data
 from mira.federation.client_app import app as client_app
 from mira.federation.server_app import make_server_app
-from mira.federation.strategy import FederationError, build_graph
+from mira.federation.strategy import FederationError
 from mira.model import prepare_model
 from mira.ranks import client_rank
+from mira.task_graph import static_graph
 
 
 def preflight(cfg: Config) -> str:
@@ -22,7 +23,7 @@ def preflight(cfg: Config) -> str:
     Returns the local source of the base model (converted and cached once, here, so the
     workers only load it).
     """
-    build_graph(cfg)
+    static_graph(cfg)
     base_source = prepare_model(cfg.model)
     try:
         ranks = [client_rank(cfg, partition) for partition in range(cfg.num_clients)]
@@ -59,7 +60,7 @@ def quiet_libraries() -> None:
     flwr_logger.addFilter(_DropDeprecationNotice())
 
 
-def run_simulation(cfg: Config, out_dir: Path, verbose: bool = False) -> None:
+def run_simulation(cfg: Config, out_dir: Path, verbose: bool = False, resume: bool = False) -> None:
     """Start the Simulation Engine with one virtual SuperNode per client and run ``cfg``."""
     from flwr.simulation import run_simulation as flower_run_simulation
 
@@ -78,7 +79,7 @@ def run_simulation(cfg: Config, out_dir: Path, verbose: bool = False) -> None:
     }
     errors: list[BaseException] = []
     flower_run_simulation(
-        server_app=make_server_app(cfg, out_dir, base_source, errors),
+        server_app=make_server_app(cfg, out_dir, base_source, errors, resume=resume),
         client_app=client_app,
         num_supernodes=cfg.num_clients,
         backend_config=backend_config,  # type: ignore[arg-type]

@@ -33,43 +33,23 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricReco
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Result, Strategy
 
-from mira import graph, rules
+from mira import rules
 from mira.config import Config, ConfigError
 from mira.federation.client_app import CONFIG_KEY, from_record, to_record
 from mira.metrics import HIGHER_IS_BETTER as TASK_METRICS
 from mira.model import Adapter, lora_scale
-from mira.outputs import RunWriter
+from mira.outputs import (
+    Checkpoint,
+    RunWriter,
+    read_checkpoint,
+    truncate_metrics,
+    write_checkpoint,
+)
+from mira.task_graph import TaskGraph, fingerprint_graph, needs_fingerprints, static_graph
 
 
 class FederationError(RuntimeError):
     """A client failed, sent something unusable, or did not answer in time."""
-
-
-def build_graph(cfg: Config) -> tuple[np.ndarray, str]:
-    """The task graph the config asks for, validated against ``server.step``.
-
-    Raises ConfigError before any training when step * max degree >= 1 under ``mira``.
-    """
-    tasks = cfg.client_tasks
-    if cfg.server.graph == "tasks":
-        adjacency, source = graph.task_graph(tasks), "tasks"
-    elif cfg.server.graph == "full":
-        adjacency, source = graph.full_graph(len(tasks)), "full"
-    else:
-        try:
-            adjacency = graph.load_matrix(cfg.server.graph, len(tasks))
-        except ValueError as err:
-            raise ConfigError(f"server.graph: {err}") from err
-        source = f"file:{cfg.server.graph}"
-    if cfg.server.method == "mira":
-        degree = float(adjacency.sum(axis=1).max()) if len(tasks) else 0.0
-        if cfg.server.step * degree >= 1.0:
-            raise ConfigError(
-                f"server.step = {cfg.server.step} is too large for this graph: step * max "
-                f"degree = {cfg.server.step * degree:.3g} >= 1 (the self-weight would not be "
-                f"in (0, 1]); use server.step < {1.0 / degree:.4g}"
-            )
-    return adjacency, source
 
 
 def sample_clients(num_clients: int, fraction: float, seed: int, server_round: int) -> list[int]:
@@ -104,13 +84,14 @@ class MiraStrategy(Strategy):
         writer: RunWriter,
         base_source: str,
         log: Callable[[str], None] = print,
+        resume_from: Checkpoint | None = None,
     ):
         self.cfg = cfg
         self.writer = writer
         self.base_source = base_source
         self.log = log
-        self.adjacency, self.graph_source = build_graph(cfg)
-        self.clusters = rules.connected_components(self.adjacency)
+        self.resume_from = resume_from
+        self.graph = static_graph(cfg)
         self.clients: list[ClientState] = []
         self._rows: dict[int, dict[str, Any]] = {}
 
@@ -176,6 +157,56 @@ class MiraStrategy(Strategy):
         raise FederationError(f"reply from unknown client {client_id!r}")
 
     # ------------------------------------------------------------------ set-up
+    @property
+    def task_graph(self) -> TaskGraph:
+        if self.graph is None:
+            raise FederationError("the task graph is built after the clients' fingerprints")
+        return self.graph
+
+    def _write_graph(self, server_round: int) -> None:
+        graph = self.task_graph
+        self.writer.write_graph(
+            [c.client_id for c in self.clients],
+            [c.task for c in self.clients],
+            graph.clusters,
+            graph.adjacency,
+            graph.source,
+            {**graph.info, "built_after_round": server_round},
+        )
+
+    def _fingerprint_graph(self, replies: list[Message], server_round: int) -> None:
+        """Rebuild the graph from the fingerprints in ``replies`` (one per client)."""
+        vectors: dict[int, np.ndarray] = {}
+        for reply in replies:
+            record = reply.content.array_records["fingerprint"]
+            vectors[self._client_of(reply)] = record.to_numpy_ndarrays()[0]
+        missing = [c.client_id for i, c in enumerate(self.clients) if i not in vectors]
+        if missing:
+            raise FederationError(f"no fingerprint from {', '.join(missing)}")
+        fingerprints = np.stack([vectors[i] for i in range(len(self.clients))])
+        try:
+            self.graph = fingerprint_graph(self.cfg, fingerprints)
+        except ValueError as err:
+            raise FederationError(f"task graph from fingerprints failed: {err}") from err
+        info = self.graph.info
+        self.log(
+            f"task graph from fingerprints after round {server_round}: "
+            f"clusters {self.graph.clusters}"
+            + (f", k={info['k']} (silhouette {info['silhouette']:.3f})" if "k" in info else "")
+            + f", ARI vs declared tasks {info['ari_vs_declared_tasks']:.3f}"
+        )
+
+    def refresh_graph(self, grid: Grid, server_round: int) -> None:
+        """Ask every client for a fresh fingerprint of its current adapter; rebuild the graph."""
+        messages = []
+        for client in self.clients:
+            message = self._message(MessageType.QUERY, server_round, client)
+            message.content.config_records["config"]["fingerprint"] = True
+            messages.append(message)
+        replies = self._exchange(grid, messages, f"round {server_round} fingerprints")
+        self._fingerprint_graph(replies, server_round)
+        self._write_graph(server_round)
+
     def discover(self, grid: Grid) -> None:
         """Ask every node who it is; clients report their own ids (node ids are not stable)."""
         expected = self.cfg.num_clients
@@ -187,15 +218,16 @@ class MiraStrategy(Strategy):
             self.log(f"waiting for clients: {len(node_ids)}/{expected} connected")
             time.sleep(2.0)
             node_ids = list(grid.get_node_ids())
+        config = self._config_record(0, None)
+        config["fingerprint"] = needs_fingerprints(self.cfg) and self.resume_from is None
         messages = [
             Message(
-                RecordDict({"config": self._config_record(0, None)}),
-                dst_node_id=node,
-                message_type=MessageType.QUERY,
+                RecordDict({"config": config}), dst_node_id=node, message_type=MessageType.QUERY
             )
             for node in node_ids
         ]
-        replies = self._exchange(grid, messages, "identify")
+        what = "identify + fingerprint" if config["fingerprint"] else "identify"
+        replies = self._exchange(grid, messages, what)
         found: dict[str, ClientState] = {}
         for reply in replies:
             identity = reply.content.config_records["identity"]
@@ -217,6 +249,8 @@ class MiraStrategy(Strategy):
             raise FederationError(f"no node answered as client(s) {', '.join(missing)}")
         self.clients = [found[c] for c in self.cfg.client_ids]
         self._check_shared_init()
+        if needs_fingerprints(self.cfg) and self.resume_from is None:
+            self._fingerprint_graph(replies, 0)
         try:
             rules.resolve_pull_space(self.cfg.server.pull_space, [c.rank for c in self.clients])
         except ValueError as err:
@@ -266,9 +300,9 @@ class MiraStrategy(Strategy):
             updated = rules.apply_rule(
                 self.cfg.server.method,
                 snapshot,
-                adjacency=self.adjacency,
+                adjacency=self.task_graph.adjacency,
                 step=self.cfg.server.step,
-                clusters=self.clusters,
+                clusters=self.task_graph.clusters,
                 weights=[c.num_train for c in self.clients],
                 active=active,
                 ranks=[c.rank for c in self.clients],
@@ -327,7 +361,7 @@ class MiraStrategy(Strategy):
     def summary(self) -> None:
         self.log(
             f"MiraStrategy: method={self.cfg.server.method} step={self.cfg.server.step} "
-            f"graph={self.graph_source} clients={self.cfg.num_clients} "
+            f"graph={self.cfg.server.graph} clients={self.cfg.num_clients} "
             f"rounds={self.cfg.federation.rounds} fraction={self.cfg.federation.fraction}"
         )
 
@@ -347,17 +381,23 @@ class MiraStrategy(Strategy):
         self.summary()
         self.writer.write_config()
         self.discover(grid)
-        self.writer.write_graph(
-            [c.client_id for c in self.clients],
-            [c.task for c in self.clients],
-            self.clusters,
-            self.adjacency,
-            self.graph_source,
-        )
+        first_round = 1
+        if self.resume_from is not None:
+            first_round = self._restore(self.resume_from)
+        else:
+            self._write_graph(0)
         result = Result()
-        for server_round in range(1, rounds + 1):
+        for server_round in range(first_round, rounds + 1):
             started = time.monotonic()
             self.log(f"[round {server_round}/{rounds}]")
+            refresh = self.cfg.server.graph_refresh
+            if (
+                needs_fingerprints(self.cfg)
+                and refresh
+                and server_round > 1
+                and (server_round - 1) % refresh == 0
+            ):
+                self.refresh_graph(grid, server_round - 1)
             self._rows = {
                 i: {
                     "round": server_round,
@@ -400,6 +440,7 @@ class MiraStrategy(Strategy):
                 server_round,
                 [self._rows[i] for i in sorted(self._rows)],
             )
+            self._checkpoint(server_round)
             if train_metrics is not None:
                 result.train_metrics_clientapp[server_round] = train_metrics
             if eval_metrics is not None:
@@ -412,6 +453,49 @@ class MiraStrategy(Strategy):
             )
         return result
 
+    def _checkpoint(self, server_round: int) -> None:
+        graph = self.task_graph
+        write_checkpoint(
+            self.writer.out,
+            Checkpoint(
+                round=server_round,
+                client_ids=[c.client_id for c in self.clients],
+                ranks=[c.rank for c in self.clients],
+                adapters=[c.adapter for c in self.clients],
+                adjacency=graph.adjacency,
+                clusters=graph.clusters,
+                graph_source=graph.source,
+                graph_info=graph.info,
+            ),
+        )
+
+    def _restore(self, checkpoint: Checkpoint) -> int:
+        """Put the checkpoint's adapters and graph in place; return the next round."""
+        ids = [c.client_id for c in self.clients]
+        ranks = [c.rank for c in self.clients]
+        if checkpoint.client_ids != ids or checkpoint.ranks != ranks:
+            raise FederationError(
+                f"the checkpoint holds clients {checkpoint.client_ids} with ranks "
+                f"{checkpoint.ranks}, but the connected clients are {ids} with ranks {ranks}"
+            )
+        for client, adapter in zip(self.clients, checkpoint.adapters, strict=True):
+            if {k: v.shape for k, v in adapter.items()} != {
+                k: v.shape for k, v in client.adapter.items()
+            }:
+                raise FederationError(
+                    f"the checkpointed adapter of {client.client_id} does not match its layout"
+                )
+            client.adapter = adapter
+        self.graph = TaskGraph(
+            checkpoint.adjacency,
+            checkpoint.clusters,
+            checkpoint.graph_source,
+            checkpoint.graph_info,
+        )
+        truncate_metrics(self.writer.out, checkpoint.round)
+        self.log(f"resuming after round {checkpoint.round} from {self.writer.out / 'checkpoint'}")
+        return checkpoint.round + 1
+
     def _index_of_node(self, node_id: int) -> int:
         for index, c in enumerate(self.clients):
             if c.node_id == node_id:
@@ -423,10 +507,18 @@ def _sources(replies: Sequence[Message]) -> set[int]:
     return {r.metadata.src_node_id for r in replies}
 
 
-def run_federation(grid: Grid, cfg: Config, out_dir: Path, base_source: str) -> Result:
-    """The ServerApp body shared by ``mira run`` and ``flwr run``."""
-    strategy = MiraStrategy(cfg, RunWriter(out_dir, cfg), base_source)
+def run_federation(
+    grid: Grid, cfg: Config, out_dir: Path, base_source: str, resume: bool = False
+) -> Result:
+    """The ServerApp body shared by ``mira run`` and ``flwr run``.
+
+    With ``resume`` the run continues after the last checkpointed round in ``out_dir``.
+    """
+    checkpoint = read_checkpoint(out_dir) if resume else None
+    if resume and checkpoint is None:
+        raise FederationError(f"{out_dir} has no checkpoint to resume from")
+    strategy = MiraStrategy(cfg, RunWriter(out_dir, cfg), base_source, resume_from=checkpoint)
     return strategy.start(grid)
 
 
-__all__ = ["FederationError", "MiraStrategy", "build_graph", "run_federation"]
+__all__ = ["FederationError", "MiraStrategy", "run_federation"]

@@ -1,0 +1,300 @@
+"""Training-memory estimate of one LoRA client, and the rank a memory budget allows.
+
+Clients differ (heterogeneous LoRA ranks, DESIGN "Two spaces for the pull"): a phone trains
+rank 4, a workstation rank 16. :func:`choose_rank` picks, for a client's memory budget, the
+largest rank of a configured set whose :func:`estimate_training_memory` fits.
+
+The estimate is derived from what the training step of :mod:`mira.learner` keeps alive at its
+peak, for a Llama-architecture causal LM (SmolLM2, Llama, Mistral-like) with frozen base
+weights, LoRA (dropout 0) on some of the seven projections, and transformers' default CPU
+attention (``sdpa``). docs/memory.md derives each term, and benchmarks/memory.py checks the
+total against the measured peak resident memory of SmolLM2-135M.
+
+Pure numbers in, numbers out: nothing here imports torch or reads a file.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+MiB = 2**20
+FLOAT32 = 4
+ATTENTION_IMPLEMENTATIONS = ("sdpa", "eager")
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+TARGET_MODULES = ATTENTION_MODULES + MLP_MODULES
+
+# Process memory the tensor accounting does not see, in MiB: the tokenizer, the model's Python
+# objects and the shared-library pages first touched by the first training step. Measured
+# once on SmolLM2-135M (resident memory after training minus the runtime after imports minus
+# the weights; benchmarks/memory.py reports it per run); the one calibrated constant here.
+FRAMEWORK_OVERHEAD_MB = 70.0
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The dimensions of a Llama-architecture causal LM that training memory depends on."""
+
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    vocab_size: int
+    tie_word_embeddings: bool
+    num_parameters: int  # all base parameters, a tied embedding counted once
+    head_dim: int = 0  # 0: hidden_size // num_attention_heads
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf_config(cls, config: Any) -> ModelShape:
+        """Read a transformers ``LlamaConfig`` (or any config with the same field names).
+
+        The parameter count is the Llama one: embedding, an untied output head, per layer
+        the four attention projections, the three MLP projections and two RMSNorm weights
+        (plus biases where ``attention_bias`` / ``mlp_bias``), and the final norm.
+        """
+        h = config.hidden_size
+        heads = config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or h // heads
+        inter = config.intermediate_size
+        tied = bool(getattr(config, "tie_word_embeddings", False))
+        q, kv = heads * head_dim, kv_heads * head_dim
+        attention = h * q + 2 * h * kv + q * h
+        if getattr(config, "attention_bias", False):
+            attention += q + 2 * kv + h
+        mlp = 3 * h * inter
+        if getattr(config, "mlp_bias", False):
+            mlp += 2 * inter + h
+        layer = attention + mlp + 2 * h
+        embeddings = config.vocab_size * h * (1 if tied else 2)
+        return cls(
+            num_layers=config.num_hidden_layers,
+            hidden_size=h,
+            intermediate_size=inter,
+            num_attention_heads=heads,
+            num_key_value_heads=kv_heads,
+            vocab_size=config.vocab_size,
+            tie_word_embeddings=tied,
+            num_parameters=embeddings + config.num_hidden_layers * layer + h,
+            head_dim=head_dim,
+        )
+
+    def module_features(self, name: str) -> tuple[int, int]:
+        """(in_features, out_features) of a target module, by its name or dotted suffix."""
+        short = name.rsplit(".", 1)[-1]
+        h, inter = self.hidden_size, self.intermediate_size
+        q = self.num_attention_heads * self.head_size
+        kv = self.num_key_value_heads * self.head_size
+        features = {
+            "q_proj": (h, q),
+            "k_proj": (h, kv),
+            "v_proj": (h, kv),
+            "o_proj": (q, h),
+            "gate_proj": (h, inter),
+            "up_proj": (h, inter),
+            "down_proj": (inter, h),
+        }
+        if short not in features:
+            raise ValueError(
+                f"unknown target module {name!r} for a Llama-architecture model; "
+                f"known: {', '.join(TARGET_MODULES)}"
+            )
+        return features[short]
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """Peak training memory of one client, in bytes, term by term (see the estimate)."""
+
+    base_weights: int
+    lora_parameters: int
+    lora_gradients: int
+    optimizer_state: int
+    activations: int
+    logits: int
+    framework_overhead: int
+
+    @property
+    def total(self) -> int:
+        return (
+            self.base_weights
+            + self.lora_parameters
+            + self.lora_gradients
+            + self.optimizer_state
+            + self.activations
+            + self.logits
+            + self.framework_overhead
+        )
+
+    def as_mb(self) -> dict[str, float]:
+        """Every term and the total in MiB (2**20 bytes)."""
+        terms = {k: v / MiB for k, v in asdict(self).items()}
+        terms["total"] = self.total / MiB
+        return terms
+
+
+def lora_parameter_count(shape: ModelShape, rank: int, target_modules: Iterable[str]) -> int:
+    """r * (in + out) per targeted module per layer: A is [r, in], B is [out, r]."""
+    per_layer = sum(rank * sum(shape.module_features(m)) for m in set(_short(target_modules)))
+    return shape.num_layers * per_layer
+
+
+def activation_elements_per_token(
+    shape: ModelShape,
+    rank: int,
+    target_modules: Iterable[str],
+    seq_len: int,
+    attention: str = "sdpa",
+    padded: bool = False,
+) -> int:
+    """Elements one decoder layer saves for backward per token (see estimate_training_memory)."""
+    targets = set(_short(target_modules))
+    h, inter, d = shape.hidden_size, shape.intermediate_size, shape.head_size
+    heads, kv_heads = shape.num_attention_heads, shape.num_key_value_heads
+    # sdpa gets grouped K/V (enable_gqa) only without a mask; otherwise they are repeated.
+    saved_kv_heads = kv_heads if attention == "sdpa" and not padded else heads
+    n = 2 * h + 2  # inputs of the two RMSNorms and their 1/rms
+    if targets & {"q_proj", "k_proj", "v_proj"}:
+        n += h  # the normalised attention input, shared by the q/k/v LoRA A
+    n += heads * d + 2 * saved_kv_heads * d  # queries and keys after RoPE, values
+    if attention == "sdpa":
+        n += heads * d + heads  # output (also the o_proj LoRA input) and log-sum-exp
+        if padded:
+            n += seq_len  # the float copy of the mask row, one per layer
+    else:
+        n += heads * seq_len  # softmax probabilities
+        if "o_proj" in targets:
+            n += heads * d  # the o_proj input
+    n += 3 * inter  # gate output (SiLU), SiLU output and up output (their product)
+    if targets & {"gate_proj", "up_proj"}:
+        n += h
+    if "down_proj" in targets:
+        n += inter
+    n += rank * len(targets)  # each LoRA A output, saved by its B
+    return n
+
+
+def estimate_training_memory(
+    shape: ModelShape,
+    rank: int,
+    target_modules: Sequence[str],
+    batch_size: int,
+    seq_len: int,
+    bytes_per_param: int = FLOAT32,
+    *,
+    attention: str = "sdpa",
+    padded: bool = True,
+    framework_overhead_mb: float = FRAMEWORK_OVERHEAD_MB,
+) -> MemoryEstimate:
+    """Peak memory of one LoRA training step, in bytes, above the imported Python runtime.
+
+    With b = batch_size, s = seq_len, p = bytes_per_param (the base weights' and activations'
+    dtype), L layers, hidden size h, MLP size I, H query heads and G key/value heads of
+    d = head_dim, vocabulary V, and r the rank:
+
+    - base_weights = num_parameters * p (frozen; a tied embedding once).
+    - lora_parameters = 4 * L * r * sum over targets of (in + out); LoRA factors stay float32
+      (peft upcasts adapters).
+    - lora_gradients = lora_parameters (float32; the previous step's gradients are still held
+      during the next forward pass, since mira.learner zeroes them after the forward).
+    - optimizer_state = 2 * lora_parameters (AdamW's first and second moments).
+    - activations = (L * b * s * n + 2 * s * d) * p, n the elements one decoder layer saves
+      for backward per token (the first layer saves no norm input, the final norm saves one:
+      they cancel):
+        2h + 2         residual inputs of the two RMSNorms and their 1/rms
+        + h            normalised attention input, if q, k or v carries LoRA
+        + H d + 2 G' d queries and keys after RoPE and values; G' = G (sdpa without a mask:
+                       grouped-query attention in the kernel) or H (a padding mask, or eager:
+                       transformers repeats K/V to every head)
+        sdpa:  + H d + H     attention output (also the o_proj LoRA input), log-sum-exp,
+               + s           with a padding mask, the float mask row saved per layer
+        eager: + H s         softmax probabilities (b x H x s x s per layer),
+               + H d         the o_proj input, if o_proj carries LoRA
+        + 3 I          gate output, SiLU output and up output (inputs of SiLU and the product)
+        + h, + I       MLP input if gate/up carry LoRA, down input if down_proj does
+        + r * #targets the LoRA A outputs (saved by B)
+      Frozen projections without LoRA save nothing (their weight gets no gradient). Plus
+      2 * s * d * p for the RoPE cosines and sines all layers share.
+    - logits = the loss's working set, b * V * max(s * p + 2 * (s - 1) * 4, 3 * (s - 1) * 4):
+      the lm_head output, plus a float32 contiguous copy of the shifted logits and its
+      log-softmax in the forward pass; in the backward pass the gradients of the log-softmax
+      and of its input next to the saved log-softmax. At vocabulary 49,152 one token's logits
+      weigh as much as 85 hidden states of SmolLM2.
+    - framework_overhead = ``framework_overhead_mb`` MiB, the one measured constant: the
+      tokenizer, model objects and library pages first touched by training (not tensors).
+
+    The peak is at the end of the forward pass (or the start of backward): every saved
+    activation and the logits are alive together. Per-layer transients and the embedding
+    (frozen, no gradient) are negligible and not counted. The total is the process's live
+    memory; glibc can hold more resident (docs/memory.md, "Allocator").
+    """
+    if attention not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(
+            f"attention = {attention!r}; choose one of {', '.join(ATTENTION_IMPLEMENTATIONS)}"
+        )
+    for name, value in (("rank", rank), ("batch_size", batch_size), ("seq_len", seq_len)):
+        if value <= 0:
+            raise ValueError(f"{name} must be > 0, got {value}")
+    lora = FLOAT32 * lora_parameter_count(shape, rank, target_modules)
+    tokens = batch_size * seq_len
+    per_token = activation_elements_per_token(
+        shape, rank, target_modules, seq_len, attention=attention, padded=padded
+    )
+    shifted = batch_size * (seq_len - 1) * shape.vocab_size * FLOAT32
+    forward_logits = tokens * shape.vocab_size * bytes_per_param + 2 * shifted
+    return MemoryEstimate(
+        base_weights=shape.num_parameters * bytes_per_param,
+        lora_parameters=lora,
+        lora_gradients=lora,
+        optimizer_state=2 * lora,
+        activations=(shape.num_layers * tokens * per_token + 2 * seq_len * shape.head_size)
+        * bytes_per_param,
+        logits=max(forward_logits, 3 * shifted),
+        framework_overhead=round(framework_overhead_mb * MiB),
+    )
+
+
+def choose_rank(
+    shape: ModelShape,
+    budget_mb: float,
+    rank_choices: Iterable[int],
+    target_modules: Sequence[str],
+    batch_size: int,
+    seq_len: int,
+    **estimate_options: Any,
+) -> int:
+    """The largest rank in ``rank_choices`` whose estimated training memory fits ``budget_mb``.
+
+    ``budget_mb`` is in MiB; ``estimate_options`` go to :func:`estimate_training_memory`.
+    Raises ValueError naming the budget, the smallest estimate and its rank when none fits.
+    """
+    ranks = sorted(set(rank_choices))
+    if not ranks:
+        raise ValueError("rank_choices must name at least one rank")
+    totals = {
+        r: estimate_training_memory(
+            shape, r, target_modules, batch_size, seq_len, **estimate_options
+        ).total
+        / MiB
+        for r in ranks
+    }
+    fitting = [r for r in ranks if totals[r] <= budget_mb]
+    if not fitting:
+        smallest = min(ranks, key=totals.__getitem__)
+        raise ValueError(
+            f"no LoRA rank fits the memory budget of {budget_mb:.0f} MB: the smallest estimate "
+            f"is {totals[smallest]:.0f} MB at rank {smallest} (batch {batch_size}, "
+            f"{seq_len} tokens); raise the budget or lower train.batch_size / model.max_length"
+        )
+    return fitting[-1]
+
+
+def _short(names: Iterable[str]) -> list[str]:
+    return [n.rsplit(".", 1)[-1] for n in names]

@@ -1,0 +1,216 @@
+"""The training-memory estimate against hand-computed terms and real peft/autograd counts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from mira.config import LoraConfig
+from mira.learner import Encoded, collate
+from mira.memory import (
+    MiB,
+    ModelShape,
+    choose_rank,
+    estimate_training_memory,
+    lora_parameter_count,
+)
+from mira.model import lora_model
+
+ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
+ALL_SEVEN = (*ATTENTION, "gate_proj", "up_proj", "down_proj")
+
+# A hand-made shape small enough to add up by hand: 2 layers, hidden 8, MLP 16, 2 query heads
+# and 1 key/value head of size 4, vocabulary 32.
+TINY = ModelShape(
+    num_layers=2,
+    hidden_size=8,
+    intermediate_size=16,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    vocab_size=32,
+    tie_word_embeddings=True,
+    num_parameters=1000,
+)
+
+SMOLLM2 = ModelShape(
+    num_layers=30,
+    hidden_size=576,
+    intermediate_size=1536,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    vocab_size=49152,
+    tie_word_embeddings=True,
+    num_parameters=134_515_008,
+    head_dim=64,
+)
+
+
+def test_estimate_equals_the_hand_computed_terms() -> None:
+    est = estimate_training_memory(
+        TINY, 2, ["q_proj", "v_proj"], batch_size=3, seq_len=5, padded=False,
+        framework_overhead_mb=1.0,
+    )  # fmt: skip
+    assert est.base_weights == 1000 * 4
+    # q_proj 8 -> 8: 2 * (8 + 8) = 32; v_proj 8 -> 4: 2 * (8 + 4) = 24; 56 per layer, 2 layers.
+    assert est.lora_parameters == 112 * 4
+    assert est.lora_gradients == 112 * 4
+    assert est.optimizer_state == 2 * 112 * 4
+    # Per token per layer: norm inputs 2 * 8 + 2 rms = 18, attention input 8, queries 2 * 4 = 8,
+    # keys and values 2 * 1 * 4 = 8, sdpa output 8 + log-sum-exp 2, MLP 3 * 16 = 48,
+    # LoRA A outputs 2 * 2 = 4: 104. Two layers of 3 * 5 tokens, plus RoPE cos/sin 2 * 5 * 4.
+    assert est.activations == (2 * 15 * 104 + 40) * 4
+    # Forward: lm_head output 3 * 5 * 32 * 4 + two float32 copies 2 * 3 * 4 * 32 * 4 = 4992,
+    # more than the backward's three 3 * 4 * 32 * 4 = 4608.
+    assert est.logits == 4992
+    assert est.framework_overhead == MiB
+    assert est.total == 4000 + 448 + 448 + 896 + 12640 + 4992 + MiB
+    assert est.as_mb()["total"] == pytest.approx(est.total / MiB)
+
+
+def test_padding_mask_and_eager_attention_terms() -> None:
+    def activations(**options: object) -> int:
+        return estimate_training_memory(
+            TINY, 2, ["q_proj", "v_proj"], 3, 5, framework_overhead_mb=0.0, **options
+        ).activations
+
+    # A padding mask: K and V repeated to both heads (+2 * 1 * 4) and a mask row (+5).
+    assert activations(padded=True) - activations(padded=False) == 2 * 15 * 13 * 4
+    # Eager: queries 8, repeated keys/values 16, probabilities 2 heads * 5 = 10 instead of
+    # sdpa's 8 + 8 + 10; o_proj carries no LoRA, so no o_proj input.
+    assert activations(attention="eager") - activations(padded=False) == 2 * 15 * 0 * 4
+    with pytest.raises(ValueError, match="attention"):
+        activations(attention="flash")
+
+
+def test_estimate_grows_with_rank_batch_and_length() -> None:
+    def total(rank: int = 8, batch: int = 4, seq_len: int = 64) -> int:
+        return estimate_training_memory(SMOLLM2, rank, ATTENTION, batch, seq_len).total
+
+    assert total(4) < total(8) < total(16) < total(32)
+    assert total(batch=1) < total(batch=2) < total(batch=4) < total(batch=8)
+    assert total(seq_len=16) < total(seq_len=32) < total(seq_len=64) < total(seq_len=128)
+    # At vocabulary 49,152 the loss's logits outweigh a whole decoder's saved activations
+    # per token only by ~0.6x, but they dwarf the LoRA state.
+    est = estimate_training_memory(SMOLLM2, 16, ATTENTION, 8, 128)
+    assert est.logits > 50 * (est.lora_parameters + est.lora_gradients + est.optimizer_state)
+
+
+def test_from_hf_config_reproduces_smollm2() -> None:
+    config = LlamaConfig(
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        tie_word_embeddings=True,
+    )
+    shape = ModelShape.from_hf_config(config)
+    assert shape == SMOLLM2
+    assert shape.num_parameters == pytest.approx(134.5e6, rel=1e-3)
+    assert shape.module_features("q_proj") == (576, 576)
+    assert shape.module_features("model.layers.3.self_attn.k_proj") == (576, 192)
+    assert shape.module_features("down_proj") == (1536, 576)
+    with pytest.raises(ValueError, match="unknown target module 'c_attn'"):
+        shape.module_features("c_attn")
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"tie_word_embeddings": True},
+        {"tie_word_embeddings": False, "attention_bias": True, "mlp_bias": True},
+        {"tie_word_embeddings": True, "head_dim": 12},  # head_dim != hidden / heads
+    ],
+)
+def test_parameter_count_and_features_match_a_real_llama(options: dict[str, object]) -> None:
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+        **options,
+    )
+    model = LlamaForCausalLM(config)
+    shape = ModelShape.from_hf_config(config)
+    assert shape.num_parameters == sum(p.numel() for p in model.parameters())
+    for name, module in model.model.layers[0].named_modules():
+        if isinstance(module, torch.nn.Linear):
+            assert shape.module_features(name) == (module.in_features, module.out_features)
+
+
+@pytest.mark.parametrize("rank", [2, 4, 8])
+def test_lora_parameter_count_matches_peft(tiny_config, rank: int) -> None:
+    cfg = tiny_config()
+    model = lora_model(cfg.model)
+    shape = ModelShape.from_hf_config(model.base.model.config)
+    name = model.activate(LoraConfig(rank=rank, target_modules=ALL_SEVEN), rank)
+    counted = sum(p.numel() for p in model.lora_parameters(name))
+    assert lora_parameter_count(shape, rank, ALL_SEVEN) == counted
+    estimate = estimate_training_memory(shape, rank, ALL_SEVEN, 2, 8)
+    assert estimate.lora_parameters == 4 * counted
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ALL_SEVEN])
+def test_activations_equal_what_autograd_saves(tiny_config, padded: bool, targets) -> None:
+    """Every byte the decoder saves for backward, counted with saved-tensor hooks."""
+    cfg = tiny_config()
+    model = lora_model(cfg.model)
+    assert model.base.model.config._attn_implementation == "sdpa"  # transformers' CPU default
+    shape = ModelShape.from_hf_config(model.base.model.config)
+    model.activate(LoraConfig(rank=4, target_modules=targets), 4)
+    batch_size, seq_len = 3, 10
+    generator = torch.Generator().manual_seed(0)
+    encoded = []
+    for row in range(batch_size):
+        length = seq_len - 3 * row if padded else seq_len
+        ids = torch.randint(3, shape.vocab_size, (length,), generator=generator).tolist()
+        encoded.append(Encoded(input_ids=ids, labels=ids))
+    batch = collate(encoded, pad_id=0)
+
+    frozen = {p.untyped_storage().data_ptr() for p in model.peft.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in frozen:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    model.peft.train()
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            model.peft(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+    finally:
+        model.peft.eval()
+    estimate = estimate_training_memory(shape, 4, targets, batch_size, seq_len, padded=padded)
+    assert sum(saved.values()) == estimate.activations
+
+
+def test_choose_rank_picks_the_largest_rank_that_fits() -> None:
+    def total_mb(rank: int) -> float:
+        return estimate_training_memory(SMOLLM2, rank, ATTENTION, 4, 64).total / MiB
+
+    choose = lambda budget: choose_rank(SMOLLM2, budget, [16, 4, 8], ATTENTION, 4, 64)  # noqa: E731
+    assert choose(total_mb(16) + 100) == 16
+    assert choose(total_mb(16)) == 16  # a budget equal to the estimate fits
+    assert choose((total_mb(8) + total_mb(16)) / 2) == 8
+    assert choose(total_mb(8)) == 8
+    assert choose(total_mb(4) + 0.1) == 4
+    smaller_batch = choose_rank(SMOLLM2, total_mb(4) - 1, [4, 8], ATTENTION, 2, 64)
+    assert smaller_batch == 8  # halving the batch frees far more than rank 4 -> 8 costs
+
+
+def test_choose_rank_names_the_budget_and_the_smallest_estimate() -> None:
+    smallest = estimate_training_memory(SMOLLM2, 4, ATTENTION, 8, 128).total / MiB
+    with pytest.raises(ValueError) as error:
+        choose_rank(SMOLLM2, 500, [8, 4, 16], ATTENTION, 8, 128)
+    message = str(error.value)
+    assert "budget of 500 MB" in message
+    assert f"{smallest:.0f} MB at rank 4" in message
+    with pytest.raises(ValueError, match="at least one rank"):
+        choose_rank(SMOLLM2, 500, [], ATTENTION, 8, 128)

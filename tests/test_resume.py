@@ -1,0 +1,105 @@
+"""A run killed with SIGKILL in the middle of a round resumes to the same adapters."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tomli_w
+from safetensors.numpy import load_file
+
+from mira.federation.simulation import run_simulation
+from mira.outputs import read_checkpoint, read_metrics
+
+pytestmark = pytest.mark.slow
+
+
+def _adapters(folder: Path) -> dict[str, dict[str, np.ndarray]]:
+    return {
+        p.name: load_file(str(p / "adapter_model.safetensors"))
+        for p in sorted((folder / "adapters").iterdir())
+    }
+
+
+def _mira(*args: str) -> list[str]:
+    return [sys.executable, "-m", "mira.cli", *args]
+
+
+def _kill_when(proc: subprocess.Popen[str], marker: str, limit: float) -> list[str]:
+    """Read the run's output until ``marker`` shows up, then SIGKILL its process group."""
+    seen: list[str] = []
+    deadline = time.monotonic() + limit
+    assert proc.stdout is not None
+    try:
+        for line in proc.stdout:
+            seen.append(line)
+            if marker in line or time.monotonic() > deadline:
+                break
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+    assert any(marker in line for line in seen), "".join(seen[-30:])
+    return seen
+
+
+def test_sigkill_mid_round_then_resume_equals_uninterrupted(tiny_config, tmp_path):
+    cfg = tiny_config("federation.rounds=3", "server.graph=clusters")
+    config_path = tmp_path / "tiny.toml"
+    config_path.write_text(tomli_w.dumps(cfg.to_dict()))
+
+    whole = tmp_path / "whole"
+    run_simulation(cfg, whole)
+
+    broken = tmp_path / "broken"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        _mira("run", str(config_path), "--out", str(broken)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    # Killed while round 2's clients are training: round 1 is complete, round 2 is not.
+    _kill_when(proc, "round 2 train: 1/", limit=240)
+    checkpoint = read_checkpoint(broken)
+    assert checkpoint is not None and checkpoint.round == 1
+    assert {r["round"] for r in read_metrics(broken)} == {1}
+
+    # A fresh run into the same directory is refused; --resume continues it.
+    refused = subprocess.run(
+        _mira("run", str(config_path), "--out", str(broken)), capture_output=True, text=True
+    )
+    assert refused.returncode == 2 and "--resume" in refused.stderr
+    resumed = subprocess.run(
+        _mira("run", "--resume", str(broken)), capture_output=True, text=True, env=env, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert "resuming after round 1" in resumed.stdout
+
+    expected, got = _adapters(whole), _adapters(broken)
+    assert sorted(expected) == sorted(got) == sorted(cfg.client_ids)
+    for client in expected:
+        for key, value in expected[client].items():
+            np.testing.assert_allclose(got[client][key], value, rtol=0, atol=1e-6)
+    rows = [r for r in read_metrics(broken) if r["kind"] == "client"]
+    assert sorted((r["round"], r["client"]) for r in rows) == sorted(
+        (n, c) for n in (1, 2, 3) for c in cfg.client_ids
+    )
+    whole_rows = {
+        (r["round"], r["client"]): r["eval_loss"]
+        for r in read_metrics(whole)
+        if r["kind"] == "client"
+    }
+    for row in rows:
+        assert row["eval_loss"] == pytest.approx(
+            whole_rows[(row["round"], row["client"])], abs=1e-5
+        )
+    # The graph came from the checkpoint, not from new fingerprints.
+    assert read_checkpoint(broken).clusters == read_checkpoint(whole).clusters  # type: ignore[union-attr]
