@@ -20,7 +20,7 @@ from replay import replay
 pytestmark = pytest.mark.slow
 
 RUNS = {
-    "mira": ["server.method=mira"],
+    "mira": ["server.method=mira", "output.tensorboard=true"],
     "fedit": ["server.method=fedit"],
     "local": ["server.method=local"],
     "cluster-fedavg": ["server.method=cluster-fedavg"],
@@ -240,3 +240,20 @@ def test_cluster_graph_from_fingerprints_is_written_with_k_and_ari(runs):
     # graph_refresh = 1 with 2 rounds: fingerprints were taken again after round 1.
     assert graph["built_after_round"] == 1
     assert (folder / "graph.png").stat().st_size > 1000
+
+
+def test_tensorboard_events_hold_the_metrics_scalars(runs):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    _cfg, folder = runs["mira"]
+    events = EventAccumulator(str(folder / "tensorboard"))
+    events.Reload()
+    rows = read_metrics(folder)
+    rounds = [r for r in rows if r["kind"] == "round"]
+    mean = events.Scalars("round/personalised_eval_loss_mean")
+    assert [e.step for e in mean] == [1, 2]
+    for event, row in zip(mean, rounds, strict=True):
+        assert event.value == pytest.approx(row["personalised_eval_loss_mean"], rel=1e-6)
+    client = next(r for r in rows if r["kind"] == "client" and r["round"] == 2)
+    last = events.Scalars(f"{client['client']}/eval_loss")[-1]
+    assert last.value == pytest.approx(client["eval_loss"], rel=1e-6)

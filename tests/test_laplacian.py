@@ -321,9 +321,11 @@ def test_product_mix_zero_target_keeps_a_and_zero_b():
     rng = np.random.default_rng(9)
     adapters = [{"m": (rng.standard_normal((4, 6)), np.zeros((5, 4)))} for _ in range(2)]
     mixed = product_mix(adapters, fedavg_mixing([1, 1]), [1.0, 1.0])
-    for ours, theirs in zip(mixed, adapters, strict=True):
-        np.testing.assert_array_equal(ours["m"][1], 0.0)
-        np.testing.assert_array_equal(ours["m"][0], theirs["m"][0])
+    zero_rows = product_mix(adapters, np.zeros((2, 2)), [1.0, 1.0])
+    for ours, zeroed, theirs in zip(mixed, zero_rows, adapters, strict=True):
+        for a, b in (ours["m"], zeroed["m"]):
+            np.testing.assert_array_equal(b, 0.0)
+            np.testing.assert_array_equal(a, theirs["m"][0])
 
 
 def test_product_mix_module_is_the_per_module_step():

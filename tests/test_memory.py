@@ -76,9 +76,9 @@ def test_padding_mask_and_eager_attention_terms() -> None:
 
     # A padding mask: K and V repeated to both heads (+2 * 1 * 4) and a mask row (+5).
     assert activations(padded=True) - activations(padded=False) == 2 * 15 * 13 * 4
-    # Eager: queries 8, repeated keys/values 16, probabilities 2 heads * 5 = 10 instead of
-    # sdpa's 8 + 8 + 10; o_proj carries no LoRA, so no o_proj input.
-    assert activations(attention="eager") - activations(padded=False) == 2 * 15 * 0 * 4
+    # Eager: queries 8, repeated keys and values 2 * 2 * 4 = 16, probabilities 2 heads * 5
+    # positions = 10, and no o_proj input (no LoRA there): 34, against sdpa's 8 + 8 + 8 + 2.
+    assert activations(attention="eager") - activations(padded=False) == 2 * 15 * 8 * 4
     with pytest.raises(ValueError, match="attention"):
         activations(attention="flash")
 
@@ -90,10 +90,13 @@ def test_estimate_grows_with_rank_batch_and_length() -> None:
     assert total(4) < total(8) < total(16) < total(32)
     assert total(batch=1) < total(batch=2) < total(batch=4) < total(batch=8)
     assert total(seq_len=16) < total(seq_len=32) < total(seq_len=64) < total(seq_len=128)
-    # At vocabulary 49,152 the loss's logits outweigh a whole decoder's saved activations
-    # per token only by ~0.6x, but they dwarf the LoRA state.
+    # Rank 8 -> 16 adds 8 * (576+576 + 576+192 + 576+192 + 576+576) = 30,720 LoRA parameters per
+    # layer (x 4: factor, gradient, two moments; 4 bytes) and 4 modules * 8 saved A outputs
+    # per token per layer.
+    assert total(16) - total(8) == 30 * (4 * 4 * 30_720 + 4 * (4 * 64) * 4 * 8)
+    # The loss's working set: lm_head output plus two float32 copies of the shifted logits.
     est = estimate_training_memory(SMOLLM2, 16, ATTENTION, 8, 128)
-    assert est.logits > 50 * (est.lora_parameters + est.lora_gradients + est.optimizer_state)
+    assert est.logits == 8 * 49152 * (128 + 2 * 127) * 4
 
 
 def test_from_hf_config_reproduces_smollm2() -> None:
@@ -154,25 +157,20 @@ def test_lora_parameter_count_matches_peft(tiny_config, rank: int) -> None:
     assert estimate.lora_parameters == 4 * counted
 
 
-@pytest.mark.parametrize("padded", [False, True])
-@pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ALL_SEVEN])
-def test_activations_equal_what_autograd_saves(tiny_config, padded: bool, targets) -> None:
-    """Every byte the decoder saves for backward, counted with saved-tensor hooks."""
-    cfg = tiny_config()
-    model = lora_model(cfg.model)
-    assert model.base.model.config._attn_implementation == "sdpa"  # transformers' CPU default
-    shape = ModelShape.from_hf_config(model.base.model.config)
-    model.activate(LoraConfig(rank=4, target_modules=targets), 4)
-    batch_size, seq_len = 3, 10
+def random_batch(vocab_size: int, batch_size: int, seq_len: int, padded: bool) -> dict:
+    """Random sequences of seq_len tokens; padded: the later rows shorter (a padding mask)."""
     generator = torch.Generator().manual_seed(0)
     encoded = []
     for row in range(batch_size):
         length = seq_len - 3 * row if padded else seq_len
-        ids = torch.randint(3, shape.vocab_size, (length,), generator=generator).tolist()
+        ids = torch.randint(3, vocab_size, (length,), generator=generator).tolist()
         encoded.append(Encoded(input_ids=ids, labels=ids))
-    batch = collate(encoded, pad_id=0)
+    return collate(encoded, pad_id=0)
 
-    frozen = {p.untyped_storage().data_ptr() for p in model.peft.parameters()}
+
+def saved_for_backward(model: torch.nn.Module, batch: dict) -> int:
+    """Bytes autograd saves during one training forward pass, parameters excluded."""
+    frozen = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -181,14 +179,54 @@ def test_activations_equal_what_autograd_saves(tiny_config, padded: bool, target
             saved[storage.data_ptr()] = storage.nbytes()
         return tensor
 
-    model.peft.train()
+    was_training = model.training
+    model.train()
     try:
         with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-            model.peft(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+            model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
     finally:
-        model.peft.eval()
-    estimate = estimate_training_memory(shape, 4, targets, batch_size, seq_len, padded=padded)
-    assert sum(saved.values()) == estimate.activations
+        model.train(was_training)
+    return sum(saved.values())
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ALL_SEVEN])
+def test_activations_equal_what_autograd_saves(tiny_config, padded: bool, targets) -> None:
+    """Every byte the decoder saves for backward (sdpa), counted with saved-tensor hooks."""
+    model = lora_model(tiny_config().model)
+    assert model.base.model.config._attn_implementation == "sdpa"  # transformers' CPU default
+    shape = ModelShape.from_hf_config(model.base.model.config)
+    model.activate(LoraConfig(rank=4, target_modules=targets), 4)
+    batch = random_batch(shape.vocab_size, 3, 10, padded)
+    estimate = estimate_training_memory(shape, 4, targets, 3, 10, padded=padded)
+    assert saved_for_backward(model.peft, batch) == estimate.activations
+
+
+@pytest.mark.parametrize("targets", [ATTENTION, ALL_SEVEN])
+def test_eager_activations_equal_what_autograd_saves(targets) -> None:
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    config = LlamaConfig(
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=100,
+        attn_implementation="eager",
+    )
+    torch.manual_seed(0)
+    model = get_peft_model(
+        LlamaForCausalLM(config), PeftLoraConfig(r=4, target_modules=list(targets))
+    )
+    assert model.config._attn_implementation == "eager"
+    shape = ModelShape.from_hf_config(config)
+    for padded in (False, True):
+        estimate = estimate_training_memory(
+            shape, 4, targets, 3, 10, attention="eager", padded=padded
+        )
+        assert saved_for_backward(model, random_batch(100, 3, 10, padded)) == estimate.activations
 
 
 def test_choose_rank_picks_the_largest_rank_that_fits() -> None:

@@ -220,6 +220,17 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class OutputConfig:
+    tensorboard: bool = field(
+        default=False,
+        metadata=_help(
+            "Also write TensorBoard event files (DIR/tensorboard) with the metrics.jsonl "
+            "scalars; needs the tensorboard package (pip install 'mira[tensorboard]')."
+        ),
+    )
+
+
+@dataclass(frozen=True)
 class TaskConfig:
     name: str = field(default="", metadata=_help("Task name: a built-in task or your own."))
     clients: int = field(default=1, metadata=_help("Number of clients holding this task."))
@@ -258,6 +269,7 @@ class Config:
     federation: FederationConfig = field(default_factory=FederationConfig)
     server: ServerConfig = field(default_factory=ServerConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)
     tasks: tuple[TaskConfig, ...] = ()
 
     @property
@@ -294,6 +306,7 @@ SECTIONS: dict[str, type] = {
     "federation": FederationConfig,
     "server": ServerConfig,
     "data": DataConfig,
+    "output": OutputConfig,
 }
 
 

@@ -394,8 +394,8 @@ def product_mix_module(
     scale = _check_scales(scales, num_clients)
     new_a: list[np.ndarray] = list(a_factors)
     new_b: list[np.ndarray] = list(b_factors)
-    # Row-contiguous views of the factors (A and B^T, so both stacks are row blocks), kept in
-    # the input dtype: the float64 stacks are built per row, reading half the bytes for float32.
+    # A and B^T as row-contiguous arrays (so both stacks are row blocks), B^T copied once per
+    # client; kept in the input dtype: a float32 row stack reads half the bytes of a float64 one.
     a_rows: dict[int, np.ndarray] = {}
     bt_rows: dict[int, np.ndarray] = {}
     for support, members in _distinct_rows(mixing):
@@ -411,10 +411,16 @@ def product_mix_module(
             if j not in a_rows:
                 a_rows[j] = np.ascontiguousarray(a_factors[j])
                 bt_rows[j] = np.ascontiguousarray(b_factors[j].T)
-        coefs = mixing[todo[0], support] * scale[support]
-        left_t, sigma, right = _stacked_truncated_svd(
-            [a_rows[j] for j in support], [bt_rows[j] for j in support], coefs, max(ranks[todo])
-        )
+        if support.size == 0:  # a zero row: the target is 0
+            height, width = b_factors[todo[0]].shape[0], a_factors[todo[0]].shape[1]
+            left_t, sigma, right = np.zeros((0, height)), np.zeros(0), np.zeros((0, width))
+        else:
+            left_t, sigma, right = _stacked_truncated_svd(
+                [a_rows[j] for j in support],
+                [bt_rows[j] for j in support],
+                mixing[todo[0], support] * scale[support],
+                max(ranks[todo]),
+            )
         for k in todo:
             new_a[k], new_b[k] = _split_factors(
                 left_t, sigma, right, a_factors[k], b_factors[k], scale[k]

@@ -27,10 +27,11 @@ MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 TARGET_MODULES = ATTENTION_MODULES + MLP_MODULES
 
 # Process memory the tensor accounting does not see, in MiB: the tokenizer, the model's Python
-# objects and the shared-library pages first touched by the first training step. Measured
-# once on SmolLM2-135M (resident memory after training minus the runtime after imports minus
-# the weights; benchmarks/memory.py reports it per run); the one calibrated constant here.
-FRAMEWORK_OVERHEAD_MB = 70.0
+# objects, shared-library pages first touched by training, small tensors kept in malloc's
+# heap. The one calibrated constant: benchmarks/memory.py reports, per run on SmolLM2-135M,
+# measured peak minus the tensor terms; 52-60 MiB over batch x tokens from 4 x 64 to 8 x 128,
+# 1 or 2 threads (docs/memory.md).
+FRAMEWORK_OVERHEAD_MB = 55.0
 
 
 @dataclass(frozen=True)
@@ -152,7 +153,7 @@ def activation_elements_per_token(
     target_modules: Iterable[str],
     seq_len: int,
     attention: str = "sdpa",
-    padded: bool = False,
+    padded: bool = True,
 ) -> int:
     """Elements one decoder layer saves for backward per token (see estimate_training_memory)."""
     targets = set(_short(target_modules))
@@ -195,6 +196,12 @@ def estimate_training_memory(
 ) -> MemoryEstimate:
     """Peak memory of one LoRA training step, in bytes, above the imported Python runtime.
 
+    ``attention`` is the model's ``config._attn_implementation``: "sdpa" (transformers' default,
+    which SmolLM2 gets on CPU) or "eager". ``padded``: whether batches carry a padding mask;
+    mira.learner.collate pads every batch of unequal lengths, so True (the default) is the
+    realistic and the larger case. ``framework_overhead_mb`` defaults to the calibrated
+    :data:`FRAMEWORK_OVERHEAD_MB`.
+
     With b = batch_size, s = seq_len, p = bytes_per_param (the base weights' and activations'
     dtype), L layers, hidden size h, MLP size I, H query heads and G key/value heads of
     d = head_dim, vocabulary V, and r the rank:
@@ -231,9 +238,17 @@ def estimate_training_memory(
       tokenizer, model objects and library pages first touched by training (not tensors).
 
     The peak is at the end of the forward pass (or the start of backward): every saved
-    activation and the logits are alive together. Per-layer transients and the embedding
-    (frozen, no gradient) are negligible and not counted. The total is the process's live
-    memory; glibc can hold more resident (docs/memory.md, "Allocator").
+    activation, the logits and the previous step's gradients are alive together. Per-layer
+    transients are negligible and not counted; the embedding is frozen and needs no gradient.
+    The activations term equals, byte for byte, what autograd saves (tests/test_memory.py)
+    with sdpa whenever q, k or v carries LoRA, and with eager when q and k both do; otherwise
+    the first layer, whose input needs no gradient, saves less and the estimate errs high by
+    at most that one layer.
+    Float32 is what was checked; with bfloat16 weights (p = 2) peft still computes the LoRA
+    path in float32, so those terms are approximate.
+
+    The total is the process's live memory. glibc's malloc can keep much more resident unless
+    its mmap threshold is pinned (docs/memory.md, "Allocator").
     """
     if attention not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(

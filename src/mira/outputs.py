@@ -27,7 +27,7 @@ import numpy as np
 import tomli_w
 
 from mira import metrics
-from mira.config import Config
+from mira.config import Config, ConfigError
 from mira.graph import plot_adjacency
 from mira.metrics import HIGHER_IS_BETTER
 from mira.model import Adapter, save_adapter_dir
@@ -83,6 +83,16 @@ class RunWriter:
         self.out.mkdir(parents=True, exist_ok=True)
         (self.out / "adapters").mkdir(exist_ok=True)
         self.metrics_path = self.out / "metrics.jsonl"
+        self._tensorboard: Any = None
+        if cfg.output.tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError as err:
+                raise ConfigError(
+                    "output.tensorboard = true needs the tensorboard package: "
+                    "pip install 'mira[tensorboard]'"
+                ) from err
+            self._tensorboard = SummaryWriter(str(self.out / "tensorboard"))
 
     def write_config(self) -> None:
         write_atomic(self.out / "config.toml", tomli_w.dumps(self.cfg.to_dict()))
@@ -129,7 +139,23 @@ class RunWriter:
             handle.write("\n".join(lines) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+        if self._tensorboard is not None:
+            self._write_tensorboard(server_round, rows, aggregate)
         return aggregate
+
+    def _write_tensorboard(
+        self, server_round: int, rows: list[dict[str, Any]], aggregate: dict[str, Any]
+    ) -> None:
+        """The same scalars as metrics.jsonl: the round aggregate and every client's row."""
+        for key, value in aggregate.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "round":
+                self._tensorboard.add_scalar(f"round/{key}", value, server_round)
+        for row in rows:
+            for key in ("train_loss", "eval_loss", *HIGHER_IS_BETTER):
+                value = row.get(key)
+                if isinstance(value, float) and math.isfinite(value):
+                    self._tensorboard.add_scalar(f"{row['client']}/{key}", value, server_round)
+        self._tensorboard.flush()
 
     def adapter_dir(self, client_id: str) -> Path:
         return self.out / "adapters" / client_id

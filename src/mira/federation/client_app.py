@@ -133,6 +133,9 @@ def query(msg: Message, context: Context) -> Message:
     settings = msg.content.config_records["config"]
     config_json = str(settings[CONFIG_KEY])
     cfg = _config(config_json)
+    if int(str(context.node_config.get("partition-id", -1))) >= cfg.num_clients:
+        # More SuperNodes than clients (e.g. a default local federation): this one idles.
+        return Message(RecordDict({"identity": ConfigRecord({"client": ""})}), reply_to=msg)
     partition = _partition(context, cfg)
     data, encoded_train, _ = _client_data(config_json, partition)
     rank = client_rank(cfg, partition)

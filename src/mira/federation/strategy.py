@@ -178,6 +178,8 @@ class MiraStrategy(Strategy):
         """Rebuild the graph from the fingerprints in ``replies`` (one per client)."""
         vectors: dict[int, np.ndarray] = {}
         for reply in replies:
+            if "fingerprint" not in reply.content.array_records:
+                continue  # an idle node
             record = reply.content.array_records["fingerprint"]
             vectors[self._client_of(reply)] = record.to_numpy_ndarrays()[0]
         missing = [c.client_id for i, c in enumerate(self.clients) if i not in vectors]
@@ -229,9 +231,13 @@ class MiraStrategy(Strategy):
         what = "identify + fingerprint" if config["fingerprint"] else "identify"
         replies = self._exchange(grid, messages, what)
         found: dict[str, ClientState] = {}
+        idle = 0
         for reply in replies:
             identity = reply.content.config_records["identity"]
             client_id = str(identity["client"])
+            if not client_id:
+                idle += 1
+                continue
             if client_id in found:
                 raise FederationError(
                     f"two nodes claim to be client {client_id}: check each SuperNode's partition-id"
@@ -247,6 +253,8 @@ class MiraStrategy(Strategy):
         missing = [c for c in self.cfg.client_ids if c not in found]
         if missing:
             raise FederationError(f"no node answered as client(s) {', '.join(missing)}")
+        if idle:
+            self.log(f"{idle} node(s) hold no client of this config (partition-id too large)")
         self.clients = [found[c] for c in self.cfg.client_ids]
         self._check_shared_init()
         if needs_fingerprints(self.cfg) and self.resume_from is None:
