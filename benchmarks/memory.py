@@ -75,7 +75,7 @@ class Measured:
     end_mb: float  # RSS after training minus the baseline
     seconds_per_step: float
     attention: str  # config._attn_implementation
-    shape: dict[str, object]  # ModelShape.from_hf_config of the loaded model
+    shape: dict[str, Any]  # ModelShape.from_hf_config of the loaded model
 
 
 def rss_bytes() -> int:
@@ -152,7 +152,8 @@ def measure(run: Run, steps: int, targets: tuple[str, ...], threads: int) -> Mea
     )
     widths: list[tuple[int, int]] = []  # (padded width, padding positions) of every batch
 
-    def recording_collate(batch, pad_id):  # type: ignore[no-untyped-def]
+    def recording_collate(batch: Any, pad_id: int) -> Any:
+        """learner.collate, recording each batch's width and padding for the check below."""
         tensors = collate(batch, pad_id)
         mask = tensors["attention_mask"]
         widths.append((mask.shape[1], int((mask == 0).sum())))
@@ -163,7 +164,9 @@ def measure(run: Run, steps: int, targets: tuple[str, ...], threads: int) -> Mea
     learner.train_steps(lm.peft, parameters, encoded, cfg, lm.tokenizer.pad_token_id, seed=SEED)
     seconds = time.perf_counter() - started
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-    if any(w != run.seq_len or (pads > 0) != run.padded for w, pads in widths):
+    if len(widths) != steps or any(
+        w != run.seq_len or (pads > 0) != run.padded for w, pads in widths
+    ):
         raise RuntimeError(f"batches were not as intended: (width, padding) = {widths}")
     return Measured(
         baseline_mb=baseline / MiB,
@@ -305,7 +308,7 @@ def main(argv: list[str] | None = None) -> None:
         if completed.returncode != 0:
             sys.exit(f"run {run} failed:\n{completed.stderr}")
         measured = Measured(**json.loads(completed.stdout.strip().splitlines()[-1]))
-        estimate = estimate_mb(run, ModelShape(**measured.shape), targets)  # type: ignore[arg-type]
+        estimate = estimate_mb(run, ModelShape(**measured.shape), targets)
         rows.append((run, measured, estimate))
         print(
             f"{run}: measured {measured.peak_mb:.0f} MiB, estimate {estimate['total']:.0f} MiB "

@@ -540,3 +540,51 @@ def test_prepare_without_a_registry_says_what_to_do(
         prepare(["qa"], data_dir=tmp_path)
     with pytest.raises(DataError, match="unknown task 'nope'"):
         prepare(["nope"], data_dir=tmp_path)
+
+
+def test_hub_dataset_task_reads_rows_and_fails_clearly_offline(monkeypatch):
+    """``path = "hf:NAME:CONFIG"``: rows come from datasets.load_dataset (patched here)."""
+    import datasets
+
+    from mira.config import config_from_dict
+    from mira.data import DataError, load_client_data
+
+    seen = {}
+
+    def fake_load(name, subset, split):
+        seen.update(name=name, subset=subset, split=split)
+        texts = [f"film number {i} was {'good' if i % 2 else 'bad'}" for i in range(20)]
+        return datasets.Dataset.from_dict(
+            {"sentence": texts, "label": ["pos" if i % 2 else "neg" for i in range(20)]}
+        )
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    raw = {
+        "data": {"train_size": 6, "eval_size": 2},
+        "tasks": [
+            {
+                "name": "sst",
+                "clients": 2,
+                "path": "hf:glue:sst2",
+                "split": "validation",
+                "kind": "classification",
+                "verbalisers": ["neg", "pos"],
+                "input_column": "sentence",
+                "target_column": "label",
+            }
+        ],
+    }
+    data = load_client_data(config_from_dict(raw), 1)
+    assert seen == {"name": "glue", "subset": "sst2", "split": "validation"}
+    assert len(data.train) == 6 and len(data.eval) == 2
+    assert data.task.source == "hf:glue:sst2"
+    for example in data.train:
+        assert example.target == (" pos" if "good" in example.prompt else " neg")
+
+    def offline(name, subset, split):
+        raise ConnectionError("no route to host")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    raw["tasks"][0]["path"] = "hf:imdb"
+    with pytest.raises(DataError, match=r"hf:imdb: cannot load split 'validation'.*hub reachable"):
+        load_client_data(config_from_dict(raw), 0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -69,7 +71,7 @@ def test_estimate_equals_the_hand_computed_terms() -> None:
 
 
 def test_padding_mask_and_eager_attention_terms() -> None:
-    def activations(**options: object) -> int:
+    def activations(**options: Any) -> int:
         return estimate_training_memory(
             TINY, 2, ["q_proj", "v_proj"], 3, 5, framework_overhead_mb=0.0, **options
         ).activations
@@ -127,7 +129,7 @@ def test_from_hf_config_reproduces_smollm2() -> None:
         {"tie_word_embeddings": True, "head_dim": 12},  # head_dim != hidden / heads
     ],
 )
-def test_parameter_count_and_features_match_a_real_llama(options: dict[str, object]) -> None:
+def test_parameter_count_and_features_match_a_real_llama(options: dict[str, Any]) -> None:
     config = LlamaConfig(
         hidden_size=32,
         intermediate_size=48,
@@ -214,8 +216,8 @@ def test_eager_activations_equal_what_autograd_saves(targets) -> None:
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=100,
-        attn_implementation="eager",
     )
+    config._attn_implementation = "eager"
     torch.manual_seed(0)
     model = get_peft_model(
         LlamaForCausalLM(config), PeftLoraConfig(r=4, target_modules=list(targets))

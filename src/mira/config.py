@@ -236,8 +236,12 @@ class TaskConfig:
     clients: int = field(default=1, metadata=_help("Number of clients holding this task."))
     path: str = field(
         default="",
-        metadata=_help("User task: a local .jsonl, .csv or .parquet file ('' for built-ins)."),
+        metadata=_help(
+            "User task: a local .jsonl, .csv or .parquet file, or a Hugging Face dataset "
+            "'hf:NAME' / 'hf:NAME:CONFIG' for users with a hub ('' for built-ins)."
+        ),
     )
+    split: str = field(default="train", metadata=_help("User task from the hub: the split."))
     kind: str = field(
         default="",
         metadata=_help("User task kind: 'classification' or 'generation'."),

@@ -29,8 +29,8 @@ TARGET_MODULES = ATTENTION_MODULES + MLP_MODULES
 # Process memory the tensor accounting does not see, in MiB: the tokenizer, the model's Python
 # objects, shared-library pages first touched by training, small tensors kept in malloc's
 # heap. The one calibrated constant: benchmarks/memory.py reports, per run on SmolLM2-135M,
-# measured peak minus the tensor terms; 52-60 MiB over batch x tokens from 4 x 64 to 8 x 128,
-# 1 or 2 threads (docs/memory.md).
+# measured peak minus the tensor terms: 51-60 MiB over batch x tokens from 4 x 64 to 8 x 128,
+# 1 or 2 threads, with glibc's mmap threshold pinned (docs/memory.md).
 FRAMEWORK_OVERHEAD_MB = 55.0
 
 

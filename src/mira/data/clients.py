@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from mira.config import Config, TaskConfig
-from mira.data.sources import DataError, Row, read_table
+from mira.data.sources import HUB_PREFIX, DataError, Row, read_hub_dataset, read_table
 from mira.data.splits import Split, client_splits
 from mira.data.store import builtin, data_root, ensure_prepared
 from mira.data.tasks import ClientData, Example, Task, TaskSpec, clip
@@ -39,6 +39,10 @@ def _template(task_cfg: TaskConfig, default: str) -> str:
 
 
 def _user_rows(task_cfg: TaskConfig) -> list[Row]:
+    if task_cfg.path.startswith(HUB_PREFIX):
+        return read_hub_dataset(
+            task_cfg.path, task_cfg.split, task_cfg.input_column, task_cfg.target_column
+        )
     path = Path(task_cfg.path).expanduser()
     return read_table(path, task_cfg.input_column, task_cfg.target_column)
 
@@ -78,7 +82,11 @@ def _resolve(task_cfg: TaskConfig) -> Task:
         kind=kind,
         verbalisers=verbalisers,
         metrics=("accuracy",) if kind == "classification" else GENERATION_METRICS,
-        source=str(Path(task_cfg.path).expanduser()),
+        source=(
+            task_cfg.path
+            if task_cfg.path.startswith(HUB_PREFIX)
+            else str(Path(task_cfg.path).expanduser())
+        ),
         licence="user data",
         template=_template(task_cfg, DEFAULT_TEMPLATE),
     )

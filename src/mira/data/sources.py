@@ -152,6 +152,45 @@ def read_parquet(path: Path, input_column: str, target_column: str) -> list[Row]
     return rows
 
 
+HUB_PREFIX = "hf:"
+
+
+def read_hub_dataset(spec: str, split: str, input_column: str, target_column: str) -> list[Row]:
+    """A Hugging Face dataset, ``hf:NAME`` or ``hf:NAME:CONFIG``, for users with a hub.
+
+    Loaded with ``datasets.load_dataset``, so the hub cache and ``HF_*`` settings apply.
+    """
+    name, _, subset = spec[len(HUB_PREFIX) :].partition(":")
+    if not name:
+        raise DataError(f"{spec!r}: name a dataset, e.g. hf:imdb or hf:glue:sst2")
+    try:
+        import datasets
+
+        table = datasets.load_dataset(name, subset or None, split=split)
+    except Exception as err:  # the hub raises many types: network, missing, auth
+        raise DataError(
+            f"{spec}: cannot load split {split!r} of Hugging Face dataset {name!r} "
+            f"(is a hub reachable? offline, use a local .jsonl/.csv/.parquet file): {err}"
+        ) from err
+    present = list(table.column_names)
+    for column in (input_column, target_column):
+        if column not in present:
+            raise _missing_column(Path(spec), column, present)
+    rows = []
+    for index, record in enumerate(table, start=1):
+        where = f"row {index}"
+        rows.append(
+            Row(
+                input=_cell(record[input_column], Path(spec), where, input_column),
+                target=_cell(record[target_column], Path(spec), where, target_column),
+                where=f"{spec} {where}",
+            )
+        )
+    if not rows:
+        raise DataError(f"{spec}: split {split!r} is empty")
+    return rows
+
+
 def read_table(path: Path, input_column: str, target_column: str) -> list[Row]:
     """A user task file by its suffix: .jsonl first, then .csv and .parquet."""
     suffix = path.suffix.lower()

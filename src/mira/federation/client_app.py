@@ -14,6 +14,7 @@ The base model is loaded once per process and reused; data splits are cached per
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import os
 import resource
@@ -46,7 +47,25 @@ def _config(config_json: str) -> Config:
 def _lora_model(cfg: Config) -> LoraModel:
     # Workers share the machine's cores: each takes its slice for torch's intra-op threads.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, cfg.federation.workers)))
+    if any(task.memory_mb for task in cfg.tasks):
+        bound_heap_growth()
     return lora_model(cfg.model)
+
+
+def bound_heap_growth() -> None:
+    """Serve large allocations from mmap so freed activations go back to the system.
+
+    glibc raises its mmap threshold after large frees; then activations come from the heap,
+    and freed heap memory stays resident. A client with a memory budget chose its rank from
+    mira.memory's estimate, which matches measured peaks only with the threshold pinned
+    (docs/memory.md). No-op where glibc is absent.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    m_mmap_threshold = -3
+    libc.mallopt(m_mmap_threshold, 128 * 1024)
 
 
 @lru_cache(maxsize=64)

@@ -214,10 +214,20 @@ class MiraStrategy(Strategy):
         expected = self.cfg.num_clients
         deadline = time.monotonic() + self.cfg.federation.timeout
         node_ids = list(grid.get_node_ids())
+        reported = -1
         while len(node_ids) < expected:
             if time.monotonic() > deadline:
-                raise FederationError(f"only {len(node_ids)} of {expected} clients connected")
-            self.log(f"waiting for clients: {len(node_ids)}/{expected} connected")
+                raise FederationError(
+                    f"only {len(node_ids)} of the {expected} SuperNodes this config needs "
+                    f"connected within federation.timeout = {self.cfg.federation.timeout}s"
+                )
+            if len(node_ids) != reported:
+                reported = len(node_ids)
+                self.log(
+                    f"waiting for SuperNodes: {reported} of {expected} connected (one per client, "
+                    f"partition-id 0..{expected - 1}; for a local `flwr run .` pass "
+                    f'--federation-config "num-supernodes={expected}")'
+                )
             time.sleep(2.0)
             node_ids = list(grid.get_node_ids())
         config = self._config_record(0, None)

@@ -1,0 +1,55 @@
+"""Every config the project ships is valid and means what its comments say."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mira.config import load_config
+from mira.memory import ModelShape, choose_rank
+from mira.ranks import client_rank
+
+ROOT = Path(__file__).parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
+def test_shipped_config_is_valid(path):
+    cfg = load_config(path)
+    assert cfg.num_clients >= 6
+    assert cfg.model.name == "smollm2-135m-instruct"
+
+
+def test_quickstart_has_three_task_kinds_one_of_them_generation():
+    from mira.data import REGISTRY
+
+    cfg = load_config()
+    names = [t.name for t in cfg.tasks]
+    assert len(names) >= 3 and all(t.clients == 3 for t in cfg.tasks)
+    assert any(REGISTRY[n].task.kind == "generation" for n in names)
+
+
+def test_hetero_ranks_config_gives_phones_workstations_and_a_budget_rank():
+    from transformers import LlamaConfig
+
+    cfg = load_config(ROOT / "configs" / "hetero-ranks.toml")
+    assert [client_rank(cfg, p) for p in range(6)] == [4, 4, 4, 16, 16, 16]
+    smollm2 = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        tie_word_embeddings=True,
+    )
+    nli = cfg.task("nli")
+    rank = choose_rank(
+        ModelShape.from_hf_config(smollm2),
+        nli.memory_mb,
+        cfg.lora.rank_choices,
+        cfg.lora.target_modules,
+        cfg.train.batch_size,
+        cfg.model.max_length,
+    )
+    assert rank == 8
