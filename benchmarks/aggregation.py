@@ -5,18 +5,20 @@ layers of q_proj (576 -> 576), k_proj (576 -> 192), v_proj (576 -> 192) and o_pr
 float32 factors, ranks drawn from {4, 8, 16}, scale lora_alpha / r, on a sparse random
 symmetric task graph with about 8 neighbours per client and server.step * max degree = 0.5.
 
-At 1000 clients the adapters alone are several GB, so the step is driven module by module with
-:func:`mira.laplacian.product_mix_module` (modules are independent; product_step is exactly this
-loop): a worker holds one module's factors for all clients at a time. The synthetic factors
-(a shared A initialisation plus a per-client drift, random B) are generated per module from a
-seed; their generation time is reported apart from the step. The step's modules are split over
-`--workers` processes; each worker times its modules, then reruns one q_proj module under
-tracemalloc for the numpy peak (tracemalloc slows numpy down, so it stays out of the timing).
+At 1000 clients the adapters alone are several GB, so the step is streamed `--layers-per-call`
+layers at a time through :func:`mira.laplacian.product_mix` (modules are independent, so
+product_step is exactly this loop over module groups), which spreads each group's modules over
+its thread pool (`--step-workers`, default: product_mix's own default, one thread per core) and
+limits BLAS to one thread per call itself. The synthetic factors (a shared A initialisation
+plus a per-client drift, random B) are generated per module from a seed; their generation time
+is reported apart from the step. The layers can also be split over `--processes` processes;
+each times its calls, then reruns its first call under tracemalloc for the numpy peak
+(tracemalloc slows numpy down, so it stays out of the timing).
 
 For small client counts the modules of the first `--dense-layers` layers are also aggregated
-densely (form each out x in target, full SVD, truncate) in the same process, and the time
-ratio dense / stacked is reported with the largest relative difference of the products
-s_k B_k' A_k' (both float32 outputs compared in float64).
+densely (form each out x in target, full SVD, truncate) in the same process, both at one BLAS
+thread, and the time ratio dense / stacked is reported with the largest relative difference of
+the products s_k B_k' A_k' (both float32 outputs compared in float64).
 
 Each client count runs in a fresh process so that its peak RSS is its own. Example:
 
@@ -42,8 +44,9 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
-from mira.laplacian import mixing_matrix, product_mix_module
+from mira.laplacian import mixing_matrix, product_mix, product_mix_module
 
 HIDDEN = 576
 KV_WIDTH = 192
@@ -68,11 +71,11 @@ class Setup:
 
 @dataclass(frozen=True)
 class WorkerResult:
-    step_seconds: float  # wall time inside product_mix_module, summed over this worker's modules
-    step_cpu_seconds: float  # CPU time of this process over the same calls
+    step_seconds: float  # wall time inside product_mix, summed over this process's calls
+    step_cpu_seconds: float  # CPU time of this process (all its threads) over the same calls
     generate_seconds: float
-    max_rss_bytes: int  # this worker process, after its timed modules
-    tracemalloc_peak_bytes: int  # numpy peak while aggregating one q_proj module
+    max_rss_bytes: int  # this process, after its timed calls
+    tracemalloc_peak_bytes: int  # numpy peak over its first call, factors included
 
 
 def module_list(layers: int) -> list[tuple[str, int, int]]:
@@ -121,24 +124,38 @@ def module_factors(setup: Setup, index: int) -> tuple[list[np.ndarray], list[np.
     return a_factors, b_factors
 
 
-def run_worker(setup: Setup, mixing: np.ndarray, module_indices: list[int]) -> WorkerResult:
-    """Aggregate these modules one at a time (timed), then one q_proj under tracemalloc."""
+def layer_adapters(setup: Setup, layers: list[int]) -> list[dict[str, tuple[np.ndarray, ...]]]:
+    """Every client's adapter restricted to these layers: module name -> (A, B)."""
+    names = module_list(setup.layers)
+    adapters: list[dict[str, tuple[np.ndarray, ...]]] = [{} for _ in range(setup.clients)]
+    for layer in layers:
+        for index in range(4 * layer, 4 * layer + 4):
+            a_factors, b_factors = module_factors(setup, index)
+            for k in range(setup.clients):
+                adapters[k][names[index][0]] = (a_factors[k], b_factors[k])
+    return adapters
+
+
+def run_worker(
+    setup: Setup, mixing: np.ndarray, calls: list[list[int]], step_workers: int | None
+) -> WorkerResult:
+    """One product_mix call per group of layers (timed), then the first group under tracemalloc."""
     scales = client_scales(setup)
     step = step_cpu = generate = 0.0
-    for index in module_indices:
+    for layers in calls:
         start = time.perf_counter()
-        a_factors, b_factors = module_factors(setup, index)
+        adapters = layer_adapters(setup, layers)
         generate += time.perf_counter() - start
         start, start_cpu = time.perf_counter(), time.process_time()
-        product_mix_module(a_factors, b_factors, mixing, scales)
+        product_mix(adapters, mixing, scales, workers=step_workers)
         step += time.perf_counter() - start
         step_cpu += time.process_time() - start_cpu
-        del a_factors, b_factors
+        del adapters
     max_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
     tracemalloc.start()
-    a_factors, b_factors = module_factors(setup, 0)  # layers.0.q_proj, the largest shape
-    product_mix_module(a_factors, b_factors, mixing, scales)
-    del a_factors, b_factors
+    adapters = layer_adapters(setup, calls[0])
+    product_mix(adapters, mixing, scales, workers=step_workers)
+    del adapters
     _, peak = tracemalloc.get_traced_memory()
     tracemalloc.stop()
     return WorkerResult(step, step_cpu, generate, max_rss, peak)
@@ -163,7 +180,10 @@ def dense_mix(
 
 
 def dense_check(setup: Setup, mixing: np.ndarray, dense_layers: int) -> dict[str, float]:
-    """Stacked and dense on the modules of the first layers: time ratio and largest difference."""
+    """Stacked and dense on the modules of the first layers: time ratio and largest difference.
+
+    Both run in this thread with one BLAS thread (product_mix_module sets that limit itself).
+    """
     scales = client_scales(setup)
     stacked_seconds = dense_seconds = worst = 0.0  # CPU time, robust to other load
     for index in range(4 * min(dense_layers, setup.layers)):
@@ -172,7 +192,8 @@ def dense_check(setup: Setup, mixing: np.ndarray, dense_layers: int) -> dict[str
         new_a, new_b = product_mix_module(a_factors, b_factors, mixing, scales)
         stacked_seconds += time.process_time() - start
         start = time.process_time()
-        reference = dense_mix(a_factors, b_factors, mixing, scales)
+        with threadpool_limits(limits=1, user_api="blas"):
+            reference = dense_mix(a_factors, b_factors, mixing, scales)
         dense_seconds += time.process_time() - start
         for k, (ref_a, ref_b) in enumerate(reference):
             ours = new_b[k].astype(np.float64) @ new_a[k].astype(np.float64)
@@ -186,7 +207,10 @@ def dense_check(setup: Setup, mixing: np.ndarray, dense_layers: int) -> dict[str
 
 
 def eigh_share(setup: Setup, mixing: np.ndarray) -> float:
-    """Fraction of one q_proj aggregation spent in the R x R eigendecompositions (cProfile)."""
+    """Fraction of one q_proj aggregation spent in the R x R eigendecompositions (cProfile).
+
+    Profiled on product_mix_module, which runs in the calling thread (cProfile sees one thread).
+    """
     a_factors, b_factors = module_factors(setup, 0)
     profile = cProfile.Profile()
     profile.runcall(product_mix_module, a_factors, b_factors, mixing, client_scales(setup))
@@ -201,9 +225,14 @@ def eigh_share(setup: Setup, mixing: np.ndarray) -> float:
 
 
 def measure(
-    setup: Setup, workers: list[int], dense_layers: int, dense_max_clients: int
+    setup: Setup,
+    processes: list[int],
+    step_workers: int | None,
+    layers_per_call: int,
+    dense_layers: int,
+    dense_max_clients: int,
 ) -> list[dict]:
-    """One server step for setup.clients clients with each worker count; dense check once."""
+    """One server step for setup.clients clients with each process count; dense check once."""
     adjacency = random_graph(setup)
     step = STEP_TIMES_MAX_DEGREE / adjacency.sum(axis=1).max()
     mixing = mixing_matrix(adjacency, step)
@@ -214,11 +243,17 @@ def measure(
     adapter_bytes = 4 * int(client_ranks(setup).sum()) * widths
     dense = dense_check(setup, mixing, dense_layers) if setup.clients <= dense_max_clients else None
     share = eigh_share(setup, mixing)
+    calls = [
+        list(range(first, min(first + layers_per_call, setup.layers)))
+        for first in range(0, setup.layers, layers_per_call)
+    ]
     rows = []
-    for count in workers:
-        shares = [list(range(w, 4 * setup.layers, count)) for w in range(count)]
+    for count in processes:
+        shares = [calls[p::count] for p in range(count)]
         with ProcessPoolExecutor(count, mp_context=get_context("spawn")) as pool:
-            futures = [pool.submit(run_worker, setup, mixing, share) for share in shares]
+            futures = [
+                pool.submit(run_worker, setup, mixing, share, step_workers) for share in shares
+            ]
             results = [future.result() for future in futures]
         cpu = sum(r.step_cpu_seconds for r in results)
         rows.append(
@@ -227,15 +262,17 @@ def measure(
                 "mean_degree": float(degree.mean()),
                 "mean_stacked_rank": float(stacked_rank.mean()),
                 "adapters_mb": adapter_bytes / 2**20,
-                "workers": count,
-                # Workers run at the same time: the step lasts as long as the slowest one.
+                "processes": count,
+                "step_workers": os.cpu_count() if step_workers is None else step_workers,
+                "layers_per_call": layers_per_call,
+                # Processes run at the same time: the step lasts as long as the slowest one.
                 "step_seconds": max(r.step_seconds for r in results),
                 "cpu_seconds": cpu,
                 "cpu_ms_per_client_module": 1e3 * cpu / (setup.clients * 4 * setup.layers),
                 "generate_seconds": sum(r.generate_seconds for r in results),
-                "tracemalloc_peak_mb_per_worker": max(r.tracemalloc_peak_bytes for r in results)
+                "tracemalloc_peak_mb_per_call": max(r.tracemalloc_peak_bytes for r in results)
                 / 2**20,
-                "max_rss_mb_per_worker": max(r.max_rss_bytes for r in results) / 2**20,
+                "max_rss_mb_per_process": max(r.max_rss_bytes for r in results) / 2**20,
                 "eigh_share": share,
                 "dense_layers": min(dense_layers, setup.layers) if dense else 0,
                 **(dense or {}),
@@ -250,12 +287,12 @@ def markdown_table(rows: list[dict]) -> str:
         "mean degree",
         "mean stacked rank R",
         "all adapters, float32 (MB)",
-        "workers",
+        "processes x step workers (threads)",
         "step, wall (s)",
-        "step, CPU summed over workers (s)",
+        "step, CPU of all threads (s)",
         "CPU ms per client-module",
-        "numpy peak per worker, tracemalloc (MB)",
-        "max RSS per worker (MB)",
+        "numpy peak per call, tracemalloc (MB)",
+        "max RSS per process (MB)",
         "share in R x R eigh",
         "dense / stacked CPU time (layers)",
         "max rel. diff vs dense",
@@ -273,12 +310,12 @@ def markdown_table(rows: list[dict]) -> str:
             f"{row['mean_degree']:.1f}",
             f"{row['mean_stacked_rank']:.1f}",
             f"{row['adapters_mb']:.0f}",
-            f"{row['workers']}",
+            f"{row['processes']} x {row['step_workers']}",
             f"{row['step_seconds']:.2f}",
             f"{row['cpu_seconds']:.2f}",
             f"{row['cpu_ms_per_client_module']:.3f}",
-            f"{row['tracemalloc_peak_mb_per_worker']:.0f}",
-            f"{row['max_rss_mb_per_worker']:.0f}",
+            f"{row['tracemalloc_peak_mb_per_call']:.0f}",
+            f"{row['max_rss_mb_per_process']:.0f}",
             f"{100 * row['eigh_share']:.0f}%",
             dense,
             diff,
@@ -308,13 +345,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ranks", type=int, nargs="+", default=[4, 8, 16])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
-        "--workers", type=int, nargs="+", default=[1], help="worker processes (one row each)"
+        "--processes", type=int, nargs="+", default=[1], help="processes (one row each)"
+    )
+    parser.add_argument(
+        "--step-workers",
+        type=int,
+        default=None,
+        help="threads of each product_mix call (default: its own default, os.cpu_count())",
+    )
+    parser.add_argument(
+        "--layers-per-call",
+        type=int,
+        default=1,
+        help="layers passed to one product_mix call (default 1: 4 modules of every client)",
     )
     parser.add_argument(
         "--blas-threads",
         type=int,
-        default=1,
-        help="BLAS threads per process (default 1: threading these small products is slower)",
+        default=None,
+        help="set OPENBLAS/OMP/MKL_NUM_THREADS (default: leave them; the step limits BLAS itself)",
     )
     parser.add_argument("--dense-max-clients", type=int, default=100)
     parser.add_argument("--dense-layers", type=int, default=2)
@@ -327,18 +376,30 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.one is not None:  # child process: one client count, rows as JSON
         setup = Setup(args.one, args.layers, args.degree, tuple(args.ranks), args.seed)
-        rows = measure(setup, args.workers, args.dense_layers, args.dense_max_clients)
+        rows = measure(
+            setup,
+            args.processes,
+            args.step_workers,
+            args.layers_per_call,
+            args.dense_layers,
+            args.dense_max_clients,
+        )
         print(json.dumps(rows))
         return
     env = dict(os.environ)
-    for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
-        env[variable] = str(args.blas_threads)
+    if args.blas_threads is not None:
+        for variable in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[variable] = str(args.blas_threads)
     load_before = os.getloadavg()
     rows = []
+    load_after_each = []
     for clients in args.clients:
         child = [sys.executable, __file__, "--one", str(clients), "--layers", str(args.layers)]
         child += ["--degree", str(args.degree), "--seed", str(args.seed)]
-        child += ["--ranks", *map(str, args.ranks), "--workers", *map(str, args.workers)]
+        child += ["--ranks", *map(str, args.ranks), "--processes", *map(str, args.processes)]
+        child += ["--layers-per-call", str(args.layers_per_call)]
+        if args.step_workers is not None:
+            child += ["--step-workers", str(args.step_workers)]
         child += ["--dense-max-clients", str(args.dense_max_clients)]
         child += ["--dense-layers", str(args.dense_layers)]
         started = time.perf_counter()
@@ -346,14 +407,21 @@ def main(argv: list[str] | None = None) -> None:
         if completed.returncode != 0:
             sys.exit(f"benchmark for {clients} clients failed:\n{completed.stderr}")
         rows += json.loads(completed.stdout.strip().splitlines()[-1])
+        load_after_each.append(f"{clients} clients: {os.getloadavg()[0]:.2f}")
         print(f"{clients} clients done in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     table = markdown_table(rows)
+    blas = (
+        f"{args.blas_threads} (environment)"
+        if args.blas_threads is not None
+        else "environment left as is; the step limits BLAS to 1 thread per call itself"
+    )
     note = (
-        f"Machine: {machine()}. BLAS threads per process: {args.blas_threads}. "
-        f"Layers: {args.layers}, target degree: {args.degree}, ranks: {args.ranks}, "
-        f"seed: {args.seed}. Load average (1, 5, 15 min) before: "
+        f"Machine: {machine()}. BLAS threads: {blas}. Layers: {args.layers} "
+        f"({args.layers_per_call} per product_mix call), target degree: {args.degree}, "
+        f"ranks: {args.ranks}, seed: {args.seed}. Load average (1, 5, 15 min) before: "
         f"{', '.join(f'{x:.2f}' for x in load_before)}; after: "
-        f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}."
+        f"{', '.join(f'{x:.2f}' for x in os.getloadavg())}. 1-min load average after each "
+        f"client count: {'; '.join(load_after_each)}."
     )
     print(table + "\n\n" + note)
     if args.out is not None:

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from threadpoolctl import threadpool_info
 
+import mira.laplacian as laplacian_module
 from mira.laplacian import (
     cluster_merge_mixing,
     cluster_mixing,
@@ -341,6 +343,95 @@ def test_product_mix_module_is_the_per_module_step():
     for k in range(3):
         np.testing.assert_array_equal(whole[k]["k"][0], new_a[k])
         np.testing.assert_array_equal(whole[k]["k"][1], new_b[k])
+
+
+WIDE_MODULES = {
+    "q": (40, 96),
+    "k": (40, 12),
+    "square12": (12, 12),
+    "o": (96, 40),
+    "up": (40, 64),
+    "tiny": (3, 5),
+}
+
+
+def test_product_mix_workers_are_bit_identical_and_match_dense():
+    rng = np.random.default_rng(13)
+    ranks = [2, 4, 8, 16, 4, 8, 16, 2]
+    adjacency = random_graph(rng, len(ranks), density=0.5)
+    step = 0.8 / adjacency.sum(axis=1).max()
+    scales = [16.0 / r for r in ranks]
+    adapters = random_product_adapters(rng, ranks, WIDE_MODULES)
+    mixing = mixing_matrix(adjacency, step, active=[True] * 7 + [False])
+    sequential = product_mix(adapters, mixing, scales, workers=1)
+    assert_products_close(sequential, dense_truncation(adapters, mixing, scales), scales, 1e-8)
+    for workers in (2, 3, 16, None):
+        pooled = product_mix(adapters, mixing, scales, workers=workers)
+        for ours, theirs in zip(pooled, sequential, strict=True):
+            assert list(ours) == list(WIDE_MODULES)  # module order kept
+            for name in WIDE_MODULES:
+                for x, y in zip(ours[name], theirs[name], strict=True):
+                    assert x.dtype == y.dtype and x.tobytes() == y.tobytes(), (workers, name)
+
+
+def test_product_step_forwards_workers():
+    rng = np.random.default_rng(14)
+    ranks = [4, 8, 16, 8, 4]
+    adjacency = random_graph(rng, len(ranks), density=0.6)
+    step = 0.5 / adjacency.sum(axis=1).max()
+    scales = [8.0 / np.sqrt(r) for r in ranks]
+    adapters = random_product_adapters(rng, ranks, WIDE_MODULES)
+    pooled = product_step(adapters, adjacency, step, scales, workers=4)
+    sequential = product_mix(adapters, mixing_matrix(adjacency, step), scales, workers=1)
+    for ours, theirs in zip(pooled, sequential, strict=True):
+        for name in WIDE_MODULES:
+            np.testing.assert_array_equal(ours[name][0], theirs[name][0])
+            np.testing.assert_array_equal(ours[name][1], theirs[name][1])
+    reference = dense_truncation(adapters, mixing_matrix(adjacency, step), scales)
+    assert_products_close(pooled, reference, scales, rtol=1e-8)
+
+
+def _blas_threads() -> list[int]:
+    return [info["num_threads"] for info in threadpool_info() if info["user_api"] == "blas"]
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_product_mix_limits_blas_to_one_thread_during_the_step(monkeypatch, workers):
+    seen: list[list[int]] = []
+    original = laplacian_module._mix_module
+
+    def spy(*args, **kwargs):
+        seen.append(_blas_threads())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(laplacian_module, "_mix_module", spy)
+    rng = np.random.default_rng(15)
+    adapters = random_product_adapters(rng, [4, 8, 2], WIDE_MODULES)
+    before = _blas_threads()
+    product_mix(
+        adapters, mixing_matrix(random_graph(rng, 3), 0.2), [1.0, 2.0, 3.0], workers=workers
+    )
+    assert len(seen) == len(WIDE_MODULES)
+    assert all(counts == [1] * len(before) for counts in seen)
+    assert _blas_threads() == before  # restored afterwards
+
+
+@pytest.mark.parametrize("workers", [1, 2, 5])
+def test_product_mix_reports_the_first_bad_module_for_any_workers(workers):
+    rng = np.random.default_rng(16)
+    adapters = random_product_adapters(rng, [4, 4, 8], WIDE_MODULES)
+    adapters[1]["up"][0][0, 0] = np.nan  # module order: q, k, square12, o, up, tiny
+    adapters[2]["q"][1][0, 0] = np.inf  # q comes first, though "up" is not the widest
+    mixing = mixing_matrix(np.ones((3, 3)) - np.eye(3), 0.1)
+    with pytest.raises(ValueError, match="client 2 module 'q' B"):
+        product_mix(adapters, mixing, [1.0, 1.0, 1.0], workers=workers)
+
+
+@pytest.mark.parametrize("workers", [0, -2, 1.5, True, "2"])
+def test_product_mix_rejects_bad_workers(workers):
+    adapters = random_product_adapters(np.random.default_rng(17), [4, 8], MODULES)
+    with pytest.raises(ValueError, match="workers must be a positive integer or None"):
+        product_mix(adapters, np.eye(2), [1.0, 1.0], workers=workers)
 
 
 @pytest.mark.parametrize(

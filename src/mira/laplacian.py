@@ -31,10 +31,15 @@ functions are pure: arrays in, arrays out; nothing here reads files, configs or 
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping, Sequence
-from typing import cast
+import functools
+import os
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import AbstractContextManager
+from typing import Any, TypeVar, cast
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 __all__ = [
     "FactorAdapter",
@@ -63,6 +68,12 @@ FloatVector = Sequence[float] | np.ndarray
 
 BoolVector = Sequence[bool] | np.ndarray
 """Per-client flags (True for the clients sampled this round) as a sequence or a 1-D array."""
+
+_T = TypeVar("_T")
+_R = TypeVar("_R")
+
+RowGroups = list[tuple[np.ndarray, np.ndarray]]
+"""Distinct rows of a mixing matrix: [(support of the row, clients that have that row)]."""
 
 _EPS = float(np.finfo(np.float64).eps)
 # A Cholesky pivot ratio below this means the stacked B factors are nearly dependent (the Gram
@@ -294,6 +305,8 @@ def product_mix(
     adapters: Sequence[Mapping[str, tuple[np.ndarray, np.ndarray]]],
     mixing: np.ndarray,
     scales: FloatVector,
+    *,
+    workers: int | None = None,
 ) -> list[ProductAdapter]:
     """Mix the effective updates s_l B_l A_l and truncate each target to the client's rank.
 
@@ -304,28 +317,49 @@ def product_mix(
     :func:`fedavg_mixing` it is FlexLoRA's average-then-truncate. See
     :func:`product_mix_module` for the computation, which never forms an out x in matrix.
 
+    Modules are independent, so they are spread over a pool of `workers` threads (numpy and
+    LAPACK release the GIL), largest modules first. For the duration of the step BLAS is
+    limited to one thread per call: these products are small (R x R with R about 100), and
+    BLAS threading makes them several times slower. The limit is process-wide, so it also holds
+    for other threads of the process while the step runs, and is restored afterwards. Each
+    module's computation is deterministic and the same on every worker, so the result is bit
+    for bit the same for any `workers`.
+
     Args:
         adapters: per client, module name -> (A [r_k, in], B [out, r_k]).
         mixing: K x K mixing matrix.
         scales: per client LoRA scale s_k (lora_alpha / r_k, or lora_alpha / sqrt(r_k)).
+        workers: threads that process modules in parallel; None (default) uses
+            ``os.cpu_count()``, 1 runs sequentially in the calling thread.
 
     Raises:
         ValueError: on an empty list, different module sets, inconsistent A/B shapes, a rank
             that differs across one client's modules, non-finite values, scales that are not
-            positive and finite, or a mixing matrix that is not a finite K x K array.
+            positive and finite, a mixing matrix that is not a finite K x K array, or a
+            `workers` that is not a positive integer or None.
     """
     modules = _check_product_adapters(adapters)
     mixing = _check_mixing(mixing, len(adapters))
-    _check_scales(scales, len(adapters))
+    scale = _check_scales(scales, len(adapters))
+    threads = _check_workers(workers)
+    rows = _distinct_rows(mixing)  # shared by every module: np.unique over K rows is not free
+
+    def mix(name: str) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        a_factors = [adapter[name][0] for adapter in adapters]
+        b_factors = [adapter[name][1] for adapter in adapters]
+        ranks = _check_module_factors(a_factors, b_factors, name)
+        return _mix_module(a_factors, b_factors, ranks, mixing, scale, rows)
+
+    # A row costs O((in + out) R^2 + R^3) with the same R in every module: start with the
+    # widest modules so that the last ones to finish are short.
+    def width(name: str) -> int:
+        a_0, b_0 = adapters[0][name]
+        return int(np.size(a_0) + np.size(b_0))
+
+    with _one_blas_thread():
+        results = _map_in_threads(mix, modules, threads, priority=width)
     mixed: list[ProductAdapter] = [{} for _ in adapters]
-    for name in modules:
-        new_a, new_b = product_mix_module(
-            [adapter[name][0] for adapter in adapters],
-            [adapter[name][1] for adapter in adapters],
-            mixing,
-            scales,
-            name=name,
-        )
+    for name, (new_a, new_b) in zip(modules, results, strict=True):
         for k in range(len(adapters)):
             mixed[k][name] = (new_a[k], new_b[k])
     return mixed
@@ -337,16 +371,19 @@ def product_step(
     step: float,
     scales: FloatVector,
     active: BoolVector | None = None,
+    *,
+    workers: int | None = None,
 ) -> list[ProductAdapter]:
     """MIRA's server update (paper eq. 8) in product space, for any mix of LoRA ranks.
 
     T_k = (1 - step * delta_k) s_k B_k A_k + step * sum_l a_kl s_l B_l A_l, truncated back to
-    rank r_k. Equal to ``product_mix(adapters, mixing_matrix(adjacency, step, active), scales)``.
+    rank r_k. Equal to ``product_mix(adapters, mixing_matrix(adjacency, step, active), scales,
+    workers=workers)``; `workers` threads process the modules (None: ``os.cpu_count()``).
 
     Raises:
         ValueError: as :func:`product_mix` and :func:`mixing_matrix`.
     """
-    return product_mix(adapters, mixing_matrix(adjacency, step, active), scales)
+    return product_mix(adapters, mixing_matrix(adjacency, step, active), scales, workers=workers)
 
 
 def product_mix_module(
@@ -360,16 +397,19 @@ def product_mix_module(
     """:func:`product_mix` for one module: the per-module, streaming entry point.
 
     Modules are independent, so a server holding many clients can pass one module's factors at
-    a time. For row k with support S = {l : M[k, l] != 0} the target is T_k = Bs @ As with
-    Bs = [M[k, l] s_l B_l]_{l in S} (out x R) and As = [A_l]_{l in S} (R x in), R = sum of the
-    ranks in S. With the reduced QR Bs = Qb Rb, T_k = Qb (Rb As): its left singular vectors
-    are Qb z for the top eigenvectors z of the R x R core Rb (As As^T) Rb^T, and its right
-    singular vectors follow as z^T Rb As / sigma. Rb comes from the Cholesky factor of the Gram
-    matrix Bs^T Bs (Qb is never formed), or from Householder QR when Bs is nearly rank
-    deficient (more stacked columns than rows, or nearly equal factors). Only one side is
-    factorised, so no QR of As is needed. Cost O((out + in) R^2 + R^3) per distinct row; no
-    out x in matrix is formed. Identical rows (FedAvg, cluster rules) are computed once. An
-    identity row returns the client's own arrays, copied exactly.
+    a time (or a few modules at a time to :func:`product_mix`, which spreads them over
+    threads; this function runs in the calling thread). For row k with support
+    S = {l : M[k, l] != 0} the target is T_k = Bs @ As with Bs = [M[k, l] s_l B_l]_{l in S}
+    (out x R) and As = [A_l]_{l in S} (R x in), R = sum of the ranks in S. With the reduced QR
+    Bs = Qb Rb, T_k = Qb (Rb As): its left singular vectors are Qb z for the top eigenvectors z
+    of the R x R core Rb (As As^T) Rb^T, and its right singular vectors follow as
+    z^T Rb As / sigma. Rb comes from the Cholesky factor of the Gram matrix Bs^T Bs (Qb is
+    never formed), or from Householder QR when Bs is nearly rank deficient (more stacked
+    columns than rows, or nearly equal factors). Only one side is factorised, so no QR of As is
+    needed. Cost O((out + in) R^2 + R^3) per distinct row; no out x in matrix is formed.
+    Identical rows (FedAvg, cluster rules) are computed once. An identity row returns the
+    client's own arrays, copied exactly. BLAS is limited to one thread per call while it runs,
+    as in :func:`product_mix`.
 
     A client whose rank exceeds the rank of its target (for instance r_k > min(in, out)) gets
     zero singular values for the missing components: zero columns of B_k' and, so that those
@@ -389,16 +429,28 @@ def product_mix_module(
         (new A factors, new B factors), per client, shapes and dtypes as given.
     """
     ranks = _check_module_factors(a_factors, b_factors, name)
-    num_clients = len(ranks)
-    mixing = _check_mixing(mixing, num_clients)
-    scale = _check_scales(scales, num_clients)
+    mixing = _check_mixing(mixing, len(ranks))
+    scale = _check_scales(scales, len(ranks))
+    with _one_blas_thread():
+        return _mix_module(a_factors, b_factors, ranks, mixing, scale, _distinct_rows(mixing))
+
+
+def _mix_module(
+    a_factors: Sequence[np.ndarray],
+    b_factors: Sequence[np.ndarray],
+    ranks: np.ndarray,
+    mixing: np.ndarray,
+    scale: np.ndarray,
+    rows: RowGroups,
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """:func:`product_mix_module` on checked inputs, with the distinct rows of `mixing` given."""
     new_a: list[np.ndarray] = list(a_factors)
     new_b: list[np.ndarray] = list(b_factors)
     # A and B^T as row-contiguous arrays (so both stacks are row blocks), B^T copied once per
     # client; kept in the input dtype: a float32 row stack reads half the bytes of a float64 one.
     a_rows: dict[int, np.ndarray] = {}
     bt_rows: dict[int, np.ndarray] = {}
-    for support, members in _distinct_rows(mixing):
+    for support, members in rows:
         todo = []
         for k in members:
             if support.size == 1 and support[0] == k and mixing[k, k] == 1.0:
@@ -507,8 +559,58 @@ def _split_factors(
 
 
 # --------------------------------------------------------------------------------------------
+# Threads
+# --------------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _blas_controller() -> Any:
+    # Finding the loaded BLAS libraries takes about a millisecond; limiting them through a
+    # kept controller about 15 microseconds, which matters for many small per-module calls.
+    return ThreadpoolController()
+
+
+def _one_blas_thread() -> AbstractContextManager[Any]:
+    """Limit every loaded BLAS library to one thread (process-wide) inside the with-block."""
+    return cast(AbstractContextManager[Any], _blas_controller().limit(limits=1, user_api="blas"))
+
+
+def _map_in_threads(
+    function: Callable[[_T], _R],
+    items: Sequence[_T],
+    workers: int,
+    priority: Callable[[_T], int],
+) -> list[_R]:
+    """[function(item) for item in items], on up to `workers` threads.
+
+    Items are started in decreasing `priority` (longest first balances the threads), results
+    come back in the order of `items`, and the first failing item in that order raises, as in
+    a sequential loop; the items not yet started are then cancelled.
+    """
+    if workers == 1 or len(items) <= 1:
+        return [function(item) for item in items]
+    started = sorted(range(len(items)), key=lambda i: -priority(items[i]))  # stable on ties
+    with ThreadPoolExecutor(max_workers=min(workers, len(items))) as pool:
+        futures = {i: pool.submit(function, items[i]) for i in started}
+        try:
+            return [futures[i].result() for i in range(len(items))]
+        except BaseException:
+            for future in futures.values():
+                future.cancel()
+            raise
+
+
+# --------------------------------------------------------------------------------------------
 # Validation helpers
 # --------------------------------------------------------------------------------------------
+
+
+def _check_workers(workers: int | None) -> int:
+    if workers is None:
+        return os.cpu_count() or 1
+    if isinstance(workers, bool) or not isinstance(workers, int | np.integer) or workers < 1:
+        raise ValueError(f"workers must be a positive integer or None, got {workers!r}")
+    return int(workers)
 
 
 def _active_mask(active: BoolVector | None, num_clients: int) -> np.ndarray:
@@ -567,7 +669,7 @@ def _is_identity_row(mixing: np.ndarray, k: int) -> bool:
     return bool(row[k] == 1.0 and np.count_nonzero(row) == 1)
 
 
-def _distinct_rows(mixing: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+def _distinct_rows(mixing: np.ndarray) -> RowGroups:
     """Group identical rows: [(support of the row, clients having that row)]."""
     _, first, inverse = np.unique(mixing, axis=0, return_index=True, return_inverse=True)
     inverse = inverse.reshape(-1)

@@ -268,7 +268,7 @@ def plot_client_curves(
     methods = list(curves)
     cols = min(3, len(methods))
     rows = math.ceil(len(methods) / cols)
-    figure = _figure(4.6 * cols, 3.4 * rows + 0.4)
+    figure = _figure(max(6.0, 4.6 * cols), 3.4 * rows + 0.6)
     tasks = list(dict.fromkeys(task_of.values()))
     colour = _palette(tasks)
     num_clients = max(len(c) for c in curves.values())
@@ -288,7 +288,8 @@ def plot_client_curves(
         axes[index // cols][index % cols].set_visible(False)
     handles = [Line2D([], [], color=colour[t], label=t) for t in tasks]
     figure.legend(handles=handles, title="task", loc="outside right upper")
-    figure.suptitle("Personalised eval loss of each client (own adapter, own held-out split)")
+    # Wrapped: a single panel is narrower than the one-line title.
+    figure.suptitle("Personalised eval loss of each client\n(own adapter, own held-out split)")
     return _save(figure, path)
 
 
