@@ -420,10 +420,12 @@ def test_product_mix_limits_blas_to_one_thread_during_the_step(monkeypatch, work
 def test_product_mix_reports_the_first_bad_module_for_any_workers(workers):
     rng = np.random.default_rng(16)
     adapters = random_product_adapters(rng, [4, 4, 8], WIDE_MODULES)
-    adapters[1]["up"][0][0, 0] = np.nan  # module order: q, k, square12, o, up, tiny
-    adapters[2]["q"][1][0, 0] = np.inf  # q comes first, though "up" is not the widest
+    # Module order q, k, square12, o, up, tiny; the pool starts the widest (q, o) first, so "o"
+    # fails before "k" is looked at. The error is still the sequential one: "k" comes first.
+    adapters[1]["k"][0][0, 0] = np.nan
+    adapters[2]["o"][1][0, 0] = np.inf
     mixing = mixing_matrix(np.ones((3, 3)) - np.eye(3), 0.1)
-    with pytest.raises(ValueError, match="client 2 module 'q' B"):
+    with pytest.raises(ValueError, match="client 1 module 'k' A"):
         product_mix(adapters, mixing, [1.0, 1.0, 1.0], workers=workers)
 
 
