@@ -16,8 +16,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
+# A new output folder per demo: `mira run` refuses to overwrite a finished run.
 demo: $(STAMP)
-	$(BIN)/mira run --out runs/demo
+	$(BIN)/mira run --out runs/demo-$$(date +%Y%m%d-%H%M%S)
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks
