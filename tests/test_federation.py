@@ -131,7 +131,9 @@ def test_simulation_equals_in_process_replay(runs, method):
         assert losses[client] == pytest.approx(expected_losses[index], abs=1e-4)
 
 
-def test_saved_adapter_reloads_with_peft_to_the_recorded_eval_loss(runs):
+def assert_reloads_to_recorded_eval_loss(run: str, runs, partitions: tuple[int, ...]) -> None:
+    """Each saved adapter, loaded by peft onto a fresh base model, gives the final eval loss
+    that metrics.jsonl recorded for its client."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -139,15 +141,15 @@ def test_saved_adapter_reloads_with_peft_to_the_recorded_eval_loss(runs):
     from mira.data import load_client_data
     from mira.model import model_source
 
-    cfg, folder = runs["mira"]
+    cfg, folder = runs[run]
     recorded = {
         r["client"]: r["eval_loss"]
         for r in read_metrics(folder)
-        if r["kind"] == "client" and r["round"] == 2
+        if r["kind"] == "client" and r["round"] == cfg.federation.rounds
     }
     source = model_source(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(source)
-    for partition in (0, 3):
+    for partition in partitions:
         client = cfg.client_ids[partition]
         base = AutoModelForCausalLM.from_pretrained(source)
         model = PeftModel.from_pretrained(base, str(folder / "adapters" / client))
@@ -155,6 +157,10 @@ def test_saved_adapter_reloads_with_peft_to_the_recorded_eval_loss(runs):
         encoded = [learner.encode(tokenizer, e, cfg.model.max_length) for e in data.eval]
         loss = learner.eval_loss(model, encoded, cfg.train.eval_batch_size, tokenizer.pad_token_id)
         assert loss == pytest.approx(recorded[client], abs=1e-5)
+
+
+def test_saved_adapter_reloads_with_peft_to_the_recorded_eval_loss(runs):
+    assert_reloads_to_recorded_eval_loss("mira", runs, (0, 3))
 
 
 def product(adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -197,29 +203,7 @@ def test_mixed_rank_fedit_gives_each_rank_the_truncation_of_one_average(runs):
 
 
 def test_mixed_rank_adapters_reload_with_peft_to_the_recorded_eval_loss(runs):
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from mira import learner
-    from mira.data import load_client_data
-    from mira.model import model_source
-
-    cfg, folder = runs["mira-hetero"]
-    recorded = {
-        r["client"]: r["eval_loss"]
-        for r in read_metrics(folder)
-        if r["kind"] == "client" and r["round"] == cfg.federation.rounds
-    }
-    source = model_source(cfg.model)
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    for partition in (0, 1):
-        client = cfg.client_ids[partition]
-        base = AutoModelForCausalLM.from_pretrained(source)
-        model = PeftModel.from_pretrained(base, str(folder / "adapters" / client))
-        data = load_client_data(cfg, partition)
-        encoded = [learner.encode(tokenizer, e, cfg.model.max_length) for e in data.eval]
-        loss = learner.eval_loss(model, encoded, cfg.train.eval_batch_size, tokenizer.pad_token_id)
-        assert loss == pytest.approx(recorded[client], abs=1e-5)
+    assert_reloads_to_recorded_eval_loss("mira-hetero", runs, (0, 1))
 
 
 def test_cluster_graph_from_fingerprints_is_written_with_k_and_ari(runs):
