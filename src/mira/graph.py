@@ -22,53 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
+from mira.laplacian import validate_adjacency
+
 Labels = Sequence[int] | np.ndarray
 """Cluster label of every client, in client order."""
 
-# Symmetry tolerance, relative to the largest entry: loaded matrices come from text files.
-_ATOL = 1e-9
-
 
 def check_adjacency(adjacency: np.ndarray, num_clients: int | None = None) -> np.ndarray:
-    """Validate a task graph and return it as a float64 array.
-
-    Raises ValueError naming the problem: not square (or not ``num_clients`` x ``num_clients``),
-    non-finite, negative, asymmetric, or a non-zero diagonal. A self-edge a_kk would be a no-op
-    in the pull (W_k - W_k = 0) yet inflate delta_k, so it is refused rather than ignored.
-    """
-    try:
-        matrix = np.asarray(adjacency, dtype=np.float64)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"adjacency is not numeric: {err}") from err
-    if matrix.ndim != 2:
-        raise ValueError(f"adjacency must be a 2-d K x K matrix, got shape {matrix.shape}")
-    rows, cols = matrix.shape
-    if num_clients is not None and (rows, cols) != (num_clients, num_clients):
-        raise ValueError(
-            f"expected {num_clients} x {num_clients} for {num_clients} clients, got {rows} x {cols}"
-        )
-    if rows != cols:
-        raise ValueError(f"adjacency must be a square K x K matrix, got {rows} x {cols}")
-    if not np.all(np.isfinite(matrix)):
-        i, j = np.argwhere(~np.isfinite(matrix))[0]
-        raise ValueError(f"adjacency has a non-finite entry a[{i},{j}] = {matrix[i, j]}")
-    if np.any(matrix < 0):
-        i, j = np.argwhere(matrix < 0)[0]
-        raise ValueError(f"adjacency has a negative entry a[{i},{j}] = {matrix[i, j]}")
-    scale = max(1.0, float(np.max(np.abs(matrix)))) if matrix.size else 1.0
-    asym = np.abs(matrix - matrix.T)
-    if np.any(asym > _ATOL * scale):
-        i, j = np.unravel_index(int(np.argmax(asym)), asym.shape)
-        raise ValueError(
-            f"adjacency is not symmetric: a[{i},{j}] = {matrix[i, j]} but "
-            f"a[{j},{i}] = {matrix[j, i]}"
-        )
-    diag = np.diag(matrix)
-    if np.any(diag != 0):
-        d = int(np.flatnonzero(diag)[0])
-        raise ValueError(f"adjacency has a non-zero diagonal: a[{d},{d}] = {diag[d]} (must be 0)")
-    # Exact symmetry, so the pull is symmetric to the last bit.
-    return (matrix + matrix.T) / 2.0
+    """Validate a task graph; see :func:`mira.laplacian.validate_adjacency` (the one check)."""
+    return validate_adjacency(adjacency, num_clients)
 
 
 def degrees(adjacency: np.ndarray) -> np.ndarray:

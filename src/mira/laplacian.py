@@ -78,6 +78,7 @@ RowGroups = list[tuple[np.ndarray, np.ndarray]]
 """Distinct rows of a mixing matrix: [(support of the row, clients that have that row)]."""
 
 _EPS = float(np.finfo(np.float64).eps)
+_SYMMETRY_RTOL = 1e-9
 # A Cholesky pivot ratio below this means the stacked B factors are nearly dependent (the Gram
 # matrix has squared away their small singular values); Householder QR takes over.
 _CHOLESKY_MIN_PIVOT_RATIO = 1e-4
@@ -89,42 +90,54 @@ _CHOLESKY_MIN_PIVOT_RATIO = 1e-4
 
 
 def validate_adjacency(adjacency: np.ndarray, num_clients: int | None = None) -> np.ndarray:
-    """Check a task-graph adjacency and return it as a float64 copy.
+    """Check a task-graph adjacency and return it as an exactly symmetric float64 copy.
 
     A valid adjacency (the a_kl of paper eq. 8) is a finite, square, symmetric, non-negative
-    K x K array with a zero diagonal. Symmetry is checked to a relative tolerance of 1e-12 and
-    the returned copy is exactly symmetric.
+    K x K array with a zero diagonal. Symmetry is checked to a relative tolerance of 1e-9 (a
+    matrix read from a text file may carry rounding); the copy returned is symmetrised. A
+    self-edge a_kk would do nothing in the pull (W_k - W_k = 0) yet inflate delta_k, so it is
+    refused rather than ignored. This is the one adjacency check of the project
+    (:func:`mira.graph.check_adjacency` is this function).
 
     Args:
         adjacency: the K x K weights a_kl.
         num_clients: the expected K, or None to accept any size.
 
     Raises:
-        ValueError: naming the problem (not square, wrong size, non-finite, negative entry at
-            (i, j), not symmetric with its largest asymmetry, non-zero diagonal).
+        ValueError: naming the problem (not numeric, not square, wrong size, non-finite,
+            negative entry a[i,j], not symmetric, non-zero diagonal).
     """
-    a = np.array(adjacency, dtype=np.float64, copy=True)
-    if a.ndim != 2 or a.shape[0] != a.shape[1]:
-        raise ValueError(f"adjacency must be a square K x K matrix, got shape {a.shape}")
-    if num_clients is not None and a.shape[0] != num_clients:
+    try:
+        a = np.array(adjacency, dtype=np.float64, copy=True)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"adjacency is not numeric: {err}") from err
+    if a.ndim != 2:
+        raise ValueError(f"adjacency must be a 2-d K x K matrix, got shape {a.shape}")
+    rows, cols = a.shape
+    if num_clients is not None and (rows, cols) != (num_clients, num_clients):
         raise ValueError(
-            f"adjacency is {a.shape[0]} x {a.shape[1]} but there are {num_clients} clients"
+            f"expected {num_clients} x {num_clients} for {num_clients} clients, got {rows} x {cols}"
         )
+    if rows != cols:
+        raise ValueError(f"adjacency must be a square K x K matrix, got {rows} x {cols}")
     if not np.all(np.isfinite(a)):
         i, j = np.argwhere(~np.isfinite(a))[0]
-        raise ValueError(f"adjacency has a non-finite entry {a[i, j]} at ({i}, {j})")
+        raise ValueError(f"adjacency has a non-finite entry a[{i},{j}] = {a[i, j]}")
     if np.any(a < 0):
         i, j = np.argwhere(a < 0)[0]
-        raise ValueError(f"adjacency has a negative entry {a[i, j]:.6g} at ({i}, {j})")
-    asymmetry = float(np.max(np.abs(a - a.T))) if a.size else 0.0
-    if asymmetry > 1e-12 * max(1.0, float(np.max(a, initial=0.0))):
-        i, j = np.unravel_index(np.argmax(np.abs(a - a.T)), a.shape)
+        raise ValueError(f"adjacency has a negative entry a[{i},{j}] = {a[i, j]}")
+    asymmetry = np.abs(a - a.T)
+    if a.size and np.any(asymmetry > _SYMMETRY_RTOL * max(1.0, float(np.max(np.abs(a))))):
+        i, j = np.unravel_index(int(np.argmax(asymmetry)), a.shape)
         raise ValueError(
-            f"adjacency is not symmetric: max |a_ij - a_ji| = {asymmetry:.3g} at ({i}, {j})"
+            f"adjacency is not symmetric: a[{i},{j}] = {a[i, j]} but a[{j},{i}] = {a[j, i]}"
         )
-    if np.any(np.diag(a) != 0):
-        i = int(np.flatnonzero(np.diag(a))[0])
-        raise ValueError(f"adjacency has a non-zero diagonal entry {a[i, i]:.6g} at ({i}, {i})")
+    diagonal = np.diag(a)
+    if np.any(diagonal != 0):
+        d = int(np.flatnonzero(diagonal)[0])
+        raise ValueError(
+            f"adjacency has a non-zero diagonal: a[{d},{d}] = {diagonal[d]} (must be 0)"
+        )
     # (a + a.T) / 2 is bit-exact for an already symmetric matrix.
     return (a + a.T) / 2
 
