@@ -66,6 +66,7 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
             r"choose one of: mira, fedit, cluster-fedavg, cluster-merge, local",
         ),
         (_raw(server={"step": -0.1}), r"server\.step must be >= 0"),
+        (_raw(federation={"metrics_every": 0}), r"federation\.metrics_every must be"),
         (_raw(server={"graph": "nope"}), r"server\.graph = 'nope' is not allowed"),
         (_raw(server={"pull_space": "dense"}), r"server\.pull_space = 'dense' is not allowed"),
         (_raw(federation={"fraction": 0.0}), r"federation\.fraction must be in \(0, 1\]"),

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 RUNS = {
     "mira": ["server.method=mira", "output.tensorboard=true"],
-    "fedit": ["server.method=fedit"],
+    "fedit": ["server.method=fedit", "federation.metrics_every=2"],
     "local": ["server.method=local"],
     "cluster-fedavg": ["server.method=cluster-fedavg"],
     "mira-step0": ["server.method=mira", "server.step=0.0"],
@@ -84,6 +84,17 @@ def test_outputs_layout(runs):
     assert rounds[-1]["personalised_eval_loss_mean"] == pytest.approx(np.mean(last))
     assert rounds[-1]["personalised_eval_loss_worst"] == pytest.approx(max(last))
     assert rounds[-1]["personalised_eval_loss_std"] == pytest.approx(np.std(last))
+
+
+def test_task_metrics_follow_metrics_every_and_always_end_the_run(runs):
+    every_round = [r for r in read_metrics(runs["mira"][1]) if r["kind"] == "client"]
+    assert all("accuracy" in r for r in every_round)
+    cfg, folder = runs["fedit"]
+    assert cfg.federation.metrics_every == 2
+    rows = [r for r in read_metrics(folder) if r["kind"] == "client"]
+    assert all("eval_loss" in r for r in rows)
+    assert not any("accuracy" in r for r in rows if r["round"] == 1)
+    assert all("accuracy" in r for r in rows if r["round"] == cfg.federation.rounds)
 
 
 def test_mira_gives_every_client_its_own_adapter(runs):

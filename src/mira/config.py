@@ -122,6 +122,13 @@ class FederationConfig:
     timeout: float = field(
         default=3600.0, metadata=_help("Seconds the server waits for the replies of one round.")
     )
+    metrics_every: int = field(
+        default=1,
+        metadata=_help(
+            "Task metrics (accuracy, ROUGE-L, exact match, F1) every N rounds and always after "
+            "the last; the eval loss is measured every round."
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -403,6 +410,7 @@ def _check_ranges(cfg: Config) -> None:
     positive("federation.rounds", cfg.federation.rounds)
     positive("federation.local_steps", cfg.federation.local_steps)
     positive("federation.workers", cfg.federation.workers)
+    positive("federation.metrics_every", cfg.federation.metrics_every)
     positive("federation.timeout", cfg.federation.timeout)
     if not 0.0 < cfg.federation.fraction <= 1.0:
         raise ConfigError(f"federation.fraction must be in (0, 1], got {cfg.federation.fraction!r}")

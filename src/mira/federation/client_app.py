@@ -223,7 +223,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     loss = learner.eval_loss(
         model.peft, encoded_eval, cfg.train.eval_batch_size, model.tokenizer.pad_token_id
     )
-    scores = learner.task_metrics(model.peft, model.tokenizer, data.task, data.eval, cfg)
+    scores = {}
+    if bool(msg.content.config_records["config"].get("task_metrics", True)):
+        scores = learner.task_metrics(model.peft, model.tokenizer, data.task, data.eval, cfg)
     metrics = MetricRecord(
         {
             "eval_loss": loss,

@@ -358,7 +358,17 @@ class MiraStrategy(Strategy):
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
         """Every client evaluates the personalised adapter it holds after the server rule."""
-        return [self._message(MessageType.EVALUATE, server_round, c) for c in self.clients]
+        messages = [self._message(MessageType.EVALUATE, server_round, c) for c in self.clients]
+        for message in messages:
+            message.content.config_records["config"]["task_metrics"] = self.measures_task_metrics(
+                server_round
+            )
+        return messages
+
+    def measures_task_metrics(self, server_round: int) -> bool:
+        """Task metrics every ``federation.metrics_every`` rounds and after the last round."""
+        federation = self.cfg.federation
+        return server_round % federation.metrics_every == 0 or server_round == federation.rounds
 
     def aggregate_evaluate(
         self, server_round: int, replies: Iterable[Message]
