@@ -410,3 +410,45 @@ def test_real_comparison_of_mira_and_local_on_the_tiny_model(tiny_config, tmp_pa
 
     write_report(out)
     assert (out / "plots" / "task_graph.png").is_file()
+
+
+def _save_adapters(folder: Path, shift: float) -> None:
+    from safetensors.numpy import save_file
+
+    for index, (client, _) in enumerate(CLIENTS):
+        (folder / "adapters" / client).mkdir(parents=True)
+        tensors = {"lora_A": np.full((2, 3), float(index), dtype=np.float32)}
+        tensors["lora_B"] = np.full((3, 2), index + shift, dtype=np.float32)
+        save_file(tensors, str(folder / "adapters" / client / "adapter_model.safetensors"))
+
+
+def test_diff_reports_the_largest_differences_of_two_runs(tmp_path: Path, capsys) -> None:
+    from mira.cli import main
+    from mira.compare import run_differences
+
+    same_a, same_b, other = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    write_fake_run(same_a, "mira", 1)
+    write_fake_run(same_b, "mira", 1)
+    write_fake_run(other, "mira", 2)  # every loss SEED_SHIFT higher
+    found = run_differences(same_a, same_b)
+    assert (found.pairs, found.eval_loss, found.adapter) == (6, 0.0, None)
+    assert run_differences(same_a, other).eval_loss == pytest.approx(SEED_SHIFT)
+
+    _save_adapters(same_a, 0.0)
+    _save_adapters(same_b, 0.25)
+    found = run_differences(same_a, same_b)
+    assert (found.clients_with_adapters, found.adapter) == (3, 0.25)
+    assert main(["diff", str(same_a), str(same_b), "--atol", "0.3"]) == 0
+    assert main(["diff", str(same_a), str(same_b), "--atol", "0.1"]) == 1
+    assert "largest |difference| 0.25" in capsys.readouterr().out
+
+
+def test_diff_refuses_runs_of_different_rounds_or_clients(tmp_path: Path) -> None:
+    from mira.compare import run_differences
+
+    write_fake_run(tmp_path / "two", "mira", 1, rounds=2)
+    write_fake_run(tmp_path / "three", "mira", 1, rounds=3)
+    with pytest.raises(CompareError, match=r"different \(round, client\) pairs.*\(3, "):
+        run_differences(tmp_path / "two", tmp_path / "three")
+    with pytest.raises(CompareError, match=r"has no metrics\.jsonl"):
+        run_differences(tmp_path / "two", tmp_path)

@@ -94,6 +94,27 @@ def _resume_or_restart(cfg: Config, folder: Path, verbose: bool) -> None:
         run_simulation(cfg, folder, verbose=verbose, resume=True)
 
 
+def _diff(args: argparse.Namespace) -> int:
+    from mira.compare import run_differences
+
+    found = run_differences(Path(args.first), Path(args.second))
+    print(
+        f"eval loss: {found.pairs} (round, client) pairs, "
+        f"largest |difference| {found.eval_loss:.3g}"
+    )
+    if found.adapter is None:
+        print("adapters: not saved in both runs, not compared")
+    else:
+        print(
+            f"adapters: {found.clients_with_adapters} clients, "
+            f"largest |difference| {found.adapter:.3g}"
+        )
+    if args.atol is not None and found.largest() > args.atol:
+        print(f"mira diff: the runs differ by more than {args.atol:g}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def _report(args: argparse.Namespace) -> int:
     from mira.report import write_report
 
@@ -187,6 +208,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
     compare.set_defaults(func=_compare)
+
+    diff = sub.add_parser(
+        "diff", help="largest differences of two runs' eval losses and final adapters"
+    )
+    diff.add_argument("first", help="a run directory")
+    diff.add_argument("second", help="another run directory of the same clients")
+    diff.add_argument(
+        "--atol", type=float, default=None, help="exit with status 1 above this difference"
+    )
+    diff.set_defaults(func=_diff)
 
     report = sub.add_parser(
         "report", help="write report.md and report.html with plots for a run or a comparison"

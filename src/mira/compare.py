@@ -772,3 +772,67 @@ def write_comparison(out_dir: Path) -> Path:
     tmp.write_text(comparison_markdown(out_dir, complete, incomplete, rows, per_client))
     tmp.replace(path)
     return path
+
+
+# ------------------------------------------------------------------------------ two runs
+@dataclass(frozen=True)
+class RunDifferences:
+    """How far two run directories are apart, as largest absolute differences."""
+
+    pairs: int  # (round, client) eval losses compared
+    eval_loss: float
+    clients_with_adapters: int  # clients whose saved adapters were compared (0: none saved)
+    adapter: float | None  # None when the folders do not both hold adapters
+
+    def largest(self) -> float:
+        return max(self.eval_loss, self.adapter or 0.0)
+
+
+def _client_losses(folder: Path) -> dict[tuple[int, str], float]:
+    if not (folder / "metrics.jsonl").is_file():
+        raise CompareError(f"{folder} is not a run directory: it has no metrics.jsonl")
+    return {
+        (int(r["round"]), str(r["client"])): float(r["eval_loss"])
+        for r in read_rows(folder)
+        if r.get("kind") == "client" and "eval_loss" in r
+    }
+
+
+def run_differences(first: Path, second: Path) -> RunDifferences:
+    """Compare two runs of the same clients: every recorded (round, client) eval loss, and
+    the final adapters in ``adapters/`` where both folders have them.
+
+    A check that two settings compute the same thing: ``server.step = 0`` against ``local``,
+    a resumed run against an uninterrupted one, two machines. Raises CompareError when the
+    runs do not cover the same rounds and clients, or their adapters hold different tensors.
+    """
+    from safetensors.numpy import load_file
+
+    first, second = Path(first), Path(second)
+    losses_a, losses_b = _client_losses(first), _client_losses(second)
+    if losses_a.keys() != losses_b.keys():
+        only_a = sorted(losses_a.keys() - losses_b.keys())[:3]
+        only_b = sorted(losses_b.keys() - losses_a.keys())[:3]
+        raise CompareError(
+            f"the runs record different (round, client) pairs: only in {first}: {only_a}; "
+            f"only in {second}: {only_b}"
+        )
+    eval_loss = max((abs(losses_a[k] - losses_b[k]) for k in losses_a), default=0.0)
+    clients_a = {p.parent.name for p in (first / "adapters").glob("*/adapter_model.safetensors")}
+    clients_b = {p.parent.name for p in (second / "adapters").glob("*/adapter_model.safetensors")}
+    if not clients_a or not clients_b:
+        return RunDifferences(len(losses_a), eval_loss, 0, None)
+    if clients_a != clients_b:
+        raise CompareError(
+            f"the runs saved adapters for different clients: {sorted(clients_a ^ clients_b)}"
+        )
+    worst = 0.0
+    for client in sorted(clients_a):
+        a = load_file(str(first / "adapters" / client / "adapter_model.safetensors"))
+        b = load_file(str(second / "adapters" / client / "adapter_model.safetensors"))
+        if a.keys() != b.keys() or any(a[k].shape != b[k].shape for k in a):
+            raise CompareError(f"client {client}: the two adapters hold different tensors")
+        for key in a:
+            difference = np.abs(a[key].astype(np.float64) - b[key].astype(np.float64))
+            worst = max(worst, float(difference.max(initial=0.0)))
+    return RunDifferences(len(losses_a), eval_loss, len(clients_a), worst)
