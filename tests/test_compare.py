@@ -452,3 +452,22 @@ def test_diff_refuses_runs_of_different_rounds_or_clients(tmp_path: Path) -> Non
         run_differences(tmp_path / "two", tmp_path / "three")
     with pytest.raises(CompareError, match=r"has no metrics\.jsonl"):
         run_differences(tmp_path / "two", tmp_path)
+
+
+def test_paired_table_subtracts_mira_seed_by_seed(tmp_path: Path) -> None:
+    root = make_comparison_dir(tmp_path)
+    write_comparison(root)
+    text = (root / "comparison.md").read_text()
+    section = text.split("## Paired by seed")[1].split("\n## ")[0]
+    rows = {
+        cells[0]: cells[1:]
+        for line in section.splitlines()
+        if line.startswith("| ") and not line.startswith("| method")
+        for cells in [[c.strip() for c in line.strip("|").split("|")]]
+    }
+    # local is 3 - 7/3 above mira on both seeds; fedit (seed 1 only) 1/3 below it
+    assert rows["local"] == ["2", "0.6667 ± 0.000", "0.6667 0.6667", "2 of 2"]
+    assert rows["fedit"] == ["1", "-0.3333", "-0.3333", "0 of 1"]
+    # the paired table comes right after the main loss table
+    assert text.index("## Personalised eval loss after") < text.index("## Paired by seed")
+    assert text.index("## Paired by seed") < text.index("## Personalised eval loss per task")

@@ -673,6 +673,51 @@ def summary_tables(
     return tables
 
 
+def paired_table(runs: Sequence[RunRecord]) -> Table | None:
+    """Each method against mira on the seeds both finished: the per-seed difference of the
+    mean personalised eval loss (method - mira), its mean and std over those seeds, and on how
+    many of them mira was lower. Seeds change the client splits as well, so a difference
+    within one seed is the sharper comparison than two means over seeds."""
+    reference = "mira"
+    means = {
+        (r.method, r.seed): run_statistics(r)["personalised_loss_mean"]
+        for r in runs
+        if r.seed is not None
+    }
+    mine = {seed: v for (method, seed), v in means.items() if method == reference}
+    others = _unique(r.method for r in runs if r.method != reference)
+    if not mine or not others:
+        return None
+    body = []
+    for method in others:
+        differences = [
+            value - mine[seed]  # type: ignore[operator]
+            for (name, seed), value in sorted(means.items(), key=lambda item: item[0][1])
+            if name == method and seed in mine and value is not None and mine[seed] is not None
+        ]
+        if not differences:
+            continue
+        mean, std = mean_std(differences)
+        body.append(
+            [
+                method,
+                str(len(differences)),
+                fmt_pm(mean, std),
+                " ".join(fmt(d) for d in differences),
+                f"{sum(d > 0 for d in differences)} of {len(differences)}",
+            ]
+        )
+    if not body:
+        return None
+    return Table(
+        f"Paired by seed: mean personalised eval loss of each method minus {reference}'s",
+        ["method", "seeds", "difference", "per seed", f"{reference} lower"],
+        body,
+        note=f"Positive: {reference} reached the lower mean personalised eval loss on the same "
+        "seed (same clients, splits, initialisation and data order).",
+    )
+
+
 def per_client_tables(per_client: Sequence[dict[str, Any]]) -> list[Table]:
     """Client x method tables of the final personalised loss and of each task metric."""
     methods = _unique(r["method"] for r in per_client)
@@ -742,7 +787,11 @@ def comparison_markdown(
     ]
     if incomplete:
         lines += ["", "Not finished, left out of every table: " + ", ".join(map(str, incomplete))]
-    for table in summary_tables(rows, per_client):
+    tables = summary_tables(rows, per_client)
+    paired = paired_table(complete)
+    if paired is not None:
+        tables.insert(1, paired)
+    for table in tables:
         lines += ["", f"## {table.title}", "", markdown_table(table)]
         if table.note:
             lines += ["", table.note]
