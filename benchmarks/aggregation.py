@@ -46,6 +46,7 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from mira import eigen, laplacian
 from mira.laplacian import mixing_matrix, product_mix, product_mix_module
 
 HIDDEN = 576
@@ -136,10 +137,27 @@ def layer_adapters(setup: Setup, layers: list[int]) -> list[dict[str, tuple[np.n
     return adapters
 
 
+def use_eigensolver(name: str) -> None:
+    """Make the pull use `name` for the top eigenpairs of each row's R x R core.
+
+    "lapack" is what mira uses (:func:`mira.eigen.top_eigenpairs`: only the kept eigenvectors,
+    GIL released); "numpy" is the reference, numpy's full ``eigh`` then a slice.
+    """
+    if name == "lapack" and not eigen.lapack_available():
+        sys.exit("--eigensolvers lapack: scipy's cython_lapack could not be loaded")
+    solvers = {"lapack": eigen.top_eigenpairs, "numpy": eigen.top_eigenpairs_numpy}
+    laplacian.top_eigenpairs = solvers[name]  # type: ignore[attr-defined]
+
+
 def run_worker(
-    setup: Setup, mixing: np.ndarray, calls: list[list[int]], step_workers: int | None
+    setup: Setup,
+    mixing: np.ndarray,
+    calls: list[list[int]],
+    step_workers: int | None,
+    eigensolver: str,
 ) -> WorkerResult:
     """One product_mix call per group of layers (timed), then the first group under tracemalloc."""
+    use_eigensolver(eigensolver)
     scales = client_scales(setup)
     step = step_cpu = generate = 0.0
     for layers in calls:
@@ -206,33 +224,39 @@ def dense_check(setup: Setup, mixing: np.ndarray, dense_layers: int) -> dict[str
     }
 
 
-def eigh_share(setup: Setup, mixing: np.ndarray) -> float:
-    """Fraction of one q_proj aggregation spent in the R x R eigendecompositions (cProfile).
+def eigen_share(setup: Setup, mixing: np.ndarray, eigensolver: str) -> float:
+    """Fraction of one q_proj aggregation spent on the top eigenpairs of the R x R cores.
 
-    Profiled on product_mix_module, which runs in the calling thread (cProfile sees one thread).
+    Profiled (cProfile) on product_mix_module, which runs in the calling thread (cProfile sees
+    one thread).
     """
+    use_eigensolver(eigensolver)
     a_factors, b_factors = module_factors(setup, 0)
     profile = cProfile.Profile()
     profile.runcall(product_mix_module, a_factors, b_factors, mixing, client_scales(setup))
     stats = pstats.Stats(profile).stats  # type: ignore[attr-defined]
     total = max(cumulative for (_, _, _, cumulative, _) in stats.values())
-    eigh = sum(
+    solver = sum(
         cumulative
         for (path, _, function), (_, _, _, cumulative, _) in stats.items()
-        if function == "eigh" and "linalg" in path
+        if function.startswith("top_eigenpairs") and path.endswith("eigen.py")
     )
-    return eigh / total
+    return solver / total
 
 
 def measure(
     setup: Setup,
     processes: list[int],
     step_workers: int | None,
+    eigensolvers: list[str],
     layers_per_call: int,
     dense_layers: int,
     dense_max_clients: int,
 ) -> list[dict]:
-    """One server step for setup.clients clients with each process count; dense check once."""
+    """One server step for setup.clients clients with each eigensolver and process count.
+
+    The dense check runs once, with mira's own eigensolver.
+    """
     adjacency = random_graph(setup)
     step = STEP_TIMES_MAX_DEGREE / adjacency.sum(axis=1).max()
     mixing = mixing_matrix(adjacency, step)
@@ -241,18 +265,20 @@ def measure(
     # float32 A and B of every client and module: what a server would hold without streaming.
     widths = sum(fan_in + fan_out for _, fan_in, fan_out in module_list(setup.layers))
     adapter_bytes = 4 * int(client_ranks(setup).sum()) * widths
+    use_eigensolver("lapack" if eigen.lapack_available() else "numpy")
     dense = dense_check(setup, mixing, dense_layers) if setup.clients <= dense_max_clients else None
-    share = eigh_share(setup, mixing)
     calls = [
         list(range(first, min(first + layers_per_call, setup.layers)))
         for first in range(0, setup.layers, layers_per_call)
     ]
     rows = []
-    for count in processes:
-        shares = [calls[p::count] for p in range(count)]
+    for eigensolver, count in [(e, c) for e in eigensolvers for c in processes]:
+        share = eigen_share(setup, mixing, eigensolver)
+        parts = [calls[p::count] for p in range(count)]
         with ProcessPoolExecutor(count, mp_context=get_context("spawn")) as pool:
             futures = [
-                pool.submit(run_worker, setup, mixing, share, step_workers) for share in shares
+                pool.submit(run_worker, setup, mixing, part, step_workers, eigensolver)
+                for part in parts
             ]
             results = [future.result() for future in futures]
         cpu = sum(r.step_cpu_seconds for r in results)
@@ -262,6 +288,7 @@ def measure(
                 "mean_degree": float(degree.mean()),
                 "mean_stacked_rank": float(stacked_rank.mean()),
                 "adapters_mb": adapter_bytes / 2**20,
+                "eigensolver": eigensolver,
                 "processes": count,
                 "step_workers": os.cpu_count() if step_workers is None else step_workers,
                 "layers_per_call": layers_per_call,
@@ -273,12 +300,18 @@ def measure(
                 "tracemalloc_peak_mb_per_call": max(r.tracemalloc_peak_bytes for r in results)
                 / 2**20,
                 "max_rss_mb_per_process": max(r.max_rss_bytes for r in results) / 2**20,
-                "eigh_share": share,
+                "eigen_share": share,
                 "dense_layers": min(dense_layers, setup.layers) if dense else 0,
                 **(dense or {}),
             }
         )
     return rows
+
+
+EIGENSOLVER_LABELS = {
+    "lapack": "LAPACK, kept vectors only",
+    "numpy": "numpy eigh, all (reference)",
+}
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -287,13 +320,14 @@ def markdown_table(rows: list[dict]) -> str:
         "mean degree",
         "mean stacked rank R",
         "all adapters, float32 (MB)",
+        "top eigenpairs by",
         "processes x step workers (threads)",
         "step, wall (s)",
         "step, CPU of all threads (s)",
         "CPU ms per client-module",
         "numpy peak per call, tracemalloc (MB)",
         "max RSS per process (MB)",
-        "share in R x R eigh",
+        "share in top eigenpairs",
         "dense / stacked CPU time (layers)",
         "max rel. diff vs dense",
     ]
@@ -310,13 +344,14 @@ def markdown_table(rows: list[dict]) -> str:
             f"{row['mean_degree']:.1f}",
             f"{row['mean_stacked_rank']:.1f}",
             f"{row['adapters_mb']:.0f}",
+            EIGENSOLVER_LABELS[row["eigensolver"]],
             f"{row['processes']} x {row['step_workers']}",
             f"{row['step_seconds']:.2f}",
             f"{row['cpu_seconds']:.2f}",
             f"{row['cpu_ms_per_client_module']:.3f}",
             f"{row['tracemalloc_peak_mb_per_call']:.0f}",
             f"{row['max_rss_mb_per_process']:.0f}",
-            f"{100 * row['eigh_share']:.0f}%",
+            f"{100 * row['eigen_share']:.0f}%",
             dense,
             diff,
         ]
@@ -346,6 +381,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--processes", type=int, nargs="+", default=[1], help="processes (one row each)"
+    )
+    parser.add_argument(
+        "--eigensolvers",
+        nargs="+",
+        choices=["lapack", "numpy"],
+        default=["lapack"],
+        help="top eigenpairs of each R x R core: lapack (mira's, default) and/or numpy (full "
+        "eigh, the reference); one row each",
     )
     parser.add_argument(
         "--step-workers",
@@ -380,6 +423,7 @@ def main(argv: list[str] | None = None) -> None:
             setup,
             args.processes,
             args.step_workers,
+            args.eigensolvers,
             args.layers_per_call,
             args.dense_layers,
             args.dense_max_clients,
@@ -398,6 +442,7 @@ def main(argv: list[str] | None = None) -> None:
         child += ["--degree", str(args.degree), "--seed", str(args.seed)]
         child += ["--ranks", *map(str, args.ranks), "--processes", *map(str, args.processes)]
         child += ["--layers-per-call", str(args.layers_per_call)]
+        child += ["--eigensolvers", *args.eigensolvers]
         if args.step_workers is not None:
             child += ["--step-workers", str(args.step_workers)]
         child += ["--dense-max-clients", str(args.dense_max_clients)]

@@ -108,3 +108,17 @@ def test_a_folder_that_is_neither_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ReportError, match="no finished run"):
         write_report(tmp_path)
     shutil.rmtree(tmp_path / "runs")
+
+
+def test_comparison_report_lists_each_seeds_mean_per_round(tmp_path: Path) -> None:
+    root = make_comparison_dir(tmp_path / "cmp")
+    write_report(root)
+    markdown = (root / "report.md").read_text()
+    assert "Per round: mean personalised eval loss over clients, one value per seed" in markdown
+    header = next(line for line in markdown.splitlines() if line.startswith("| round "))
+    methods = [c.strip() for c in header.split("|")[2:-1]]
+    row = next(line for line in markdown.splitlines() if line.startswith("| 1 "))
+    cells = dict(zip(methods, [c.strip() for c in row.split("|")[2:-1]], strict=True))
+    # mira, round 1 of 2: client mean 7/3 + 0.5, seed 2 shifted by 0.2
+    assert cells["mira"] == f"{7 / 3 + 0.5:.3f} {7 / 3 + 0.7:.3f}"
+    assert "Seeds in each cell, in order: mira: 1, 2" in markdown

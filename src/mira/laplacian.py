@@ -43,6 +43,8 @@ from typing import Any, TypeVar, cast
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
+from mira.eigen import lapack_available, top_eigenpairs
+
 __all__ = [
     "FactorAdapter",
     "ProductAdapter",
@@ -334,7 +336,7 @@ def product_mix(
 
     Modules are independent, so they are spread over a pool of `workers` threads (numpy and
     LAPACK release the GIL), largest modules first. A row is some 40 small numpy calls whose
-    Python glue holds the GIL, so threads scale below the core count: 1.5x on 2 cores in
+    Python glue holds the GIL, so threads scale below the core count: 1.7x on 2 cores in
     docs/aggregation.md. For the duration of the step BLAS is limited to one thread per call:
     the products are small (the stacked rank R is about 86 for ranks 4 to 16 and 8
     neighbours) and BLAS threading makes them several times slower. The limit is process-wide,
@@ -423,10 +425,11 @@ def product_mix_module(
     z^T Rb As / sigma. Rb comes from the Cholesky factor of the Gram matrix Bs^T Bs (Qb is
     never formed), or from Householder QR when Bs is nearly rank deficient (more stacked
     columns than rows, or nearly equal factors). Only one side is factorised, so no QR of As is
-    needed. Cost O((out + in) R^2 + R^3) per distinct row; no out x in matrix is formed.
-    Identical rows (FedAvg, cluster rules) are computed once. An identity row returns the
-    client's own arrays, copied exactly. BLAS is limited to one thread per call while it runs,
-    as in :func:`product_mix`.
+    needed. Only the top r_k eigenpairs of the core are computed
+    (:func:`mira.eigen.top_eigenpairs`, LAPACK without the GIL). Cost O((out + in) R^2 + R^3)
+    per distinct row; no out x in matrix is formed. Identical rows (FedAvg, cluster rules) are
+    computed once. An identity row returns the client's own arrays, copied exactly. BLAS is
+    limited to one thread per call while it runs, as in :func:`product_mix`.
 
     A client whose rank exceeds the rank of its target (for instance r_k > min(in, out)) gets
     zero singular values for the missing components: zero columns of B_k' and, so that those
@@ -516,20 +519,19 @@ def _stacked_truncated_svd(
     r_total = row_coefs.size
     r_factor = _triangular_factor(bt_stack, row_coefs)  # Bs = Qb @ Rb
     # T = Qb (Rb As): the left singular vectors of T are Qb z for the eigenvectors z of
-    # (Rb As)(Rb As)^T = Rb (As As^T) Rb^T, a p x p matrix (p <= R); eigh reads one triangle.
+    # (Rb As)(Rb As)^T = Rb (As As^T) Rb^T, a p x p matrix (p <= R) of which only the top
+    # `rank` eigenpairs are computed (mira.eigen; it reads one triangle).
     gram_a = a_stack @ a_stack.T
     core = r_factor @ gram_a @ r_factor.T
-    eigenvalues, eigenvectors = np.linalg.eigh(core)  # ascending
-    top = float(eigenvalues[-1]) if eigenvalues.size else 0.0
-    if top <= 0:
+    # Eigenvalues below R * eps of the largest count as zero (the squaring noise floor).
+    eigenvalues, eigenvectors = top_eigenpairs(core, rank, r_total * _EPS)  # sigma_i^2, desc.
+    if eigenvalues.size == 0:
         return np.zeros((0, bt_stack.shape[1])), np.zeros(0), np.zeros((0, a_stack.shape[1]))
-    count = min(rank, int(np.count_nonzero(eigenvalues > top * r_total * _EPS)))
-    eigenvalues = eigenvalues[::-1][:count]  # sigma_i^2, descending
     sigma = np.sqrt(eigenvalues)
     # v_i^T = z_i^T Rb As / sigma_i, then u_i = T v_i / sigma_i = Bs (As v_i) / sigma_i, where
     # As v_i = (As As^T) Rb^T z_i / sigma_i reuses the Gram matrix: q R^2 work instead of q R in.
     # The scalings are applied to the q x R coefficients, not to the q x in and q x out results.
-    z_rb = eigenvectors[:, ::-1][:, :count].T @ r_factor
+    z_rb = eigenvectors.T @ r_factor
     right = (z_rb / sigma[:, None]) @ a_stack
     left_t = ((z_rb @ gram_a) * row_coefs / eigenvalues[:, None]) @ bt_stack
     return left_t, sigma, right
@@ -587,6 +589,9 @@ def _split_factors(
 def _blas_controller() -> Any:
     # Finding the loaded BLAS libraries takes about a millisecond; limiting them through a
     # kept controller about 15 microseconds, which matters for many small per-module calls.
+    # The controller only knows the libraries loaded when it is made, so scipy's LAPACK (and
+    # the BLAS it brings, used by mira.eigen) is loaded first.
+    lapack_available()
     return ThreadpoolController()
 
 

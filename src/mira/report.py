@@ -409,6 +409,30 @@ def _round_table(run: RunRecord) -> Table:
     )
 
 
+def mean_curve_table(runs: Sequence[RunRecord]) -> Table:
+    """The numbers of ``mean_loss.png``: per round and method, each seed's mean over clients."""
+    curves = mean_curves(runs)
+    rounds = sorted({int(r) for r_, _, _ in curves.values() for r in r_})
+    seeds = {method: [run.seed for run in runs if run.method == method] for method in curves}
+    rows = []
+    for rnd in rounds:
+        cells = [str(rnd)]
+        for method_rounds, _, matrix in curves.values():
+            where = np.flatnonzero(method_rounds == rnd)
+            column = matrix[:, where[0]] if where.size else np.full(matrix.shape[0], math.nan)
+            cells.append(" ".join(fmt(float(v)) for v in column))
+        rows.append(cells)
+    seed_lists = "; ".join(
+        f"{method}: {', '.join(str(s) for s in seeds[method])}" for method in curves
+    )
+    return Table(
+        "Per round: mean personalised eval loss over clients, one value per seed",
+        ["round", *curves],
+        rows,
+        note=f"Seeds in each cell, in order: {seed_lists}. These are the lines of mean_loss.png.",
+    )
+
+
 def _graph_source(runs: Sequence[RunRecord]) -> RunRecord | None:
     with_graph = [r for r in runs if (r.folder / "graph.json").is_file()]
     preferred = [r for r in with_graph if r.method == "mira"]
@@ -517,6 +541,7 @@ def _comparison_blocks(out_dir: Path) -> list[Block]:
     blocks += [
         Heading("Tables"),
         *summary_tables(rows, per_client),
+        mean_curve_table(runs),
         Heading("Plots"),
         *_plots(runs, rows, out_dir),
     ]
