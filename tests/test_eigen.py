@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -122,3 +126,25 @@ def test_large_matrices_use_a_fresh_workspace() -> None:
     matrix = gram(np.random.default_rng(5), 600, 600)
     values, vectors = eigen.top_eigenpairs(matrix, 4, 1e-14)
     check_pairs(matrix, values, vectors)
+
+
+def test_the_step_limits_the_blas_that_the_eigensolver_uses() -> None:
+    # scipy's LAPACK brings its own OpenBLAS; the step's one-thread limit must reach it too, or
+    # its small BLAS calls run threaded and several times slower. A fresh interpreter, so that
+    # nothing here has loaded scipy's LAPACK before the step's BLAS controller is made.
+    script = """
+import json
+from threadpoolctl import threadpool_info
+from mira import laplacian
+with laplacian._one_blas_thread():
+    from mira import eigen
+    assert eigen.lapack_available()
+    print(json.dumps({i["filepath"]: i["num_threads"] for i in threadpool_info()
+                      if i["user_api"] == "blas"}))
+"""
+    env = {**os.environ, "OPENBLAS_NUM_THREADS": "2", "OMP_NUM_THREADS": "2"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, env=env, check=True
+    )
+    limits = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(limits) >= 1 and all(threads == 1 for threads in limits.values()), limits

@@ -54,9 +54,9 @@ def top_eigenpairs(
 
     Returns:
         (values [q] in descending order, vectors [n, q]) with q <= count, eigenvectors as
-        orthonormal columns. q is the same as with :func:`top_eigenpairs_numpy`; the vectors of
-        a repeated eigenvalue may differ by a rotation within its eigenspace, as between any
-        two eigensolvers.
+        orthonormal columns. q follows the same rule as in :func:`top_eigenpairs_numpy` (the
+        eigenvalues of the two agree to about eps * ||C||); the vectors of a repeated
+        eigenvalue may differ by a rotation within its eigenspace, as between any two solvers.
     """
     routines = _routines()
     size = matrix.shape[0]
