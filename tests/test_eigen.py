@@ -148,3 +148,12 @@ with laplacian._one_blas_thread():
     )
     limits = json.loads(done.stdout.strip().splitlines()[-1])
     assert len(limits) >= 1 and all(threads == 1 for threads in limits.values()), limits
+
+
+def test_only_the_expected_c_signatures_are_called() -> None:
+    double = b"__pyx_t_5scipy_6linalg_13cython_lapack_d *"
+    good = b"void (char *, int *, " + double + b", int *)"
+    assert eigen._pointer_arguments(good, 4)
+    assert not eigen._pointer_arguments(good, 5)  # another arity
+    assert not eigen._pointer_arguments(b"void (char *, long *, " + double + b", int *)", 4)
+    assert not eigen._pointer_arguments(b"int (char *, int *, " + double + b", int *)", 4)

@@ -186,25 +186,29 @@ def _routines() -> dict[str, _Routine] | None:
     """ctypes prototypes of the LAPACK routines in scipy's cython_lapack, or None if unavailable.
 
     scipy exports each routine as a PyCapsule holding its C function pointer; the capsule's
-    name is the C signature, which is checked to use 32-bit ``int`` and ``double`` arguments as
-    the prototypes below assume.
+    name is the C signature, which is checked to take only ``char *``, 32-bit ``int *`` and
+    ``double *`` arguments, as many as the prototypes below assume.
     """
     try:
         from scipy.linalg import cython_lapack
     except ImportError:
         return None
     capi: dict[str, Any] = getattr(cython_lapack, "__pyx_capi__", {})
-    get_name = ctypes.pythonapi.PyCapsule_GetName
-    get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
-    get_pointer = ctypes.pythonapi.PyCapsule_GetPointer
-    get_pointer.restype, get_pointer.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+    # Own prototypes of the two CPython calls, rather than setting restype on the process-wide
+    # ctypes.pythonapi attributes that other code may use.
+    get_name = ctypes.PYFUNCTYPE(ctypes.c_char_p, ctypes.py_object)(
+        ("PyCapsule_GetName", ctypes.pythonapi)
+    )
+    get_pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
+        ("PyCapsule_GetPointer", ctypes.pythonapi)
+    )
     routines: dict[str, _Routine] = {}
     for name, arity in _ARITY.items():
         capsule = capi.get(name)
         if capsule is None:
             return None
         signature = get_name(capsule)
-        if signature is None or signature.count(b"*") != arity or b"long" in signature:
+        if signature is None or not _pointer_arguments(signature, arity):
             return None
         address = get_pointer(capsule, signature)
         if not address:
@@ -212,3 +216,16 @@ def _routines() -> dict[str, _Routine] | None:
         prototype = ctypes.CFUNCTYPE(None, *([ctypes.c_void_p] * arity))
         routines[name] = prototype(address)
     return routines
+
+
+def _pointer_arguments(signature: bytes, arity: int) -> bool:
+    """Whether a signature like b"void (char *, int *, __pyx_t_..._d *)" has `arity` arguments,
+    each a char, 32-bit int or double pointer (scipy's typedef of double ends in ``_d``)."""
+    text = signature.decode("ascii", "replace")
+    if not text.startswith("void (") or not text.endswith(")"):
+        return False
+    arguments = [part.strip() for part in text[len("void (") : -1].split(",")]
+    allowed = ("char *", "int *")
+    return len(arguments) == arity and all(
+        argument in allowed or argument.endswith("_d *") for argument in arguments
+    )
