@@ -412,7 +412,7 @@ def _round_table(run: RunRecord) -> Table:
 def mean_curve_table(runs: Sequence[RunRecord]) -> Table:
     """The numbers of ``mean_loss.png``: per round and method, each seed's mean over clients."""
     curves = mean_curves(runs)
-    rounds = sorted({int(r) for r_, _, _ in curves.values() for r in r_})
+    rounds = sorted({int(r) for method_rounds, _, _ in curves.values() for r in method_rounds})
     seeds = {method: [run.seed for run in runs if run.method == method] for method in curves}
     rows = []
     for rnd in rounds:
