@@ -24,11 +24,13 @@ from mira.config import Config, DataConfig, TaskConfig, config_from_dict
 from mira.data import (
     REGISTRY,
     DataError,
+    format_split_table,
     format_task_table,
     list_tasks,
     load_client_data,
     prepare,
     resolve_task,
+    split_summary,
     task_examples,
 )
 from mira.data.sources import read_bigbench, read_csv, read_jsonl, read_orange_tab
@@ -588,3 +590,46 @@ def test_hub_dataset_task_reads_rows_and_fails_clearly_offline(monkeypatch):
     raw["tasks"][0]["path"] = "hf:imdb"
     with pytest.raises(DataError, match=r"hf:imdb: cannot load split 'validation'.*hub reachable"):
         load_client_data(config_from_dict(raw), 0)
+
+
+# --- mira data splits ------------------------------------------------------------------------
+
+
+def test_split_summary_counts_each_clients_labels(tmp_path: Path) -> None:
+    path = _write(tmp_path / "mine.csv", _user_rows(1000))
+    for skew in (0.0, 0.2):
+        cfg = make_config(
+            [_user_task(path, clients=4)], train_size=20, eval_size=5, label_skew=skew
+        )
+        rows = split_summary(cfg)
+        assert [r["client"] for r in rows] == list(cfg.client_ids)
+        for index, row in enumerate(rows):
+            data = load_client_data(cfg, index)
+            expected = collections.Counter(["neg", "pos"][e.label] for e in data.train)
+            assert row["train_labels"] == {"neg": expected["neg"], "pos": expected["pos"]}
+            assert sum(row["eval_labels"].values()) == row["eval"] == 5
+            assert row["train"] == 20 and row["task"] == "mine"
+        majority = [max(r["train_labels"].values()) for r in rows]
+        if skew:  # Dir(0.2) gives most clients one dominant label
+            assert np.mean(majority) > 16
+        else:
+            assert np.mean(majority) < 16
+
+
+def test_mira_data_splits_prints_the_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from mira.cli import main
+
+    path = _write(tmp_path / "mine.csv", _user_rows(40))
+    config = tmp_path / "c.toml"
+    config.write_text(
+        f'[data]\ntrain_size = 4\neval_size = 2\n\n[[tasks]]\nname = "mine"\nclients = 2\n'
+        f'path = "{path}"\nkind = "classification"\ninput_column = "text"\n'
+        'target_column = "y"\nverbalisers = ["neg", "pos"]\n'
+    )
+    assert main(["data", "splits", str(config), "--set", "data.eval_size=3"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "| client | task | train | eval | train labels | eval labels |"
+    assert len(lines) == 4 and lines[2].startswith("| mine-0 | mine | 4 | 3 | neg ")
+    assert format_split_table([]) == "\n".join(lines[:2])

@@ -155,6 +155,14 @@ def _data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_splits(args: argparse.Namespace) -> int:
+    from mira.data import format_split_table, split_summary
+
+    cfg = load_config(args.config, args.set)
+    print(format_split_table(split_summary(cfg)))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mira",
@@ -232,7 +240,9 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("--markdown", action="store_true", help="print a markdown table")
     config.set_defaults(func=_config)
 
-    data = sub.add_parser("data", help="list the built-in tasks or prepare their data offline")
+    data = sub.add_parser(
+        "data", help="list the built-in tasks, prepare their data offline, or show client splits"
+    )
     data_sub = data.add_subparsers(dest="data_command", required=True)
     listing = data_sub.add_parser("list", help="name, kind, size, source and licence of each task")
     listing.set_defaults(func=_data_list)
@@ -242,6 +252,20 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (listing, prep):
         p.add_argument("--data-dir", default="", help="data folder (default: the mira cache)")
         p.add_argument("--cache-dir", default="", help="cache folder (default: ~/.cache/mira)")
+    splits = data_sub.add_parser(
+        "splits", help="every client's train / eval sizes and label counts under a config"
+    )
+    splits.add_argument(
+        "config", nargs="?", default=None, help="TOML config (default: packaged quickstart)"
+    )
+    splits.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override one config key (repeatable), e.g. --set data.label_skew=0.3",
+    )
+    splits.set_defaults(func=_data_splits)
     return parser
 
 

@@ -231,3 +231,53 @@ def load_client_data(cfg: Config, client_index: int) -> ClientData:
         train=[examples[i] for i in split.train],
         eval=[examples[i] for i in split.eval],
     )
+
+
+def split_summary(cfg: Config) -> list[dict[str, Any]]:
+    """Per client (``cfg.client_ids`` order): task, split sizes and label counts.
+
+    What ``mira data splits`` prints, so that a user can see the clients a config makes before
+    training, the label skew of ``data.label_skew`` in particular. Label counts are keyed by
+    verbaliser (stripped) for classification tasks and empty for generation tasks.
+    """
+    rows = []
+    for index, client_id in enumerate(cfg.client_ids):
+        data = load_client_data(cfg, index)
+        words = [w.strip() for w in data.task.verbalisers]
+
+        def counts(examples: list[Example], words: list[str] = words) -> dict[str, int]:
+            tally = dict.fromkeys(words, 0)
+            for example in examples:
+                if example.label is not None:
+                    tally[words[example.label]] += 1
+            return tally
+
+        rows.append(
+            {
+                "client": client_id,
+                "task": data.task.name,
+                "train": len(data.train),
+                "eval": len(data.eval),
+                "train_labels": counts(data.train) if words else {},
+                "eval_labels": counts(data.eval) if words else {},
+            }
+        )
+    return rows
+
+
+def format_split_table(rows: list[dict[str, Any]]) -> str:
+    """:func:`split_summary` as a markdown table; label counts as ``label count`` pairs."""
+
+    def labels(tally: dict[str, int]) -> str:
+        return ", ".join(f"{word} {count}" for word, count in tally.items()) or "-"
+
+    lines = [
+        "| client | task | train | eval | train labels | eval labels |",
+        "| --- | --- | ---: | ---: | --- | --- |",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['client']} | {row['task']} | {row['train']} | {row['eval']} | "
+            f"{labels(row['train_labels'])} | {labels(row['eval_labels'])} |"
+        )
+    return "\n".join(lines)
