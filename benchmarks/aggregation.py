@@ -1,12 +1,12 @@
 """Time and memory of one product-space MIRA server step against the number of clients.
 
-One server step is :func:`mira.laplacian.product_step` on SmolLM2-135M-shaped adapters: 30
+One server step is :func:`mira.core.spaces.product_step` on SmolLM2-135M-shaped adapters: 30
 layers of q_proj (576 -> 576), k_proj (576 -> 192), v_proj (576 -> 192) and o_proj (576 -> 576),
 float32 factors, ranks drawn from {4, 8, 16}, scale lora_alpha / r, on a sparse random
 symmetric task graph with about 8 neighbours per client and server.step * max degree = 0.5.
 
 At 1000 clients the adapters alone are several GB, so the step is streamed `--layers-per-call`
-layers at a time through :func:`mira.laplacian.product_mix` (modules are independent, so
+layers at a time through :func:`mira.core.spaces.product_mix` (modules are independent, so
 product_step is exactly this loop over module groups), which spreads each group's modules over
 its thread pool (`--step-workers`, default: product_mix's own default, one thread per core) and
 limits BLAS to one thread per call itself. The synthetic factors (a shared A initialisation
@@ -46,8 +46,9 @@ from pathlib import Path
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from mira import eigen, laplacian
-from mira.laplacian import mixing_matrix, product_mix, product_mix_module
+from mira.core import eigen
+from mira.core import spaces as laplacian
+from mira.core.spaces import mixing_matrix, product_mix, product_mix_module
 
 HIDDEN = 576
 KV_WIDTH = 192
@@ -140,7 +141,7 @@ def layer_adapters(setup: Setup, layers: list[int]) -> list[dict[str, tuple[np.n
 def use_eigensolver(name: str) -> None:
     """Make the pull use `name` for the top eigenpairs of each row's R x R core.
 
-    "lapack" is what mira uses (:func:`mira.eigen.top_eigenpairs`: only the kept eigenvectors,
+    "lapack" is what mira uses (:func:`mira.core.eigen.top_eigenpairs`: only the kept eigenvectors,
     GIL released); "numpy" is the reference, numpy's full ``eigh`` then a slice.
     """
     if name == "lapack" and not eigen.lapack_available():

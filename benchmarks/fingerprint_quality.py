@@ -5,7 +5,7 @@ fingerprint batches and the projection all follow it) and each fingerprint varia
 client's fingerprint is computed in this process exactly as a client computes it
 (:func:`mira.federation.client_app.client_fingerprint` on ``load_client_data`` encoded with
 ``learner.encode``, ``own=None``: the base model), and the server's
-:func:`mira.task_graph.fingerprint_graph` clusters them (``server.graph = "clusters"``). Reported
+:func:`mira.graph.build.fingerprint_graph` clusters them (``server.graph = "clusters"``). Reported
 per seed and variant: the chosen k, its silhouette, the adjusted Rand index (ARI) of the clusters
 against the declared tasks, the clusters, and seconds per fingerprint; per variant: mean and
 min ARI over seeds and the mean within-task vs between-task cosine similarity of fingerprints.
@@ -42,11 +42,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from mira import learner, task_graph
+from mira.client import learner
+from mira.client.model import lora_model
 from mira.config import Config, ServerConfig, config_from_dict
 from mira.data import load_client_data
 from mira.federation.client_app import client_fingerprint
-from mira.model import lora_model
+from mira.graph import build as task_graph
 
 
 def markers(section: str) -> tuple[str, str]:

@@ -1,17 +1,18 @@
-"""Peak training memory of SmolLM2-135M with LoRA, measured, against mira.memory's estimate.
+"""Peak training memory of SmolLM2-135M with LoRA, measured, against mira.client.memory's estimate.
 
 Every run is a fresh Python process (so one run's peak cannot carry over into the next) that:
 
 1. imports torch, transformers, peft and mira, sets torch's thread count, and records its
    resident set size (RSS): the baseline, the Python/torch runtime, which the estimate excludes;
-2. loads the cached converted SmolLM2-135M-Instruct through ``mira.model.lora_model`` and
+2. loads the cached converted SmolLM2-135M-Instruct through ``mira.client.model.lora_model`` and
    activates a LoRA adapter of the given rank on the given target modules;
-3. runs ``--steps`` AdamW steps of ``mira.learner.train_steps`` on random token sequences of
+3. runs ``--steps`` AdamW steps of ``mira.client.learner.train_steps`` on random token sequences of
    exactly ``seq_len`` tokens (or, for the padded rows, lengths drawn from [seq_len/2, seq_len]
    with one full-length sequence per batch, so every batch carries a padding mask);
 4. reports its peak RSS (``getrusage(RUSAGE_SELF).ru_maxrss``) minus the baseline.
 
-The estimate is ``mira.memory.estimate_training_memory`` for the same configuration, built from
+The estimate is ``mira.client.memory.estimate_training_memory`` for the same configuration,
+built from
 the loaded model's config (``ModelShape.from_hf_config``, whose parameter count is checked
 against the model's). The ratio estimate / measured should lie in [0.75, 1.25].
 
@@ -43,7 +44,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from mira.memory import (
+from mira.client.memory import (
     FRAMEWORK_OVERHEAD_MB,
     MiB,
     ModelShape,
@@ -93,7 +94,7 @@ def random_sequences(run: Run, steps: int, vocab_size: int) -> list[Any]:
     """
     import numpy as np
 
-    from mira.learner import Encoded
+    from mira.client.learner import Encoded
 
     count = steps * run.batch_size
     rng = np.random.default_rng(SEED)
@@ -119,10 +120,10 @@ def measure(run: Run, steps: int, targets: tuple[str, ...], threads: int) -> Mea
     import torch
     import transformers  # noqa: F401
 
-    from mira import learner
+    from mira.client import learner
+    from mira.client.learner import collate
+    from mira.client.model import lora_model
     from mira.config import Config, FederationConfig, LoraConfig, ModelConfig, TrainConfig
-    from mira.learner import collate
-    from mira.model import lora_model
 
     torch.set_num_threads(threads)
     baseline = rss_bytes()
@@ -141,7 +142,9 @@ def measure(run: Run, steps: int, targets: tuple[str, ...], threads: int) -> Mea
             f"ModelShape counts {shape.num_parameters} parameters, model {base_count}"
         )
     if sum(p.numel() for p in parameters) != lora_parameter_count(shape, run.rank, targets):
-        raise RuntimeError("LoRA parameter count differs from mira.memory.lora_parameter_count")
+        raise RuntimeError(
+            "LoRA parameter count differs from mira.client.memory.lora_parameter_count"
+        )
 
     encoded = random_sequences(run, steps, shape.vocab_size)
     cfg = Config(
@@ -333,7 +336,8 @@ def main(argv: list[str] | None = None) -> None:
             f"(ru_maxrss) minus the RSS after imports (runtime baseline "
             f"{min(m.baseline_mb for _, m, _ in rows):.0f}-"
             f"{max(m.baseline_mb for _, m, _ in rows):.0f} MiB, excluded). Estimated: "
-            "`mira.memory.estimate_training_memory` (weights, LoRA factors, gradients, AdamW "
+            "`mira.client.memory.estimate_training_memory` (weights, LoRA factors, gradients, "
+            "AdamW "
             f"moments, saved activations, loss working set, and the {FRAMEWORK_OVERHEAD_MB:.0f} "
             "MiB framework overhead). The column 'measured - estimate + overhead' is what the "
             "one calibrated constant, the framework overhead, stands for in each run.",

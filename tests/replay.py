@@ -1,7 +1,7 @@
 """A federation replayed in one process without Flower, as a reference for the real runs.
 
 The server rules are written out densely here (weighted means, I - step * L) instead of
-calling mira.rules, so a simulated run is checked against an independent implementation.
+calling mira.core.rules, so a simulated run is checked against an independent implementation.
 """
 
 from __future__ import annotations
@@ -9,11 +9,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from mira import learner
+from mira.client import learner
+from mira.client.model import Adapter, lora_model
 from mira.config import Config
 from mira.data import load_client_data
 from mira.federation.client_app import training_seed
-from mira.model import Adapter, lora_model
 
 
 def _dense_rule(cfg: Config, trained: list[Adapter], weights: list[int]) -> list[Adapter]:
@@ -66,8 +66,53 @@ def _dense_rule(cfg: Config, trained: list[Adapter], weights: list[int]) -> list
     raise ValueError(method)
 
 
-def replay(cfg: Config) -> tuple[list[Adapter], list[float]]:
-    """Final adapters and final eval losses of every client (full participation)."""
+def _same_task_mean(tasks: list[str], trained: list[Adapter], k: int) -> Adapter:
+    """The plain mean of the other clients of k's task, in float64, stored as float32."""
+    others = [j for j in range(len(tasks)) if j != k and tasks[j] == tasks[k]]
+    return {
+        key: (sum(trained[j][key].astype(float) for j in others) / len(others)).astype(np.float32)
+        for key in trained[k]
+    }
+
+
+def _auto_rule(
+    cfg: Config, trained: list[Adapter], model, name: str, val: list, trace: list[dict]
+) -> list[Adapter]:
+    """server.step = "auto" on the declared-task graph, written out: every client tries
+    (1 - alpha) W_k + alpha M_k for its candidates on its validation split and keeps the best."""
+    tasks = cfg.client_tasks
+    tok = model.tokenizer
+    chosen = []
+    for k in range(len(trained)):
+        mean = _same_task_mean(tasks, trained, k)
+        neighbours = tasks.count(tasks[k]) - 1
+        candidates = set(cfg.server.auto_grid)
+        if cfg.server.auto_equal_share:
+            candidates.add(neighbours / (neighbours + 1))
+        losses = {}
+        mixed = {}
+        for alpha in sorted(candidates):
+            mixed[alpha] = {
+                key: (
+                    (1 - alpha) * trained[k][key].astype(float) + alpha * mean[key].astype(float)
+                ).astype(np.float32)
+                for key in trained[k]
+            }
+            model.set_adapter(name, mixed[alpha])
+            losses[alpha] = learner.eval_loss(
+                model.peft, val[k], cfg.train.eval_batch_size, tok.pad_token_id
+            )
+        best = min(sorted(losses), key=lambda a: losses[a])
+        trace.append({"client": cfg.client_ids[k], "alpha": best, "losses": losses})
+        chosen.append(mixed[best])
+    return chosen
+
+
+def replay(cfg: Config, trace: list[dict] | None = None) -> tuple[list[Adapter], list[float]]:
+    """Final adapters and final eval losses of every client (full participation).
+
+    ``trace`` receives, for server.step = "auto", every round's choice of every client.
+    """
     torch.set_num_threads(1)
     model = lora_model(cfg.model)
     init = model.shared_init(cfg.lora, cfg.lora.rank, cfg.federation.seed)
@@ -75,6 +120,7 @@ def replay(cfg: Config) -> tuple[list[Adapter], list[float]]:
     data = [load_client_data(cfg, p) for p in range(cfg.num_clients)]
     tok = model.tokenizer
     encoded = [[learner.encode(tok, e, cfg.model.max_length) for e in d.train] for d in data]
+    val = [[learner.encode(tok, e, cfg.model.max_length) for e in d.val] for d in data]
     adapters = [dict(init) for _ in range(cfg.num_clients)]
     for server_round in range(1, cfg.federation.rounds + 1):
         trained = []
@@ -89,7 +135,12 @@ def replay(cfg: Config) -> tuple[list[Adapter], list[float]]:
                 seed=training_seed(cfg.federation.seed, p, server_round),
             )
             trained.append(model.get_adapter(name))
-        adapters = _dense_rule(cfg, trained, [len(d.train) for d in data])
+        if cfg.server.method == "mira" and cfg.server.step == "auto":
+            adapters = _auto_rule(
+                cfg, trained, model, name, val, trace if trace is not None else []
+            )
+        else:
+            adapters = _dense_rule(cfg, trained, [len(d.train) for d in data])
     losses = []
     for p in range(cfg.num_clients):
         model.set_adapter(name, adapters[p])

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import tomli_w
 
-from mira.compare import (
+from mira.config import Config, ConfigError, load_config
+from mira.experiments.compare import (
     DONE,
     RUN_INFO,
     CompareError,
@@ -29,7 +30,6 @@ from mira.compare import (
     summarise_comparison,
     write_comparison,
 )
-from mira.config import Config, ConfigError, load_config
 
 CLIENTS = [("sentiment-0", "sentiment"), ("sentiment-1", "sentiment"), ("qa-0", "qa")]
 # Final-round personalised eval loss of each client (order of CLIENTS) at seed 1; every seed
@@ -74,7 +74,7 @@ def write_fake_run(
     rounds: int = 2,
     seconds: float | None = None,
 ) -> None:
-    """A run directory as mira.outputs writes it, with the fixed numbers above."""
+    """A run directory as mira.results.rundir writes it, with the fixed numbers above."""
     folder.mkdir(parents=True, exist_ok=True)
     if cfg is not None:
         (folder / "config.toml").write_text(tomli_w.dumps(cfg.to_dict()))
@@ -406,7 +406,7 @@ def test_real_comparison_of_mira_and_local_on_the_tiny_model(tiny_config, tmp_pa
     stored = load_config(out / "runs" / "mira" / "seed-3" / "config.toml")
     assert stored.federation.seed == 3 and stored.server.method == "mira"
     # the report reads what real runs write (seconds, not minutes, on top of the runs)
-    from mira.report import write_report
+    from mira.results.report import write_report
 
     write_report(out)
     assert (out / "plots" / "task_graph.png").is_file()
@@ -424,7 +424,7 @@ def _save_adapters(folder: Path, shift: float) -> None:
 
 def test_diff_reports_the_largest_differences_of_two_runs(tmp_path: Path, capsys) -> None:
     from mira.cli import main
-    from mira.compare import run_differences
+    from mira.experiments.compare import run_differences
 
     same_a, same_b, other = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     write_fake_run(same_a, "mira", 1)
@@ -444,7 +444,7 @@ def test_diff_reports_the_largest_differences_of_two_runs(tmp_path: Path, capsys
 
 
 def test_diff_refuses_runs_of_different_rounds_or_clients(tmp_path: Path) -> None:
-    from mira.compare import run_differences
+    from mira.experiments.compare import run_differences
 
     write_fake_run(tmp_path / "two", "mira", 1, rounds=2)
     write_fake_run(tmp_path / "three", "mira", 1, rounds=3)
@@ -471,3 +471,21 @@ def test_paired_table_subtracts_mira_seed_by_seed(tmp_path: Path) -> None:
     # the paired table comes right after the main loss table
     assert text.index("## Personalised eval loss after") < text.index("## Paired by seed")
     assert text.index("## Paired by seed") < text.index("## Personalised eval loss per task")
+
+
+def test_a_method_variant_carries_its_own_overrides(tmp_path):
+    from mira.experiments.compare import parse_methods, plan_comparison
+
+    methods = parse_methods("mira, mira@server.step=0.2@federation.rounds=3, local")
+    planned = plan_comparison(None, [], methods, [1], tmp_path)
+    by_label = {run.method: run for run in planned}
+    assert by_label["mira"].cfg.server.step == 0.3  # the quickstart's own step
+    variant = by_label["mira@server.step=0.2@federation.rounds=3"]
+    assert variant.cfg.server.method == "mira" and variant.cfg.server.step == 0.2
+    assert variant.cfg.federation.rounds == 3
+    label = "mira@server.step=0.2@federation.rounds=3"
+    assert variant.folder == tmp_path / "runs" / label / "seed-1"
+    with pytest.raises(CompareError, match="is chosen by mira compare"):
+        parse_methods("mira@federation.seed=3")
+    with pytest.raises(CompareError, match="is not a section.key=value override"):
+        parse_methods("mira@step")

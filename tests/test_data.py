@@ -633,3 +633,54 @@ def test_mira_data_splits_prints_the_table(
     assert lines[0] == "| client | task | train | eval | train labels | eval labels |"
     assert len(lines) == 4 and lines[2].startswith("| mine-0 | mine | 4 | 3 | neg ")
     assert format_split_table([]) == "\n".join(lines[:2])
+
+
+def test_validation_is_carved_from_training_and_leaves_eval_untouched() -> None:
+    """data.val_size takes validation rows out of each client's training rows: the three sets
+    are disjoint, training + validation is the training set without val_size, and the eval
+    split (the numbers mira reports) does not move."""
+    plain = client_splits("t", 300, 3, 20, 5, seed=4)
+    carved = client_splits("t", 300, 3, 20, 5, seed=4, val_size=6)
+    for before, after in zip(plain, carved, strict=True):
+        assert after.eval == before.eval
+        assert len(after.val) == 6 and len(after.train) == 14
+        assert sorted(after.train + after.val) == sorted(before.train)
+        assert not set(after.val) & set(after.train)
+        assert not set(after.val) & set(after.eval)
+    labels = [i % 3 for i in range(300)]
+    skewed = client_splits("t", 300, 3, 20, 5, seed=4, labels=labels, label_skew=0.3)
+    skewed_val = client_splits(
+        "t", 300, 3, 20, 5, seed=4, labels=labels, label_skew=0.3, val_size=6
+    )
+    assert [s.eval for s in skewed] == [s.eval for s in skewed_val]
+
+
+def test_clients_validation_examples_never_reach_training() -> None:
+    cfg = make_config(
+        [{"name": "sentiment", "clients": 2}, {"name": "topic", "clients": 2}],
+        train_size=4,
+        eval_size=1,
+        val_size=2,
+    )
+    plain = make_config(
+        [{"name": "sentiment", "clients": 2}, {"name": "topic", "clients": 2}],
+        train_size=4,
+        eval_size=1,
+    )
+    for index in range(cfg.num_clients):
+        data, before = load_client_data(cfg, index), load_client_data(plain, index)
+        assert len(data.val) == 2 and len(data.train) == 2
+        assert not {e.prompt for e in data.val} & {e.prompt for e in data.train}
+        assert data.eval == before.eval
+        assert sorted(e.prompt for e in data.train + data.val) == sorted(
+            e.prompt for e in before.train
+        )
+
+
+def test_val_size_is_checked_against_train_size() -> None:
+    from mira.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data.val_size = 4 must be >= 0 and below"):
+        make_config([{"name": "sentiment"}], train_size=4, eval_size=1, val_size=4)
+    with pytest.raises(ConfigError, match=r"set data.val_size > 0"):
+        config_from_dict({"server": {"step": "auto"}, "tasks": [{"name": "sentiment"}]})

@@ -29,7 +29,7 @@ import pytest
 import tomli_w
 from safetensors.numpy import load_file
 
-from mira.outputs import read_metrics
+from mira.results.rundir import read_metrics
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from mira import eigen
+from mira.core import eigen
 
 pytestmark = pytest.mark.skipif(
     not eigen.lapack_available(), reason="scipy's cython_lapack could not be loaded"
@@ -135,9 +135,9 @@ def test_the_step_limits_the_blas_that_the_eigensolver_uses() -> None:
     script = """
 import json
 from threadpoolctl import threadpool_info
-from mira import laplacian
+from mira.core import spaces as laplacian
 with laplacian._one_blas_thread():
-    from mira import eigen
+    from mira.core import eigen
     assert eigen.lapack_available()
     print(json.dumps({i["filepath"]: i["num_threads"] for i in threadpool_info()
                       if i["user_api"] == "blas"}))

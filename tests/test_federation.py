@@ -14,7 +14,7 @@ import pytest
 from safetensors.numpy import load_file
 
 from mira.federation.simulation import run_simulation
-from mira.outputs import read_metrics
+from mira.results.rundir import read_metrics
 from replay import replay
 
 pytestmark = pytest.mark.slow
@@ -28,6 +28,23 @@ RUNS = {
     "mira-hetero": ["server.method=mira", "lora.ranks=[2, 4, 2, 4]"],
     "fedit-hetero": ["server.method=fedit", "lora.ranks=[2, 4, 2, 4]"],
     "mira-clusters": ["server.graph=clusters", "server.graph_refresh=1", "lora.ranks=[2, 4, 2, 4]"],
+    # server.step = "auto" (tests at the end of this file)
+    "mira-auto": ["server.step='auto'", "data.val_size=3"],
+    "mira-auto-hetero": ["server.step='auto'", "data.val_size=3", "lora.ranks=[2, 4, 2, 4]"],
+    "auto-only-zero": [
+        "server.step='auto'",
+        "data.val_size=3",
+        "server.auto_grid=[0.0]",
+        "server.auto_equal_share=false",
+    ],
+    "local-val": ["server.method=local", "data.val_size=3"],
+    "auto-only-equal-share": [
+        "server.step='auto'",
+        "data.val_size=3",
+        "server.auto_grid=[]",
+        "server.auto_equal_share=true",
+    ],
+    "cluster-fedavg-val": ["server.method=cluster-fedavg", "data.val_size=3"],
 }
 
 
@@ -77,7 +94,12 @@ def test_outputs_layout(runs):
             assert key in row
         assert row["method"] == "mira"
         assert np.isfinite(row["eval_loss"]) and np.isfinite(row["train_loss"])
-        assert row["bytes_up"] > 0 and row["bytes_down"] > row["bytes_up"]
+        # One exchange per client per round: the adapter goes down once; the last round adds
+        # the final evaluation's message.
+        assert row["bytes_up"] > 0
+        final = row["round"] == cfg.federation.rounds
+        assert row["bytes_down"] == (2 if final else 1) * row["bytes_up"]
+        assert row["mix_weight"] == pytest.approx(cfg.server.step)  # step * degree 1
     rounds = [r for r in rows if r["kind"] == "round"]
     assert [r["round"] for r in rounds] == [1, 2]
     last = [r["eval_loss"] for r in client_rows if r["round"] == 2]
@@ -148,9 +170,9 @@ def assert_reloads_to_recorded_eval_loss(run: str, runs, partitions: tuple[int, 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from mira import learner
+    from mira.client import learner
+    from mira.client.model import model_source
     from mira.data import load_client_data
-    from mira.model import model_source
 
     cfg, folder = runs[run]
     recorded = {
@@ -218,7 +240,8 @@ def test_mixed_rank_adapters_reload_with_peft_to_the_recorded_eval_loss(runs):
 
 
 def test_cluster_graph_from_fingerprints_is_written_with_k_and_ari(runs):
-    from mira.graph import adjusted_rand_index, cluster_graph
+    from mira.graph.clustering import adjusted_rand_index
+    from mira.graph.sources import cluster_graph
 
     _cfg, folder = runs["mira-clusters"]
     graph = json.loads((folder / "graph.json").read_text())
@@ -252,3 +275,69 @@ def test_tensorboard_events_hold_the_metrics_scalars(runs):
     client = next(r for r in rows if r["kind"] == "client" and r["round"] == 2)
     last = events.Scalars(f"{client['client']}/eval_loss")[-1]
     assert last.value == pytest.approx(client["eval_loss"], rel=1e-6)
+
+
+# ---------------------------------------------------------------------------------- auto
+
+
+def client_rows(folder: Path) -> list[dict]:
+    return [r for r in read_metrics(folder) if r["kind"] == "client"]
+
+
+def test_auto_choice_is_the_argmin_of_an_independent_replay(runs):
+    """Every round, every client's applied alpha is the argmin over its candidates of the
+    validation loss, recomputed here without Flower or mira.core; adapters match too."""
+    cfg, folder = runs["mira-auto"]
+    trace: list[dict] = []
+    expected, expected_losses = replay(cfg, trace)
+    rows = {(r["round"], r["client"]): r for r in client_rows(folder)}
+    for index, choice in enumerate(trace):
+        server_round = index // cfg.num_clients + 1
+        row = rows[(server_round, choice["client"])]
+        assert row["mix_weight"] == pytest.approx(choice["alpha"], abs=1e-12)
+        assert row["candidates"] == pytest.approx(sorted(choice["losses"]))
+        assert row["val_losses"] == pytest.approx(
+            [choice["losses"][a] for a in sorted(choice["losses"])], abs=1e-5
+        )
+    assert {r["mix_weight"] for r in client_rows(folder)} - {0.0}, "auto never mixed"
+    got = adapters_of(folder)
+    for index, client in enumerate(cfg.client_ids):
+        assert same(got[client], expected[index], atol=2e-5), client
+        assert rows[(cfg.federation.rounds, client)]["eval_loss"] == pytest.approx(
+            expected_losses[index], abs=1e-4
+        )
+
+
+def test_auto_with_only_zero_is_local_training_exactly(runs):
+    auto, local = runs["auto-only-zero"][1], runs["local-val"][1]
+    assert all(r["mix_weight"] == 0.0 for r in client_rows(auto))
+    for name, adapter in adapters_of(local).items():
+        assert same(adapters_of(auto)[name], adapter)
+    losses = {(r["round"], r["client"]): r["eval_loss"] for r in client_rows(local)}
+    for row in client_rows(auto):
+        assert row["eval_loss"] == losses[(row["round"], row["client"])]
+
+
+def test_auto_with_only_the_equal_share_is_cluster_fedavg(runs):
+    """Two clients per task: the equal share 1/2 = (n - 1) / n is the cluster average."""
+    auto, cluster = runs["auto-only-equal-share"][1], runs["cluster-fedavg-val"][1]
+    assert all(r["mix_weight"] == 0.5 for r in client_rows(auto))
+    expected = adapters_of(cluster)
+    for name, adapter in adapters_of(auto).items():
+        assert same(adapter, expected[name], atol=1e-6), name
+    losses = {(r["round"], r["client"]): r["eval_loss"] for r in client_rows(cluster)}
+    for row in client_rows(auto):
+        assert row["eval_loss"] == pytest.approx(losses[(row["round"], row["client"])], abs=1e-5)
+
+
+def test_auto_with_mixed_ranks_keeps_ranks_and_reloads(runs):
+    cfg, folder = runs["mira-auto-hetero"]
+    for client, rank in zip(cfg.client_ids, cfg.lora.ranks, strict=True):
+        for key, value in adapters_of(folder)[client].items():
+            assert rank in value.shape, key
+    assert all(0.0 <= r["mix_weight"] <= 1.0 for r in client_rows(folder))
+    # Round 2's message also carried each client's neighbour mean: a stacked product of the
+    # neighbour's rank, so it costs more than the adapter alone.
+    second = [r for r in client_rows(folder) if r["round"] == 2]
+    assert all(r["bytes_down"] > r["bytes_up"] for r in second)
+    assert_reloads_to_recorded_eval_loss("mira-auto-hetero", runs, (0, 1))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mira.fingerprint import CHUNK_ROWS, project, projection_matrix
+from mira.graph.fingerprint import CHUNK_ROWS, project, projection_matrix
 
 
 def test_deterministic_for_a_seed_and_different_across_seeds() -> None:

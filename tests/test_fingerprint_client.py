@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from mira import learner
+from mira.client import learner
+from mira.client.model import lora_model
 from mira.data import load_client_data
 from mira.federation.client_app import client_fingerprint
-from mira.model import lora_model
 
 
 def _encoded(cfg, partition):

@@ -8,23 +8,22 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mira import graph
-from mira.graph import (
+from mira.core.mixing import max_stable_step
+from mira.core.mixing import validate_adjacency as check_adjacency
+from mira.graph import sources as graph
+from mira.graph.clustering import adjusted_rand_index, cluster_fingerprints
+from mira.graph.sources import (
     add_knn_edges,
-    adjusted_rand_index,
-    check_adjacency,
-    cluster_fingerprints,
     cluster_graph,
     full_graph,
     knn_graph,
     load_matrix,
-    max_stable_step,
-    normalise_rows,
-    plot_adjacency,
     random_graph,
     rbf_graph,
-    task_graph,
 )
+from mira.graph.sources import declared_task_graph as task_graph
+from mira.graph.sources import scale_to_unit_max_degree as normalise_rows
+from mira.results.plots import plot_adjacency
 
 
 def grouped_fingerprints(

@@ -6,19 +6,21 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_info
 
-import mira.laplacian as laplacian_module
-from mira.laplacian import (
+import mira.core.spaces as laplacian_module
+from mira.core.mixing import (
     cluster_merge_mixing,
     cluster_mixing,
-    factor_mix,
-    factor_step,
     fedavg_mixing,
     laplacian,
     mixing_matrix,
+    validate_adjacency,
+)
+from mira.core.spaces import (
+    factor_mix,
+    factor_step,
     product_mix,
     product_mix_module,
     product_step,
-    validate_adjacency,
 )
 
 SHAPES = {"q.lora_A": (3, 5), "q.lora_B": (4, 3), "bias": (7,), "cube": (2, 2, 2)}

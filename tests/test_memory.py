@@ -8,16 +8,16 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from mira.config import LoraConfig
-from mira.learner import Encoded, collate
-from mira.memory import (
+from mira.client.learner import Encoded, collate
+from mira.client.memory import (
     MiB,
     ModelShape,
     choose_rank,
     estimate_training_memory,
     lora_parameter_count,
 )
-from mira.model import lora_model
+from mira.client.model import lora_model
+from mira.config import LoraConfig
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 ALL_SEVEN = (*ATTENTION, "gate_proj", "up_proj", "down_proj")

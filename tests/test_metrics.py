@@ -1,4 +1,4 @@
-"""mira.metrics against hand-computed values."""
+"""mira.client.scoring against hand-computed values."""
 
 from __future__ import annotations
 
@@ -7,15 +7,15 @@ import math
 import numpy as np
 import pytest
 
-from mira.metrics import (
+from mira.client.scoring import (
     accuracy_from_scores,
     exact_match,
     normalise_answer,
     rouge_l,
     score_texts,
-    summarise,
     token_f1,
 )
+from mira.results.stats import summarise
 
 
 def test_rouge_l_equal_length() -> None:

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from mira.compare import fmt_pm, load_run, run_folder
-from mira.report import ReportError, client_curves, mean_curves, write_report
+from mira.experiments.compare import fmt_pm, load_run, run_folder
+from mira.results.report import ReportError, client_curves, mean_curves, write_report
 from test_compare import CLIENTS, make_comparison_dir, write_fake_run
 
 PLOT_NAMES = ["client_loss.png", "mean_loss.png", "task_graph.png", "per_task.png"]

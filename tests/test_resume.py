@@ -15,7 +15,7 @@ import tomli_w
 from safetensors.numpy import load_file
 
 from mira.federation.simulation import run_simulation
-from mira.outputs import read_checkpoint, read_metrics
+from mira.results.rundir import read_checkpoint, read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -66,10 +66,11 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted(tiny_config, tmp_pat
         env=env,
         start_new_session=True,
     )
-    # Killed while round 2's clients are training: round 1 is complete, round 2 is not.
-    _kill_when(proc, "round 2 train: 1/", limit=240)
+    # Killed during exchange 3 (round 3's training, round 2's evaluation): exchange 2 is
+    # complete, so round 1's rows are written and round 2 is trained but not yet evaluated.
+    _kill_when(proc, "round 3: 1/", limit=240)
     checkpoint = read_checkpoint(broken)
-    assert checkpoint is not None and checkpoint.round == 1
+    assert checkpoint is not None and checkpoint.round == 2
     assert {r["round"] for r in read_metrics(broken)} == {1}
 
     # A fresh run into the same directory is refused; --resume continues it.
@@ -81,7 +82,7 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted(tiny_config, tmp_pat
         _mira("run", "--resume", str(broken)), capture_output=True, text=True, env=env, timeout=600
     )
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
-    assert "resuming after round 1" in resumed.stdout
+    assert "resuming after round 2" in resumed.stdout
 
     expected, got = _adapters(whole), _adapters(broken)
     assert sorted(expected) == sorted(got) == sorted(cfg.client_ids)

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from mira.client.memory import ModelShape, choose_rank
+from mira.client.ranks import client_rank
 from mira.config import load_config
-from mira.memory import ModelShape, choose_rank
-from mira.ranks import client_rank
 
 ROOT = Path(__file__).parents[1]
 

@@ -8,18 +8,18 @@ import time
 from pathlib import Path
 
 from mira.assets import AssetError
-from mira.compare import CompareError
+from mira.client.model import ModelError
 from mira.config import Config, ConfigError, describe, load_config
 from mira.data import DataError
-from mira.federation.strategy import FederationError
-from mira.model import ModelError
-from mira.report import ReportError
+from mira.experiments.compare import CompareError
+from mira.federation.server import FederationError
+from mira.results.report import ReportError
 
 
 def _run(args: argparse.Namespace) -> int:
     from mira.federation.simulation import run_simulation
-    from mira.outputs import final_table
-    from mira.report import write_report
+    from mira.results.report import write_report
+    from mira.results.rundir import final_table
 
     if args.resume:
         if args.config:
@@ -60,9 +60,9 @@ def _run(args: argparse.Namespace) -> int:
 def _compare(args: argparse.Namespace) -> int:
     import functools
 
-    from mira.compare import parse_methods, parse_seeds, run_comparison
+    from mira.experiments.compare import parse_methods, parse_seeds, run_comparison
     from mira.federation.simulation import run_simulation
-    from mira.report import write_report
+    from mira.results.report import write_report
 
     out = run_comparison(
         args.config,
@@ -85,7 +85,7 @@ def _resume_or_restart(cfg: Config, folder: Path, verbose: bool) -> None:
     import shutil
 
     from mira.federation.simulation import run_simulation
-    from mira.outputs import read_checkpoint
+    from mira.results.rundir import read_checkpoint
 
     if read_checkpoint(folder) is None:
         shutil.rmtree(folder)
@@ -95,7 +95,7 @@ def _resume_or_restart(cfg: Config, folder: Path, verbose: bool) -> None:
 
 
 def _diff(args: argparse.Namespace) -> int:
-    from mira.compare import run_differences
+    from mira.experiments.compare import run_differences
 
     found = run_differences(Path(args.first), Path(args.second))
     print(
@@ -116,7 +116,7 @@ def _diff(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from mira.report import write_report
+    from mira.results.report import write_report
 
     path = write_report(Path(args.dir))
     print(f"wrote {path} and {path.with_suffix('.html')}")
@@ -199,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--methods",
         default="mira,fedit,cluster-fedavg,cluster-merge,local",
-        help="comma-separated server rules (default: %(default)s)",
+        help="comma-separated server rules, each optionally with its own overrides after '@', "
+        "e.g. 'mira,local,mira@server.step=0.1' (default: %(default)s)",
     )
     compare.add_argument(
         "--seeds", default="0", help="federation seeds: '1,2,3' or '1-3' (default: %(default)s)"

@@ -20,6 +20,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
+from mira.errors import MiraError
+
 METHODS = ("mira", "fedit", "cluster-fedavg", "cluster-merge", "local")
 GRAPH_SOURCES = ("clusters", "tasks", "random", "full", "knn")
 FINGERPRINT_GRAPHS = ("clusters", "knn")
@@ -28,10 +30,13 @@ EDGE_WEIGHTS = ("uniform", "rbf")
 FINGERPRINTS = ("gradient", "update")
 PULL_SPACES = ("auto", "factor", "product")
 TASK_KINDS = ("classification", "generation")
+TASK_METRICS = ("accuracy", "rouge_l", "exact_match", "token_f1")
+"""Task metrics a client may report, all higher-is-better, in the order tables show them."""
+AUTO = "auto"
 QUICKSTART = "quickstart"
 
 
-class ConfigError(ValueError):
+class ConfigError(MiraError, ValueError):
     """A configuration value is missing, unknown or not allowed."""
 
 
@@ -137,9 +142,36 @@ class ServerConfig:
         default="mira",
         metadata=_help("Server rule.", choices=METHODS),
     )
-    step: float = field(
+    step: float | str = field(
         default=0.1,
-        metadata=_help("MIRA server step gamma = eta * lambda; gamma * max degree must be < 1."),
+        metadata=_help(
+            "MIRA server step gamma = eta * lambda (gamma * max degree must be < 1), or 'auto': "
+            "every round each client chooses its own mix weight alpha_k from server.auto_grid "
+            "by its loss on its validation split (data.val_size), W_k <- (1 - alpha_k) W_k + "
+            "alpha_k M_k with M_k its neighbours' weighted mean.",
+            words=(AUTO,),
+        ),
+    )
+    auto_grid: tuple[float, ...] = field(
+        default=(0.0, 0.25, 0.5, 0.75, 1.0),
+        metadata=_help(
+            "server.step = 'auto': the mix weights alpha in [0, 1] every client tries "
+            "(0 = keep its own adapter, 1 = take its neighbours' mean)."
+        ),
+    )
+    auto_equal_share: bool = field(
+        default=True,
+        metadata=_help(
+            "server.step = 'auto': also try each client's equal-share point n / (n + 1) for its "
+            "n neighbours (on a uniform cluster, exactly cluster-fedavg)."
+        ),
+    )
+    auto_smoothing: float = field(
+        default=0.0,
+        metadata=_help(
+            "server.step = 'auto': weight in [0, 1) of the previous rounds in an exponential "
+            "moving average of each candidate's validation loss (0 = this round's losses only)."
+        ),
     )
     graph: str = field(
         default="clusters",
@@ -209,11 +241,24 @@ class ServerConfig:
         ),
     )
 
+    @property
+    def auto_step(self) -> bool:
+        """server.step = 'auto': each client chooses its own mix weight."""
+        return self.step == AUTO
+
 
 @dataclass(frozen=True)
 class DataConfig:
     train_size: int = field(default=64, metadata=_help("Training examples per client."))
     eval_size: int = field(default=16, metadata=_help("Held-out evaluation examples per client."))
+    val_size: int = field(
+        default=0,
+        metadata=_help(
+            "Validation examples carved out of each client's training examples, for every "
+            "method (so all train on the same examples); server.step = 'auto' chooses on them. "
+            "Disjoint from the eval split, which never influences any choice."
+        ),
+    )
     dir: str = field(
         default="",
         metadata=_help("Folder of prepared task data; '' = the cache (see model.cache_dir)."),
@@ -329,8 +374,19 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _coerce(key: str, value: Any, annotation: Any) -> Any:
-    """Check one value against its annotated type; ints are accepted for floats."""
+def _coerce(key: str, value: Any, annotation: Any, words: tuple[str, ...] = ()) -> Any:
+    """Check one value against its annotated type; ints are accepted for floats.
+
+    A ``float | str`` field takes a number or one of its ``words`` (e.g. server.step = "auto").
+    """
+    if annotation == (float | str):
+        if isinstance(value, str):
+            if value not in words:
+                raise ConfigError(
+                    f"{key} must be a number or one of: {', '.join(words)}; got {value!r}"
+                )
+            return value
+        return _coerce(key, value, float)
     if get_origin(annotation) is tuple:
         (item_type, _ellipsis) = get_args(annotation)
         if isinstance(value, str) or not isinstance(value, Sequence):
@@ -368,7 +424,9 @@ def _build_section(section: str, cls: type, raw: Any) -> Any:
             allowed = ", ".join(sorted(fields))
             raise ConfigError(f"unknown key {section}.{key}; allowed keys: {allowed}")
         choices = fields[key].metadata.get("choices")
-        coerced = _coerce(f"{section}.{key}", value, hints[key])
+        coerced = _coerce(
+            f"{section}.{key}", value, hints[key], fields[key].metadata.get("words", ())
+        )
         if choices is not None and coerced not in choices:
             raise ConfigError(
                 f"{section}.{key} = {coerced!r} is not allowed; choose one of: "
@@ -416,8 +474,20 @@ def _check_ranges(cfg: Config) -> None:
         raise ConfigError(f"federation.fraction must be in (0, 1], got {cfg.federation.fraction!r}")
     if cfg.federation.seed < 0:
         raise ConfigError(f"federation.seed must be >= 0, got {cfg.federation.seed!r}")
-    if cfg.server.step < 0:
+    if not cfg.server.auto_step and float(cfg.server.step) < 0:
         raise ConfigError(f"server.step must be >= 0, got {cfg.server.step!r}")
+    for i, alpha in enumerate(cfg.server.auto_grid):
+        if not 0.0 <= alpha <= 1.0:
+            raise ConfigError(f"server.auto_grid[{i}] = {alpha!r} must be in [0, 1]")
+    if cfg.server.auto_step and not (cfg.server.auto_grid or cfg.server.auto_equal_share):
+        raise ConfigError(
+            "server.step = 'auto' needs candidates: list some in server.auto_grid or set "
+            "server.auto_equal_share = true"
+        )
+    if not 0.0 <= cfg.server.auto_smoothing < 1.0:
+        raise ConfigError(
+            f"server.auto_smoothing must be in [0, 1), got {cfg.server.auto_smoothing!r}"
+        )
     if cfg.server.num_clusters < 0:
         raise ConfigError(f"server.num_clusters must be >= 0, got {cfg.server.num_clusters!r}")
     if cfg.server.knn < 0:
@@ -443,6 +513,16 @@ def _check_ranges(cfg: Config) -> None:
         )
     positive("data.train_size", cfg.data.train_size)
     positive("data.eval_size", cfg.data.eval_size)
+    if not 0 <= cfg.data.val_size < cfg.data.train_size:
+        raise ConfigError(
+            f"data.val_size = {cfg.data.val_size} must be >= 0 and below data.train_size = "
+            f"{cfg.data.train_size} (validation examples are carved out of the training ones)"
+        )
+    if cfg.server.method == "mira" and cfg.server.auto_step and cfg.data.val_size == 0:
+        raise ConfigError(
+            "server.step = 'auto' chooses each client's mix weight on its validation split: "
+            "set data.val_size > 0 (for example 8)"
+        )
     if cfg.data.label_skew < 0:
         raise ConfigError(f"data.label_skew must be >= 0, got {cfg.data.label_skew!r}")
     if not cfg.tasks:

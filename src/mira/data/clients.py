@@ -187,7 +187,7 @@ def task_examples(task_cfg: TaskConfig, cfg: Config) -> tuple[Task, tuple[Exampl
 def _cached_splits(
     task: Task, labels: tuple[int, ...] | None, num_rows: int, clients: int, key: tuple[Any, ...]
 ) -> list[Split]:
-    train_size, eval_size, seed, label_skew = key
+    train_size, eval_size, seed, label_skew, val_size = key
     return client_splits(
         task=task.name,
         num_rows=num_rows,
@@ -197,6 +197,7 @@ def _cached_splits(
         seed=seed,
         labels=labels,
         label_skew=label_skew,
+        val_size=val_size,
     )
 
 
@@ -222,7 +223,8 @@ def load_client_data(cfg: Config, client_index: int) -> ClientData:
         cfg.data.train_size,
         cfg.data.eval_size,
         cfg.federation.seed,
-        float(getattr(cfg.data, "label_skew", 0.0)),
+        float(cfg.data.label_skew),
+        cfg.data.val_size,
     )
     split = _cached_splits(task, labels, len(examples), task_cfg.clients, key)[offset]
     return ClientData(
@@ -230,6 +232,7 @@ def load_client_data(cfg: Config, client_index: int) -> ClientData:
         task=task,
         train=[examples[i] for i in split.train],
         eval=[examples[i] for i in split.eval],
+        val=[examples[i] for i in split.val],
     )
 
 
@@ -257,6 +260,7 @@ def split_summary(cfg: Config) -> list[dict[str, Any]]:
                 "client": client_id,
                 "task": data.task.name,
                 "train": len(data.train),
+                "val": len(data.val),
                 "eval": len(data.eval),
                 "train_labels": counts(data.train) if words else {},
                 "eval_labels": counts(data.eval) if words else {},
@@ -266,18 +270,24 @@ def split_summary(cfg: Config) -> list[dict[str, Any]]:
 
 
 def format_split_table(rows: list[dict[str, Any]]) -> str:
-    """:func:`split_summary` as a markdown table; label counts as ``label count`` pairs."""
+    """:func:`split_summary` as a markdown table; label counts as ``label count`` pairs.
+
+    The val column appears when some client holds validation examples (``data.val_size``).
+    """
 
     def labels(tally: dict[str, int]) -> str:
         return ", ".join(f"{word} {count}" for word, count in tally.items()) or "-"
 
+    with_val = any(row.get("val") for row in rows)
+    sizes = ["train", "val", "eval"] if with_val else ["train", "eval"]
     lines = [
-        "| client | task | train | eval | train labels | eval labels |",
-        "| --- | --- | ---: | ---: | --- | --- |",
+        "| client | task | " + " | ".join(sizes) + " | train labels | eval labels |",
+        "| --- | --- | " + " | ".join("---:" for _ in sizes) + " | --- | --- |",
     ]
     for row in rows:
+        counts = " | ".join(str(row[size]) for size in sizes)
         lines.append(
-            f"| {row['client']} | {row['task']} | {row['train']} | {row['eval']} | "
+            f"| {row['client']} | {row['task']} | {counts} | "
             f"{labels(row['train_labels'])} | {labels(row['eval_labels'])} |"
         )
     return "\n".join(lines)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import warnings
 import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -31,10 +31,12 @@ from mira.data.sources import DataError
 
 @dataclass(frozen=True)
 class Split:
-    """Row indices of one client: training rows and held-out evaluation rows."""
+    """Row indices of one client: training rows, validation rows carved out of its training
+    rows (``data.val_size``), and held-out evaluation rows; the three are disjoint."""
 
     train: list[int]
     eval: list[int]
+    val: list[int] = field(default_factory=list)
 
 
 def task_rng(seed: int, task: str) -> np.random.Generator:
@@ -108,6 +110,7 @@ def client_splits(
     seed: int,
     labels: Sequence[int] | None = None,
     label_skew: float = 0.0,
+    val_size: int = 0,
 ) -> list[Split]:
     """Every client's split of one task, in client order.
 
@@ -116,6 +119,8 @@ def client_splits(
         num_rows: rows available for the task.
         num_clients: clients holding the task.
         train_size, eval_size: rows per client for training and for evaluation.
+        val_size: rows of the training ones set aside for validation (the training rows
+            left are ``train_size - val_size``); the evaluation rows do not depend on it.
         seed: ``federation.seed``.
         labels: label index of every row (classification); needed for label skew.
         label_skew: Dirichlet alpha of the label skew; 0 means IID shards. Ignored (IID) for
@@ -139,8 +144,9 @@ def client_splits(
         shards = iid_shards(num_rows, num_clients, seed, task)
     return [
         Split(
-            train=shard[eval_size:need].tolist(),
+            train=shard[eval_size + val_size : need].tolist(),
             eval=shard[:eval_size].tolist(),
+            val=shard[eval_size : eval_size + val_size].tolist(),
         )
         for shard in shards
     ]

@@ -58,12 +58,13 @@ class Task:
 
 @dataclass(frozen=True)
 class ClientData:
-    """One client's task and its own disjoint training and evaluation examples."""
+    """One client's task and its own disjoint training, validation and evaluation examples."""
 
     client_id: str
     task: Task
     train: list[Example]
     eval: list[Example]
+    val: list[Example] = field(default_factory=list)
 
 
 # Pinned carriers of the built-in data (see mira.assets): downloaded, never installed.

@@ -1,1 +1,1 @@
-"""Federation glue: the Flower ServerApp, ClientApp and the per-client strategy."""
+"""Federation glue on Flower: the protocol, the server state, the ServerApp and ClientApp."""

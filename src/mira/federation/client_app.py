@@ -1,13 +1,14 @@
 """The mira ClientApp: peft LoRA training and evaluation on one client's private data.
 
-Every message from the server carries the resolved config (JSON) and, for train and
-evaluate, this client's OWN adapter. The client identifies itself from its node config's
-``partition-id`` (Flower node ids are not stable identities) and answers:
+Every message from the server carries the resolved config (JSON). The client identifies itself
+from its node config's ``partition-id`` (Flower node ids are not stable identities) and answers:
 
-- ``query``: its identity (client id, task, rank, split sizes) and the shared LoRA init;
-- ``train``: ``federation.local_steps`` AdamW steps from the adapter it was sent, then the
-  trained adapter and its mean training loss;
-- ``evaluate``: the eval loss of the adapter it was sent on its own held-out split.
+- ``query`` (identify): its identity (client id, task, rank, split sizes), the shared LoRA
+  init and, on request, its fingerprint;
+- ``train`` / ``evaluate`` (one exchange of a round, :mod:`mira.federation.protocol`): from the
+  adapter it was sent, (auto) choose its mix with its neighbours' mean on its validation
+  split, evaluate the result on its eval split, compute a fingerprint if asked, then train
+  ``federation.local_steps`` AdamW steps if asked; send back what it did.
 
 The base model is loaded once per process and reused; data splits are cached per process.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import json
 import os
 import resource
 from functools import lru_cache
@@ -23,24 +25,25 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from mira import fingerprint, learner
+from mira.client import learner
+from mira.client.model import LoraModel, lora_model
+from mira.client.ranks import client_rank
 from mira.config import Config, config_from_dict
+from mira.core import rules
+from mira.core.adapters import Adapter, lora_scale
 from mira.data import ClientData, load_client_data
-from mira.model import Adapter, LoraModel, lora_model
-from mira.ranks import client_rank
-
-CONFIG_KEY = "mira.config"
+from mira.federation import protocol
+from mira.federation.protocol import Instruction, Reply
+from mira.graph import fingerprint
 
 app = ClientApp()
 
 
 @lru_cache(maxsize=4)
 def _config(config_json: str) -> Config:
-    import json
-
     return config_from_dict(json.loads(config_json))
 
 
@@ -57,7 +60,7 @@ def bound_heap_growth() -> None:
 
     glibc raises its mmap threshold after large frees; then activations come from the heap,
     and freed heap memory stays resident. A client with a memory budget chose its rank from
-    mira.memory's estimate, which matches measured peaks only with the threshold pinned
+    mira.client.memory's estimate, which matches measured peaks only with the threshold pinned
     (docs/memory.md). No-op where glibc is absent.
     """
     try:
@@ -68,14 +71,26 @@ def bound_heap_growth() -> None:
     libc.mallopt(m_mmap_threshold, 128 * 1024)
 
 
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+    """One client's examples, tokenised once per process."""
+
+    data: ClientData
+    train: list[learner.Encoded]
+    val: list[learner.Encoded]
+    eval: list[learner.Encoded]
+
+
 @lru_cache(maxsize=64)
-def _client_data(config_json: str, partition: int) -> tuple[ClientData, Any, Any]:
+def _client_data(config_json: str, partition: int) -> Encoded:
     cfg = _config(config_json)
     data = load_client_data(cfg, partition)
     tokenizer = _lora_model(cfg).tokenizer
-    train = [learner.encode(tokenizer, e, cfg.model.max_length) for e in data.train]
-    evaluation = [learner.encode(tokenizer, e, cfg.model.max_length) for e in data.eval]
-    return data, train, evaluation
+
+    def encode(examples: list[Any]) -> list[learner.Encoded]:
+        return [learner.encode(tokenizer, e, cfg.model.max_length) for e in examples]
+
+    return Encoded(data, encode(data.train), encode(data.val), encode(data.eval))
 
 
 def peak_memory_mb() -> float:
@@ -99,20 +114,12 @@ def _partition(context: Context, cfg: Config) -> int:
     return partition
 
 
-def to_record(adapter: Adapter) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in sorted(adapter.items())})
-
-
-def from_record(record: ArrayRecord) -> Adapter:
-    return {k: v.numpy() for k, v in record.items()}
-
-
 def _identity(cfg: Config, partition: int) -> ConfigRecord:
     return ConfigRecord(
         {
-            "client": cfg.client_ids[partition],
-            "task": cfg.client_tasks[partition],
-            "rank": client_rank(cfg, partition),
+            protocol.ID_CLIENT: cfg.client_ids[partition],
+            protocol.ID_TASK: cfg.client_tasks[partition],
+            protocol.ID_RANK: client_rank(cfg, partition),
         }
     )
 
@@ -147,94 +154,121 @@ def client_fingerprint(
 
 
 @app.query()
-def query(msg: Message, context: Context) -> Message:
-    """Identify this client; on request, also send its fingerprint."""
-    settings = msg.content.config_records["config"]
-    config_json = str(settings[CONFIG_KEY])
+def identify(msg: Message, context: Context) -> Message:
+    """Identify this client, with the shared LoRA init; on request, also its fingerprint."""
+    settings = msg.content.config_records[protocol.SETTINGS]
+    config_json = str(settings[protocol.CONFIG_JSON])
     cfg = _config(config_json)
     if int(str(context.node_config.get("partition-id", -1))) >= cfg.num_clients:
         # More SuperNodes than clients (e.g. a default local federation): this one idles.
-        return Message(RecordDict({"identity": ConfigRecord({"client": ""})}), reply_to=msg)
+        identity = ConfigRecord({protocol.ID_CLIENT: ""})
+        return Message(RecordDict({protocol.IDENTITY: identity}), reply_to=msg)
     partition = _partition(context, cfg)
-    data, encoded_train, _ = _client_data(config_json, partition)
+    encoded = _client_data(config_json, partition)
     rank = client_rank(cfg, partition)
     model = _lora_model(cfg)
-    content = RecordDict({"identity": _identity(cfg, partition)})
-    content.config_records["identity"]["num_train"] = len(data.train)
-    content.config_records["identity"]["num_eval"] = len(data.eval)
-    own = None
-    if "adapter" in msg.content.array_records:
-        _, _, model, own = _prepare(msg, context)
-    else:
-        init = model.shared_init(cfg.lora, rank, cfg.federation.seed)
-        content.array_records["init"] = to_record(init)
-    if bool(settings.get("fingerprint", False)):
-        vector = client_fingerprint(cfg, partition, model, encoded_train, own)
-        content.array_records["fingerprint"] = ArrayRecord([vector.astype(np.float64)])
+    identity = _identity(cfg, partition)
+    identity[protocol.ID_NUM_TRAIN] = len(encoded.data.train)
+    identity[protocol.ID_NUM_EVAL] = len(encoded.data.eval)
+    content = RecordDict({protocol.IDENTITY: identity})
+    init = model.shared_init(cfg.lora, rank, cfg.federation.seed)
+    content.array_records[protocol.INIT] = protocol.to_record(init)
+    if bool(settings.get(protocol.WANT_FINGERPRINT, False)):
+        vector = client_fingerprint(cfg, partition, model, encoded.train, None)
+        content.array_records[protocol.FINGERPRINT] = ArrayRecord([vector.astype(np.float64)])
     return Message(content, reply_to=msg)
 
 
-def _prepare(msg: Message, context: Context) -> tuple[Config, int, LoraModel, str]:
-    config_json = str(msg.content.config_records["config"][CONFIG_KEY])
-    cfg = _config(config_json)
-    partition = _partition(context, cfg)
-    expected = str(msg.content.config_records["config"]["client"])
-    if expected != cfg.client_ids[partition]:
-        raise ValueError(f"server sent client {expected}'s adapter to {cfg.client_ids[partition]}")
-    model = _lora_model(cfg)
-    name = model.activate(cfg.lora, client_rank(cfg, partition))
-    model.set_adapter(name, from_record(msg.content.array_records["adapter"]))
-    return cfg, partition, model, name
+def choose_mix(
+    cfg: Config, model: LoraModel, name: str, instruction: Instruction, rank: int, val: Any
+) -> tuple[float, list[float], Adapter]:
+    """``server.step = "auto"``: the validation loss of (1 - alpha) W_k + alpha M_k for every
+    candidate alpha, the chosen alpha (:func:`mira.core.rules.choose_mix`) and its adapter.
+
+    Only this client's validation split is used; the eval split never influences the choice.
+    """
+    assert instruction.mean is not None
+    space = instruction.space
+    scale = lora_scale(cfg.lora.alpha, rank, cfg.lora.rslora)
+    candidates: list[Adapter] = []
+    losses = []
+    for alpha in instruction.candidates:
+        mixed = rules.mix_toward(instruction.adapter, instruction.mean, alpha, space, scale)
+        model.set_adapter(name, mixed)
+        losses.append(
+            learner.eval_loss(
+                model.peft, val, cfg.train.eval_batch_size, model.tokenizer.pad_token_id
+            )
+        )
+        candidates.append(mixed)
+    chosen, _ = rules.choose_mix(losses, instruction.prior, cfg.server.auto_smoothing)
+    model.set_adapter(name, candidates[chosen])
+    return instruction.candidates[chosen], losses, candidates[chosen]
+
+
+def evaluate_adapter(
+    cfg: Config, model: LoraModel, encoded: Encoded, task_metrics: bool
+) -> dict[str, float]:
+    """Eval loss (and, when due, the task metrics) of the active adapter on the eval split."""
+    loss = learner.eval_loss(
+        model.peft, encoded.eval, cfg.train.eval_batch_size, model.tokenizer.pad_token_id
+    )
+    scores = {}
+    if task_metrics:
+        scores = learner.task_metrics(
+            model.peft, model.tokenizer, encoded.data.task, encoded.data.eval, cfg
+        )
+    return {
+        "eval_loss": loss,
+        "num_examples": float(len(encoded.data.eval)),
+        "peak_memory_mb": peak_memory_mb(),
+        **scores,
+    }
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    cfg, partition, model, name = _prepare(msg, context)
-    config_json = str(msg.content.config_records["config"][CONFIG_KEY])
-    data, encoded_train, _ = _client_data(config_json, partition)
-    server_round = int(str(msg.content.config_records["config"]["round"]))
-    seed = training_seed(cfg.federation.seed, partition, server_round)
-    loss = learner.train_steps(
-        model.peft,
-        model.lora_parameters(name),
-        encoded_train,
-        cfg,
-        pad_id=model.tokenizer.pad_token_id,
-        seed=seed,
-    )
-    metrics = MetricRecord({"train_loss": loss, "num_examples": len(data.train)})
-    return Message(
-        RecordDict(
-            {
-                "adapter": to_record(model.get_adapter(name)),
-                "metrics": metrics,
-                "identity": _identity(cfg, partition),
-            }
-        ),
-        reply_to=msg,
-    )
+    return _round_step(msg, context)
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    cfg, partition, model, _name = _prepare(msg, context)
-    config_json = str(msg.content.config_records["config"][CONFIG_KEY])
-    data, _, encoded_eval = _client_data(config_json, partition)
-    loss = learner.eval_loss(
-        model.peft, encoded_eval, cfg.train.eval_batch_size, model.tokenizer.pad_token_id
-    )
-    scores = {}
-    if bool(msg.content.config_records["config"].get("task_metrics", True)):
-        scores = learner.task_metrics(model.peft, model.tokenizer, data.task, data.eval, cfg)
-    metrics = MetricRecord(
-        {
-            "eval_loss": loss,
-            "num_examples": len(data.eval),
-            "peak_memory_mb": peak_memory_mb(),
-            **scores,
-        }
-    )
-    return Message(
-        RecordDict({"metrics": metrics, "identity": _identity(cfg, partition)}),
-        reply_to=msg,
-    )
+    return _round_step(msg, context)
+
+
+def _round_step(msg: Message, context: Context) -> Message:
+    """One exchange: choose (auto), evaluate, fingerprint and train, as instructed."""
+    instruction, config_json = protocol.decode_instruction(msg)
+    cfg = _config(config_json)
+    partition = _partition(context, cfg)
+    if instruction.client_id != cfg.client_ids[partition]:
+        raise ValueError(
+            f"server sent client {instruction.client_id}'s adapter to {cfg.client_ids[partition]}"
+        )
+    encoded = _client_data(config_json, partition)
+    rank = client_rank(cfg, partition)
+    model = _lora_model(cfg)
+    name = model.activate(cfg.lora, rank)
+    model.set_adapter(name, instruction.adapter)
+    reply = Reply(client_id=instruction.client_id, node_id=instruction.node_id)
+    if instruction.mean is not None:
+        reply.alpha, reply.val_losses, _ = choose_mix(
+            cfg, model, name, instruction, rank, encoded.val
+        )
+    if instruction.evaluate:
+        reply.evaluation = evaluate_adapter(cfg, model, encoded, instruction.task_metrics)
+    if instruction.fingerprint:
+        reply.fingerprint = client_fingerprint(cfg, partition, model, encoded.train, name)
+        model.activate(cfg.lora, rank)
+    if instruction.train:
+        seed = training_seed(cfg.federation.seed, partition, instruction.round)
+        reply.train_loss = learner.train_steps(
+            model.peft,
+            model.lora_parameters(name),
+            encoded.train,
+            cfg,
+            pad_id=model.tokenizer.pad_token_id,
+            seed=seed,
+        )
+        reply.trained = model.get_adapter(name)
+    return protocol.encode_reply(reply, msg, _identity(cfg, partition))

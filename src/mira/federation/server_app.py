@@ -11,9 +11,9 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from mira.client.model import prepare_model
 from mira.config import Config, load_config
-from mira.federation.strategy import run_federation
-from mira.model import prepare_model
+from mira.federation.server import run_federation
 
 app = ServerApp()
 

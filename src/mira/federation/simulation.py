@@ -6,15 +6,15 @@ import logging
 import os
 from pathlib import Path
 
-from mira import rules
+from mira.client.model import prepare_model
+from mira.client.ranks import client_rank
 from mira.config import Config, ConfigError
+from mira.core import rules
 from mira.data import load_client_data
 from mira.federation.client_app import app as client_app
+from mira.federation.server import FederationError
 from mira.federation.server_app import make_server_app
-from mira.federation.strategy import FederationError
-from mira.model import prepare_model
-from mira.ranks import client_rank
-from mira.task_graph import static_graph
+from mira.graph.build import static_graph
 
 
 def preflight(cfg: Config) -> str:

@@ -1,6 +1,6 @@
 """The top eigenpairs of a small symmetric matrix, computed by LAPACK without holding the GIL.
 
-The product-space pull (:mod:`mira.laplacian`) spends about half of each row in one
+The product-space pull (:mod:`mira.core.spaces`) spends about half of each row in one
 eigendecomposition of an R x R positive semi-definite core (R about 86 for ranks 4 to 16 and 8
 neighbours) of which it keeps only the top r_k <= 16 eigenpairs. numpy's ``eigh`` (LAPACK's
 divide and conquer, ``dsyevd``) computes all R eigenvectors. This module computes only the kept
@@ -15,7 +15,7 @@ matrix this small):
 
 The routines are reached through the C entry points of :mod:`scipy.linalg.cython_lapack`,
 called with :mod:`ctypes`, which releases the GIL for the duration of each call, so the threads
-of :func:`mira.laplacian.product_mix` run them in parallel (scipy's own Python wrappers hold the
+of :func:`mira.core.spaces.product_mix` run them in parallel (scipy's own Python wrappers hold the
 GIL). Workspaces are kept per thread and matrix size, so a call allocates only its results.
 
 Eigenvalues are accurate to about eps * ||C|| and eigenvectors have residuals of the same order,

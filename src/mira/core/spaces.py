@@ -1,41 +1,25 @@
-"""The MIRA server pull and the baseline aggregation rules, as mixing matrices.
+"""The two spaces in which a mixing matrix acts on LoRA adapters (docs/design.md, "Two spaces").
 
-MIRA (Elbakary et al., "MIRA: A Method of Federated Multi-Task Learning for Large Language
-Models", IEEE Networking Letters 7(3), 2025; arXiv 2410.15524) keeps one LoRA adapter per client
-and, after the local steps of a round, pulls every client toward its task-graph neighbours
-(paper eq. 8):
+Every server rule is a K x K mixing matrix M (:mod:`mira.core.mixing`) applied to a snapshot of
+all stored adapters, new_k = sum_l M[k, l] W_l, in one of two spaces:
 
-    W_k <- W_k - gamma * sum_l a_kl (W_k - W_l)        gamma = eta * lambda.
-
-The update is simultaneous, so it is one matrix product over clients: W_new = M @ W with the
-mixing matrix M = I - gamma * L, where L = D - A is the graph Laplacian (D = diag(delta_k),
-delta_k = sum_l a_kl). Row k of M holds 1 - gamma * delta_k on the diagonal and gamma * a_kl
-elsewhere; it is a convex combination exactly when gamma * max_k delta_k < 1.
-
-Every aggregation rule here is such a row-wise mixing, applied in one of two spaces:
-
-- factor space (:func:`factor_mix`, :func:`factor_step`): the paper's eq. 8 applied to each
-  stored tensor (lora_A and lora_B separately); needs equal ranks.
+- factor space (:func:`factor_mix`, :func:`factor_step`): the MIRA paper's eq. 8 applied to
+  each stored tensor (lora_A and lora_B separately); needs equal ranks.
 - product space (:func:`product_mix`, :func:`product_step`): mixes the effective updates
   s_l B_l A_l and gives each client the best rank-r_k approximation of its target
   (Eckart-Young), computed from stacked factors without forming an out x in matrix.
 
-The baselines are other mixing matrices (:func:`fedavg_mixing`, :func:`cluster_mixing`,
-:func:`cluster_merge_mixing`). A row equal to e_k ("keep your adapter") returns client k's
-arrays untouched, which is how a client not sampled this round keeps its adapter while its
-stored copy still serves as a neighbour for the others.
-
-Conventions: an adjacency is a K x K float array, symmetric, non-negative, zero diagonal. All
-functions are pure: arrays in, arrays out; nothing here reads files, configs or Flower types.
-The product-space functions limit BLAS to one thread (process-wide) while they run, and
-:func:`product_mix` spreads modules over a thread pool; the BLAS setting is restored afterwards.
+An identity row returns client k's arrays untouched. All functions are pure: arrays in, arrays
+out; nothing here reads files, configs or Flower types. The product-space functions limit BLAS
+to one thread (process-wide) while they run, and :func:`product_mix` spreads modules over a
+thread pool; the BLAS setting is restored afterwards.
 """
 
 from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from typing import Any, TypeVar, cast
@@ -43,22 +27,17 @@ from typing import Any, TypeVar, cast
 import numpy as np
 from threadpoolctl import ThreadpoolController
 
-from mira.eigen import lapack_available, top_eigenpairs
+from mira.core.eigen import lapack_available, top_eigenpairs
+from mira.core.mixing import BoolVector, FloatVector, mixing_matrix, validate_adjacency
 
 __all__ = [
     "FactorAdapter",
     "ProductAdapter",
-    "cluster_merge_mixing",
-    "cluster_mixing",
     "factor_mix",
     "factor_step",
-    "fedavg_mixing",
-    "laplacian",
-    "mixing_matrix",
     "product_mix",
     "product_mix_module",
     "product_step",
-    "validate_adjacency",
 ]
 
 FactorAdapter = dict[str, np.ndarray]
@@ -67,12 +46,6 @@ FactorAdapter = dict[str, np.ndarray]
 ProductAdapter = dict[str, tuple[np.ndarray, np.ndarray]]
 """Module name -> (A [r_k, in], B [out, r_k]) in peft's layout; dW = s_k * B @ A."""
 
-FloatVector = Sequence[float] | np.ndarray
-"""Per-client numbers (LoRA scales, data weights) as a sequence or a 1-D array."""
-
-BoolVector = Sequence[bool] | np.ndarray
-"""Per-client flags (True for the clients sampled this round) as a sequence or a 1-D array."""
-
 _T = TypeVar("_T")
 _R = TypeVar("_R")
 
@@ -80,181 +53,9 @@ RowGroups = list[tuple[np.ndarray, np.ndarray]]
 """Distinct rows of a mixing matrix: [(support of the row, clients that have that row)]."""
 
 _EPS = float(np.finfo(np.float64).eps)
-_SYMMETRY_RTOL = 1e-9
 # A Cholesky pivot ratio below this means the stacked B factors are nearly dependent (the Gram
 # matrix has squared away their small singular values); Householder QR takes over.
 _CHOLESKY_MIN_PIVOT_RATIO = 1e-4
-
-
-# --------------------------------------------------------------------------------------------
-# Graph -> mixing matrix
-# --------------------------------------------------------------------------------------------
-
-
-def validate_adjacency(adjacency: np.ndarray, num_clients: int | None = None) -> np.ndarray:
-    """Check a task-graph adjacency and return it as an exactly symmetric float64 copy.
-
-    A valid adjacency (the a_kl of paper eq. 8) is a finite, square, symmetric, non-negative
-    K x K array with a zero diagonal. Symmetry is checked to a relative tolerance of 1e-9 (a
-    matrix read from a text file may carry rounding); the copy returned is symmetrised. A
-    self-edge a_kk would do nothing in the pull (W_k - W_k = 0) yet inflate delta_k, so it is
-    refused rather than ignored. This is the one adjacency check of the project
-    (:func:`mira.graph.check_adjacency` is this function).
-
-    Args:
-        adjacency: the K x K weights a_kl.
-        num_clients: the expected K, or None to accept any size.
-
-    Raises:
-        ValueError: naming the problem (not numeric, not square, wrong size, non-finite,
-            negative entry a[i,j], not symmetric, non-zero diagonal).
-    """
-    try:
-        a = np.array(adjacency, dtype=np.float64, copy=True)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"adjacency is not numeric: {err}") from err
-    if a.ndim != 2:
-        raise ValueError(f"adjacency must be a 2-d K x K matrix, got shape {a.shape}")
-    rows, cols = a.shape
-    if num_clients is not None and (rows, cols) != (num_clients, num_clients):
-        raise ValueError(
-            f"expected {num_clients} x {num_clients} for {num_clients} clients, got {rows} x {cols}"
-        )
-    if rows != cols:
-        raise ValueError(f"adjacency must be a square K x K matrix, got {rows} x {cols}")
-    if not np.all(np.isfinite(a)):
-        i, j = np.argwhere(~np.isfinite(a))[0]
-        raise ValueError(f"adjacency has a non-finite entry a[{i},{j}] = {a[i, j]}")
-    if np.any(a < 0):
-        i, j = np.argwhere(a < 0)[0]
-        raise ValueError(f"adjacency has a negative entry a[{i},{j}] = {a[i, j]}")
-    asymmetry = np.abs(a - a.T)
-    if a.size and np.any(asymmetry > _SYMMETRY_RTOL * max(1.0, float(np.max(np.abs(a))))):
-        i, j = np.unravel_index(int(np.argmax(asymmetry)), a.shape)
-        raise ValueError(
-            f"adjacency is not symmetric: a[{i},{j}] = {a[i, j]} but a[{j},{i}] = {a[j, i]}"
-        )
-    diagonal = np.diag(a)
-    if np.any(diagonal != 0):
-        d = int(np.flatnonzero(diagonal)[0])
-        raise ValueError(
-            f"adjacency has a non-zero diagonal: a[{d},{d}] = {diagonal[d]} (must be 0)"
-        )
-    # (a + a.T) / 2 is bit-exact for an already symmetric matrix.
-    return (a + a.T) / 2
-
-
-def laplacian(adjacency: np.ndarray) -> np.ndarray:
-    """Graph Laplacian L = D - A of a validated adjacency (D = diag of the degrees delta_k)."""
-    a = validate_adjacency(adjacency)
-    return np.diag(a.sum(axis=1)) - a
-
-
-def mixing_matrix(
-    adjacency: np.ndarray, step: float, active: BoolVector | None = None
-) -> np.ndarray:
-    """The MIRA mixing matrix M = I - step * L of paper eq. 8, so that W_new = M @ W.
-
-    Row k is (1 - step * delta_k) e_k + step * a_k: the self-weight must stay in (0, 1], hence
-    the requirement step * max_k delta_k < 1. A client that is not active this round gets the
-    identity row (it keeps its adapter); its column is untouched, so its stored adapter still
-    pulls its active neighbours.
-
-    Args:
-        adjacency: the K x K task graph a_kl (see :func:`validate_adjacency`).
-        step: the server step gamma = eta * lambda, >= 0.
-        active: K booleans, True for the clients sampled this round; None means all.
-
-    Raises:
-        ValueError: on a bad adjacency, a negative or non-finite step, or
-            step * max degree >= 1.
-    """
-    a = validate_adjacency(adjacency)
-    step = float(step)
-    if not np.isfinite(step) or step < 0:
-        raise ValueError(f"server.step must be a finite number >= 0, got {step!r}")
-    degrees = a.sum(axis=1)
-    max_degree = float(degrees.max(initial=0.0))
-    if step * max_degree >= 1:
-        raise ValueError(
-            f"server.step * max degree = {step * max_degree:.4g} >= 1; lower server.step below "
-            f"{1.0 / max_degree:.4g} or normalise the graph"
-        )
-    mixing = step * a
-    mixing[np.diag_indices_from(mixing)] = 1.0 - step * degrees
-    is_active = _active_mask(active, a.shape[0])
-    mixing[~is_active] = 0.0
-    inactive = np.flatnonzero(~is_active)
-    mixing[inactive, inactive] = 1.0
-    return mixing
-
-
-# --------------------------------------------------------------------------------------------
-# Baseline mixing matrices (each row stochastic)
-# --------------------------------------------------------------------------------------------
-
-
-def fedavg_mixing(weights: FloatVector, active: BoolVector | None = None) -> np.ndarray:
-    """FedAvg (FedIT): every row is the normalised weights of the active clients.
-
-    Everyone, sampled or not, receives the one global model sum_l w_l W_l / sum_l w_l over the
-    active clients l.
-
-    Raises:
-        ValueError: on negative or non-finite weights, or no active weight.
-    """
-    w = _weights(weights)
-    is_active = _active_mask(active, len(w))
-    row = np.where(is_active, w, 0.0)
-    total = row.sum()
-    if total <= 0:
-        raise ValueError("fedavg needs at least one active client with a positive weight")
-    return np.tile(row / total, (len(w), 1))
-
-
-def cluster_mixing(
-    labels: Sequence[Hashable] | np.ndarray, weights: FloatVector, active: BoolVector | None = None
-) -> np.ndarray:
-    """Cluster-FedAvg baseline: row k averages the active members of k's cluster.
-
-    Every member of a cluster (sampled or not) receives the same cluster model, the
-    weight-normalised average over the cluster's active members. A cluster with no active
-    member (or only zero weights) keeps its adapters: its rows are identity rows.
-    """
-    w = _weights(weights)
-    is_active = _active_mask(active, len(w))
-    mixing = np.eye(len(w))
-    for members in _clusters(labels, len(w)):
-        row = np.zeros(len(w))
-        row[members] = np.where(is_active[members], w[members], 0.0)
-        if row.sum() > 0:
-            mixing[members] = row / row.sum()
-    return mixing
-
-
-def cluster_merge_mixing(
-    labels: Sequence[Hashable] | np.ndarray, weights: FloatVector, active: BoolVector | None = None
-) -> np.ndarray:
-    """Cluster-merge baseline: cluster averages merged with equal weight into one global model.
-
-    Each cluster with active members is averaged over them (weight-normalised); those cluster
-    models are then averaged with equal weight, and everyone receives the result.
-
-    Raises:
-        ValueError: when no cluster has an active member with a positive weight.
-    """
-    w = _weights(weights)
-    is_active = _active_mask(active, len(w))
-    cluster_rows = []
-    for members in _clusters(labels, len(w)):
-        row = np.zeros(len(w))
-        row[members] = np.where(is_active[members], w[members], 0.0)
-        if row.sum() > 0:
-            cluster_rows.append(row / row.sum())
-    if not cluster_rows:
-        raise ValueError("cluster-merge needs at least one active client with a positive weight")
-    merged = np.mean(cluster_rows, axis=0)
-    return np.tile(merged, (len(w), 1))
 
 
 # --------------------------------------------------------------------------------------------
@@ -426,7 +227,7 @@ def product_mix_module(
     never formed), or from Householder QR when Bs is nearly rank deficient (more stacked
     columns than rows, or nearly equal factors). Only one side is factorised, so no QR of As is
     needed. Only the top r_k eigenpairs of the core are computed
-    (:func:`mira.eigen.top_eigenpairs`, LAPACK without the GIL). Cost O((out + in) R^2 + R^3)
+    (:func:`mira.core.eigen.top_eigenpairs`, LAPACK without the GIL). Cost O((out + in) R^2 + R^3)
     per distinct row; no out x in matrix is formed. Identical rows (FedAvg, cluster rules) are
     computed once. An identity row returns the client's own arrays, copied exactly. BLAS is
     limited to one thread per call while it runs, as in :func:`product_mix`.
@@ -520,7 +321,7 @@ def _stacked_truncated_svd(
     r_factor = _triangular_factor(bt_stack, row_coefs)  # Bs = Qb @ Rb
     # T = Qb (Rb As): the left singular vectors of T are Qb z for the eigenvectors z of
     # (Rb As)(Rb As)^T = Rb (As As^T) Rb^T, a p x p matrix (p <= R) of which only the top
-    # `rank` eigenpairs are computed (mira.eigen; it reads one triangle).
+    # `rank` eigenpairs are computed (mira.core.eigen; it reads one triangle).
     gram_a = a_stack @ a_stack.T
     core = r_factor @ gram_a @ r_factor.T
     # Eigenvalues below R * eps of the largest count as zero (the squaring noise floor).
@@ -590,7 +391,7 @@ def _blas_controller() -> Any:
     # Finding the loaded BLAS libraries takes about a millisecond; limiting them through a
     # kept controller about 15 microseconds, which matters for many small per-module calls.
     # The controller only knows the libraries loaded when it is made, so scipy's LAPACK (and
-    # the BLAS it brings, used by mira.eigen) is loaded first.
+    # the BLAS it brings, used by mira.core.eigen) is loaded first.
     lapack_available()
     return ThreadpoolController()
 
@@ -636,36 +437,6 @@ def _check_workers(workers: int | None) -> int:
     if isinstance(workers, bool) or not isinstance(workers, int | np.integer) or workers < 1:
         raise ValueError(f"workers must be a positive integer or None, got {workers!r}")
     return int(workers)
-
-
-def _active_mask(active: BoolVector | None, num_clients: int) -> np.ndarray:
-    if active is None:
-        return np.ones(num_clients, dtype=bool)
-    mask = np.asarray(active)
-    if mask.shape != (num_clients,):
-        raise ValueError(f"active must hold {num_clients} booleans, got shape {mask.shape}")
-    if mask.dtype != np.bool_ and not np.all((mask == 0) | (mask == 1)):
-        raise ValueError(f"active must hold booleans, got {mask.tolist()}")
-    return mask.astype(bool)
-
-
-def _weights(weights: FloatVector) -> np.ndarray:
-    w = np.asarray(weights, dtype=np.float64)
-    if w.ndim != 1 or w.size == 0:
-        raise ValueError(f"weights must be a non-empty 1-D sequence, got shape {w.shape}")
-    if not np.all(np.isfinite(w)) or np.any(w < 0):
-        raise ValueError(f"weights must be finite and >= 0, got {w.tolist()}")
-    return w
-
-
-def _clusters(labels: Sequence[Hashable] | np.ndarray, num_clients: int) -> list[np.ndarray]:
-    """Client indices per cluster label, in order of first appearance."""
-    if len(labels) != num_clients:
-        raise ValueError(f"got {len(labels)} cluster labels for {num_clients} clients")
-    groups: dict[Hashable, list[int]] = {}
-    for k, label in enumerate(labels):
-        groups.setdefault(label, []).append(k)
-    return [np.asarray(members) for members in groups.values()]
 
 
 def _check_mixing(mixing: np.ndarray, num_clients: int) -> np.ndarray:

@@ -7,8 +7,8 @@
 * ``exact_match`` and ``token_f1`` -- the SQuAD v1.1 evaluation (Rajpurkar et al., 2016):
   lowercase, drop punctuation and the articles a/an/the, split on whitespace.
 
-:func:`summarise` reduces per-client values to the mean and the worst client, because a
-multi-task federation is only as good as the client it serves worst.
+Their names are :data:`mira.config.TASK_METRICS`; :func:`mira.results.stats.summarise`
+reduces per-client values to the mean and the worst client.
 """
 
 from __future__ import annotations
@@ -16,13 +16,11 @@ from __future__ import annotations
 import re
 import string
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
-
-HIGHER_IS_BETTER = ("accuracy", "rouge_l", "exact_match", "token_f1")
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = str.maketrans("", "", string.punctuation)
@@ -108,31 +106,3 @@ def score_texts(
             values = [metric(p, r) for p, r in zip(predictions, references, strict=True)]
             result[name] = float(np.mean(values))
     return result
-
-
-def lower_is_better(name: str) -> bool:
-    """Losses and perplexities shrink as models improve; every other metric grows."""
-    return "loss" in name or "perplexity" in name
-
-
-def summarise(values: Mapping[str, Sequence[float]]) -> dict[str, dict[str, float]]:
-    """Mean and worst client of each metric: ``{name: {"mean", "worst", "worst_index"}}``.
-
-    ``values[name]`` holds one value per client; the worst is the minimum for accuracy,
-    ROUGE-L, exact match and token F1, and the maximum for losses. NaN values (a client
-    without that metric) are left out; a metric with no value is left out.
-    """
-    summary = {}
-    for name, seq in values.items():
-        array = np.asarray(seq, dtype=np.float64)
-        valid = np.flatnonzero(~np.isnan(array))
-        if valid.size == 0:
-            continue
-        picked = array[valid]
-        pos = int(np.argmax(picked) if lower_is_better(name) else np.argmin(picked))
-        summary[name] = {
-            "mean": float(picked.mean()),
-            "worst": float(picked[pos]),
-            "worst_index": int(valid[pos]),
-        }
-    return summary

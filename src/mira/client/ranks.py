@@ -14,8 +14,8 @@ def client_rank(cfg: Config, partition: int) -> int:
     if task.rank:
         return task.rank
     if task.memory_mb:
-        from mira.memory import ModelShape, choose_rank
-        from mira.model import base_model
+        from mira.client.memory import ModelShape, choose_rank
+        from mira.client.model import base_model
 
         shape = ModelShape.from_hf_config(base_model(cfg.model).model.config)
         try:

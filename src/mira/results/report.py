@@ -2,7 +2,8 @@
 
 Writes ``report.md`` and ``report.html`` (self-contained apart from the PNG files in
 ``plots/`` next to them). DIR is either one run (``metrics.jsonl`` at its top, see
-:mod:`mira.outputs`) or a comparison (``runs/<method>/seed-<s>/``, see :mod:`mira.compare`).
+:mod:`mira.results.rundir`) or a comparison (``runs/<method>/seed-<s>/``, see
+:mod:`mira.experiments.compare`).
 
 Plots:
 
@@ -32,7 +33,8 @@ from typing import Any
 
 import numpy as np
 
-from mira.compare import (
+from mira.config import METHODS
+from mira.experiments.compare import (
     MANIFEST,
     PERSONALISED_NOTE,
     RunRecord,
@@ -45,9 +47,8 @@ from mira.compare import (
     summarise_runs,
     summary_tables,
 )
-from mira.config import METHODS
-from mira.graph import plot_adjacency
-from mira.outputs import final_table
+from mira.results.plots import plot_adjacency
+from mira.results.rundir import final_table
 
 PLOTS = "plots"
 

@@ -26,11 +26,10 @@ from typing import Any
 import numpy as np
 import tomli_w
 
-from mira import metrics
-from mira.config import Config, ConfigError
-from mira.graph import plot_adjacency
-from mira.metrics import HIGHER_IS_BETTER
-from mira.model import Adapter, save_adapter_dir
+from mira.config import TASK_METRICS, Config, ConfigError
+from mira.core.adapters import Adapter
+from mira.results import stats
+from mira.results.plots import plot_adjacency
 
 
 def write_atomic(path: Path, text: str) -> None:
@@ -64,10 +63,10 @@ def round_aggregate(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     }
     per_metric = {
         name: [r.get(name, math.nan) for r in rows]
-        for name in HIGHER_IS_BETTER
+        for name in TASK_METRICS
         if any(name in r for r in rows)
     }
-    for name, summary in metrics.summarise(per_metric).items():
+    for name, summary in stats.summarise(per_metric).items():
         out[f"{name}_mean"] = summary["mean"]
         out[f"{name}_worst"] = summary["worst"]
         out[f"{name}_worst_client"] = rows[int(summary["worst_index"])]["client"]
@@ -97,27 +96,30 @@ class RunWriter:
     def write_config(self) -> None:
         write_atomic(self.out / "config.toml", tomli_w.dumps(self.cfg.to_dict()))
 
-    def write_graph(
-        self,
-        client_ids: Sequence[str],
-        tasks: Sequence[str],
-        clusters: Sequence[int],
-        adjacency: np.ndarray,
-        source: str,
-        extra: dict[str, Any] | None = None,
-    ) -> None:
-        graph = {
-            "source": source,
-            "clients": list(client_ids),
-            "tasks": list(tasks),
-            "clusters": [int(c) for c in clusters],
+    def write_graph(self, clients: Sequence[Any], graph: Any, step: Any, built_after: int) -> None:
+        """graph.json and graph.png: the task graph the rule uses from round ``built_after`` + 1.
+
+        ``clients`` have ``client_id`` and ``task``; ``graph`` has ``adjacency``, ``clusters``,
+        ``source`` and ``info`` (:class:`mira.graph.build.TaskGraph`).
+        """
+        ids = [c.client_id for c in clients]
+        adjacency = np.asarray(graph.adjacency, dtype=np.float64)
+        payload = {
+            "source": graph.source,
+            "clients": ids,
+            "tasks": [c.task for c in clients],
+            "clusters": [int(c) for c in graph.clusters],
             "adjacency": adjacency.tolist(),
             "degree": adjacency.sum(axis=1).tolist(),
-            "step": self.cfg.server.step,
-            **(extra or {}),
+            "step": step,
+            **graph.info,
+            "built_after_round": built_after,
         }
-        write_atomic(self.out / "graph.json", json.dumps(graph, indent=1))
-        plot_adjacency(adjacency, list(client_ids), list(clusters), self.out / "graph.png")
+        write_atomic(self.out / "graph.json", json.dumps(payload, indent=1))
+        plot_adjacency(adjacency, ids, list(graph.clusters), self.out / "graph.png")
+
+    def write_checkpoint(self, checkpoint: Checkpoint) -> None:
+        write_checkpoint(self.out, checkpoint)
 
     def append_round(
         self, seconds: float, server_round: int, rows: list[dict[str, Any]]
@@ -151,7 +153,7 @@ class RunWriter:
             if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "round":
                 self._tensorboard.add_scalar(f"round/{key}", value, server_round)
         for row in rows:
-            for key in ("train_loss", "eval_loss", *HIGHER_IS_BETTER):
+            for key in ("train_loss", "eval_loss", *TASK_METRICS):
                 value = row.get(key)
                 if isinstance(value, float) and math.isfinite(value):
                     self._tensorboard.add_scalar(f"{row['client']}/{key}", value, server_round)
@@ -161,6 +163,8 @@ class RunWriter:
         return self.out / "adapters" / client_id
 
     def write_adapter(self, client_id: str, adapter: Adapter, rank: int, base_source: str) -> Path:
+        from mira.client.model import save_adapter_dir  # peft writes the adapter config
+
         path = self.adapter_dir(client_id)
         save_adapter_dir(path, adapter, self.cfg.lora, rank, base_source)
         return path
@@ -168,24 +172,27 @@ class RunWriter:
 
 @dataclass
 class Checkpoint:
-    """Server state after a complete round: enough to continue as if never stopped.
+    """Server state after a complete exchange: enough to continue as if never stopped.
 
     Sampling and local training draw their randomness from (federation.seed, round,
-    client) alone, so the round number is the whole random state.
+    client) alone, so the round number is the whole random state. ``adapters`` are named
+    (every client's stored adapter under its id, plus what the server state keeps besides);
+    ``server`` is the server state's own JSON (open rows, choices, evaluations).
     """
 
     round: int
     client_ids: list[str]
     ranks: list[int]
-    adapters: list[Adapter]
+    adapters: dict[str, Adapter]
     adjacency: np.ndarray
     clusters: list[int]
     graph_source: str
     graph_info: dict[str, Any]
+    server: dict[str, Any]
 
 
 def write_checkpoint(out_dir: Path, checkpoint: Checkpoint) -> None:
-    """Write the checkpoint of a complete round, crash-safely.
+    """Write the checkpoint of a complete exchange, crash-safely.
 
     The adapters go to ``checkpoint/adapters-r<round>.safetensors`` (temporary name, fsync,
     rename), then ``checkpoint/state.json`` naming that file is replaced the same way: the
@@ -198,8 +205,8 @@ def write_checkpoint(out_dir: Path, checkpoint: Checkpoint) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     name = f"adapters-r{checkpoint.round}.safetensors"
     tensors = {
-        f"{client}/{key}": np.ascontiguousarray(value)
-        for client, adapter in zip(checkpoint.client_ids, checkpoint.adapters, strict=True)
+        f"{owner}/{key}": np.ascontiguousarray(value)
+        for owner, adapter in checkpoint.adapters.items()
         for key, value in adapter.items()
     }
     tmp = folder / (name + ".partial")
@@ -216,6 +223,7 @@ def write_checkpoint(out_dir: Path, checkpoint: Checkpoint) -> None:
         "clusters": checkpoint.clusters,
         "graph_source": checkpoint.graph_source,
         "graph_info": checkpoint.graph_info,
+        "server": checkpoint.server,
         "random_state": "stateless: numpy default_rng([seed, round]) for sampling, "
         "SeedSequence([seed, client, round]) for local training",
     }
@@ -226,7 +234,7 @@ def write_checkpoint(out_dir: Path, checkpoint: Checkpoint) -> None:
 
 
 def read_checkpoint(out_dir: Path) -> Checkpoint | None:
-    """The last complete round's checkpoint in ``out_dir``, or None if there is none."""
+    """The last complete exchange's checkpoint in ``out_dir``, or None if there is none."""
     from safetensors.numpy import load_file
 
     state_path = Path(out_dir) / "checkpoint" / "state.json"
@@ -234,11 +242,10 @@ def read_checkpoint(out_dir: Path) -> Checkpoint | None:
         return None
     state = json.loads(state_path.read_text())
     tensors = load_file(str(state_path.parent / state["adapters_file"]))
-    adapters: list[Adapter] = [{} for _ in state["clients"]]
-    index = {client: i for i, client in enumerate(state["clients"])}
+    adapters: dict[str, Adapter] = {}
     for name, value in tensors.items():
-        client, key = name.split("/", 1)
-        adapters[index[client]][key] = value
+        owner, key = name.split("/", 1)
+        adapters.setdefault(owner, {})[key] = value
     return Checkpoint(
         round=int(state["round"]),
         client_ids=list(state["clients"]),
@@ -248,6 +255,7 @@ def read_checkpoint(out_dir: Path) -> Checkpoint | None:
         clusters=[int(c) for c in state["clusters"]],
         graph_source=str(state["graph_source"]),
         graph_info=dict(state["graph_info"]),
+        server=dict(state["server"]),
     )
 
 
@@ -284,7 +292,7 @@ def final_table(out_dir: Path) -> str:
     ]
     for r in final:
         start = first[r["client"]].get("eval_loss")
-        scores = " ".join(f"{m} {_fmt(r[m])}" for m in HIGHER_IS_BETTER if m in r)
+        scores = " ".join(f"{m} {_fmt(r[m])}" for m in TASK_METRICS if m in r)
         lines.append(
             f"{r['client']:<{width}}  {r['task']:<14} {_fmt(start):>8} {_fmt(r['eval_loss']):>8}"
             f"  {scores:<26} {Path(out_dir) / 'adapters' / r['client']}"

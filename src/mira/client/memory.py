@@ -4,7 +4,7 @@ Clients differ (heterogeneous LoRA ranks, DESIGN "Two spaces for the pull"): a p
 rank 4, a workstation rank 16. :func:`choose_rank` picks, for a client's memory budget, the
 largest rank of a configured set whose :func:`estimate_training_memory` fits.
 
-The estimate is derived from what the training step of :mod:`mira.learner` keeps alive at its
+The estimate is derived from what the training step of :mod:`mira.client.learner` keeps alive at its
 peak, for a Llama-architecture causal LM (SmolLM2, Llama, Mistral-like) with frozen base
 weights, LoRA (dropout 0) on some of the seven projections, and transformers' default CPU
 attention (``sdpa``). docs/memory.md derives each term, and benchmarks/memory.py checks the
@@ -198,7 +198,7 @@ def estimate_training_memory(
 
     ``attention`` is the model's ``config._attn_implementation``: "sdpa" (transformers' default,
     which SmolLM2 gets on CPU) or "eager". ``padded``: whether batches carry a padding mask;
-    mira.learner.collate pads every batch of unequal lengths, so True (the default) is the
+    mira.client.learner.collate pads every batch of unequal lengths, so True (the default) is the
     realistic and the larger case. ``framework_overhead_mb`` defaults to the calibrated
     :data:`FRAMEWORK_OVERHEAD_MB`.
 
@@ -210,7 +210,7 @@ def estimate_training_memory(
     - lora_parameters = 4 * L * r * sum over targets of (in + out); LoRA factors stay float32
       (peft upcasts adapters).
     - lora_gradients = lora_parameters (float32; the previous step's gradients are still held
-      during the next forward pass, since mira.learner zeroes them after the forward).
+      during the next forward pass, since mira.client.learner zeroes them after the forward).
     - optimizer_state = 2 * lora_parameters (AdamW's first and second moments).
     - activations = (L * b * s * n + 2 * s * d) * p, n the elements one decoder layer saves
       for backward per token (the first layer saves no norm input, the final norm saves one:

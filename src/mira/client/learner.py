@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from mira import metrics
+from mira.client import scoring as metrics
 from mira.config import Config
 from mira.data import Example, Task
 

@@ -8,7 +8,7 @@ config and ``federation.seed``. Only ``server.method`` and ``federation.seed`` v
 Layout of a comparison directory ``DIR``::
 
     comparison.json             what was asked: command lines, config source, methods, seeds
-    runs/<method>/seed-<s>/     one ordinary run directory (see mira.outputs), plus
+    runs/<method>/seed-<s>/     one ordinary run directory (see mira.results.rundir), plus
         run.json                start, end and wall-clock seconds of the run
         DONE                    written only after the run returned with its last round
     comparison.csv              one row per method: mean and std over seeds of every statistic
@@ -37,9 +37,8 @@ from typing import Any
 
 import numpy as np
 
-from mira.config import METHODS, Config, ConfigError, config_from_dict, load_config
+from mira.config import METHODS, TASK_METRICS, Config, ConfigError, config_from_dict, load_config
 from mira.federation.simulation import run_simulation
-from mira.metrics import HIGHER_IS_BETTER
 
 RUNS = "runs"
 DONE = "DONE"
@@ -78,11 +77,34 @@ def run_folder(out_dir: Path, method: str, seed: int) -> Path:
 
 
 def parse_methods(text: str) -> list[str]:
-    """'mira,fedit' -> ['mira', 'fedit'] (names are checked later, by the config schema)."""
+    """'mira,fedit' -> ['mira', 'fedit'] (names are checked later, by the config schema).
+
+    An entry may carry its own overrides after '@': ``mira@server.step=0.1`` is the rule
+    ``mira`` with ``server.step = 0.1``, next to a plain ``mira`` with the config's step; the
+    whole entry names the variant in every table and folder.
+    """
     methods = [m.strip() for m in text.split(",") if m.strip()]
     if not methods:
         raise CompareError(f"--methods {text!r} names no method; choose from {', '.join(METHODS)}")
+    for entry in methods:
+        split_variant(entry)
     return methods
+
+
+def split_variant(entry: str) -> tuple[str, list[str]]:
+    """``'mira@server.step=0.1'`` -> ``('mira', ['server.step=0.1'])``."""
+    method, *overrides = [part.strip() for part in entry.split("@")]
+    for text in overrides:
+        key = text.split("=", 1)[0].strip()
+        if "=" not in text or "." not in key:
+            raise CompareError(
+                f"--methods entry {entry!r}: {text!r} is not a section.key=value override"
+            )
+        if key in OWNED_KEYS:
+            raise CompareError(f"--methods entry {entry!r}: {key} is chosen by mira compare")
+        if "/" in text:
+            raise CompareError(f"--methods entry {entry!r} names a folder: no '/' allowed")
+    return method, overrides
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -131,12 +153,14 @@ def plan_comparison(
                 f"--set {text!r}: {key} is chosen by --methods / --seeds in mira compare"
             )
     planned = []
-    for method in _unique(methods):
+    for entry in _unique(methods):
+        method, extra = split_variant(entry)
         for seed in _unique(seeds):
             cfg = load_config(
-                config_source, [*overrides, f"server.method={method}", f"federation.seed={seed}"]
+                config_source,
+                [*overrides, *extra, f"server.method={method}", f"federation.seed={seed}"],
             )
-            planned.append(PlannedRun(method, seed, cfg, run_folder(out_dir, method, seed)))
+            planned.append(PlannedRun(entry, seed, cfg, run_folder(out_dir, entry, seed)))
     return planned
 
 
@@ -378,8 +402,13 @@ def _method_order(out_dir: Path, found: Iterable[str]) -> list[str]:
     asked = json.loads(path.read_text()).get("methods", []) if path.is_file() else []
     found = set(found)
     known = [m for m in asked if m in found]
-    rest = sorted(found - set(known), key=lambda m: (METHODS.index(m) if m in METHODS else 99, m))
+    rest = sorted(found - set(known), key=lambda m: (_rule_order(m), m))
     return known + rest
+
+
+def _rule_order(entry: str) -> int:
+    method = entry.split("@", 1)[0]
+    return METHODS.index(method) if method in METHODS else 99
 
 
 def collect_runs(out_dir: Path) -> tuple[list[RunRecord], list[Path]]:
@@ -425,7 +454,7 @@ def final_client_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
 def metric_names(rows: Iterable[dict[str, Any]]) -> list[str]:
     """Task metrics present in any row, in the canonical order."""
     present = {k for r in rows for k in r}
-    return [m for m in HIGHER_IS_BETTER if m in present]
+    return [m for m in TASK_METRICS if m in present]
 
 
 def run_statistics(run: RunRecord) -> dict[str, Stat]:
@@ -727,7 +756,7 @@ def per_client_tables(per_client: Sequence[dict[str, Any]]) -> list[Table]:
     tables = []
     for name, title in [
         ("personalised_loss", "Per client: final personalised eval loss, mean over seeds"),
-        *((m, f"Per client: final personalised {m}, mean over seeds") for m in HIGHER_IS_BETTER),
+        *((m, f"Per client: final personalised {m}, mean over seeds") for m in TASK_METRICS),
     ]:
         shown = [c for c in clients if any(name in cell.get((m, c), {}) for m in methods)]
         if not shown:

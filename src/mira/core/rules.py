@@ -1,0 +1,224 @@
+"""The server rules of mira, as pure functions of the clients' adapters (docs/design.md,
+"Server rules").
+
+Every fixed rule is a K x K mixing matrix M (:mod:`mira.core.mixing`) applied to a snapshot of
+all stored adapters, new_k = sum_l M[k, l] W_l, in factor or product space
+(:mod:`mira.core.spaces`):
+
+- ``local``: M = I (no communication).
+- ``mira``: M = I - step * L on the sampled rows (Elbakary et al. 2025, eq. 8); every client
+  keeps its OWN adapter, pulled toward its neighbours'.
+- ``fedit``: every row is the example-weighted average of the sampled clients (FedIT; with
+  mixed ranks the products are averaged and truncated per client, FlexLoRA).
+- ``cluster-fedavg``: FedAvg inside each cluster; every member gets its cluster's model.
+- ``cluster-merge``: cluster averages merged with equal weight into one global model.
+
+``mira`` with ``server.step = "auto"`` reads the pull as a mix, W_k <- (1 - alpha_k) W_k +
+alpha_k M_k with M_k the neighbours' weighted mean (:func:`neighbour_means`), and lets each
+client choose its own alpha_k from :func:`auto_candidates` by its loss on a validation split
+it holds (:func:`choose_mix`); :func:`mix_toward` forms the chosen adapter, on the client and
+on the server alike, so both hold the same numbers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from mira.core.adapters import Adapter, from_modules, to_modules
+from mira.core.mixing import (
+    cluster_merge_mixing,
+    cluster_mixing,
+    fedavg_mixing,
+    mixing_matrix,
+    neighbour_mean_rows,
+)
+from mira.core.spaces import factor_mix, product_mix
+
+PULL_SPACES = ("factor", "product")
+
+
+def resolve_pull_space(pull_space: str, ranks: Sequence[int]) -> str:
+    """'factor' or 'product': auto picks factor when every rank is equal."""
+    equal = len(set(ranks)) == 1
+    if pull_space == "auto":
+        return "factor" if equal else "product"
+    if pull_space == "factor" and not equal:
+        raise ValueError(
+            "server.pull_space = 'factor' needs equal LoRA ranks, got ranks "
+            f"{sorted(set(ranks))}; use 'product' or 'auto'"
+        )
+    return pull_space
+
+
+def mixing_for(
+    method: str,
+    *,
+    adjacency: np.ndarray,
+    step: float,
+    clusters: Sequence[int],
+    weights: Sequence[float],
+    active: Sequence[bool],
+) -> np.ndarray:
+    """The mixing matrix of a fixed ``method`` for this round's sampled (``active``) clients."""
+    k = adjacency.shape[0]
+    if method == "local":
+        return np.eye(k)
+    if method == "mira":
+        return mixing_matrix(adjacency, step, active)
+    if method == "fedit":
+        return fedavg_mixing(weights, active)
+    if method == "cluster-fedavg":
+        return cluster_mixing(clusters, weights, active)
+    if method == "cluster-merge":
+        return cluster_merge_mixing(clusters, weights, active)
+    raise ValueError(f"unknown server method {method!r}")
+
+
+def apply_mixing(
+    adapters: Sequence[Adapter], mixing: np.ndarray, space: str, scales: Sequence[float]
+) -> list[Adapter]:
+    """New stored adapter of every client: ``mixing`` applied to one snapshot (simultaneous).
+
+    A client whose row is the identity keeps its own arrays untouched (in product space a
+    refactorisation would change nothing in B @ A but would change later local training).
+    """
+    k = len(adapters)
+    unchanged = [bool(mixing[i, i] == 1.0 and np.count_nonzero(mixing[i]) == 1) for i in range(k)]
+    if all(unchanged):
+        return [dict(a) for a in adapters]
+    if space == "factor":
+        mixed = factor_mix(list(adapters), mixing)
+    else:
+        modules = product_mix([to_modules(a) for a in adapters], mixing, list(scales))
+        mixed = [from_modules(m) for m in modules]
+    return [dict(adapters[i]) if unchanged[i] else mixed[i] for i in range(k)]
+
+
+def apply_rule(
+    method: str,
+    adapters: Sequence[Adapter],
+    *,
+    adjacency: np.ndarray,
+    step: float,
+    clusters: Sequence[int],
+    weights: Sequence[float],
+    active: Sequence[bool],
+    ranks: Sequence[int],
+    scales: Sequence[float],
+    pull_space: str = "auto",
+) -> list[Adapter]:
+    """New stored adapter of every client after one server step of a fixed rule."""
+    mixing = mixing_for(
+        method, adjacency=adjacency, step=step, clusters=clusters, weights=weights, active=active
+    )
+    return apply_mixing(adapters, mixing, resolve_pull_space(pull_space, ranks), scales)
+
+
+# --------------------------------------------------------------------------------------------
+# server.step = "auto": each client chooses how much of its neighbours' mean it takes
+# --------------------------------------------------------------------------------------------
+
+
+def auto_candidates(grid: Sequence[float], neighbours: int, equal_share: bool) -> list[float]:
+    """The mix weights alpha a client tries, ascending.
+
+    ``grid`` (``server.auto_grid``) plus, with ``equal_share``, the client's equal-share point
+    n / (n + 1) for its ``neighbours`` count n: its own adapter and each neighbour's then weigh
+    the same, which on a uniform cluster of n + 1 is exactly cluster-fedavg. A client without
+    neighbours has nothing to mix with: its only candidate is 0.
+    """
+    if neighbours <= 0:
+        return [0.0]
+    values = {float(a) for a in grid}
+    if equal_share:
+        values.add(neighbours / (neighbours + 1))
+    return sorted(values)
+
+
+def choose_mix(
+    losses: Sequence[float],
+    prior: Sequence[float] | None = None,
+    smoothing: float = 0.0,
+) -> tuple[int, list[float]]:
+    """Index of the candidate with the lowest (smoothed) validation loss, and the smoothed losses.
+
+    With ``smoothing`` s > 0 and a ``prior`` of the same length (the previous round's smoothed
+    losses of the same candidates), the losses are s * prior + (1 - s) * losses: an exponential
+    moving average across rounds. Ties go to the first (smallest) candidate; a non-finite loss
+    never wins.
+
+    Raises:
+        ValueError: no candidate has a finite loss.
+    """
+    current = np.asarray(losses, dtype=np.float64)
+    if current.ndim != 1 or current.size == 0:
+        raise ValueError("need one validation loss per candidate")
+    smoothed = current
+    if smoothing > 0 and prior is not None and len(prior) == current.size:
+        smoothed = smoothing * np.asarray(prior, dtype=np.float64) + (1 - smoothing) * current
+    finite = np.where(np.isfinite(smoothed), smoothed, np.inf)
+    if not np.isfinite(finite).any():
+        raise ValueError(f"no candidate has a finite validation loss: {current.tolist()}")
+    return int(np.argmin(finite)), [float(v) for v in smoothed]
+
+
+def neighbour_means(
+    adapters: Sequence[Adapter],
+    adjacency: np.ndarray,
+    active: Sequence[bool],
+    space: str,
+    scales: Sequence[float],
+) -> list[Adapter | None]:
+    """Each active client's neighbour mean M_k = sum_l a_kl W_l / delta_k (None when it has no
+    neighbour or is not active), in the form :func:`mix_toward` takes.
+
+    Factor space: the weighted mean of the tensors, shaped like the client's adapter. Product
+    space: the exact product sum_l (a_kl / delta_k) s_l B_l A_l as stacked factors of rank
+    R = sum of the neighbours' ranks (A = [A_l; ...], B = [c_l s_l B_l, ...], scale 1), so no
+    information is lost before the client's own projection.
+    """
+    rows = neighbour_mean_rows(adjacency, active)
+    has_mean = [bool(np.any(rows[k])) for k in range(len(adapters))]
+    if not any(has_mean):
+        return [None] * len(adapters)
+    if space == "factor":
+        mixed = factor_mix(list(adapters), rows)
+        return [mixed[k] if has_mean[k] else None for k in range(len(adapters))]
+    modules = [to_modules(a) for a in adapters]
+    means: list[Adapter | None] = []
+    for k in range(len(adapters)):
+        if not has_mean[k]:
+            means.append(None)
+            continue
+        support = [int(j) for j in np.flatnonzero(rows[k])]
+        stacked = {}
+        for name in modules[k]:
+            a_blocks = [modules[j][name][0] for j in support]
+            b_blocks = [(rows[k, j] * scales[j]) * modules[j][name][1] for j in support]
+            dtype = modules[k][name][0].dtype
+            stacked[name] = (
+                np.concatenate(a_blocks, axis=0).astype(dtype),
+                np.concatenate(b_blocks, axis=1).astype(dtype),
+            )
+        means.append(from_modules(stacked))
+    return means
+
+
+def mix_toward(own: Adapter, mean: Adapter, alpha: float, space: str, scale: float) -> Adapter:
+    """(1 - alpha) * own + alpha * mean: client k's adapter after its chosen mix.
+
+    Factor space: of every tensor. Product space: of the products s_k B A and the mean's
+    stacked product, projected to the client's own rank (best rank-r_k approximation, as every
+    product-space rule). alpha = 0 returns ``own`` unchanged. ``scale`` is the client's LoRA
+    scale s_k. The same function runs on the client (to evaluate candidates) and on the server
+    (to store the chosen one), so both hold the same numbers.
+    """
+    mixing = np.array([[1.0 - alpha, alpha], [0.0, 1.0]])
+    if alpha == 0.0:
+        return dict(own)
+    if space == "factor":
+        return factor_mix([own, mean], mixing)[0]
+    mixed = product_mix([to_modules(own), to_modules(mean)], mixing, [scale, 1.0])
+    return from_modules(mixed[0])

@@ -1,0 +1,371 @@
+"""The server's state, without Flower: every client's stored adapter, the task graph, who each
+exchange contacts and with what, the server rule, and the metric rows each round writes.
+
+One exchange per client per round (docs/design.md, "Engine"). Exchange r sends every client
+that trains in round r, and every client whose adapter changed in round r - 1 and is not yet
+evaluated, ONE message: the adapter it holds after round r - 1's rule (under
+``server.step = "auto"``, its own trained adapter and its neighbours' mean, to choose its mix
+from). The client first evaluates that personalised adapter (closing round r - 1's rows), then
+trains round r. After the last round one more exchange evaluates, and nothing else. So a
+round's rows are complete, and written, one exchange after its training; each reported eval
+loss is still that of the adapter the client held after that round's rule.
+
+Everything here is plain Python and numpy, so the round logic is tested without Flower
+(tests/test_state.py); :mod:`mira.federation.server` moves the instructions and replies.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from mira.config import TASK_METRICS, Config
+from mira.core import rules
+from mira.core.adapters import Adapter, lora_scale
+from mira.core.mixing import mix_weights
+from mira.federation.protocol import Instruction, Reply
+from mira.graph.build import TaskGraph
+
+
+class ServerStateError(ValueError):
+    """The server state cannot take what it was given (a bad checkpoint, an unknown client)."""
+
+
+def sample_clients(num_clients: int, fraction: float, seed: int, server_round: int) -> list[int]:
+    """Clients trained in a round: a seeded uniform sample without replacement."""
+    count = max(1, round(fraction * num_clients))
+    if count >= num_clients:
+        return list(range(num_clients))
+    rng = np.random.default_rng([seed, server_round])
+    return sorted(int(i) for i in rng.choice(num_clients, size=count, replace=False))
+
+
+@dataclass
+class ClientState:
+    """What the server keeps of one client between exchanges."""
+
+    client_id: str
+    task: str
+    rank: int
+    node_id: int
+    num_train: int
+    adapter: Adapter  # after the last rule; under auto, its own trained adapter until it chooses
+    mean: Adapter | None = None  # auto: the neighbours' mean it has yet to choose its mix with
+    candidates: list[float] = field(default_factory=list)  # auto: mix weights it tries
+    smoothed: list[float] | None = None  # auto: smoothed validation loss of each candidate
+    evaluation: dict[str, float] | None = None  # of ``adapter``, once known
+    evaluated_task_metrics: bool = False  # whether ``evaluation`` includes the task metrics
+
+
+@dataclass
+class ClosedRound:
+    """A round whose rows are complete: write them, and the adapters the clients hold."""
+
+    round: int
+    rows: list[dict[str, Any]]
+    seconds: float
+    adapters: list[Adapter]
+
+
+class ServerState:
+    """Per-client state, the rule on one snapshot, and the rows of the round still open."""
+
+    def __init__(self, cfg: Config, clients: list[ClientState], graph: TaskGraph):
+        self.cfg = cfg
+        self.clients = clients
+        self.graph = graph
+        ranks = [c.rank for c in clients]
+        self.space = rules.resolve_pull_space(cfg.server.pull_space, ranks)
+        self.scales = [lora_scale(cfg.lora.alpha, c.rank, cfg.lora.rslora) for c in clients]
+        self.trained_round = 0  # the last round whose rule was applied
+        self.open_rows: dict[int, dict[str, Any]] = {}  # rows of trained_round, not yet written
+        self.open_seconds = 0.0
+        self._contacted: dict[int, Instruction] = {}
+
+    # ------------------------------------------------------------------------ queries
+    @property
+    def auto(self) -> bool:
+        """MIRA with ``server.step = "auto"``: every client chooses its own mix weight."""
+        return self.cfg.server.method == "mira" and self.cfg.server.auto_step
+
+    def index(self, client_id: str) -> int:
+        for i, client in enumerate(self.clients):
+            if client.client_id == client_id:
+                return i
+        raise ServerStateError(f"unknown client {client_id!r}")
+
+    def measures_task_metrics(self, server_round: int) -> bool:
+        """Task metrics every ``federation.metrics_every`` rounds and after the last round."""
+        federation = self.cfg.federation
+        return server_round % federation.metrics_every == 0 or server_round == federation.rounds
+
+    def refresh_due(self, server_round: int) -> bool:
+        """Whether exchange ``server_round`` also asks every client for a fresh fingerprint."""
+        refresh = self.cfg.server.graph_refresh
+        return (
+            self.cfg.server.graph in ("clusters", "knn")
+            and self.cfg.server.method not in ("fedit", "local")
+            and refresh > 0
+            and server_round > 1
+            and (server_round - 1) % refresh == 0
+        )
+
+    # ------------------------------------------------------------------------ one exchange
+    def plan(self, server_round: int) -> list[Instruction]:
+        """The instructions of exchange ``server_round`` (rounds + 1: the final evaluation).
+
+        A client is contacted when it trains this round, when its adapter has changed since it
+        was last evaluated (or its task metrics are due), or when fingerprints are refreshed.
+        """
+        final = server_round > self.cfg.federation.rounds
+        sampled = set()
+        if not final:
+            sampled = set(
+                sample_clients(
+                    len(self.clients),
+                    self.cfg.federation.fraction,
+                    self.cfg.federation.seed,
+                    server_round,
+                )
+            )
+        refresh = not final and self.refresh_due(server_round)
+        closing = bool(self.open_rows)
+        metrics_due = closing and self.measures_task_metrics(self.trained_round)
+        instructions: dict[int, Instruction] = {}
+        for i, client in enumerate(self.clients):
+            evaluate = closing and (
+                client.evaluation is None
+                or client.mean is not None
+                or (metrics_due and not client.evaluated_task_metrics)
+            )
+            if not (i in sampled or evaluate or refresh):
+                continue
+            instructions[i] = Instruction(
+                client_id=client.client_id,
+                node_id=client.node_id,
+                round=server_round,
+                adapter=client.adapter,
+                train=i in sampled,
+                evaluate=evaluate,
+                task_metrics=metrics_due and evaluate,
+                fingerprint=refresh,
+                mean=client.mean,
+                candidates=list(client.candidates) if client.mean is not None else [],
+                prior=client.smoothed if client.mean is not None else None,
+                space=self.space,
+            )
+        self._contacted = instructions
+        return list(instructions.values())
+
+    def close_round(
+        self, replies: dict[int, Reply], sent: dict[int, int], seconds: float = 0.0
+    ) -> ClosedRound | None:
+        """Take the choices and evaluations of the open round from this exchange's replies.
+
+        Under auto, each client's chosen alpha is checked against the argmin of the validation
+        losses it reported (recomputed here, smoothing included) and its adapter becomes
+        (1 - alpha) W_k + alpha M_k, computed with the same function the client used. Bytes of
+        messages that only evaluate count toward the round they evaluate; ``seconds`` (the
+        final exchange's time) is added to the round's. Returns None when no round is open.
+        """
+        if not self.open_rows:
+            return None
+        metrics_due = self.measures_task_metrics(self.trained_round)
+        for i, client in enumerate(self.clients):
+            row = self.open_rows[i]
+            reply = replies.get(i)
+            instruction = self._contacted.get(i)
+            if instruction is not None and not instruction.train:
+                row["bytes_down"] += sent.get(i, 0)
+            if reply is not None and client.mean is not None and reply.alpha is not None:
+                self._resolve_choice(i, reply, row)
+            if reply is not None and reply.evaluation is not None:
+                client.evaluation = dict(reply.evaluation)
+                client.evaluated_task_metrics = bool(instruction and instruction.task_metrics)
+            evaluation = client.evaluation or {}
+            row["eval_loss"] = evaluation.get("eval_loss")
+            if "peak_memory_mb" in evaluation:
+                row["peak_memory_mb"] = max(
+                    float(row.get("peak_memory_mb") or 0.0), evaluation["peak_memory_mb"]
+                )
+            if metrics_due:
+                for name in TASK_METRICS:
+                    if name in evaluation:
+                        row[name] = evaluation[name]
+        closed = ClosedRound(
+            round=self.trained_round,
+            rows=[self.open_rows[i] for i in range(len(self.clients))],
+            seconds=self.open_seconds + seconds,
+            adapters=[c.adapter for c in self.clients],
+        )
+        self.open_rows = {}
+        self.open_seconds = 0.0
+        return closed
+
+    def _resolve_choice(self, index: int, reply: Reply, row: dict[str, Any]) -> None:
+        client = self.clients[index]
+        assert client.mean is not None and reply.alpha is not None
+        losses = reply.val_losses or []
+        if len(losses) != len(client.candidates):
+            raise ServerStateError(
+                f"client {client.client_id} reported {len(losses)} validation losses for "
+                f"{len(client.candidates)} candidates"
+            )
+        chosen, smoothed = rules.choose_mix(losses, client.smoothed, self.cfg.server.auto_smoothing)
+        alpha = client.candidates[chosen]
+        if not math.isclose(alpha, reply.alpha, rel_tol=0, abs_tol=1e-12):
+            raise ServerStateError(
+                f"client {client.client_id} chose alpha = {reply.alpha} but its validation "
+                f"losses make it {alpha}"
+            )
+        client.adapter = rules.mix_toward(
+            client.adapter, client.mean, alpha, self.space, self.scales[index]
+        )
+        client.mean = None
+        client.smoothed = smoothed
+        row["mix_weight"] = alpha
+        row["val_loss"] = float(losses[chosen])
+        row["val_losses"] = [float(v) for v in losses]
+        row["candidates"] = list(client.candidates)
+
+    def rebuild_graph(self, graph: TaskGraph) -> None:
+        """Use a graph rebuilt from fresh fingerprints for this round's rule and later."""
+        self.graph = graph
+
+    def apply_rule(
+        self, server_round: int, replies: dict[int, Reply], sent: dict[int, int], seconds: float
+    ) -> None:
+        """Store the trained adapters and apply the server rule to one snapshot of all.
+
+        Opens the rows of ``server_round``; they are closed by the next exchange.
+        """
+        trained = {i: r.trained for i, r in replies.items() if r.trained is not None}
+        snapshot = [trained.get(i, c.adapter) for i, c in enumerate(self.clients)]
+        active = [i in trained for i in range(len(self.clients))]
+        rows = {}
+        for i, client in enumerate(self.clients):
+            reply = replies.get(i)
+            train_loss = reply.train_loss if reply is not None and i in trained else None
+            instruction = self._contacted.get(i)
+            rows[i] = {
+                "round": server_round,
+                "client": client.client_id,
+                "task": client.task,
+                "method": self.cfg.server.method,
+                "rank": client.rank,
+                "sampled": bool(instruction is not None and instruction.train),
+                "train_loss": train_loss,
+                "eval_loss": None,
+                "bytes_up": reply.bytes_up if reply is not None else 0,
+                "bytes_down": sent.get(i, 0)
+                if instruction is not None and instruction.train
+                else 0,
+                "mix_weight": 0.0,
+            }
+        if self.auto:
+            self._open_choices(snapshot, active, trained)
+        else:
+            mixing = rules.mixing_for(
+                self.cfg.server.method,
+                adjacency=self.graph.adjacency,
+                step=float(self.cfg.server.step),
+                clusters=self.graph.clusters,
+                weights=[c.num_train for c in self.clients],
+                active=active,
+            )
+            updated = rules.apply_mixing(snapshot, mixing, self.space, self.scales)
+            weights = mix_weights(mixing)
+            for i, client in enumerate(self.clients):
+                identity = mixing[i, i] == 1.0 and np.count_nonzero(mixing[i]) == 1
+                if i in trained or not identity:
+                    client.evaluation = None
+                    client.evaluated_task_metrics = False
+                client.adapter = updated[i]
+                rows[i]["mix_weight"] = float(weights[i])
+        self.trained_round = server_round
+        self.open_rows = rows
+        self.open_seconds = seconds
+
+    def _open_choices(
+        self, snapshot: list[Adapter], active: list[bool], trained: dict[int, Adapter]
+    ) -> None:
+        """Auto: each trained client keeps its trained adapter until it chooses its mix with
+        its neighbours' mean, computed here from the same snapshot as every other rule."""
+        means = rules.neighbour_means(
+            snapshot, self.graph.adjacency, active, self.space, self.scales
+        )
+        for i, client in enumerate(self.clients):
+            if i not in trained:
+                continue  # not sampled: keeps its adapter, mix weight 0
+            client.adapter = trained[i]
+            client.evaluation = None
+            client.evaluated_task_metrics = False
+            client.mean = means[i]
+            neighbours = int(np.count_nonzero(self.graph.adjacency[i]))
+            candidates = rules.auto_candidates(
+                self.cfg.server.auto_grid, neighbours, self.cfg.server.auto_equal_share
+            )
+            if candidates != client.candidates:
+                client.smoothed = None  # a new candidate set starts a new average
+            client.candidates = candidates if client.mean is not None else []
+
+    # ------------------------------------------------------------------------ checkpoints
+    def snapshot_state(self) -> tuple[dict[str, Any], dict[str, Adapter]]:
+        """(JSON-able state, named adapters) that :meth:`restore_state` takes back."""
+        adapters: dict[str, Adapter] = {}
+        clients = []
+        for client in self.clients:
+            adapters[client.client_id] = client.adapter
+            if client.mean is not None:
+                adapters[f"mean:{client.client_id}"] = client.mean
+            clients.append(
+                {
+                    "client": client.client_id,
+                    "rank": client.rank,
+                    "candidates": client.candidates,
+                    "smoothed": client.smoothed,
+                    "evaluation": client.evaluation,
+                    "evaluated_task_metrics": client.evaluated_task_metrics,
+                    "has_mean": client.mean is not None,
+                }
+            )
+        state = {
+            "trained_round": self.trained_round,
+            "open_rows": [self.open_rows[i] for i in sorted(self.open_rows)],
+            "open_seconds": self.open_seconds,
+            "clients": clients,
+        }
+        return state, adapters
+
+    def restore_state(self, state: dict[str, Any], adapters: dict[str, Adapter]) -> None:
+        """Put a checkpoint's state in place (the graph is restored by the caller)."""
+        saved = state["clients"]
+        ids = [c.client_id for c in self.clients]
+        if [s["client"] for s in saved] != ids or [s["rank"] for s in saved] != [
+            c.rank for c in self.clients
+        ]:
+            raise ServerStateError(
+                f"the checkpoint holds clients {[s['client'] for s in saved]} with ranks "
+                f"{[s['rank'] for s in saved]}, but the connected clients are {ids} with "
+                f"ranks {[c.rank for c in self.clients]}"
+            )
+        for client, entry in zip(self.clients, saved, strict=True):
+            adapter = adapters[client.client_id]
+            if {k: v.shape for k, v in adapter.items()} != {
+                k: v.shape for k, v in client.adapter.items()
+            }:
+                raise ServerStateError(
+                    f"the checkpointed adapter of {client.client_id} does not match its layout"
+                )
+            client.adapter = adapter
+            client.mean = adapters.get(f"mean:{client.client_id}") if entry["has_mean"] else None
+            client.candidates = [float(a) for a in entry["candidates"]]
+            client.smoothed = entry["smoothed"]
+            client.evaluation = entry["evaluation"]
+            client.evaluated_task_metrics = bool(entry["evaluated_task_metrics"])
+        self.trained_round = int(state["trained_round"])
+        self.open_rows = dict(enumerate(state["open_rows"]))
+        self.open_seconds = float(state["open_seconds"])

@@ -1,0 +1,135 @@
+"""The server rules and the auto mix (mira.core.rules) against dense references, no Flower."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mira.core import rules
+from mira.core.adapters import from_modules, lora_scale, to_modules
+from mira.core.mixing import mix_weights, mixing_matrix, neighbour_mean_rows
+
+
+def factor_adapters(rng: np.random.Generator, k: int, rank: int = 3) -> list[dict]:
+    return [
+        {
+            "m.lora_A.weight": rng.standard_normal((rank, 5)).astype(np.float32),
+            "m.lora_B.weight": rng.standard_normal((4, rank)).astype(np.float32),
+        }
+        for _ in range(k)
+    ]
+
+
+GRAPH = np.array([[0, 1, 0.5, 0], [1, 0, 0, 0], [0.5, 0, 0, 0], [0, 0, 0, 0]], dtype=float)
+
+
+def test_auto_candidates_add_the_equal_share_and_sort() -> None:
+    assert rules.auto_candidates([0.0, 0.9, 0.5], 2, True) == pytest.approx([0, 0.5, 2 / 3, 0.9])
+    assert rules.auto_candidates([0.0, 0.5], 1, True) == [0.0, 0.5]  # 1/2 already there
+    assert rules.auto_candidates([0.25], 3, False) == [0.25]
+    assert rules.auto_candidates([0.25, 0.5], 0, True) == [0.0]  # nobody to mix with
+
+
+def test_choose_mix_is_the_argmin_with_ties_to_the_first_and_smoothing() -> None:
+    assert rules.choose_mix([3.0, 1.0, 2.0]) == (1, [3.0, 1.0, 2.0])
+    assert rules.choose_mix([1.0, 1.0, 2.0])[0] == 0
+    assert rules.choose_mix([np.nan, 2.0, np.inf])[0] == 1
+    index, smoothed = rules.choose_mix([3.0, 1.0], prior=[0.0, 4.0], smoothing=0.5)
+    assert smoothed == [1.5, 2.5] and index == 0
+    assert rules.choose_mix([3.0, 1.0], prior=[0.0], smoothing=0.5)[0] == 1  # other length
+    with pytest.raises(ValueError, match="no candidate has a finite"):
+        rules.choose_mix([np.nan, np.nan])
+
+
+def test_neighbour_means_in_factor_space_are_the_weighted_means() -> None:
+    rng = np.random.default_rng(0)
+    adapters = factor_adapters(rng, 4)
+    means = rules.neighbour_means(adapters, GRAPH, [True, True, False, True], "factor", [1.0] * 4)
+    expected = (
+        1 * adapters[1]["m.lora_A.weight"].astype(float)
+        + 0.5 * adapters[2]["m.lora_A.weight"].astype(float)
+    ) / 1.5
+    assert means[0] is not None
+    np.testing.assert_allclose(means[0]["m.lora_A.weight"], expected, rtol=1e-6)
+    assert means[2] is None  # not active
+    assert means[3] is None  # no neighbour
+    np.testing.assert_array_equal(means[1]["m.lora_B.weight"], adapters[0]["m.lora_B.weight"])
+
+
+def test_neighbour_mean_in_product_space_is_the_exact_stacked_product() -> None:
+    rng = np.random.default_rng(1)
+    ranks = [2, 3, 4, 2]
+    adapters = [factor_adapters(rng, 1, r)[0] for r in ranks]
+    scales = [lora_scale(8.0, r) for r in ranks]
+    means = rules.neighbour_means(adapters, GRAPH, [True] * 4, "product", scales)
+    module = to_modules(means[0])["m"]  # type: ignore[arg-type]
+    assert module[0].shape == (3 + 4, 5)  # stacked rank: neighbours' ranks
+    dense = sum(
+        (GRAPH[0, j] / 1.5)
+        * scales[j]
+        * to_modules(adapters[j])["m"][1].astype(float)
+        @ to_modules(adapters[j])["m"][0].astype(float)
+        for j in (1, 2)
+    )
+    np.testing.assert_allclose(module[1] @ module[0], dense, rtol=1e-5, atol=1e-5)
+
+
+def test_mix_toward_in_factor_space_and_zero_keeps_the_adapter() -> None:
+    rng = np.random.default_rng(2)
+    own, mean = factor_adapters(rng, 2)
+    mixed = rules.mix_toward(own, mean, 0.3, "factor", 1.0)
+    for key in own:
+        expected = 0.7 * own[key].astype(float) + 0.3 * mean[key].astype(float)
+        np.testing.assert_allclose(mixed[key], expected, rtol=1e-6)
+        assert mixed[key].dtype == np.float32
+    kept = rules.mix_toward(own, mean, 0.0, "factor", 1.0)
+    assert all(np.array_equal(kept[k], own[k]) for k in own)
+
+
+def test_mix_toward_in_product_space_is_the_best_rank_r_approximation() -> None:
+    rng = np.random.default_rng(3)
+    own = factor_adapters(rng, 1, 2)[0]
+    neighbours = [factor_adapters(rng, 1, r)[0] for r in (3, 4)]
+    scales = [lora_scale(8.0, r) for r in (2, 3, 4)]
+    graph = np.array([[0, 1, 1], [1, 0, 0], [1, 0, 0]], dtype=float)
+    mean = rules.neighbour_means([own, *neighbours], graph, [True] * 3, "product", scales)[0]
+    assert mean is not None
+    mixed = rules.mix_toward(own, mean, 0.4, "product", scales[0])
+    a, b = to_modules(mixed)["m"]
+    assert a.shape == (2, 5) and b.shape == (4, 2)
+    own_a, own_b = to_modules(own)["m"]
+    mean_a, mean_b = to_modules(mean)["m"]
+    target = 0.6 * scales[0] * own_b.astype(float) @ own_a + 0.4 * mean_b.astype(float) @ mean_a
+    u, s, vt = np.linalg.svd(target)
+    best = (u[:, :2] * s[:2]) @ vt[:2]
+    np.testing.assert_allclose(scales[0] * b.astype(float) @ a, best, atol=1e-5)
+
+
+def test_fixed_step_mix_weight_is_step_times_degree_and_mean_rows_sum_to_one() -> None:
+    mixing = mixing_matrix(GRAPH, 0.4, [True, True, True, False])
+    np.testing.assert_allclose(mix_weights(mixing), [0.6, 0.4, 0.2, 0.0])
+    rows = neighbour_mean_rows(GRAPH)
+    np.testing.assert_allclose(rows.sum(axis=1), [1, 1, 1, 0])
+    # The pull is the mix with the mean: I - step L = (1 - alpha) I + alpha * mean rows.
+    alpha = 0.4 * GRAPH.sum(axis=1)
+    np.testing.assert_allclose(
+        mixing_matrix(GRAPH, 0.4), np.diag(1 - alpha) + alpha[:, None] * rows, atol=1e-15
+    )
+
+
+def test_apply_rule_local_returns_copies_and_modules_round_trip() -> None:
+    rng = np.random.default_rng(4)
+    adapters = factor_adapters(rng, 3)
+    kept = rules.apply_rule(
+        "local",
+        adapters,
+        adjacency=np.zeros((3, 3)),
+        step=0.1,
+        clusters=[0, 1, 2],
+        weights=[1, 1, 1],
+        active=[True] * 3,
+        ranks=[3, 3, 3],
+        scales=[1.0] * 3,
+    )
+    assert all(np.array_equal(kept[i][k], adapters[i][k]) for i in range(3) for k in adapters[0])
+    assert from_modules(to_modules(adapters[0])).keys() == adapters[0].keys()

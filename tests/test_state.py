@@ -1,0 +1,163 @@
+"""The server's round logic (mira.federation.state) without Flower: who each exchange
+contacts, the lagged evaluation, the auto choice, and checkpoints. Milliseconds each."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from mira.config import apply_overrides, config_from_dict
+from mira.core import rules
+from mira.federation.protocol import Instruction, Reply
+from mira.federation.state import ClientState, ServerState, ServerStateError
+from mira.graph.build import TaskGraph
+from mira.graph.sources import declared_task_graph
+
+
+def make_state(*overrides: str) -> ServerState:
+    raw = {
+        "lora": {"rank": 2, "alpha": 4},
+        "federation": {"rounds": 3, "seed": 1},
+        "server": {"method": "mira", "step": 0.5, "graph": "tasks"},
+        "data": {"train_size": 8, "eval_size": 4, "val_size": 2},
+        "tasks": [{"name": "a", "clients": 2}, {"name": "b", "clients": 2}],
+    }
+    cfg = config_from_dict(apply_overrides(raw, list(overrides)))
+    rng = np.random.default_rng(0)
+    init = {"m.lora_A.weight": rng.standard_normal((2, 3)), "m.lora_B.weight": np.zeros((3, 2))}
+    clients = [
+        ClientState(c, t, 2, node_id=100 + i, num_train=6, adapter=dict(init))
+        for i, (c, t) in enumerate(zip(cfg.client_ids, cfg.client_tasks, strict=True))
+    ]
+    graph = TaskGraph(declared_task_graph(cfg.client_tasks), [0, 0, 1, 1], "tasks")
+    return ServerState(cfg, clients, graph)
+
+
+def trained_reply(state: ServerState, instruction: Instruction, shift: float) -> Reply:
+    """A client's reply: its adapter moved by ``shift``, an evaluation if asked."""
+    reply = Reply(instruction.client_id, instruction.node_id)
+    if instruction.evaluate:
+        reply.evaluation = {"eval_loss": 1.0 + shift, "peak_memory_mb": 10.0}
+        if instruction.task_metrics:
+            reply.evaluation["accuracy"] = 0.5
+    if instruction.train:
+        reply.trained = {k: v + shift for k, v in instruction.adapter.items()}
+        reply.train_loss = 2.0 + shift
+        reply.bytes_up = 48
+    return reply
+
+
+def run_exchange(state: ServerState, server_round: int, shifts=None):
+    instructions = state.plan(server_round)
+    replies = {}
+    for instruction in instructions:
+        index = state.index(instruction.client_id)
+        shift = (shifts or {}).get(index, 0.1 * (index + 1))
+        replies[index] = trained_reply(state, instruction, shift)
+        if instruction.mean is not None:  # auto: the client picks the first candidate's loss
+            losses = [1.0 + abs(a - 0.5) for a in instruction.candidates]
+            replies[index].val_losses = losses
+            replies[index].alpha = instruction.candidates[int(np.argmin(losses))]
+    sent = {state.index(i.client_id): 100 for i in instructions}
+    return instructions, replies, sent
+
+
+def test_first_exchange_trains_everyone_and_evaluates_nobody() -> None:
+    state = make_state()
+    instructions = state.plan(1)
+    assert [i.train for i in instructions] == [True] * 4
+    assert not any(i.evaluate for i in instructions)
+    assert state.close_round({}, {}) is None
+
+
+def test_a_round_is_written_one_exchange_after_its_training() -> None:
+    state = make_state()
+    _, replies, sent = run_exchange(state, 1)
+    state.apply_rule(1, replies, sent, seconds=2.0)
+    assert state.trained_round == 1 and len(state.open_rows) == 4
+    # MIRA at step 0.5 on degree-1 clients: alpha = 0.5, the pair averaged.
+    pair = [state.clients[0].adapter, state.clients[1].adapter]
+    np.testing.assert_allclose(pair[0]["m.lora_A.weight"], pair[1]["m.lora_A.weight"])
+    instructions, replies, sent = run_exchange(state, 2)
+    assert all(i.train and i.evaluate for i in instructions)
+    closed = state.close_round(replies, sent)
+    assert closed is not None and closed.round == 1 and closed.seconds == 2.0
+    for row, instruction in zip(closed.rows, instructions, strict=True):
+        assert row["round"] == 1 and row["mix_weight"] == 0.5
+        assert (
+            row["eval_loss"] == replies[state.index(instruction.client_id)].evaluation["eval_loss"]
+        )
+        assert row["bytes_down"] == 100 and row["bytes_up"] == 48
+        assert row["accuracy"] == 0.5  # federation.metrics_every = 1: due every round
+
+
+def test_final_exchange_only_evaluates_and_carries_the_task_metrics() -> None:
+    state = make_state()
+    for server_round in (1, 2, 3):
+        _, replies, sent = run_exchange(state, server_round)
+        state.close_round(replies, sent)
+        state.apply_rule(server_round, replies, sent, seconds=1.0)
+    instructions, replies, sent = run_exchange(state, 4)
+    assert all(i.evaluate and not i.train and i.task_metrics for i in instructions)
+    closed = state.close_round(replies, sent, seconds=0.5)
+    assert closed is not None and closed.round == 3 and closed.seconds == 1.5
+    assert all(r["accuracy"] == 0.5 and r["bytes_down"] == 200 for r in closed.rows)
+    assert not state.open_rows
+
+
+def test_unsampled_unchanged_clients_are_not_contacted_and_keep_their_evaluation() -> None:
+    state = make_state("federation.fraction=0.5", "server.method=local")
+    _, replies, sent = run_exchange(state, 1)
+    state.apply_rule(1, replies, sent, seconds=1.0)
+    first = {i for i, r in state.open_rows.items() if r["sampled"]}
+    instructions, replies, sent = run_exchange(state, 2)
+    contacted = {state.index(i.client_id) for i in instructions}
+    second = {state.index(i.client_id) for i in instructions if i.train}
+    # Never-evaluated clients (the initial adapter) and the trained ones are evaluated.
+    assert contacted == set(range(4)) and len(first) == len(second) == 2
+    closed = state.close_round(replies, sent)
+    assert closed is not None
+    state.apply_rule(2, replies, sent, seconds=1.0)
+    instructions, replies, sent = run_exchange(state, 3)
+    contacted = {state.index(i.client_id) for i in instructions}
+    sampled_now = {state.index(i.client_id) for i in instructions if i.train}
+    assert contacted == second | sampled_now  # the rest kept their adapter and evaluation
+    closed = state.close_round(replies, sent)
+    assert closed is not None and all(r["eval_loss"] is not None for r in closed.rows)
+
+
+def test_auto_sends_the_mean_checks_the_choice_and_mixes_like_the_client() -> None:
+    state = make_state("server.step='auto'", "server.auto_grid=[0.0, 0.25, 1.0]")
+    _, replies, sent = run_exchange(state, 1)
+    state.apply_rule(1, replies, sent, seconds=1.0)
+    trained = [dict(c.adapter) for c in state.clients]
+    assert all(c.mean is not None for c in state.clients)
+    instructions, replies, sent = run_exchange(state, 2)
+    assert all(i.candidates == [0.0, 0.25, 0.5, 1.0] for i in instructions)  # 1/2: equal share
+    closed = state.close_round(replies, sent)
+    assert closed is not None
+    assert all(r["mix_weight"] == 0.5 for r in closed.rows)
+    expected = rules.mix_toward(trained[0], trained[1], 0.5, "factor", 2.0)
+    np.testing.assert_allclose(closed.adapters[0]["m.lora_A.weight"], expected["m.lora_A.weight"])
+    state.apply_rule(2, replies, sent, seconds=1.0)
+    instructions, replies, sent = run_exchange(state, 3)
+    replies[0].alpha = 1.0  # not the argmin of what it reported
+    with pytest.raises(ServerStateError, match="chose alpha = 1.0 but its validation losses"):
+        state.close_round(replies, sent)
+
+
+def test_checkpoint_state_round_trips() -> None:
+    state = make_state("server.step='auto'")
+    _, replies, sent = run_exchange(state, 1)
+    state.apply_rule(1, replies, sent, seconds=1.0)
+    saved, adapters = state.snapshot_state()
+    fresh = make_state("server.step='auto'")
+    fresh.restore_state(saved, adapters)
+    assert fresh.trained_round == 1 and fresh.open_rows == state.open_rows
+    for a, b in zip(fresh.plan(2), state.plan(2), strict=True):
+        assert a.candidates == b.candidates and a.train == b.train and a.evaluate == b.evaluate
+        assert a.mean is not None and b.mean is not None
+        assert all(np.array_equal(a.mean[k], b.mean[k]) for k in a.mean)
+    wrong = make_state("tasks.0.clients=3")
+    with pytest.raises(ServerStateError, match="but the connected clients are"):
+        wrong.restore_state(saved, adapters)
