@@ -487,5 +487,5 @@ def test_a_method_variant_carries_its_own_overrides(tmp_path):
     assert variant.folder == tmp_path / "runs" / label / "seed-1"
     with pytest.raises(CompareError, match="is chosen by mira compare"):
         parse_methods("mira@federation.seed=3")
-    with pytest.raises(CompareError, match="is not a section.key=value override"):
+    with pytest.raises(CompareError, match=r"is not a section\.key=value override"):
         parse_methods("mira@step")

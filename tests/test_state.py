@@ -142,7 +142,7 @@ def test_auto_sends_the_mean_checks_the_choice_and_mixes_like_the_client() -> No
     state.apply_rule(2, replies, sent, seconds=1.0)
     instructions, replies, sent = run_exchange(state, 3)
     replies[0].alpha = 1.0  # not the argmin of what it reported
-    with pytest.raises(ServerStateError, match="chose alpha = 1.0 but its validation losses"):
+    with pytest.raises(ServerStateError, match=r"chose alpha = 1\.0 but its validation losses"):
         state.close_round(replies, sent)
 
 
