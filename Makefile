@@ -10,10 +10,13 @@ STAMP := $(VENV)/.mira-bootstrap
 venv: $(STAMP)
 
 # torch is pinned here (a CPU build), not in the package: users with GPUs bring their own.
+# dp-accounting (mira.core.accounting) goes in with --no-deps: what it imports (absl-py, attrs,
+# numpy, scipy) is already here, and its dm-tree is needed only by its own tests.
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -c constraints.txt "torch==2.13.0"
 	$(BIN)/pip install --quiet -c constraints.txt -e ".[dev]"
+	$(BIN)/pip install --quiet --no-deps -c constraints.txt "dp-accounting==0.6.0"
 	touch $(STAMP)
 
 # A new output folder per demo: `mira run` refuses to overwrite a finished run.

@@ -127,7 +127,8 @@ def measure(run: Run, steps: int, targets: tuple[str, ...], threads: int) -> Mea
 
     torch.set_num_threads(threads)
     baseline = rss_bytes()
-    model_cfg = ModelConfig(name=MODEL, max_length=run.seq_len)
+    # Process memory on the CPU in float32: the case the calibrated overhead describes.
+    model_cfg = ModelConfig(name=MODEL, max_length=run.seq_len, device="cpu", dtype="float32")
     lora = LoraConfig(rank=run.rank, target_modules=targets)
     lm = lora_model(model_cfg)
     name = lm.activate(lora, run.rank)

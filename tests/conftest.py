@@ -57,7 +57,12 @@ def tiny_tasks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 def tiny_raw(tasks: dict[str, Path], cache: Path, clients: int = 2) -> dict:
     return {
-        "model": {"name": "tiny-random-llama", "max_length": 32, "cache_dir": str(cache)},
+        "model": {
+            "name": "tiny-random-llama",
+            "max_length": 32,
+            "cache_dir": str(cache),
+            "device": "cpu",  # the same numbers on a machine with a GPU
+        },
         "lora": {"rank": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
         "train": {"batch_size": 4, "learning_rate": 0.01, "eval_batch_size": 8},
         "federation": {"rounds": 2, "local_steps": 2, "seed": 7, "workers": 1},
@@ -92,3 +97,58 @@ def tiny_config(cache_dir: Path, tiny_tasks: dict[str, Path]):
         )
 
     return make
+
+
+RELIABILITY_LOG = "MIRA_RELIABILITY_LOG"
+
+
+class Reliability:
+    """What a fault test saw, for docs/reliability.md (benchmarks/reliability.py runs the fault
+    tests with MIRA_RELIABILITY_LOG set and turns these records into the table)."""
+
+    def __init__(self, test: str):
+        self.test = test
+
+    def record(self, fault: str, happened: str, rounds: str, run_dir: Path | None = None) -> None:
+        path = os.environ.get(RELIABILITY_LOG)
+        if not path:
+            return
+        entry = {
+            "fault": fault,
+            "test": self.test,
+            "happened": happened,
+            "rounds": rounds,
+            "adapters_lost": adapters_lost(run_dir) if run_dir is not None else 0,
+        }
+        with open(path, "a") as handle:
+            handle.write(json.dumps(entry) + "\n")
+
+
+def adapters_lost(run_dir: Path) -> int:
+    """Clients of the run whose saved adapter is missing, unreadable or not finite."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    config = run_dir / "config.toml"
+    if not config.is_file():
+        return 0
+    import tomllib
+
+    raw = tomllib.loads(config.read_text())
+    clients = [f"{t['name']}-{i}" for t in raw.get("tasks", []) for i in range(t["clients"])]
+    lost = 0
+    for client in clients:
+        path = run_dir / "adapters" / client / "adapter_model.safetensors"
+        try:
+            tensors = load_file(str(path))
+        except Exception:
+            lost += 1
+            continue
+        if not all(np.all(np.isfinite(v)) for v in tensors.values()):
+            lost += 1
+    return lost
+
+
+@pytest.fixture
+def reliability(request: pytest.FixtureRequest) -> Reliability:
+    return Reliability(request.node.nodeid)

@@ -17,19 +17,11 @@ import pytest
 import tomli_w
 
 from mira.config import Config, ConfigError, load_config
-from mira.experiments.compare import (
-    DONE,
-    RUN_INFO,
-    CompareError,
-    Table,
-    markdown_table,
-    parse_methods,
-    parse_seeds,
-    run_comparison,
-    run_folder,
-    summarise_comparison,
-    write_comparison,
-)
+from mira.experiments.compare import CompareError, parse_methods, parse_seeds, run_comparison
+from mira.results.diff import DiffError
+from mira.results.document import Table, markdown_table
+from mira.results.report import write_comparison
+from mira.results.runs import DONE, RUN_INFO, run_folder, summarise_comparison
 
 CLIENTS = [("sentiment-0", "sentiment"), ("sentiment-1", "sentiment"), ("qa-0", "qa")]
 # Final-round personalised eval loss of each client (order of CLIENTS) at seed 1; every seed
@@ -424,7 +416,7 @@ def _save_adapters(folder: Path, shift: float) -> None:
 
 def test_diff_reports_the_largest_differences_of_two_runs(tmp_path: Path, capsys) -> None:
     from mira.cli import main
-    from mira.experiments.compare import run_differences
+    from mira.results.diff import run_differences
 
     same_a, same_b, other = tmp_path / "a", tmp_path / "b", tmp_path / "c"
     write_fake_run(same_a, "mira", 1)
@@ -444,13 +436,13 @@ def test_diff_reports_the_largest_differences_of_two_runs(tmp_path: Path, capsys
 
 
 def test_diff_refuses_runs_of_different_rounds_or_clients(tmp_path: Path) -> None:
-    from mira.experiments.compare import run_differences
+    from mira.results.diff import run_differences
 
     write_fake_run(tmp_path / "two", "mira", 1, rounds=2)
     write_fake_run(tmp_path / "three", "mira", 1, rounds=3)
-    with pytest.raises(CompareError, match=r"different \(round, client\) pairs.*\(3, "):
+    with pytest.raises(DiffError, match=r"different \(round, client\) pairs.*\(3, "):
         run_differences(tmp_path / "two", tmp_path / "three")
-    with pytest.raises(CompareError, match=r"has no metrics\.jsonl"):
+    with pytest.raises(DiffError, match=r"has no metrics\.jsonl"):
         run_differences(tmp_path / "two", tmp_path)
 
 

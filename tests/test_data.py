@@ -684,3 +684,20 @@ def test_val_size_is_checked_against_train_size() -> None:
         make_config([{"name": "sentiment"}], train_size=4, eval_size=1, val_size=4)
     with pytest.raises(ConfigError, match=r"set data.val_size > 0"):
         config_from_dict({"server": {"step": "auto"}, "tasks": [{"name": "sentiment"}]})
+
+
+def test_a_file_that_is_not_utf8_names_its_line_and_column(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.csv"
+    path.write_bytes("input,target\nfine,positive\ncaf\xe9 au lait,negative\n".encode("latin-1"))
+    with pytest.raises(DataError, match=r"latin1.csv line 3, column 4: byte 0xe9 is not UTF-8"):
+        read_csv(path, "input", "target")
+
+
+def test_a_byte_order_mark_is_read_as_the_excel_export_means_it(tmp_path: Path) -> None:
+    path = tmp_path / "excel.csv"
+    path.write_bytes("input,target\nfine,positive\n".encode("utf-8-sig"))
+    rows = read_csv(path, "input", "target")
+    assert [(r.input, r.target) for r in rows] == [("fine", "positive")]
+    jsonl = tmp_path / "bom.jsonl"
+    jsonl.write_bytes(b'\xef\xbb\xbf{"input": "a", "target": "b"}\n')
+    assert read_jsonl(jsonl, "input", "target")[0].input == "a"

@@ -10,10 +10,13 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from mira.client.learner import Encoded, collate
 from mira.client.memory import (
+    DTYPE_BYTES,
+    FRAMEWORK_OVERHEAD_MB,
     MiB,
     ModelShape,
     choose_rank,
     estimate_training_memory,
+    framework_overhead_mb,
     lora_parameter_count,
 )
 from mira.client.model import lora_model
@@ -70,6 +73,38 @@ def test_estimate_equals_the_hand_computed_terms() -> None:
     assert est.as_mb()["total"] == pytest.approx(est.total / MiB)
 
 
+def test_half_precision_terms_by_hand() -> None:
+    """bfloat16 weights: the frozen weights and most activations take 2 bytes; the LoRA
+    factors, gradients, AdamW moments and the float32 tensors of the LoRA path do not."""
+    est = estimate_training_memory(
+        TINY, 2, ["q_proj", "v_proj"], batch_size=3, seq_len=5, bytes_per_param=2,
+        padded=False, framework_overhead_mb=0.0,
+    )  # fmt: skip
+    full = estimate_training_memory(
+        TINY, 2, ["q_proj", "v_proj"], batch_size=3, seq_len=5, padded=False,
+        framework_overhead_mb=0.0,
+    )  # fmt: skip
+    assert DTYPE_BYTES["bfloat16"] == DTYPE_BYTES["float16"] == 2
+    assert est.base_weights == 1000 * 2
+    assert (est.lora_parameters, est.lora_gradients, est.optimizer_state) == (448, 448, 896)
+    assert (est.lora_parameters, est.optimizer_state) == (
+        full.lora_parameters,
+        full.optimizer_state,
+    )
+    # Per token per layer, in bfloat16: queries 8, keys and values 2 * 1 * 4 = 8, sdpa output
+    # 8, MLP 3 * 16 = 48: 72 * 2 bytes. In float32: the two norms' upcast inputs and 1/rms
+    # 2 * 8 + 2 = 18, log-sum-exp 2, LoRA A outputs 2 * 2 = 4, and a float32 copy of the
+    # input of each LoRA module (q 8, v 8): 40 * 4 bytes. RoPE cos/sin 2 * 5 * 4 * 2 bytes.
+    assert est.activations == 2 * 15 * (72 * 2 + 40 * 4) + 2 * 5 * 4 * 2
+    # lm_head output 3 * 5 * 32 * 2 + two float32 copies 2 * 1536 = 4032 < backward's 3 * 1536.
+    assert est.logits == 3 * 3 * 4 * 32 * 4
+
+
+def test_framework_overhead_is_process_memory_on_the_cpu_only() -> None:
+    assert framework_overhead_mb("cpu") == FRAMEWORK_OVERHEAD_MB
+    assert framework_overhead_mb("cuda") == framework_overhead_mb("cuda:1") == 0.0
+
+
 def test_padding_mask_and_eager_attention_terms() -> None:
     def activations(**options: Any) -> int:
         return estimate_training_memory(
@@ -99,6 +134,26 @@ def test_estimate_grows_with_rank_batch_and_length() -> None:
     # The loss's working set: lm_head output plus two float32 copies of the shifted logits.
     est = estimate_training_memory(SMOLLM2, 16, ATTENTION, 8, 128)
     assert est.logits == 8 * 49152 * (128 + 2 * 127) * 4
+
+
+@pytest.mark.parametrize("family", ["Qwen2", "Mistral"])
+def test_from_hf_config_counts_the_other_llama_layout_families(family: str) -> None:
+    import transformers
+
+    config = getattr(transformers, f"{family}Config")(
+        hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=100, head_dim=8,
+    )  # fmt: skip
+    model = getattr(transformers, f"{family}ForCausalLM")(config)
+    shape = ModelShape.from_hf_config(config)
+    assert shape.num_parameters == sum(p.numel() for p in model.parameters())
+
+
+def test_from_hf_config_refuses_another_architecture() -> None:
+    from transformers import GPT2Config
+
+    with pytest.raises(ValueError, match=r"Llama-layout models .* not 'gpt2'; give the clients"):
+        ModelShape.from_hf_config(GPT2Config())
 
 
 def test_from_hf_config_reproduces_smollm2() -> None:
@@ -149,7 +204,7 @@ def test_parameter_count_and_features_match_a_real_llama(options: dict[str, Any]
 
 @pytest.mark.parametrize("rank", [2, 4, 8])
 def test_lora_parameter_count_matches_peft(tiny_config, rank: int) -> None:
-    cfg = tiny_config()
+    cfg = tiny_config("model.device=cpu")
     model = lora_model(cfg.model)
     shape = ModelShape.from_hf_config(model.base.model.config)
     name = model.activate(LoraConfig(rank=rank, target_modules=ALL_SEVEN), rank)
@@ -195,12 +250,26 @@ def saved_for_backward(model: torch.nn.Module, batch: dict) -> int:
 @pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ALL_SEVEN])
 def test_activations_equal_what_autograd_saves(tiny_config, padded: bool, targets) -> None:
     """Every byte the decoder saves for backward (sdpa), counted with saved-tensor hooks."""
-    model = lora_model(tiny_config().model)
+    model = lora_model(tiny_config("model.device=cpu").model)
     assert model.base.model.config._attn_implementation == "sdpa"  # transformers' CPU default
     shape = ModelShape.from_hf_config(model.base.model.config)
     model.activate(LoraConfig(rank=4, target_modules=targets), 4)
     batch = random_batch(shape.vocab_size, 3, 10, padded)
     estimate = estimate_training_memory(shape, 4, targets, 3, 10, padded=padded)
+    assert saved_for_backward(model.peft, batch) == estimate.activations
+
+
+@pytest.mark.parametrize("padded", [False, True])
+@pytest.mark.parametrize("targets", [("q_proj", "v_proj"), ALL_SEVEN])
+def test_bfloat16_activations_equal_what_autograd_saves(tiny_config, padded, targets) -> None:
+    """Mixed precision (bfloat16 weights, float32 LoRA) saves other tensors in other
+    dtypes; the estimate still counts them to the byte."""
+    model = lora_model(tiny_config("model.device=cpu", "model.dtype=bfloat16").model)
+    assert model.base.model.dtype == torch.bfloat16
+    shape = ModelShape.from_hf_config(model.base.model.config)
+    model.activate(LoraConfig(rank=4, target_modules=targets), 4)
+    batch = random_batch(shape.vocab_size, 3, 10, padded)
+    estimate = estimate_training_memory(shape, 4, targets, 3, 10, 2, padded=padded)
     assert saved_for_backward(model.peft, batch) == estimate.activations
 
 

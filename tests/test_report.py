@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import base64
+import json
+import math
 import re
 import shutil
 from pathlib import Path
@@ -10,8 +13,11 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from mira.experiments.compare import fmt_pm, load_run, run_folder
-from mira.results.report import ReportError, client_curves, mean_curves, write_report
+from mira.results.document import fmt_pm
+from mira.results.errors import ReportError
+from mira.results.report import write_report
+from mira.results.runs import load_run, run_folder
+from mira.results.stats import client_curves, mean_curves
 from test_compare import CLIENTS, make_comparison_dir, write_fake_run
 
 PLOT_NAMES = ["client_loss.png", "mean_loss.png", "task_graph.png", "per_task.png"]
@@ -27,15 +33,25 @@ def check_png(path: Path) -> None:
 
 
 def check_links(out_dir: Path, names: list[str]) -> tuple[str, str]:
+    """report.md links every plot; report.html embeds the same PNGs (byte for byte, in the
+    same order) and links no file, so the page is self-contained."""
     markdown = (out_dir / "report.md").read_text()
     page = (out_dir / "report.html").read_text()
     for name in names:
         check_png(out_dir / "plots" / name)
         assert f"](plots/{name})" in markdown
-        assert f'<img src="plots/{name}"' in page
-    linked = set(re.findall(r"\]\((plots/[^)]+)\)", markdown))
-    assert linked == {f"plots/{n}" for n in names}
+    linked = re.findall(r"\]\((plots/[^)]+)\)", markdown)
+    assert set(linked) == {f"plots/{n}" for n in names}
+    embedded = re.findall(r'<img src="data:image/png;base64,([^"]+)"', page)
+    assert [base64.b64decode(e) for e in embedded] == [(out_dir / p).read_bytes() for p in linked]
     assert page.count("<img ") == len(names)
+    assert 'src="plots/' not in page and 'href="plots/' not in page
+    # every markdown table is a real HTML table, and nothing is preformatted text
+    assert page.count("<table>") == markdown.count("\n| ---") + markdown.count("\n| :--")
+    assert page.count("<table>") == page.count("</table>") > 0
+    assert "<pre>" not in page or all(
+        block.startswith("<pre><code>mira ") for block in re.findall(r"<pre>.{0,20}", page)
+    )
     return markdown, page
 
 
@@ -52,7 +68,7 @@ def test_report_of_a_single_run(tmp_path: Path) -> None:
     assert "sentiment-0" in markdown and "accuracy" in markdown
     assert "personalised" in markdown.lower() and "personalised" in page.lower()
     assert "global loss" not in markdown.lower()
-    assert "<table>" in page and "<pre>" in page
+    assert "<table>" in page and "<pre>" not in page
 
 
 def test_single_run_without_graph_has_no_heatmap(tmp_path: Path) -> None:
@@ -122,3 +138,102 @@ def test_comparison_report_lists_each_seeds_mean_per_round(tmp_path: Path) -> No
     # mira, round 1 of 2: client mean 7/3 + 0.5, seed 2 shifted by 0.2
     assert cells["mira"] == f"{7 / 3 + 0.5:.3f} {7 / 3 + 0.7:.3f}"
     assert "Seeds in each cell, in order: mira: 1, 2" in markdown
+
+
+# ------------------------------------------------------------------------------ mix weights
+def add_mix_weights(folder: Path, base: float) -> None:
+    """Client i takes base + 0.1 i + 0.05 (round - 1) from its neighbours."""
+    path = folder / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    names = [c for c, _ in CLIENTS]
+    for row in rows:
+        if row["kind"] == "client":
+            index = names.index(row["client"])
+            row["mix_weight"] = base + 0.1 * index + 0.05 * (row["round"] - 1)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def table_rows(markdown: str, title: str) -> dict[str, list[str]]:
+    section = markdown.split(f"## {title}")[1].split("\n## ")[0]
+    return {
+        cells[0]: cells[1:]
+        for line in section.splitlines()
+        if line.startswith("| ")
+        and not line.startswith(("| method", "| round", "| client", "| ---"))
+        for cells in [[c.strip() for c in line.strip("|").split("|")]]
+    }
+
+
+def test_single_run_report_plots_and_tabulates_mix_weights(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    write_fake_run(run, "mira", 1)
+    add_mix_weights(run, 0.2)
+    write_report(run)
+    markdown, _ = check_links(run, [*PLOT_NAMES, "mix_weight.png"])
+    rounds = table_rows(markdown, "Per round: personalised eval loss over clients")
+    # round 1: 0.2, 0.3, 0.4 -> 0.3; round 2: each + 0.05 -> 0.35
+    assert rounds["1"][-1] == "0.3000" and rounds["2"][-1] == "0.3500"
+    final = table_rows(markdown, "Personalised eval loss after round 2")
+    assert final["qa-0"][-1] == "0.4500"  # 0.2 + 0.2 + 0.05
+    mixing = table_rows(markdown, "Mix weight after the final round")
+    assert mixing["mira"] == ["0.3500", "0.3000", "0.4500"]  # all, sentiment, qa
+
+
+def test_comparison_plots_mix_weights_of_the_mira_rule_only(tmp_path: Path) -> None:
+    root = make_comparison_dir(tmp_path / "cmp")
+    add_mix_weights(run_folder(root, "local", 1), 0.0)
+    write_report(root)
+    check_links(root, PLOT_NAMES)  # local's mix weights are not plotted
+    variant = run_folder(root, "mira@server.step=0.2", 1)
+    write_fake_run(variant, "mira", 1, seconds=3.0)
+    add_mix_weights(variant, 0.5)
+    write_report(root)
+    markdown, _ = check_links(root, [*PLOT_NAMES, "mix_weight.png"])
+    mixing = table_rows(markdown, "Mix weight after the final round")
+    assert set(mixing) == {"local", "mira@server.step=0.2"}
+    assert mixing["mira@server.step=0.2"][0] == "0.6500"
+
+
+def test_single_run_cost_uses_the_recorded_round_seconds(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    write_fake_run(run, "mira", 1)  # no run.json: two rounds of 1.5 s
+    write_report(run)
+    cost = table_rows((run / "report.md").read_text(), "Cost")
+    assert cost["mira"][2] == "3.000"
+
+
+def test_mean_loss_promises_a_band_only_with_several_seeds(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    write_fake_run(run, "mira", 1)
+    write_report(run)
+    assert "band:" not in (run / "report.md").read_text()
+    root = make_comparison_dir(tmp_path / "cmp")
+    write_report(root)
+    assert "band: min to max over seeds" in (root / "report.md").read_text()
+
+
+def test_per_task_panels_only_for_the_metrics_a_task_has(tmp_path: Path) -> None:
+    from mira.results.report import _comparison_dots, _single_run_dots
+    from mira.results.stats import summarise_runs
+
+    root = make_comparison_dir(tmp_path)
+    runs = [load_run(run_folder(root, m, s), m, s) for m, s in [("mira", 1), ("local", 1)]]
+    rows, _ = summarise_runs(runs)
+    panels = {task: [p.title for p in row] for task, row in _comparison_dots(rows)}
+    assert panels == {
+        "sentiment": ["personalised eval loss", "personalised accuracy"],
+        "qa": ["personalised eval loss", "personalised token_f1"],
+    }
+    single = {task: [p.title for p in row] for task, row in _single_run_dots(runs[0])}
+    assert single == panels
+    qa_loss = dict(_comparison_dots(rows))["qa"][0]
+    assert qa_loss.labels == ["mira", "local"] and qa_loss.values == [4.0, 5.0]
+
+
+def test_close_values_get_a_zoomed_axis_not_bars_from_zero() -> None:
+    from mira.results.plots import DotPanel, _zoom
+
+    panel = DotPanel("loss", ["a", "b"], [5.916, 5.932], [math.nan, 0.002], ["C0", "C1"], True)
+    low, high = _zoom(panel)
+    assert 5.9 < low < 5.916 and 5.934 < high < 5.95
+    assert (5.932 - 5.916) / (high - low) > 0.5  # the gap fills most of the axis

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import tomli_w
 from safetensors.numpy import load_file
@@ -31,21 +33,41 @@ def _mira(*args: str) -> list[str]:
     return [sys.executable, "-m", "mira.cli", *args]
 
 
-def _kill_when(proc: subprocess.Popen[str], marker: str, limit: float) -> list[str]:
-    """Read the run's output until ``marker`` shows up, then SIGKILL its process group."""
+def _kill_when(proc: subprocess.Popen[str], marker: str, limit: float) -> list[psutil.Process]:
+    """Read the run's output until ``marker`` shows up, then SIGKILL the mira process alone
+    (not its process group: nothing is left to clean up after it but its watchdog). Returns
+    the processes it had started."""
     seen: list[str] = []
     deadline = time.monotonic() + limit
     assert proc.stdout is not None
+    started: list[psutil.Process] = []
     try:
         for line in proc.stdout:
             seen.append(line)
             if marker in line or time.monotonic() > deadline:
                 break
+        started = psutil.Process(proc.pid).children(recursive=True)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     assert any(marker in line for line in seen), "".join(seen[-30:])
-    return seen
+    return started
+
+
+def _cmdline(process: psutil.Process) -> str:
+    try:
+        return " ".join(process.cmdline())
+    except psutil.Error:
+        return ""
+
+
+def _gone_within(processes: list[psutil.Process], seconds: float) -> list[psutil.Process]:
+    """The processes still running after ``seconds`` (the watchdog should have ended them)."""
+    _gone, alive = psutil.wait_procs(processes, timeout=seconds)
+    for process in alive:  # do not leave them to the next test
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    return alive
 
 
 def test_sigkill_mid_round_then_resume_equals_uninterrupted(tiny_config, tmp_path):
@@ -59,7 +81,7 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted(tiny_config, tmp_pat
     broken = tmp_path / "broken"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        _mira("run", str(config_path), "--out", str(broken)),
+        _mira("run", str(config_path), "--out", str(broken), "--verbose"),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
@@ -68,7 +90,10 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted(tiny_config, tmp_pat
     )
     # Killed during exchange 3 (round 3's training, round 2's evaluation): exchange 2 is
     # complete, so round 1's rows are written and round 2 is trained but not yet evaluated.
-    _kill_when(proc, "round 3: 1/", limit=240)
+    started = _kill_when(proc, "round 3: 1/", limit=240)
+    assert any("ray" in _cmdline(p).lower() for p in started)
+    left = _gone_within([p for p in started if "watchdog" not in _cmdline(p)], 30)
+    assert not left, f"still running 30 s after mira was killed: {[_cmdline(p) for p in left]}"
     checkpoint = read_checkpoint(broken)
     assert checkpoint is not None and checkpoint.round == 2
     assert {r["round"] for r in read_metrics(broken)} == {1}

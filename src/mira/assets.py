@@ -21,8 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
+from mira.errors import MiraError
 
-class AssetError(RuntimeError):
+
+class AssetError(MiraError, RuntimeError):
     """A packaged asset could not be fetched, verified or extracted."""
 
 

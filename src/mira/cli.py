@@ -1,4 +1,8 @@
-"""The ``mira`` command line: run a federation, show the config reference, manage data."""
+"""The ``mira`` command line: run a federation, compare methods, report, manage data.
+
+Commands that only read (``report``, ``diff``, ``config``, ``data``) import neither torch nor
+flwr: this module imports them only inside the commands that train (``run``, ``compare``).
+"""
 
 from __future__ import annotations
 
@@ -7,40 +11,49 @@ import sys
 import time
 from pathlib import Path
 
-from mira.assets import AssetError
-from mira.client.model import ModelError
-from mira.config import Config, ConfigError, describe, load_config
-from mira.data import DataError
-from mira.experiments.compare import CompareError
-from mira.federation.server import FederationError
-from mira.results.report import ReportError
+from mira.config import METHODS, Config, ConfigError, describe, load_config, to_toml
+from mira.data.sources import DataError
+from mira.errors import MiraError
+from mira.results.errors import RunExistsError
+
+# What a resumed run may change: how long it goes on and how it waits, not what it computes.
+RESUME_KEYS = (
+    "federation.rounds",
+    "federation.workers",
+    "federation.timeout",
+    "federation.round_timeout",
+    "federation.min_replies",
+)
 
 
 def _run(args: argparse.Namespace) -> int:
-    from mira.federation.simulation import run_simulation
     from mira.results.report import write_report
-    from mira.results.rundir import final_table
+    from mira.results.rundir import (
+        check_new_run_dir,
+        check_not_in_use,
+        default_run_dir,
+        final_table,
+    )
 
     if args.resume:
         if args.config:
             raise ConfigError("give either a CONFIG or --resume DIR, not both")
         out_dir = Path(args.resume)
-        allowed = ("federation.rounds=", "federation.workers=", "federation.timeout=")
+        allowed = tuple(f"{key}=" for key in RESUME_KEYS)
         for override in args.set:
             if not override.startswith(allowed):
                 raise ConfigError(
                     f"--set {override}: a resumed run keeps its config; only "
-                    "federation.rounds, federation.workers and federation.timeout may change"
+                    f"{', '.join(RESUME_KEYS)} may change"
                 )
+        check_not_in_use(out_dir)
         cfg = load_config(out_dir / "config.toml", args.set)
     else:
         cfg = load_config(args.config, args.set)
-        out_dir = Path(args.out)
-        if (out_dir / "metrics.jsonl").exists():
-            raise ConfigError(
-                f"{out_dir} already holds a run; continue it with --resume {out_dir} "
-                "or choose another --out"
-            )
+        out_dir = Path(args.out) if args.out else default_run_dir()
+        check_new_run_dir(out_dir)
+    from mira.federation.simulation import run_simulation  # torch and flwr: only now
+
     started = time.monotonic()
     print(
         f"mira run: {cfg.num_clients} clients ({', '.join(t.name for t in cfg.tasks)}), "
@@ -48,7 +61,15 @@ def _run(args: argparse.Namespace) -> int:
         f"-> {out_dir}",
         flush=True,
     )
-    run_simulation(cfg, out_dir, verbose=args.verbose, resume=bool(args.resume))
+    from mira.federation.progress import progress_for
+
+    run_simulation(
+        cfg,
+        out_dir,
+        verbose=args.verbose,
+        resume=bool(args.resume),
+        progress=progress_for(args.verbose),
+    )
     print()
     print(final_table(out_dir))
     report = write_report(out_dir)
@@ -61,8 +82,10 @@ def _compare(args: argparse.Namespace) -> int:
     import functools
 
     from mira.experiments.compare import parse_methods, parse_seeds, run_comparison
-    from mira.federation.simulation import run_simulation
+    from mira.results.document import markdown_table
     from mira.results.report import write_report
+    from mira.results.runs import summarise_comparison
+    from mira.results.tables import short_summary_table
 
     out = run_comparison(
         args.config,
@@ -70,45 +93,48 @@ def _compare(args: argparse.Namespace) -> int:
         parse_methods(args.methods),
         parse_seeds(args.seeds),
         Path(args.out),
-        runner=functools.partial(run_simulation, verbose=args.verbose),
+        runner=functools.partial(_simulate, verbose=args.verbose),
         resume=functools.partial(_resume_or_restart, verbose=args.verbose),
     )
-    print((out / "comparison.md").read_text())
+    table = short_summary_table(summarise_comparison(out)[0])
+    print(f"\n{table.title}\n{markdown_table(table)}")
+    print(f"\nall tables: {out / 'comparison.md'}")
     report = write_report(out)
     print(f"report: {report} and {report.with_suffix('.html')}")
     return 0
 
 
+def _simulate(cfg: Config, folder: Path, verbose: bool) -> None:
+    """One run of a comparison (torch and flwr are imported only when a run is due)."""
+    from mira.federation.progress import progress_for
+    from mira.federation.simulation import run_simulation
+
+    run_simulation(cfg, folder, verbose=verbose, progress=progress_for(verbose))
+
+
 def _resume_or_restart(cfg: Config, folder: Path, verbose: bool) -> None:
     """Finish an interrupted comparison run: from its checkpoint, or from scratch if it
-    never completed a round."""
+    never completed a round (a damaged checkpoint is an error, and nothing is deleted)."""
     import shutil
 
+    from mira.federation.progress import progress_for
     from mira.federation.simulation import run_simulation
     from mira.results.rundir import read_checkpoint
 
+    progress = progress_for(verbose)
     if read_checkpoint(folder) is None:
         shutil.rmtree(folder)
-        run_simulation(cfg, folder, verbose=verbose)
+        run_simulation(cfg, folder, verbose=verbose, progress=progress)
     else:
-        run_simulation(cfg, folder, verbose=verbose, resume=True)
+        run_simulation(cfg, folder, verbose=verbose, resume=True, progress=progress)
 
 
 def _diff(args: argparse.Namespace) -> int:
-    from mira.experiments.compare import run_differences
+    from mira.results.diff import run_differences
 
     found = run_differences(Path(args.first), Path(args.second))
-    print(
-        f"eval loss: {found.pairs} (round, client) pairs, "
-        f"largest |difference| {found.eval_loss:.3g}"
-    )
-    if found.adapter is None:
-        print("adapters: not saved in both runs, not compared")
-    else:
-        print(
-            f"adapters: {found.clients_with_adapters} clients, "
-            f"largest |difference| {found.adapter:.3g}"
-        )
+    for line in found.describe(args.first, args.second):
+        print(line)
     if args.atol is not None and found.largest() > args.atol:
         print(f"mira diff: the runs differ by more than {args.atol:g}", file=sys.stderr)
         return 1
@@ -119,14 +145,20 @@ def _report(args: argparse.Namespace) -> int:
     from mira.results.report import write_report
 
     path = write_report(Path(args.dir))
-    print(f"wrote {path} and {path.with_suffix('.html')}")
+    print(f"wrote {path} and {path.with_suffix('.html')} (self-contained)")
     return 0
 
 
 def _config(args: argparse.Namespace) -> int:
-    if args.show:
-        print(load_config(args.show if args.show != "-" else None).to_json())
+    if args.show is not None:
+        source = None if args.show == "-" else args.show
+        cfg = load_config(source, args.set)
+        print(f"# mira config{'' if source is None else ' ' + str(source)}, every key filled in;")
+        print("# `mira run FILE` accepts this file unchanged.")
+        print(to_toml(cfg), end="")
         return 0
+    if args.set:
+        raise ConfigError("--set goes with --show (the reference lists defaults)")
     rows = describe()
     if args.markdown:
         print("| key | default | meaning |")
@@ -181,13 +213,22 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECTION.KEY=VALUE",
         help="override one config key (repeatable), e.g. --set server.method=fedit",
     )
-    run.add_argument("--out", default="runs/latest", help="output directory (default: %(default)s)")
+    run.add_argument(
+        "--out",
+        default=None,
+        help="output directory, new or empty (default: a fresh runs/run-YYYYMMDD-HHMMSS)",
+    )
     run.add_argument(
         "--resume",
         metavar="DIR",
         help="continue the run in DIR after its last complete round (its own config)",
     )
-    run.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    run.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show every client's progress line and Flower's and Ray's logs",
+    )
     run.set_defaults(func=_run)
 
     compare = sub.add_parser(
@@ -198,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     compare.add_argument(
         "--methods",
-        default="mira,fedit,cluster-fedavg,cluster-merge,local",
+        default=",".join(METHODS),
         help="comma-separated server rules, each optionally with its own overrides after '@', "
         "e.g. 'mira,local,mira@server.step=0.1' (default: %(default)s)",
     )
@@ -215,7 +256,12 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument(
         "--out", default="runs/compare", help="comparison directory (default: %(default)s)"
     )
-    compare.add_argument("--verbose", action="store_true", help="show Flower's and Ray's logs")
+    compare.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show every client's progress line and Flower's and Ray's logs",
+    )
     compare.set_defaults(func=_compare)
 
     diff = sub.add_parser(
@@ -234,9 +280,23 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("dir", help="a run directory or a comparison directory")
     report.set_defaults(func=_report)
 
-    config = sub.add_parser("config", help="print the config reference (key, default, help)")
+    config = sub.add_parser(
+        "config", help="print the config reference, or a config as TOML with --show"
+    )
     config.add_argument(
-        "--show", metavar="CONFIG", help="print a config resolved with defaults ('-': quickstart)"
+        "--show",
+        nargs="?",
+        const="-",
+        metavar="CONFIG",
+        help="print CONFIG (default: the quickstart) as TOML with every default filled in; "
+        "mira run accepts the output unchanged",
+    )
+    config.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="with --show: override one config key (repeatable)",
     )
     config.add_argument("--markdown", action="store_true", help="print a markdown table")
     config.set_defaults(func=_config)
@@ -277,17 +337,20 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"mira: config error: {err}", file=sys.stderr)
         return 2
+    except RunExistsError as err:
+        print(f"mira: {err}", file=sys.stderr)
+        return 2
     except DataError as err:
         print(f"mira: data error: {err}", file=sys.stderr)
-        return 1
-    except (CompareError, ReportError, FederationError, ModelError, AssetError) as err:
-        print(f"mira: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(
             "mira: interrupted; completed rounds are kept in the output directory", file=sys.stderr
         )
         return 130
+    except MiraError as err:
+        print(f"mira: {err}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

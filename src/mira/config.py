@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import tomllib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -23,13 +24,18 @@ from typing import Any, get_args, get_origin, get_type_hints
 from mira.errors import MiraError
 
 METHODS = ("mira", "fedit", "cluster-fedavg", "cluster-merge", "local")
-GRAPH_SOURCES = ("clusters", "tasks", "random", "full", "knn")
+GRAPH_SOURCES = ("clusters", "tasks", "random", "full", "knn", "updates")
 FINGERPRINT_GRAPHS = ("clusters", "knn")
 CLUSTER_METHODS = ("kmeans", "agglomerative")
 EDGE_WEIGHTS = ("uniform", "rbf")
 FINGERPRINTS = ("gradient", "update")
 PULL_SPACES = ("auto", "factor", "product")
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+DEVICE_PATTERN = r"auto|cpu|mps|cuda(:[0-9]+)?"
+LR_SCHEDULES = ("constant", "cosine", "linear")
+ALL_LINEAR = "all-linear"
 TASK_KINDS = ("classification", "generation")
+WANDB_MODES = ("offline", "online")
 TASK_METRICS = ("accuracy", "rouge_l", "exact_match", "token_f1")
 """Task metrics a client may report, all higher-is-better, in the order tables show them."""
 AUTO = "auto"
@@ -52,7 +58,8 @@ class ModelConfig:
         default="smollm2-135m-instruct",
         metadata=_help(
             "Base causal LM: 'smollm2-135m-instruct' (packaged, offline), "
-            "'tiny-random-llama' (built locally, for tests and smoke runs), "
+            "'tiny-random-llama' (built locally, for tests and smoke runs; also "
+            "tiny-random-qwen2, -mistral, -gemma, -phi3, -gpt2), "
             "a Hugging Face model id or a local directory."
         ),
     )
@@ -63,6 +70,23 @@ class ModelConfig:
         default="",
         metadata=_help(
             "Where converted models and fetched packages are cached; '' = ~/.cache/mira."
+        ),
+    )
+    device: str = field(
+        default="auto",
+        metadata=_help(
+            "Where clients train: 'auto' (a CUDA GPU when one is visible, else Apple's mps, "
+            "else the CPU), 'cpu', 'cuda', 'cuda:N' or 'mps'."
+        ),
+    )
+    dtype: str = field(
+        default="auto",
+        metadata=_help(
+            "Dtype of the frozen base weights; LoRA weights, gradients, optimizer state, the "
+            "loss and the exchanged adapters stay float32. 'auto' = bfloat16 where the device "
+            "supports it natively (CUDA compute capability >= 8.0, mps on macOS >= 14), "
+            "float32 otherwise (always on the CPU).",
+            choices=DTYPES,
         ),
     )
 
@@ -92,16 +116,58 @@ class LoraConfig:
     )
     dropout: float = field(default=0.0, metadata=_help("LoRA dropout probability."))
     target_modules: tuple[str, ...] = field(
-        default=("q_proj", "k_proj", "v_proj", "o_proj"),
-        metadata=_help("Module names (suffixes) that get LoRA adapters."),
+        default=(),
+        metadata=_help(
+            "Module names (suffixes) that get LoRA adapters; [] = the attention projections "
+            "of the model's family (q/k/v/o_proj for Llama, Qwen2, Mistral, Gemma; qkv_proj "
+            "and o_proj for Phi-3; attn.c_attn and attn.c_proj for GPT-2; ...); "
+            "['all-linear'] = every linear layer but the output head (peft's meaning)."
+        ),
     )
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    batch_size: int = field(default=4, metadata=_help("Examples per local optimizer step."))
+    batch_size: int = field(
+        default=4,
+        metadata=_help(
+            "Examples per micro-batch (one forward and backward pass); an optimizer step "
+            "sees batch_size * grad_accum examples."
+        ),
+    )
+    grad_accum: int = field(
+        default=1,
+        metadata=_help(
+            "Micro-batches per optimizer step (gradient accumulation); the step's loss is the "
+            "mean over all their target tokens."
+        ),
+    )
     learning_rate: float = field(default=3e-4, metadata=_help("AdamW learning rate."))
+    lr_schedule: str = field(
+        default="constant",
+        metadata=_help(
+            "Learning-rate schedule across the whole federation (position: the client's "
+            "global step (round - 1) * local_steps + step, of rounds * local_steps), after "
+            "train.warmup_steps of linear warmup from 0; cosine and linear decay to 0.",
+            choices=LR_SCHEDULES,
+        ),
+    )
+    warmup_steps: int = field(
+        default=0,
+        metadata=_help("Global steps of linear learning-rate warmup (see train.lr_schedule)."),
+    )
     weight_decay: float = field(default=0.0, metadata=_help("AdamW weight decay."))
+    max_grad_norm: float = field(
+        default=0.0,
+        metadata=_help("Clip the LoRA gradients' global norm to this before a step; 0 = off."),
+    )
+    gradient_checkpointing: bool = field(
+        default=False,
+        metadata=_help(
+            "Recompute each decoder layer's activations in the backward pass instead of "
+            "keeping them: less memory, about a third more compute."
+        ),
+    )
     eval_batch_size: int = field(default=8, metadata=_help("Examples per evaluation batch."))
     max_new_tokens: int = field(
         default=24,
@@ -124,8 +190,39 @@ class FederationConfig:
         default=1,
         metadata=_help("Simulation Engine: client processes running at once (cores are shared)."),
     )
+    gpus_per_client: float = field(
+        default=0.0,
+        metadata=_help(
+            "Simulation Engine: the share of a GPU each client process reserves (Ray's "
+            "num_gpus): 0.25 lets four clients share one GPU; a whole number gives each "
+            "several. 0 = none reserved (clients still use a visible GPU, as model.device says)."
+        ),
+    )
     timeout: float = field(
-        default=3600.0, metadata=_help("Seconds the server waits for the replies of one round.")
+        default=3600.0,
+        metadata=_help("Seconds the server waits for the SuperNodes of the config to connect."),
+    )
+    round_timeout: float = field(
+        default=3600.0,
+        metadata=_help(
+            "Seconds the server waits for the replies of one exchange; a client that has not "
+            "answered by then is recorded as timed out for that round, keeps its adapter and "
+            "is asked again next round (its late reply is discarded)."
+        ),
+    )
+    min_replies: float = field(
+        default=0.5,
+        metadata=_help(
+            "Fraction of the clients contacted in an exchange that must answer with a usable "
+            "reply for the round to complete; below it the run stops, its last checkpoint intact."
+        ),
+    )
+    max_norm_ratio: float = field(
+        default=10.0,
+        metadata=_help(
+            "A trained update (adapter minus the one sent) whose norm exceeds this many times "
+            "the median update norm of the round (or of the last accepted updates) is rejected."
+        ),
     )
     metrics_every: int = field(
         default=1,
@@ -178,9 +275,10 @@ class ServerConfig:
         metadata=_help(
             "Task graph: 'clusters' (clustering of client fingerprints), 'tasks' (declared task "
             "labels, an oracle), 'random' (symmetric uniform weights above a threshold, the "
-            "MIRA paper's setting), 'full', 'knn' (nearest fingerprints), or the path of a "
-            "K x K matrix (.json, .csv or .npy) in client order. Every graph except a "
-            "matrix file is scaled to max degree 1."
+            "MIRA paper's setting), 'full', 'knn' (nearest fingerprints), 'updates' (re-learned "
+            "every round from the cosine similarity of the clients' updates, pFedGraph-style; "
+            "equal ranks), or the path of a K x K matrix (.json, .csv or .npy) in client order. "
+            "Every graph except a matrix file is scaled to max degree 1."
         ),
     )
     cluster_method: str = field(
@@ -280,6 +378,46 @@ class OutputConfig:
             "scalars; needs the tensorboard package (pip install 'mira[tensorboard]')."
         ),
     )
+    wandb: bool = field(
+        default=False,
+        metadata=_help(
+            "Also log the metrics.jsonl scalars (per round and per client) and the config to "
+            "Weights & Biases, files under DIR/wandb; needs the wandb package "
+            "(pip install 'mira[wandb]')."
+        ),
+    )
+    wandb_project: str = field(
+        default="mira", metadata=_help("output.wandb: the W&B project the run is logged to.")
+    )
+    wandb_mode: str = field(
+        default="offline",
+        metadata=_help(
+            "output.wandb: 'offline' writes the run under DIR/wandb only, with no network "
+            "(upload it later with `wandb sync DIR/wandb/offline-run-*`); 'online' also "
+            "streams it to the W&B server (needs `wandb login`).",
+            choices=WANDB_MODES,
+        ),
+    )
+
+
+@dataclass(frozen=True)
+class PrivacyConfig:
+    clip_norm: float = field(
+        default=0.0,
+        metadata=_help(
+            "Client-side differential privacy: each uploaded update (trained minus start "
+            "adapter) is clipped to this L2 norm and gets Gaussian noise; 0 = off "
+            "(docs/privacy.md)."
+        ),
+    )
+    noise_multiplier: float = field(
+        default=1.0,
+        metadata=_help("Noise standard deviation as a multiple of privacy.clip_norm."),
+    )
+    delta: float = field(
+        default=1e-5,
+        metadata=_help("The delta of the (epsilon, delta) guarantee each run reports."),
+    )
 
 
 @dataclass(frozen=True)
@@ -326,6 +464,7 @@ class Config:
     server: ServerConfig = field(default_factory=ServerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
     tasks: tuple[TaskConfig, ...] = ()
 
     @property
@@ -363,6 +502,7 @@ SECTIONS: dict[str, type] = {
     "server": ServerConfig,
     "data": DataConfig,
     "output": OutputConfig,
+    "privacy": PrivacyConfig,
 }
 
 
@@ -422,15 +562,23 @@ def _build_section(section: str, cls: type, raw: Any) -> Any:
     for key, value in raw.items():
         if key not in fields:
             allowed = ", ".join(sorted(fields))
-            raise ConfigError(f"unknown key {section}.{key}; allowed keys: {allowed}")
+            raise ConfigError(
+                f"unknown key {section}.{key}; allowed keys: {allowed}"
+                + _did_you_mean(key, fields, f"{section}.")
+            )
         choices = fields[key].metadata.get("choices")
-        coerced = _coerce(
-            f"{section}.{key}", value, hints[key], fields[key].metadata.get("words", ())
-        )
+        words = fields[key].metadata.get("words", ())
+        try:
+            coerced = _coerce(f"{section}.{key}", value, hints[key], words)
+        except ConfigError as err:
+            if isinstance(value, str) and words:  # e.g. server.step = "atuo"
+                raise ConfigError(f"{err}{_did_you_mean(value, words)}") from None
+            raise
         if choices is not None and coerced not in choices:
             raise ConfigError(
                 f"{section}.{key} = {coerced!r} is not allowed; choose one of: "
                 + ", ".join(choices)
+                + _did_you_mean(str(coerced), choices)
             )
         values[key] = coerced
     return cls(**values)
@@ -457,19 +605,53 @@ def _check_ranges(cfg: Config) -> None:
     positive("lora.alpha", cfg.lora.alpha)
     if not 0.0 <= cfg.lora.dropout < 1.0:
         raise ConfigError(f"lora.dropout must be in [0, 1), got {cfg.lora.dropout!r}")
-    if not cfg.lora.target_modules:
-        raise ConfigError("lora.target_modules must name at least one module")
+    if ALL_LINEAR in cfg.lora.target_modules and len(cfg.lora.target_modules) > 1:
+        raise ConfigError(
+            f"lora.target_modules: '{ALL_LINEAR}' stands alone (every linear layer); got "
+            f"{list(cfg.lora.target_modules)}"
+        )
+    if not re.fullmatch(DEVICE_PATTERN, cfg.model.device):
+        raise ConfigError(
+            f"model.device = {cfg.model.device!r} is not allowed; choose one of: auto, cpu, "
+            "cuda, cuda:N (N a GPU index), mps"
+        )
     positive("train.batch_size", cfg.train.batch_size)
     positive("train.learning_rate", cfg.train.learning_rate)
     positive("train.eval_batch_size", cfg.train.eval_batch_size)
     positive("train.max_new_tokens", cfg.train.max_new_tokens)
+    positive("train.grad_accum", cfg.train.grad_accum)
+    if cfg.train.max_grad_norm < 0:
+        raise ConfigError(
+            f"train.max_grad_norm must be >= 0 (0 = no clipping), got {cfg.train.max_grad_norm!r}"
+        )
+    total_steps = cfg.federation.rounds * cfg.federation.local_steps
+    if not 0 <= cfg.train.warmup_steps < max(total_steps, 1):
+        raise ConfigError(
+            f"train.warmup_steps = {cfg.train.warmup_steps} must be >= 0 and below "
+            f"federation.rounds * federation.local_steps = {total_steps}"
+        )
     if cfg.train.weight_decay < 0:
         raise ConfigError(f"train.weight_decay must be >= 0, got {cfg.train.weight_decay!r}")
     positive("federation.rounds", cfg.federation.rounds)
     positive("federation.local_steps", cfg.federation.local_steps)
     positive("federation.workers", cfg.federation.workers)
+    gpus = cfg.federation.gpus_per_client
+    if gpus < 0 or (gpus > 1 and not gpus.is_integer()):
+        raise ConfigError(
+            f"federation.gpus_per_client must be a fraction in [0, 1] or a whole number of "
+            f"GPUs, got {gpus!r}"
+        )
     positive("federation.metrics_every", cfg.federation.metrics_every)
     positive("federation.timeout", cfg.federation.timeout)
+    positive("federation.round_timeout", cfg.federation.round_timeout)
+    if not 0.0 < cfg.federation.min_replies <= 1.0:
+        raise ConfigError(
+            f"federation.min_replies must be in (0, 1], got {cfg.federation.min_replies!r}"
+        )
+    if cfg.federation.max_norm_ratio <= 1.0:
+        raise ConfigError(
+            f"federation.max_norm_ratio must be > 1, got {cfg.federation.max_norm_ratio!r}"
+        )
     if not 0.0 < cfg.federation.fraction <= 1.0:
         raise ConfigError(f"federation.fraction must be in (0, 1], got {cfg.federation.fraction!r}")
     if cfg.federation.seed < 0:
@@ -511,6 +693,14 @@ def _check_ranges(cfg: Config) -> None:
             + ", ".join(GRAPH_SOURCES)
             + ", or a matrix file ending in .json, .csv or .npy"
         )
+    if cfg.privacy.clip_norm < 0:
+        raise ConfigError(f"privacy.clip_norm must be >= 0, got {cfg.privacy.clip_norm!r}")
+    if cfg.privacy.noise_multiplier < 0:
+        raise ConfigError(
+            f"privacy.noise_multiplier must be >= 0, got {cfg.privacy.noise_multiplier!r}"
+        )
+    if not 0.0 < cfg.privacy.delta < 1.0:
+        raise ConfigError(f"privacy.delta must be in (0, 1), got {cfg.privacy.delta!r}")
     positive("data.train_size", cfg.data.train_size)
     positive("data.eval_size", cfg.data.eval_size)
     if not 0 <= cfg.data.val_size < cfg.data.train_size:
@@ -525,6 +715,11 @@ def _check_ranges(cfg: Config) -> None:
         )
     if cfg.data.label_skew < 0:
         raise ConfigError(f"data.label_skew must be >= 0, got {cfg.data.label_skew!r}")
+    if not re.fullmatch(r"[^/\\#?%:]{1,128}", cfg.output.wandb_project):
+        raise ConfigError(
+            f"output.wandb_project = {cfg.output.wandb_project!r} is not a W&B project name: "
+            "1 to 128 characters, none of / \\ # ? % :"
+        )
     if not cfg.tasks:
         raise ConfigError("at least one [[tasks]] entry is required")
     seen: set[str] = set()
@@ -636,3 +831,19 @@ def describe() -> list[tuple[str, str, str]]:
                 help_text += " One of: " + ", ".join(f.metadata["choices"]) + "."
             rows.append((f"{section}.{f.name}", json.dumps(_plain(default)), help_text))
     return rows
+
+
+def _did_you_mean(word: str, known: Sequence[str] | Mapping[str, Any], prefix: str = "") -> str:
+    """'; did you mean server.step?' for the closest known word, or '' if none is close."""
+    import difflib
+
+    close = difflib.get_close_matches(word, list(known), n=1, cutoff=0.6)
+    return f"; did you mean {prefix}{close[0]}?" if close else ""
+
+
+def to_toml(cfg: Config) -> str:
+    """The config as TOML, every key filled in; :func:`load_config` reads it back to an equal
+    :class:`Config` (``mira config --show`` prints it, a run directory keeps it)."""
+    import tomli_w
+
+    return tomli_w.dumps(cfg.to_dict())

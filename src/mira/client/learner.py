@@ -1,8 +1,10 @@
 """Local LoRA training and evaluation on one client's data, read top to bottom.
 
 An example is a prompt followed by a target; the loss is the mean cross-entropy of the
-target tokens only (prompt tokens are masked with -100). Prompts are truncated from the left
-so the target always fits in ``model.max_length`` tokens.
+target tokens only (prompt tokens are masked with -100), computed in float32 whatever the
+base model's dtype. Prompts are truncated from the left so the target always fits in
+``model.max_length`` tokens. Batches are built on the CPU and moved to the model's device;
+everything handed back (losses, scores, fingerprint signals) is on the CPU.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 import torch
 
 from mira.client import scoring as metrics
-from mira.config import Config
+from mira.config import Config, TrainConfig
 from mira.data import Example, Task
 
 IGNORE = -100
@@ -56,11 +58,28 @@ def collate(batch: Sequence[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
 
+def target_count(batch: dict[str, torch.Tensor]) -> int:
+    """Target tokens a batch is scored on (every labelled token but a first one)."""
+    return int((batch["labels"][:, 1:] != IGNORE).sum())
+
+
+def device_of(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _forward_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    device = device_of(model)
+    return model(
+        input_ids=batch["input_ids"].to(device),
+        attention_mask=batch["attention_mask"].to(device),
+    ).logits
+
+
 def target_nll(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed negative log-likelihood of the target tokens, and how many there are."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = _forward_logits(model, batch)
     shifted_logits = logits[:, :-1, :].float()
-    shifted_labels = batch["labels"][:, 1:]
+    shifted_labels = batch["labels"][:, 1:].to(logits.device)
     nll = torch.nn.functional.cross_entropy(
         shifted_logits.reshape(-1, shifted_logits.shape[-1]),
         shifted_labels.reshape(-1),
@@ -70,6 +89,51 @@ def target_nll(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor
     return nll, int((shifted_labels != IGNORE).sum())
 
 
+def learning_rate(train: TrainConfig, position: int, total: int) -> float:
+    """The learning rate at global step ``position`` (from 0) of ``total``.
+
+    transformers' schedules (get_constant/cosine/linear_schedule_with_warmup): linear warmup
+    from 0 over ``train.warmup_steps``, then constant, or a half cosine or a straight line
+    down to 0 at ``total``.
+    """
+    base, warmup = train.learning_rate, train.warmup_steps
+    if position < warmup:
+        return base * position / warmup
+    if train.lr_schedule == "constant":
+        return base
+    progress = (position - warmup) / max(1, total - warmup)
+    if train.lr_schedule == "cosine":
+        return base * 0.5 * (1.0 + math.cos(math.pi * progress))
+    return base * max(0.0, 1.0 - progress)
+
+
+def _set_gradient_checkpointing(model: Any, enabled: bool) -> None:
+    """Recompute each decoder layer in the backward pass (transformers' non-reentrant
+    checkpointing), or stop; switching it off also removes the hook that transformers adds
+    to make the embeddings' output require gradients, so nothing outlives the setting."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    renamed = hasattr(base, "activation_checkpointing_enable")  # the name since transformers 5
+    active = base.is_activation_checkpointing if renamed else base.is_gradient_checkpointing
+    if active == enabled:
+        return
+    kwargs = {"use_reentrant": False}
+    if enabled and renamed:
+        base.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    elif enabled:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    else:
+        if renamed:
+            base.activation_checkpointing_disable()
+        else:
+            base.gradient_checkpointing_disable()
+        base.disable_input_require_grads()
+
+
+def _frozen_dtype(model: Any) -> torch.dtype:
+    """Dtype of the base weights (the parameters that do not train)."""
+    return next((p.dtype for p in model.parameters() if not p.requires_grad), torch.float32)
+
+
 def train_steps(
     model: Any,
     parameters: list[torch.nn.Parameter],
@@ -77,37 +141,67 @@ def train_steps(
     cfg: Config,
     pad_id: int,
     seed: int,
+    *,
+    server_round: int = 1,
 ) -> float:
-    """``federation.local_steps`` AdamW steps on batches drawn without replacement.
+    """``federation.local_steps`` AdamW steps of round ``server_round``.
 
-    The data order comes from ``seed`` alone, so a client's training is reproducible
-    whatever process runs it. A fresh optimizer each round: its state never leaves the
-    client and stays comparable across server rules. Returns the mean training loss.
+    Each step accumulates ``train.grad_accum`` micro-batches of ``train.batch_size``
+    examples drawn without replacement; its loss is the summed target NLL over the target
+    tokens of all of them. The data order comes from ``seed`` alone, so a client's training
+    is reproducible whatever process runs it. A fresh optimizer each round: its state never
+    leaves the client and stays comparable across server rules; the learning rate follows
+    ``train.lr_schedule`` at the client's global step (round - 1) * local_steps + step of
+    rounds * local_steps, so the schedule continues across rounds. Gradients are clipped to
+    ``train.max_grad_norm`` (0 = off). With float16 base weights the loss is scaled
+    (torch.amp.GradScaler, fresh each round) so small gradients do not underflow; a step
+    whose scaled gradients overflow is skipped. Returns the mean training loss of the steps.
     """
+    train = cfg.train
     rng = np.random.default_rng(seed)
     torch.manual_seed(seed)
     optimizer = torch.optim.AdamW(
-        parameters, lr=cfg.train.learning_rate, weight_decay=cfg.train.weight_decay
+        parameters, lr=train.learning_rate, weight_decay=train.weight_decay
     )
+    scaler = torch.amp.GradScaler(
+        device_of(model).type, enabled=_frozen_dtype(model) == torch.float16
+    )
+    _set_gradient_checkpointing(model, train.gradient_checkpointing)
+    local_steps = cfg.federation.local_steps
+    total_steps = cfg.federation.rounds * local_steps
     model.train()
     order: list[int] = []
     losses = []
-    for _ in range(cfg.federation.local_steps):
-        if len(order) < cfg.train.batch_size:
-            order.extend(rng.permutation(len(encoded)).tolist())
-        picked, order = order[: cfg.train.batch_size], order[cfg.train.batch_size :]
-        batch = collate([encoded[i] for i in picked], pad_id)
-        nll, count = target_nll(model, batch)
-        loss = nll / max(count, 1)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(
-                f"training loss became {loss.item()} (learning rate "
-                f"{cfg.train.learning_rate} may be too high)"
-            )
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        losses.append(loss.item())
+    for step in range(local_steps):
+        batches = []
+        for _ in range(train.grad_accum):
+            if len(order) < train.batch_size:
+                order.extend(rng.permutation(len(encoded)).tolist())
+            picked, order = order[: train.batch_size], order[train.batch_size :]
+            batches.append(collate([encoded[i] for i in picked], pad_id))
+        tokens = max(sum(target_count(batch) for batch in batches), 1)
+        step_loss = 0.0
+        for index, batch in enumerate(batches):
+            nll, _ = target_nll(model, batch)
+            loss = nll / tokens
+            if not torch.isfinite(loss):
+                raise FloatingPointError(
+                    f"training loss became {loss.item()} (learning rate "
+                    f"{train.learning_rate} may be too high)"
+                )
+            if index == 0:  # after the forward: the old gradients are freed as late as ever
+                optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            step_loss += loss.item()
+        if train.max_grad_norm > 0:
+            scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(parameters, train.max_grad_norm)
+        rate = learning_rate(train, (server_round - 1) * local_steps + step, total_steps)
+        for group in optimizer.param_groups:
+            group["lr"] = rate
+        scaler.step(optimizer)
+        scaler.update()
+        losses.append(step_loss)
     model.eval()
     return float(np.mean(losses))
 
@@ -126,9 +220,9 @@ def eval_loss(model: Any, encoded: Sequence[Encoded], batch_size: int, pad_id: i
 
 def sequence_nll(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed target NLL of each sequence of a batch, shape [batch]."""
-    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    logits = _forward_logits(model, batch)
     shifted_logits = logits[:, :-1, :].float()
-    shifted_labels = batch["labels"][:, 1:]
+    shifted_labels = batch["labels"][:, 1:].to(logits.device)
     per_token = torch.nn.functional.cross_entropy(
         shifted_logits.transpose(1, 2), shifted_labels, ignore_index=IGNORE, reduction="none"
     )
@@ -159,7 +253,8 @@ def label_scores(
     for start in range(0, len(encoded), batch_size):
         batch = collate(encoded[start : start + batch_size], tokenizer.pad_token_id)
         scores.append(-sequence_nll(model, batch))
-    return torch.cat(scores).reshape(len(examples), len(verbalisers)).numpy().astype(np.float64)
+    scores_cpu = torch.cat(scores).reshape(len(examples), len(verbalisers)).cpu()
+    return scores_cpu.numpy().astype(np.float64)
 
 
 @torch.no_grad()
@@ -173,6 +268,7 @@ def generate(
 ) -> list[str]:
     """Greedy continuations of ``prompts`` (left-padded batches), up to end-of-text."""
     model.eval()
+    device = device_of(model)
     keep = max(1, max_length - max_new_tokens)
     outputs: list[str] = []
     for start in range(0, len(prompts), batch_size):
@@ -187,14 +283,14 @@ def generate(
             input_ids[row, width - len(seq) :] = torch.tensor(seq)
             mask[row, width - len(seq) :] = 1
         generated = model.generate(
-            input_ids=input_ids,
-            attention_mask=mask,
+            input_ids=input_ids.to(device),
+            attention_mask=mask.to(device),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
             eos_token_id=tokenizer.eos_token_id,
         )
-        for row in generated[:, width:]:
+        for row in generated[:, width:].cpu():
             outputs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
     return outputs
 
@@ -261,7 +357,7 @@ def fingerprint_signal(
             nll, count = target_nll(model, collate(batch, pad_id))
             (nll / max(count, 1) / len(batches)).backward()
         signal = {
-            k: p.grad.detach().numpy().copy()
+            k: p.grad.detach().to("cpu", torch.float32).numpy().copy()
             for k, p in probe_parameters.items()
             if ".lora_B." in k and p.grad is not None
         }
@@ -275,7 +371,10 @@ def fingerprint_signal(
             (nll / max(count, 1)).backward()
             optimizer.step()
         model.eval()
-        signal = {k: (p.detach() - start[k]).numpy().copy() for k, p in probe_parameters.items()}
+        signal = {
+            k: (p.detach() - start[k]).to("cpu", torch.float32).numpy().copy()
+            for k, p in probe_parameters.items()
+        }
     with torch.no_grad():
         for k, p in probe_parameters.items():
             p.copy_(start[k])

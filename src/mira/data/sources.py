@@ -21,6 +21,7 @@ Formats:
 from __future__ import annotations
 
 import csv
+import io
 import json
 import sys
 from collections.abc import Iterator
@@ -28,8 +29,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from mira.errors import MiraError
 
-class DataError(ValueError):
+
+class DataError(MiraError, ValueError):
     """Task data is missing or malformed; the message names the file and the row."""
 
 
@@ -49,6 +52,25 @@ def _check_file(path: Path) -> None:
         raise DataError(f"{path}: file is empty")
 
 
+def read_text(path: Path) -> str:
+    """A data file's text: UTF-8, with or without a byte-order mark (as spreadsheets export).
+
+    Raises:
+        DataError: the file is not UTF-8, naming the line and column of the first bad byte.
+    """
+    _check_file(path)
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        column = err.start - (raw.rfind(b"\n", 0, err.start) + 1) + 1
+        raise DataError(
+            f"{path} line {line}, column {column}: byte 0x{raw[err.start]:02x} is not UTF-8 "
+            "text; save the file as UTF-8"
+        ) from None
+
+
 def _cell(value: Any, path: Path, where: str, column: str) -> str:
     """A cell as text; None / NaN (a missing value) is an error naming the row."""
     if value is None or (isinstance(value, float) and value != value):
@@ -64,11 +86,11 @@ def _missing_column(path: Path, column: str, present: list[str]) -> DataError:
 
 def read_csv(path: Path, input_column: str, target_column: str) -> list[Row]:
     """Rows of a CSV file with a header line; ``where`` is the 1-based line a record starts on."""
-    _check_file(path)
+    text = read_text(path)
     # Movie reviews run to several thousand characters; raise the csv module's field cap.
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     rows: list[Row] = []
-    with path.open(newline="", encoding="utf-8") as handle:
+    with io.StringIO(text, newline="") as handle:
         reader = csv.reader(handle)
         header = next(reader, None)
         if not header:
@@ -95,9 +117,9 @@ def read_csv(path: Path, input_column: str, target_column: str) -> list[Row]:
 
 def read_jsonl(path: Path, input_column: str, target_column: str) -> list[Row]:
     """Rows of a JSON Lines file; ``where`` is the 1-based line number."""
-    _check_file(path)
+    text = read_text(path)
     rows: list[Row] = []
-    with path.open(encoding="utf-8") as handle:
+    with io.StringIO(text) as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
                 continue
@@ -209,9 +231,7 @@ def read_orange_tab(path: Path) -> list[Row]:
     The three header lines are checked rather than skipped blindly, so a file in another
     layout fails with a message instead of turning its header into a training example.
     """
-    _check_file(path)
-    with path.open(encoding="utf-8") as handle:
-        lines = handle.read().split("\n")
+    lines = read_text(path).split("\n")
     if len(lines) < 3:
         raise DataError(f"{path}: an Orange .tab file needs 3 header lines")
     names = lines[0].rstrip("\r").split("\t")
@@ -242,10 +262,9 @@ def read_orange_tab(path: Path) -> list[Row]:
 
 
 def _bigbench_examples(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    _check_file(path)
+    text = read_text(path)
     try:
-        with path.open(encoding="utf-8") as handle:
-            doc = json.load(handle)
+        doc = json.loads(text)
     except json.JSONDecodeError as err:
         raise DataError(f"{path} line {err.lineno}: not valid JSON ({err.msg})") from err
     examples = doc.get("examples") if isinstance(doc, dict) else None

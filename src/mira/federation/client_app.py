@@ -18,18 +18,22 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import json
+import math
 import os
 import resource
+import threading
+from collections.abc import Callable
 from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from mira.client import learner
 from mira.client.model import LoraModel, lora_model
+from mira.client.privacy import privatise_update
 from mira.client.ranks import client_rank
 from mira.config import Config, config_from_dict
 from mira.core import rules
@@ -39,7 +43,56 @@ from mira.federation import protocol
 from mira.federation.protocol import Instruction, Reply
 from mira.graph import fingerprint
 
-app = ClientApp()
+# Timed out by deadline_mod: the error code Flower uses for a ClientApp that raised.
+DEADLINE_ERROR_CODE = 2
+# One piece of client work at a time in a process: a handler abandoned by deadline_mod may
+# still be running, and the base model and its adapters are shared.
+_WORK = threading.Lock()
+
+
+def deadline_mod(
+    msg: Message, context: Context, call_next: Callable[[Message, Context], Message]
+) -> Message:
+    """Answer within ``federation.round_timeout`` whatever the handler does.
+
+    The handler runs in a thread; if it has not finished by the deadline the client answers
+    with an error (the server has given up on it by then too) and the thread is marked
+    cancelled: it stops at its next check, and it never runs next to the client's next
+    message (one piece of work at a time). Without this, a hung client would hold a worker of
+    the Simulation Engine forever and the run could never end.
+    """
+    settings = msg.content.config_records.get(protocol.SETTINGS)
+    if settings is None or protocol.CONFIG_JSON not in settings:
+        return call_next(msg, context)
+    limit = _config(str(settings[protocol.CONFIG_JSON])).federation.round_timeout
+    result: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            result["reply"] = call_next(msg, context)
+        except BaseException as err:  # handed to the caller's thread below
+            result["error"] = err
+
+    worker = threading.Thread(target=work, name="mira-client-work", daemon=True)
+    worker.cancelled = threading.Event()  # type: ignore[attr-defined]
+    worker.start()
+    worker.join(limit)
+    if worker.is_alive():
+        worker.cancelled.set()  # type: ignore[attr-defined]
+        reason = f"no answer within federation.round_timeout = {limit:g}s; abandoned"
+        return Message(Error(code=DEADLINE_ERROR_CODE, reason=reason), reply_to=msg)
+    if "error" in result:
+        raise result["error"]
+    return result["reply"]
+
+
+def _check_not_cancelled() -> None:
+    event = getattr(threading.current_thread(), "cancelled", None)
+    if event is not None and event.is_set():
+        raise TimeoutError("this work was abandoned at its deadline")
+
+
+app = ClientApp(mods=[deadline_mod])
 
 
 @lru_cache(maxsize=4)
@@ -50,7 +103,10 @@ def _config(config_json: str) -> Config:
 def _lora_model(cfg: Config) -> LoraModel:
     # Workers share the machine's cores: each takes its slice for torch's intra-op threads.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, cfg.federation.workers)))
-    if any(task.memory_mb for task in cfg.tasks):
+    # A memory budget counts process memory only on the CPU (on a GPU, device memory).
+    from mira.client.model import resolve_device
+
+    if any(task.memory_mb for task in cfg.tasks) and resolve_device(cfg.model)[0] == "cpu":
         bound_heap_growth()
     return lora_model(cfg.model)
 
@@ -156,6 +212,12 @@ def client_fingerprint(
 @app.query()
 def identify(msg: Message, context: Context) -> Message:
     """Identify this client, with the shared LoRA init; on request, also its fingerprint."""
+    with _WORK:
+        _check_not_cancelled()
+        return _identify(msg, context)
+
+
+def _identify(msg: Message, context: Context) -> Message:
     settings = msg.content.config_records[protocol.SETTINGS]
     config_json = str(settings[protocol.CONFIG_JSON])
     cfg = _config(config_json)
@@ -218,6 +280,10 @@ def evaluate_adapter(
         scores = learner.task_metrics(
             model.peft, model.tokenizer, encoded.data.task, encoded.data.eval, cfg
         )
+    if not math.isfinite(loss):
+        raise FloatingPointError(
+            f"client {encoded.data.client_id}: the eval loss of its adapter is {loss}"
+        )
     return {
         "eval_loss": loss,
         "num_examples": float(len(encoded.data.eval)),
@@ -237,6 +303,12 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 
 def _round_step(msg: Message, context: Context) -> Message:
+    with _WORK:
+        _check_not_cancelled()
+        return _round_work(msg, context)
+
+
+def _round_work(msg: Message, context: Context) -> Message:
     """One exchange: choose (auto), evaluate, fingerprint and train, as instructed."""
     instruction, config_json = protocol.decode_instruction(msg)
     cfg = _config(config_json)
@@ -251,8 +323,9 @@ def _round_step(msg: Message, context: Context) -> Message:
     name = model.activate(cfg.lora, rank)
     model.set_adapter(name, instruction.adapter)
     reply = Reply(client_id=instruction.client_id, node_id=instruction.node_id)
+    start = instruction.adapter
     if instruction.mean is not None:
-        reply.alpha, reply.val_losses, _ = choose_mix(
+        reply.alpha, reply.val_losses, start = choose_mix(
             cfg, model, name, instruction, rank, encoded.val
         )
     if instruction.evaluate:
@@ -269,6 +342,17 @@ def _round_step(msg: Message, context: Context) -> Message:
             cfg,
             pad_id=model.tokenizer.pad_token_id,
             seed=seed,
+            server_round=instruction.round,
         )
         reply.trained = model.get_adapter(name)
+        if cfg.privacy.clip_norm > 0:
+            # Noise from the operating system's entropy: the server cannot regenerate it.
+            # The pre-clipping norm stays here (it is not covered by the guarantee).
+            reply.trained, _ = privatise_update(
+                start,
+                reply.trained,
+                cfg.privacy.clip_norm,
+                cfg.privacy.noise_multiplier,
+                np.random.default_rng(),
+            )
     return protocol.encode_reply(reply, msg, _identity(cfg, partition))

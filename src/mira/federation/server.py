@@ -13,8 +13,9 @@ stores every client's adapter and sends each node ITS OWN (docs/design.md, "Engi
 
 from __future__ import annotations
 
+import math
+import re
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +24,22 @@ from flwr.serverapp import Grid
 
 from mira.config import Config, ConfigError
 from mira.core import rules
+from mira.core.adapters import Adapter
 from mira.errors import MiraError
 from mira.federation import protocol
+from mira.federation.progress import Progress
 from mira.federation.protocol import Instruction, Reply
-from mira.federation.state import ClientState, ServerState, ServerStateError
+from mira.federation.state import (
+    FAILED,
+    REJECTED,
+    TIMEOUT,
+    ClientState,
+    ClosedRound,
+    Outcome,
+    ServerState,
+    ServerStateError,
+    update_problem,
+)
 from mira.graph.build import (
     TaskGraph,
     fingerprint_graph,
@@ -35,60 +48,115 @@ from mira.graph.build import (
     static_graph,
 )
 from mira.results.rundir import Checkpoint, RunWriter, read_checkpoint, truncate_metrics
-
-Log = Callable[[str], None]
+from mira.results.runs import update_run_info
 
 
 class FederationError(MiraError, RuntimeError):
     """A client failed, sent something unusable, or did not answer in time."""
 
 
+def _train_loss(reply: Message) -> float | None:
+    if reply.has_error() or protocol.TRAINING not in reply.content.metric_records:
+        return None
+    return float(reply.content.metric_records[protocol.TRAINING]["train_loss"])  # type: ignore[arg-type]
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def short_reason(reason: str) -> str:
+    """The gist of a client's error as Flower reports it: the client's own message, not the
+    engine's traceback around it (Flower logs that in full)."""
+    text = _ANSI.sub("", reason)
+    marker = "Message: "
+    if marker in text:
+        text = text[text.rindex(marker) + len(marker) :]
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    gist = lines[-1] if lines else text.strip()
+    return gist.rstrip("'>").strip() or "the client failed without a message"
+
+
 class Link:
     """Pushes messages to nodes through the Grid and pulls their replies within the timeout."""
 
-    def __init__(self, grid: Grid, cfg: Config, log: Log):
+    def __init__(self, grid: Grid, cfg: Config, progress: Progress):
         self.grid = grid
         self.cfg = cfg
-        self.log = log
+        self.progress = progress
         self.names: dict[int, str] = {}  # node id -> client id, once known
+        self.seen: set[int] = set()  # every node ever asked who it is
+        self.claims: dict[int, protocol.Identity] = {}  # newcomers and whom they claim
+        self.refused: set[int] = set()  # newcomers refused as duplicates (logged once)
+        self.inits: dict[int, Adapter] = {}  # the shared LoRA initialisation of each rank
+
+    def refuse(self, identity: protocol.Identity, holder: int) -> None:
+        """A node claims a client another node holds: the first keeps it, the run goes on."""
+        node = identity.node_id
+        if node not in self.refused:
+            self.refused.add(node)
+            self.progress.note(
+                f"node {node} claims client {identity.client_id}, which node {holder} holds; "
+                "refused (check each SuperNode's partition-id). It takes over if that node "
+                "leaves."
+            )
+        self.claims[node] = identity
 
     def who(self, node_id: int) -> str:
         if node_id in self.names:
             return f"client {self.names[node_id]} (node {node_id})"
         return f"node {node_id}"
 
-    def exchange(self, messages: list[Message], what: str) -> list[Message]:
-        """Push ``messages``, pull replies as they come (showing progress), fail on errors."""
+    def exchange(
+        self, messages: list[Message], what: str, timeout: float
+    ) -> tuple[dict[int, Message], dict[int, Outcome]]:
+        """Push ``messages`` and pull the replies as they come, until all answered or
+        ``timeout`` seconds passed.
+
+        Returns, by destination node id, the usable replies and what went wrong with the
+        others: an error the client raised (``failed``) or no reply in time (``timeout``). A
+        reply that comes after the deadline is never pulled, so it cannot reach a later round.
+        """
         if not messages:
-            return []
-        ids = [i for i in self.grid.push_messages(messages) if i]
-        if len(ids) != len(messages):
-            raise FederationError(f"{what}: only {len(ids)} of {len(messages)} messages sent")
-        pending = set(ids)
-        replies: list[Message] = []
-        deadline = time.monotonic() + self.cfg.federation.timeout
+            return {}, {}
+        pushed = list(self.grid.push_messages(messages))
+        node_of = {mid: m.metadata.dst_node_id for mid, m in zip(pushed, messages, strict=True)}
+        replies: dict[int, Message] = {}
+        problems: dict[int, Outcome] = {}
+        for mid, message in zip(pushed, messages, strict=True):
+            if not mid:
+                node = message.metadata.dst_node_id
+                problems[node] = Outcome(FAILED, f"{self.who(node)}: the message was not sent")
+        pending = {mid for mid in pushed if mid}
+        deadline = time.monotonic() + timeout
+        self.progress.begin(what, len(messages))
         while pending:
             for reply in self.grid.pull_messages(list(pending)):
-                pending.discard(reply.metadata.reply_to_message_id)
+                mid = reply.metadata.reply_to_message_id
+                if mid not in pending:
+                    continue
+                pending.discard(mid)
+                node = node_of[mid]  # the node we asked, whatever the reply claims
                 if reply.has_error():
-                    who = self.who(reply.metadata.src_node_id)
-                    raise FederationError(f"{what}: {who} failed: {reply.error.reason}")
-                replies.append(reply)
-                self.log(f"  {what}: {len(replies)}/{len(messages)} clients done")
+                    reason = short_reason(str(reply.error.reason))
+                    problems[node] = Outcome(FAILED, f"{self.who(node)}: {reason}")
+                else:
+                    replies[node] = reply
+                self.progress.advance(
+                    len(replies) + len(problems), len(messages), _train_loss(reply)
+                )
             if pending:
                 if time.monotonic() > deadline:
-                    answered = {r.metadata.src_node_id for r in replies}
-                    missing = [
-                        self.who(m.metadata.dst_node_id)
-                        for m in messages
-                        if m.metadata.dst_node_id not in answered
-                    ]
-                    raise FederationError(
-                        f"{what}: no reply within federation.timeout = "
-                        f"{self.cfg.federation.timeout}s from {', '.join(missing)}"
-                    )
+                    for mid in pending:
+                        node = node_of[mid]
+                        problems[node] = Outcome(
+                            TIMEOUT,
+                            f"{self.who(node)}: no reply within "
+                            f"federation.round_timeout = {timeout:g}s",
+                        )
+                    break
                 time.sleep(0.1)
-        return replies
+        self.progress.end()
+        return replies, problems
 
     def wait_for_nodes(self) -> list[int]:
         """The node ids of the federation, once at least one per client has connected."""
@@ -104,49 +172,95 @@ class Link:
                 )
             if len(node_ids) != reported:
                 reported = len(node_ids)
-                self.log(
+                self.progress.note(
                     f"waiting for SuperNodes: {reported} of {expected} connected (one per client, "
                     f"partition-id 0..{expected - 1}; for a local `flwr run .` pass "
                     f'--federation-config "num-supernodes={expected}")'
                 )
             time.sleep(2.0)
             node_ids = list(self.grid.get_node_ids())
+        self.seen.update(node_ids)
         return node_ids
+
+
+def expected_identity(cfg: Config) -> dict[str, tuple[str, int, int]]:
+    """What the config says each client is: {client id: (task, rank, training examples)}."""
+    from mira.client.ranks import client_rank  # torch-free unless a memory budget is set
+
+    train = cfg.data.train_size - cfg.data.val_size
+    return {
+        client: (task, client_rank(cfg, index), train)
+        for index, (client, task) in enumerate(zip(cfg.client_ids, cfg.client_tasks, strict=True))
+    }
+
+
+def identity_problem(identity: protocol.Identity, expected: tuple[str, int, int]) -> str | None:
+    """Why the server refuses a node's account of itself, or None.
+
+    The server trusts the config, not the client: the task, the LoRA rank and the number of
+    training examples (which weighs fedit and the cluster rules) must be what the config gives.
+    """
+    task, rank, train = expected
+    if identity.task != task:
+        return f"reports task {identity.task!r}, the config gives {task!r}"
+    if identity.rank != rank:
+        return f"reports LoRA rank {identity.rank}, the config gives {rank}"
+    if identity.num_train != train:
+        return f"reports {identity.num_train} training examples, the config gives {train}"
+    if identity.init is None:
+        return "sent no LoRA initialisation"
+    return None
+
+
+def identify(link: Link, cfg: Config, nodes: list[int], fingerprints: bool, what: str):
+    """Ask ``nodes`` who they are: {node id: Identity} of those that answered, and failures."""
+    config_json = cfg.to_json()
+    messages = [protocol.encode_identify(node, config_json, fingerprints) for node in nodes]
+    replies, problems = link.exchange(messages, what, cfg.federation.timeout)
+    return {node: protocol.decode_identity(m) for node, m in replies.items()}, problems
 
 
 def discover(link: Link, cfg: Config, fingerprints: bool) -> tuple[list[ClientState], np.ndarray]:
     """Ask every node who it is; clients report their own ids (node ids are not stable).
 
     Returns the clients in config order and their fingerprints ([K, d]; empty when not asked).
+    A node that claims a client another node already holds is refused (the first keeps it);
+    a node whose account disagrees with the config is refused. Every client of the config
+    must be found.
     """
-    config_json = cfg.to_json()
-    messages = [
-        protocol.encode_identify(node, config_json, fingerprints) for node in link.wait_for_nodes()
-    ]
+    nodes = link.wait_for_nodes()
     what = "identify + fingerprint" if fingerprints else "identify"
-    found: dict[str, protocol.Identity] = {}
+    found, problems = identify(link, cfg, nodes, fingerprints, what)
+    expected = expected_identity(cfg)
+    chosen: dict[str, protocol.Identity] = {}
     idle = 0
-    for reply in link.exchange(messages, what):
-        identity = protocol.decode_identity(reply)
+    for node in sorted(found):
+        identity = found[node]
         if not identity.client_id:
             idle += 1
             continue
-        if identity.client_id in found:
-            raise FederationError(
-                f"two nodes claim to be client {identity.client_id}: check each SuperNode's "
-                "partition-id"
-            )
-        found[identity.client_id] = identity
-    missing = [c for c in cfg.client_ids if c not in found]
+        if identity.client_id not in expected:
+            link.progress.note(f"node {node} claims unknown client {identity.client_id!r}; ignored")
+            continue
+        if identity.client_id in chosen:
+            link.refuse(identity, chosen[identity.client_id].node_id)
+            continue
+        problem = identity_problem(identity, expected[identity.client_id])
+        if problem:
+            raise FederationError(f"client {identity.client_id} (node {node}) {problem}")
+        chosen[identity.client_id] = identity
+    missing = [c for c in cfg.client_ids if c not in chosen]
     if missing:
-        raise FederationError(f"no node answered as client(s) {', '.join(missing)}")
+        why = "; ".join(o.reason for o in problems.values())
+        raise FederationError(
+            f"no node answered as client(s) {', '.join(missing)}" + (f" ({why})" if why else "")
+        )
     if idle:
-        link.log(f"{idle} node(s) hold no client of this config (partition-id too large)")
+        link.progress.note(f"{idle} node(s) hold no client of this config (partition-id too large)")
     clients = []
     for client_id in cfg.client_ids:
-        identity = found[client_id]
-        if identity.init is None:
-            raise FederationError(f"client {client_id} sent no LoRA initialisation")
+        identity = chosen[client_id]
+        assert identity.init is not None
         link.names[identity.node_id] = client_id
         clients.append(
             ClientState(
@@ -159,17 +273,70 @@ def discover(link: Link, cfg: Config, fingerprints: bool) -> tuple[list[ClientSt
             )
         )
     check_shared_init(clients, cfg.federation.seed)
+    link.inits = {c.rank: dict(c.adapter) for c in clients}
     try:
         rules.resolve_pull_space(cfg.server.pull_space, [c.rank for c in clients])
     except ValueError as err:
         raise ConfigError(str(err)) from err
     vectors = np.zeros((0, 0))
     if fingerprints:
-        absent = [c for c in cfg.client_ids if found[c].fingerprint is None]
+        absent = [c for c in cfg.client_ids if chosen[c].fingerprint is None]
         if absent:
             raise FederationError(f"no fingerprint from {', '.join(absent)}")
-        vectors = np.stack([found[c].fingerprint for c in cfg.client_ids])  # type: ignore[misc]
+        vectors = np.stack([chosen[c].fingerprint for c in cfg.client_ids])  # type: ignore[misc]
     return clients, vectors
+
+
+def rejoin(link: Link, state: ServerState, lost: set[int]) -> None:
+    """Let a client whose node is gone come back on a new node (a restarted SuperNode).
+
+    Nodes the server has not seen before are asked who they are. A node claiming a client is
+    adopted when that client's node has left the federation or failed its last exchange
+    (``lost``), after the same checks as at the start (config, shared initialisation);
+    otherwise it is refused as a duplicate and the run goes on.
+    """
+    connected = set(link.grid.get_node_ids())
+    fresh = sorted(connected - link.seen)
+    if fresh:
+        found, _ = identify(link, state.cfg, fresh, False, "identify newcomers")
+        link.seen.update(fresh)
+        for node, identity in found.items():
+            if identity.client_id:
+                link.claims[node] = identity
+    expected = expected_identity(state.cfg)
+    for node, identity in sorted(link.claims.items()):
+        if node not in connected or identity.client_id not in expected:
+            continue
+        index = state.index(identity.client_id)
+        client = state.clients[index]
+        if client.node_id == node:
+            continue
+        if client.node_id in connected and index not in lost:
+            link.refuse(identity, client.node_id)
+            continue
+        problem = identity_problem(identity, expected[client.client_id])
+        init = link.inits.get(client.rank, {})
+        if (
+            problem is None
+            and identity.init is not None
+            and (
+                set(identity.init) != set(init)
+                or any(not np.array_equal(v, init[k]) for k, v in identity.init.items())
+            )
+        ):
+            problem = "reports another LoRA initialisation (seed or base model differ)"
+        if problem:
+            link.progress.note(
+                f"node {node} claims client {client.client_id} but {problem}; ignored"
+            )
+            continue
+        link.progress.note(
+            f"client {client.client_id} rejoined on node {node} (was node {client.node_id})"
+        )
+        link.names.pop(client.node_id, None)
+        link.names[node] = client.client_id
+        client.node_id = node
+        del link.claims[node]
 
 
 def check_shared_init(clients: list[ClientState], seed: int) -> None:
@@ -186,13 +353,15 @@ def check_shared_init(clients: list[ClientState], seed: int) -> None:
                 )
 
 
-def graph_from_fingerprints(cfg: Config, vectors: np.ndarray, log: Log, after: int) -> TaskGraph:
+def graph_from_fingerprints(
+    cfg: Config, vectors: np.ndarray, progress: Progress, after: int
+) -> TaskGraph:
     try:
         graph = fingerprint_graph(cfg, vectors)
     except ValueError as err:
         raise FederationError(f"task graph from fingerprints failed: {err}") from err
     info = graph.info
-    log(
+    progress.note(
         f"task graph from fingerprints after round {after}: clusters {graph.clusters}"
         + (f", k={info['k']} (silhouette {info['silhouette']:.3f})" if "k" in info else "")
         + f", ARI vs declared tasks {info['ari_vs_declared_tasks']:.3f}"
@@ -202,52 +371,110 @@ def graph_from_fingerprints(cfg: Config, vectors: np.ndarray, log: Log, after: i
 
 def _exchange(
     link: Link, state: ServerState, instructions: list[Instruction], what: str
-) -> tuple[dict[int, Reply], dict[int, int]]:
-    """Send every instruction, return the replies and the bytes sent, by client index."""
+) -> tuple[dict[int, Reply], dict[int, int], dict[int, Outcome]]:
+    """Send every instruction; return, by client index, the usable replies, the bytes sent,
+    and what went wrong with the others.
+
+    A reply is a failure when its evaluation is not finite, and its trained adapter is refused
+    (the rest of the reply is kept) when :func:`update_problem` finds fault with it.
+    """
     config_json = state.cfg.to_json()
-    messages, sent = [], {}
+    messages, sent, index_of = [], {}, {}
     for instruction in instructions:
         message, size = protocol.encode_instruction(instruction, config_json)
         messages.append(message)
-        sent[state.index(instruction.client_id)] = size
+        index = state.index(instruction.client_id)
+        sent[index] = size
+        index_of[instruction.node_id] = index
+    raw, problems = link.exchange(messages, what, state.cfg.federation.round_timeout)
+    outcomes = {index_of[node]: outcome for node, outcome in problems.items()}
     replies: dict[int, Reply] = {}
-    for message in link.exchange(messages, what):
-        reply = protocol.decode_reply(message)
+    for node, message in raw.items():
+        index = index_of[node]
+        client = state.clients[index]
         try:
-            index = state.index(reply.client_id)
-        except ServerStateError as err:
-            raise FederationError(f"{what}: reply from unknown client {reply.client_id!r}") from err
-        expected = state.clients[index].node_id
-        if reply.node_id != expected:
-            raise FederationError(
-                f"{what}: reply for {reply.client_id} came from node {reply.node_id}, "
-                f"expected node {expected}"
+            reply = protocol.decode_reply(message)
+        except (KeyError, TypeError, ValueError) as err:
+            outcomes[index] = Outcome(FAILED, f"client {client.client_id}: unreadable reply: {err}")
+            continue
+        if reply.client_id != client.client_id:
+            outcomes[index] = Outcome(
+                REJECTED,
+                f"node {node} answered as {reply.client_id!r} for client {client.client_id}",
             )
+            continue
+        if reply.evaluation is not None:
+            bad = {k: v for k, v in reply.evaluation.items() if not np.isfinite(v)}
+            if bad:
+                outcomes[index] = Outcome(
+                    FAILED, f"client {client.client_id}: non-finite evaluation {bad}"
+                )
+                continue
         if reply.trained is not None:
-            check_trained(state, index, reply.trained, what)
+            problem = update_problem(client.adapter, reply.trained, client.rank)
+            if problem:
+                outcomes[index] = Outcome(REJECTED, f"client {client.client_id} {problem}")
+                reply.trained = None
         replies[index] = reply
-    return replies, sent
+    return replies, sent, outcomes
 
 
-def check_trained(state: ServerState, index: int, adapter: dict, what: str) -> None:
-    """A trained adapter must have the tensors and shapes the client was sent, all finite."""
-    client = state.clients[index]
-    if set(adapter) != set(client.adapter):
+def check_replies(
+    state: ServerState, instructions: list[Instruction], outcomes: dict[int, Outcome], what: str
+) -> None:
+    """Stop the run when fewer than ``federation.min_replies`` of the contacted clients gave a
+    usable reply; the last checkpoint stays as it is."""
+    contacted = [state.index(i.client_id) for i in instructions]
+    if not contacted:
+        return
+    usable = [i for i in contacted if i not in outcomes]
+    needed = math.ceil(state.cfg.federation.min_replies * len(contacted))
+    if len(usable) < needed:
+        reasons = "; ".join(outcomes[i].reason for i in contacted if i in outcomes)
         raise FederationError(
-            f"{what}: client {client.client_id} returned an adapter with different tensors "
-            "than it was sent"
+            f"{what}: only {len(usable)} of {len(contacted)} clients replied usably, "
+            f"federation.min_replies needs {needed}: {reasons}. The run stops here; "
+            "its last checkpoint is intact (continue with mira run --resume once the "
+            "clients are back)"
         )
-    for key, value in adapter.items():
-        if value.shape != client.adapter[key].shape:
-            raise FederationError(
-                f"{what}: client {client.client_id} returned {key} with shape {value.shape}, "
-                f"expected {client.adapter[key].shape}"
-            )
-        if not np.all(np.isfinite(value)):
-            raise FederationError(
-                f"{what}: client {client.client_id} returned NaN or infinite values in {key}; "
-                "the run stops here and keeps what the completed rounds wrote"
-            )
+
+
+def describe_devices(cfg: Config, out_dir: Path, progress: Progress) -> None:
+    """Say, in the run's first lines and in run.json, where the clients train (``model.device``
+    and ``model.dtype`` resolved on this machine; the server itself never touches a GPU)."""
+    from mira.client.model import resolve_device  # asks NVML, never creates a CUDA context
+
+    device, dtype = resolve_device(cfg.model)
+    progress.note(f"clients train on {device} with {dtype} base weights (LoRA in float32)")
+    update_run_info(out_dir, {"device": device, "dtype": dtype, "model": cfg.model.name})
+
+
+def record_privacy(state: ServerState, out_dir: Path, progress: Progress) -> None:
+    """With ``privacy.clip_norm`` > 0: every client's epsilon over the run, for privacy.delta,
+    in run.json (the report shows it) and in the last line of the run."""
+    privacy = state.cfg.privacy
+    if privacy.clip_norm <= 0:
+        return
+    spent = {c.client_id: state.epsilon(i) for i, c in enumerate(state.clients)}
+    worst = max(spent.values())
+    update_run_info(
+        out_dir,
+        {
+            "privacy": {
+                "clip_norm": privacy.clip_norm,
+                "noise_multiplier": privacy.noise_multiplier,
+                "delta": privacy.delta,
+                "epsilon_max": worst,
+                "epsilon": spent,
+                "accountant": "dp-accounting, Gaussian mechanism composed over each "
+                "client's rounds (mira.core.accounting.client_epsilon)",
+            }
+        },
+    )
+    progress.note(
+        f"differential privacy: epsilon <= {worst:.3g} for delta = {privacy.delta:g} per client "
+        f"(clip {privacy.clip_norm:g}, noise multiplier {privacy.noise_multiplier:g})"
+    )
 
 
 def _checkpoint(writer: RunWriter, state: ServerState) -> None:
@@ -268,20 +495,14 @@ def _checkpoint(writer: RunWriter, state: ServerState) -> None:
     )
 
 
-def _write_closed(writer: RunWriter, state: ServerState, closed, log: Log, base: str) -> None:
+def _write_closed(
+    writer: RunWriter, state: ServerState, closed: ClosedRound, progress: Progress, base: str
+) -> None:
     for client, adapter in zip(state.clients, closed.adapters, strict=True):
         writer.write_adapter(client.client_id, adapter, client.rank, base)
     aggregate = writer.append_round(closed.seconds, closed.round, closed.rows)
-    rounds = state.cfg.federation.rounds
-    log(
-        f"[round {closed.round}/{rounds}] done: train loss {_fmt(aggregate['train_loss_mean'])}, "
-        f"personalised eval loss mean {_fmt(aggregate['personalised_eval_loss_mean'])} "
-        f"worst {_fmt(aggregate['personalised_eval_loss_worst'])}"
-    )
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
+    aggregate.setdefault("clients_failed", sum(r.get("status", "ok") != "ok" for r in closed.rows))
+    progress.round_done(closed.round, aggregate)
 
 
 def run_federation(
@@ -290,28 +511,44 @@ def run_federation(
     out_dir: Path,
     base_source: str,
     resume: bool = False,
-    log: Log = print,
+    progress: Progress | None = None,
 ) -> None:
     """The ServerApp body shared by ``mira run`` and ``flwr run``.
 
     With ``resume`` the run continues after the last checkpointed exchange in ``out_dir``.
+    A client that fails, times out or sends an update the server refuses costs only its own
+    round (docs/design.md, "Faults"): it keeps its adapter and is asked again next round.
     """
     checkpoint = read_checkpoint(out_dir) if resume else None
     if resume and checkpoint is None:
         raise FederationError(f"{out_dir} has no checkpoint to resume from")
-    writer = RunWriter(out_dir, cfg)
-    log(
+    progress = progress or Progress()
+    with RunWriter(out_dir, cfg) as writer:  # holds the run directory's lock until the end
+        _serve(grid, cfg, out_dir, base_source, writer, checkpoint, progress)
+
+
+def _serve(
+    grid: Grid,
+    cfg: Config,
+    out_dir: Path,
+    base_source: str,
+    writer: RunWriter,
+    checkpoint: Checkpoint | None,
+    progress: Progress,
+) -> None:
+    progress.detail(
         f"server: method={cfg.server.method} step={cfg.server.step} graph={cfg.server.graph} "
         f"clients={cfg.num_clients} rounds={cfg.federation.rounds} "
         f"fraction={cfg.federation.fraction}"
     )
     writer.write_config()
-    link = Link(grid, cfg, log)
+    describe_devices(cfg, out_dir, progress)
+    link = Link(grid, cfg, progress)
     fingerprints = needs_fingerprints(cfg) and checkpoint is None
     clients, vectors = discover(link, cfg, fingerprints)
     graph = static_graph(cfg)
     if fingerprints:
-        graph = graph_from_fingerprints(cfg, vectors, log, 0)
+        graph = graph_from_fingerprints(cfg, vectors, progress, 0)
     elif graph is None:
         graph = placeholder_graph(cfg)
     state = ServerState(cfg, clients, graph)
@@ -331,36 +568,52 @@ def run_federation(
             raise FederationError(str(err)) from err
         last_written = state.trained_round - 1 if state.open_rows else state.trained_round
         truncate_metrics(out_dir, last_written)
-        log(f"resuming after round {state.trained_round} from {out_dir / 'checkpoint'}")
+        progress.note(f"resuming after round {state.trained_round} from {out_dir / 'checkpoint'}")
         first = state.trained_round + 1
     else:
         writer.write_graph(state.clients, graph, cfg.server.step, built_after=0)
     rounds = cfg.federation.rounds
+    progress.start_run(rounds, first)
+    lost: set[int] = set()
     for server_round in range(first, rounds + 2):
         final = server_round > rounds
         if final and not state.open_rows:
             break
         started = time.monotonic()
+        rejoin(link, state, lost)
         instructions = state.plan(server_round)
         what = "final evaluation" if final else f"round {server_round}"
-        replies, sent = _exchange(link, state, instructions, what)
+        replies, sent, outcomes = _exchange(link, state, instructions, what)
+        check_replies(state, instructions, outcomes, what)
         try:
             closed = state.close_round(
-                replies, sent, seconds=time.monotonic() - started if final else 0.0
+                replies, sent, time.monotonic() - started if final else 0.0, outcomes
             )
         except ServerStateError as err:
             raise FederationError(f"{what}: {err}") from err
+        outcomes.update(state.screen_norms(replies))
+        check_replies(state, instructions, outcomes, what)
+        for _, outcome in sorted(outcomes.items()):
+            progress.note(f"  {what}: {outcome.status}: {outcome.reason}; it keeps its adapter")
+        lost = {i for i, o in outcomes.items() if o.status in (FAILED, TIMEOUT)}
         if closed is not None:
-            _write_closed(writer, state, closed, log, base_source)
+            _write_closed(writer, state, closed, progress, base_source)
         if final:
             _checkpoint(writer, state)
+            record_privacy(state, out_dir, progress)
             break
         if state.refresh_due(server_round):
-            fresh = [replies[i].fingerprint for i in range(len(state.clients)) if i in replies]
-            if len(fresh) != len(state.clients) or any(v is None for v in fresh):
-                raise FederationError(f"{what}: not every client sent its fingerprint")
-            graph = graph_from_fingerprints(cfg, np.stack(fresh), log, server_round - 1)  # type: ignore[arg-type]
-            state.rebuild_graph(graph)
-            writer.write_graph(state.clients, graph, cfg.server.step, built_after=server_round - 1)
-        state.apply_rule(server_round, replies, sent, seconds=time.monotonic() - started)
+            fresh = [replies[i].fingerprint if i in replies else None for i in range(len(clients))]
+            if any(v is None for v in fresh):
+                progress.note(
+                    f"  {what}: a client sent no fingerprint; the task graph is kept as it was"
+                )
+            else:
+                vectors = np.stack(fresh)  # type: ignore[arg-type]
+                graph = graph_from_fingerprints(cfg, vectors, progress, server_round - 1)
+                state.rebuild_graph(graph)
+                writer.write_graph(state.clients, graph, cfg.server.step, server_round - 1)
+        state.apply_rule(server_round, replies, sent, time.monotonic() - started, outcomes)
+        if state.learns_graph:
+            writer.write_graph(state.clients, state.graph, cfg.server.step, server_round)
         _checkpoint(writer, state)

@@ -11,9 +11,11 @@ from pathlib import Path
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from mira.client.model import prepare_model
+from mira.client.model import check_target_modules, prepare_model
 from mira.config import Config, load_config
+from mira.federation.progress import Progress
 from mira.federation.server import run_federation
+from mira.results.rundir import check_new_run_dir
 
 app = ServerApp()
 
@@ -30,7 +32,11 @@ def main(grid: Grid, context: Context) -> None:
     cfg = load_config(source, split_overrides(str(run_config.get("overrides", ""))))
     out_dir = Path(str(run_config.get("out", "runs/flwr")))
     resume = bool(run_config.get("resume", False))
-    run_federation(grid, cfg, out_dir, prepare_model(cfg.model), resume=resume)
+    if not resume:
+        check_new_run_dir(out_dir)
+    base_source = prepare_model(cfg.model)
+    check_target_modules(cfg.model, cfg.lora)
+    run_federation(grid, cfg, out_dir, base_source, resume=resume)
 
 
 def make_server_app(
@@ -39,6 +45,7 @@ def make_server_app(
     base_source: str,
     errors: list[BaseException],
     resume: bool = False,
+    progress: Progress | None = None,
 ) -> ServerApp:
     """A ServerApp bound to an already validated config; failures are kept in ``errors``
     so the caller can report them after the Simulation Engine has shut down."""
@@ -48,7 +55,7 @@ def make_server_app(
     def _main(grid: Grid, context: Context) -> None:
         del context
         try:
-            run_federation(grid, cfg, out_dir, base_source, resume=resume)
+            run_federation(grid, cfg, out_dir, base_source, resume=resume, progress=progress)
         except BaseException as err:
             errors.append(err)
             raise

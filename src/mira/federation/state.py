@@ -26,11 +26,14 @@ from mira.config import TASK_METRICS, Config
 from mira.core import rules
 from mira.core.adapters import Adapter, lora_scale
 from mira.core.mixing import mix_weights
+from mira.errors import MiraError
 from mira.federation.protocol import Instruction, Reply
 from mira.graph.build import TaskGraph
+from mira.graph.clustering import connected_components
+from mira.graph.sources import update_similarity_graph
 
 
-class ServerStateError(ValueError):
+class ServerStateError(MiraError, ValueError):
     """The server state cannot take what it was given (a bad checkpoint, an unknown client)."""
 
 
@@ -41,6 +44,67 @@ def sample_clients(num_clients: int, fraction: float, seed: int, server_round: i
         return list(range(num_clients))
     rng = np.random.default_rng([seed, server_round])
     return sorted(int(i) for i in rng.choice(num_clients, size=count, replace=False))
+
+
+OK, FAILED, TIMEOUT, REJECTED = "ok", "failed", "timeout", "rejected"
+"""What became of a client in an exchange (the ``status`` of its metrics row)."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A client's exchange that went wrong: its status and why, in words naming the client."""
+
+    status: str
+    reason: str
+
+
+def update_problem(sent: Adapter, trained: Adapter, rank: int) -> str | None:
+    """Why the server refuses a trained adapter, or None when it is usable.
+
+    Refused: other tensors than it was sent, other shapes or dtypes, a LoRA rank other than
+    the client's (its config's), or any non-finite value.
+    """
+    if set(trained) != set(sent):
+        missing = sorted(set(sent) - set(trained))[:2]
+        extra = sorted(set(trained) - set(sent))[:2]
+        return f"returned other tensors than it was sent (missing {missing}, extra {extra})"
+    for key, value in trained.items():
+        if value.shape != sent[key].shape:
+            return f"returned {key} with shape {value.shape}, expected {sent[key].shape}"
+        if value.dtype != sent[key].dtype:
+            return f"returned {key} as {value.dtype}, expected {sent[key].dtype}"
+        if key.endswith(".lora_A.weight") and value.shape[0] != rank:
+            return f"returned rank {value.shape[0]} in {key}, its config gives rank {rank}"
+        if not np.all(np.isfinite(value)):
+            return f"returned NaN or infinite values in {key}"
+    return None
+
+
+def norm_outliers(norms: dict[int, float], history: list[float], ratio: float) -> dict[int, float]:
+    """Updates whose norm exceeds ``ratio`` times a robust reference: {index: reference}.
+
+    The reference is the median of this exchange's update norms when there are at least three,
+    else the median of these together with the last accepted ones (``history``), so that one
+    huge update among few cannot drag the reference up with it.
+    """
+    pool = list(norms.values())
+    if len(pool) < 3:
+        pool += history
+    if not pool:
+        return {}
+    reference = float(np.median(pool))
+    if reference <= 0.0:
+        return {}
+    return {i: reference for i, norm in norms.items() if norm > ratio * reference}
+
+
+def update_norm(start: Adapter, trained: Adapter) -> float:
+    """||trained - start|| over all tensors (float64)."""
+    return float(
+        np.sqrt(
+            sum(float(np.sum(np.square(trained[k].astype(np.float64) - start[k]))) for k in trained)
+        )
+    )
 
 
 @dataclass
@@ -83,7 +147,15 @@ class ServerState:
         self.trained_round = 0  # the last round whose rule was applied
         self.open_rows: dict[int, dict[str, Any]] = {}  # rows of trained_round, not yet written
         self.open_seconds = 0.0
+        self.accepted_norms: list[float] = []  # update norms accepted in the last exchange
+        self.updates: list[np.ndarray | None] = [None] * len(clients)  # for graph "updates"
+        self.releases = [0] * len(clients)  # rounds each client was asked to train (for DP)
         self._contacted: dict[int, Instruction] = {}
+        if self.learns_graph and self.space != "factor":
+            raise ServerStateError(
+                "server.graph = 'updates' compares the clients' updates tensor by tensor and "
+                f"needs equal LoRA ranks, got {sorted(set(ranks))}"
+            )
 
     # ------------------------------------------------------------------------ queries
     @property
@@ -96,6 +168,27 @@ class ServerState:
             if client.client_id == client_id:
                 return i
         raise ServerStateError(f"unknown client {client_id!r}")
+
+    @property
+    def learns_graph(self) -> bool:
+        """``server.graph = "updates"``: the graph is re-learned at every rule."""
+        return self.cfg.server.graph == "updates" and self.cfg.server.method == "mira"
+
+    def _learn_graph(self, trained: dict[int, Adapter], server_round: int) -> None:
+        """Rebuild the graph from every client's latest update (trained minus what it started
+        from; a client that did not train this round keeps its previous one)."""
+        for i, adapter in trained.items():
+            start = self.clients[i].adapter
+            self.updates[i] = np.concatenate(
+                [(adapter[k].astype(np.float64) - start[k]).ravel() for k in sorted(adapter)]
+            )
+        adjacency = update_similarity_graph(self.updates)
+        self.graph = TaskGraph(
+            adjacency,
+            connected_components(adjacency),
+            "updates",
+            {"learned": True, "built_from_round": server_round},
+        )
 
     def measures_task_metrics(self, server_round: int) -> bool:
         """Task metrics every ``federation.metrics_every`` rounds and after the last round."""
@@ -161,7 +254,11 @@ class ServerState:
         return list(instructions.values())
 
     def close_round(
-        self, replies: dict[int, Reply], sent: dict[int, int], seconds: float = 0.0
+        self,
+        replies: dict[int, Reply],
+        sent: dict[int, int],
+        seconds: float = 0.0,
+        outcomes: dict[int, Outcome] | None = None,
     ) -> ClosedRound | None:
         """Take the choices and evaluations of the open round from this exchange's replies.
 
@@ -169,10 +266,13 @@ class ServerState:
         losses it reported (recomputed here, smoothing included) and its adapter becomes
         (1 - alpha) W_k + alpha M_k, computed with the same function the client used. Bytes of
         messages that only evaluate count toward the round they evaluate; ``seconds`` (the
-        final exchange's time) is added to the round's. Returns None when no round is open.
+        final exchange's time) is added to the round's. A client whose message only evaluated
+        and went wrong (``outcomes``) has its status recorded in the closing row. Returns None
+        when no round is open.
         """
         if not self.open_rows:
             return None
+        outcomes = outcomes or {}
         metrics_due = self.measures_task_metrics(self.trained_round)
         for i, client in enumerate(self.clients):
             row = self.open_rows[i]
@@ -180,6 +280,8 @@ class ServerState:
             instruction = self._contacted.get(i)
             if instruction is not None and not instruction.train:
                 row["bytes_down"] += sent.get(i, 0)
+                if i in outcomes:
+                    row["status"], row["reason"] = outcomes[i].status, outcomes[i].reason
             if reply is not None and client.mean is not None and reply.alpha is not None:
                 self._resolve_choice(i, reply, row)
             if reply is not None and reply.evaluation is not None:
@@ -231,18 +333,65 @@ class ServerState:
         row["val_losses"] = [float(v) for v in losses]
         row["candidates"] = list(client.candidates)
 
+    def screen_norms(self, replies: dict[int, Reply]) -> dict[int, Outcome]:
+        """Refuse trained updates far larger than the round's others
+        (``federation.max_norm_ratio``).
+
+        The update is the trained adapter minus the one the client started from (after its
+        auto choice, so call this after :meth:`close_round`). A refused reply loses its trained
+        adapter; the client keeps the adapter it holds. Returns the refusals.
+        """
+        norms = {
+            i: update_norm(self.clients[i].adapter, r.trained)
+            for i, r in replies.items()
+            if r.trained is not None
+        }
+        ratio = self.cfg.federation.max_norm_ratio
+        refused = {}
+        for i, reference in norm_outliers(norms, self.accepted_norms, ratio).items():
+            replies[i].trained = None
+            refused[i] = Outcome(
+                REJECTED,
+                f"client {self.clients[i].client_id}'s update norm {norms[i]:.3g} is more than "
+                f"{ratio:g} times the round's median {reference:.3g} "
+                "(federation.max_norm_ratio)",
+            )
+        accepted = [n for i, n in norms.items() if i not in refused]
+        if accepted:
+            self.accepted_norms = accepted
+        return refused
+
+    def epsilon(self, index: int) -> float:
+        """Client ``index``'s epsilon so far, for ``privacy.delta``: one Gaussian mechanism per
+        round it was asked to train (:func:`mira.core.accounting.client_epsilon`)."""
+        from mira.core.accounting import client_epsilon
+
+        privacy = self.cfg.privacy
+        return client_epsilon(privacy.noise_multiplier, self.releases[index], privacy.delta)
+
     def rebuild_graph(self, graph: TaskGraph) -> None:
         """Use a graph rebuilt from fresh fingerprints for this round's rule and later."""
         self.graph = graph
 
     def apply_rule(
-        self, server_round: int, replies: dict[int, Reply], sent: dict[int, int], seconds: float
+        self,
+        server_round: int,
+        replies: dict[int, Reply],
+        sent: dict[int, int],
+        seconds: float,
+        outcomes: dict[int, Outcome] | None = None,
     ) -> None:
         """Store the trained adapters and apply the server rule to one snapshot of all.
 
-        Opens the rows of ``server_round``; they are closed by the next exchange.
+        A client that was asked to train but failed, timed out or was refused (``outcomes``)
+        is treated like one not sampled: it keeps its adapter, which still serves as a
+        neighbour, and its row records why. Opens the rows of ``server_round``; they are closed
+        by the next exchange.
         """
+        outcomes = outcomes or {}
         trained = {i: r.trained for i, r in replies.items() if r.trained is not None}
+        if self.learns_graph:
+            self._learn_graph(trained, server_round)
         snapshot = [trained.get(i, c.adapter) for i, c in enumerate(self.clients)]
         active = [i in trained for i in range(len(self.clients))]
         rows = {}
@@ -264,7 +413,15 @@ class ServerState:
                 if instruction is not None and instruction.train
                 else 0,
                 "mix_weight": 0.0,
+                "status": OK,
             }
+            if i in outcomes and instruction is not None and instruction.train:
+                rows[i]["status"], rows[i]["reason"] = outcomes[i].status, outcomes[i].reason
+            if instruction is not None and instruction.train:
+                # Counted even when the round failed: the client may have uploaded.
+                self.releases[i] += 1
+            if self.cfg.privacy.clip_norm > 0:
+                rows[i]["epsilon"] = self.epsilon(i)
         if self.auto:
             self._open_choices(snapshot, active, trained)
         else:
@@ -317,10 +474,13 @@ class ServerState:
         """(JSON-able state, named adapters) that :meth:`restore_state` takes back."""
         adapters: dict[str, Adapter] = {}
         clients = []
-        for client in self.clients:
+        for i, client in enumerate(self.clients):
             adapters[client.client_id] = client.adapter
             if client.mean is not None:
                 adapters[f"mean:{client.client_id}"] = client.mean
+            update = self.updates[i]
+            if update is not None:
+                adapters[f"update:{client.client_id}"] = {"update": update}
             clients.append(
                 {
                     "client": client.client_id,
@@ -336,6 +496,8 @@ class ServerState:
             "trained_round": self.trained_round,
             "open_rows": [self.open_rows[i] for i in sorted(self.open_rows)],
             "open_seconds": self.open_seconds,
+            "accepted_norms": self.accepted_norms,
+            "releases": self.releases,
             "clients": clients,
         }
         return state, adapters
@@ -369,3 +531,11 @@ class ServerState:
         self.trained_round = int(state["trained_round"])
         self.open_rows = dict(enumerate(state["open_rows"]))
         self.open_seconds = float(state["open_seconds"])
+        self.accepted_norms = [float(n) for n in state.get("accepted_norms", [])]
+        self.releases = [int(n) for n in state.get("releases", [0] * len(self.clients))]
+        self.updates = [
+            adapters[f"update:{c.client_id}"]["update"]
+            if f"update:{c.client_id}" in adapters
+            else None
+            for c in self.clients
+        ]

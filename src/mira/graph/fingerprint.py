@@ -6,7 +6,7 @@ resulting vector, of dimension d (about a million for SmolLM2-135M with rank 8),
 numbers with a random matrix R [d, dim] that every client derives from the same seed. By the
 Johnson–Lindenstrauss lemma, inner products and distances between clients are approximately
 preserved, so clustering fingerprints groups clients whose tasks pull the adapter the same way
-(DESIGN.md, "Task graph").
+(docs/design.md, "Task graph").
 
 R is never held in memory: its rows are generated in fixed blocks of ``CHUNK_ROWS`` rows, block
 ``b`` from ``SeedSequence([seed, b])``, so row i of R depends only on (seed, i, dim, distribution)

@@ -1,17 +1,82 @@
-"""Plots of a run and of a comparison (matplotlib, Agg canvas, no global pyplot state)."""
+"""Plots of a run and of a comparison (matplotlib, Agg canvas, no global pyplot state).
+
+Every function takes numbers and a path and writes one PNG (atomically, like every results
+file); what to plot is decided in :mod:`mira.results.report`. Figures are drawn on their own
+Agg canvas, never through pyplot, so plots can be made from any thread or a long-lived process.
+
+Conventions: a method has the same colour in every plot; clients are coloured by task; rounds
+are whole numbers; legends sit outside the axes, so they never hide data; a comparison of
+close numbers is a dot plot on an axis zoomed to the values (never bars from 0).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import io
+import math
+import textwrap
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from mira.config import METHODS
 from mira.core.mixing import validate_adjacency
+from mira.results.document import fmt
+from mira.results.files import write_atomic
 
 Labels = Sequence[int] | np.ndarray
+Curve = tuple[np.ndarray, np.ndarray]
 
 
+def _figure(width: float, height: float) -> Any:
+    # A Figure with its own Agg canvas: no pyplot global state.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    figure = Figure(figsize=(width, height), dpi=100, layout="constrained")
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def _save(figure: Any, path: str | Path) -> Path:
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return write_atomic(Path(path), buffer.getvalue())
+
+
+def _wrap(title: str, figure: Any) -> str:
+    """Break a title into lines that fit the figure's width (about 11 characters an inch)."""
+    return "\n".join(textwrap.wrap(title, max(40, int(figure.get_figwidth() * 11))))
+
+
+def _integer_rounds(ax: Any, rounds: Sequence[int]) -> None:
+    """Rounds are whole numbers: tick each one when there are few, else integer ticks."""
+    from matplotlib.ticker import MaxNLocator
+
+    if len(rounds) <= 12:
+        ax.set_xticks(sorted(rounds))
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def palette(names: Sequence[str]) -> dict[str, Any]:
+    """A distinct colour per name, in order (tab10, then tab20 beyond ten names)."""
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if len(names) <= 10 else "tab20"]
+    return {name: cmap(i % cmap.N) for i, name in enumerate(names)}
+
+
+def method_colours(methods: Sequence[str]) -> dict[str, Any]:
+    """Fixed per method, so a method has the same colour in every plot and every report."""
+    ordered = list(METHODS) + [m for m in methods if m not in METHODS]
+    colours = palette(ordered)
+    return {m: colours[m] for m in methods}
+
+
+# ------------------------------------------------------------------------------ graph
 def plot_adjacency(
     adjacency: np.ndarray,
     client_ids: Sequence[str],
@@ -25,9 +90,6 @@ def plot_adjacency(
     labels: cluster of every client (None = one group, client order kept).
     path: output file; parent folders are created.
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     matrix = validate_adjacency(adjacency)
     num = matrix.shape[0]
     if len(client_ids) != num:
@@ -40,9 +102,7 @@ def plot_adjacency(
     names = [str(client_ids[i]) for i in order]
 
     side = float(min(20.0, max(4.0, 0.35 * num + 2.5)))
-    # A Figure with its own Agg canvas: no global pyplot state, safe in any process or thread.
-    figure = Figure(figsize=(side + 1.2, side), dpi=100, layout="constrained")
-    FigureCanvasAgg(figure)
+    figure = _figure(side + 1.2, side)
     axes = figure.add_subplot()
     image = axes.imshow(ordered, cmap="viridis", vmin=0.0, interpolation="nearest")
     figure.colorbar(image, ax=axes, label="a_kl")
@@ -53,7 +113,191 @@ def plot_adjacency(
         axes.axhline(boundary, color="white", linewidth=1.5)
         axes.axvline(boundary, color="white", linewidth=1.5)
     axes.set_title(f"Task graph ({num} clients, ordered by cluster)")
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(out, format="png")
-    return out
+    return _save(figure, path)
+
+
+# ------------------------------------------------------------------------------ curves
+def plot_client_lines(
+    panels: Mapping[str, Mapping[str, Curve]],
+    task_of: Mapping[str, str],
+    path: Path,
+    *,
+    ylabel: str,
+    title: str,
+    ylim: tuple[float, float] | None = None,
+    colour_clients: bool = False,
+) -> Path:
+    """One panel per key of ``panels``, one line per client.
+
+    Clients are coloured by task with a task legend beside the figure; with
+    ``colour_clients`` (panels that each hold one task's clients) every client gets its own
+    colour and each panel a legend of its clients below it.
+    """
+    from matplotlib.lines import Line2D
+
+    names = list(panels)
+    cols = min(3, len(names))
+    rows = math.ceil(len(names) / cols)
+    largest = max(len(c) for c in panels.values())
+    legend_rows = math.ceil(largest / 3) if colour_clients else 0
+    figure = _figure(max(6.5, 4.6 * cols + 1.3), (3.3 + 0.22 * legend_rows) * rows + 0.8)
+    tasks = list(dict.fromkeys(task_of.values()))
+    task_colour = palette(tasks)
+    alpha = 0.85 if largest <= 20 else max(0.15, 20 / largest)
+    axes = figure.subplots(rows, cols, squeeze=False, sharey=True)
+    for index, name in enumerate(names):
+        ax = axes[index // cols][index % cols]
+        colours = palette(list(panels[name])) if colour_clients else {}
+        for client, (rounds, values) in panels[name].items():
+            colour = colours.get(client, task_colour.get(task_of.get(client, ""), "0.3"))
+            ax.plot(rounds, values, color=colour, alpha=alpha, marker=".", label=client)
+        ax.set_title(name, fontsize=10)
+        ax.set_xlabel("round")
+        _integer_rounds(ax, sorted({int(r) for c in panels[name].values() for r in c[0]}))
+        ax.grid(alpha=0.3)
+        if ylim is not None:
+            ax.set_ylim(*ylim)
+        if index % cols == 0:
+            ax.set_ylabel(ylabel)
+        if colour_clients:
+            ax.legend(
+                loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, fontsize=7, frameon=False
+            )
+    for index in range(len(names), rows * cols):
+        axes[index // cols][index % cols].set_visible(False)
+    if not colour_clients:
+        handles = [Line2D([], [], color=task_colour[t], label=t) for t in tasks]
+        figure.legend(
+            handles=handles, title="task", loc="outside lower center", ncol=min(len(tasks), 8)
+        )
+    figure.suptitle(_wrap(title, figure))
+    return _save(figure, path)
+
+
+def plot_mean_curves(
+    curves: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]], path: Path
+) -> Path:
+    """Mean over clients per round, one line per method; with several seeds the line is the
+    mean over seeds and the band their min-max (no band is drawn, or promised, for one)."""
+    figure = _figure(7.8, 4.4)
+    ax = figure.add_subplot()
+    colours = method_colours(list(curves))
+    banded = False
+    for method, (rounds, mean, matrix) in curves.items():
+        seeds = matrix.shape[0]
+        label = method if seeds == 1 else f"{method} ({seeds} seeds)"
+        ax.plot(rounds, mean, color=colours[method], marker="o", markersize=4, label=label)
+        if seeds > 1:
+            banded = True
+            ax.fill_between(
+                rounds, matrix.min(axis=0), matrix.max(axis=0), color=colours[method], alpha=0.2
+            )
+    ax.set_xlabel("round")
+    _integer_rounds(ax, sorted({int(r) for c in curves.values() for r in c[0]}))
+    ax.set_ylabel("mean personalised eval loss")
+    ax.grid(alpha=0.3)
+    title = "Mean personalised eval loss over clients"
+    if len(curves) == 1:
+        title += f": {next(iter(curves))}"
+    else:
+        figure.legend(loc="outside right upper", fontsize=9)
+    if banded:
+        title += "\nline: mean over seeds; band: min to max over seeds"
+    ax.set_title(title, fontsize=11)
+    return _save(figure, path)
+
+
+# ------------------------------------------------------------------------------ dots
+@dataclass(frozen=True)
+class DotPanel:
+    """One panel of :func:`plot_dot_grid`: one dot per label, top to bottom.
+
+    ``errors`` are half-widths of the interval drawn around each dot (NaN: none);
+    ``reference`` is drawn as a dashed vertical line (e.g. the mean of the dots).
+    """
+
+    title: str
+    labels: list[str]
+    values: list[float]
+    errors: list[float]
+    colours: list[Any]
+    lower_is_better: bool
+    reference: float | None = None
+
+
+def _zoom(panel: DotPanel) -> tuple[float, float]:
+    """An x range around the dots and their intervals (and the reference), not from 0."""
+    points = [
+        bound
+        for v, e in zip(panel.values, panel.errors, strict=True)
+        if math.isfinite(v)
+        for bound in (v - (e if math.isfinite(e) else 0.0), v + (e if math.isfinite(e) else 0.0))
+    ]
+    if panel.reference is not None and math.isfinite(panel.reference):
+        points.append(panel.reference)
+    if not points:
+        return 0.0, 1.0
+    low, high = min(points), max(points)
+    span = high - low
+    if span <= 1e-12 * max(1.0, abs(high)):
+        span = max(abs(high) * 0.02, 1e-3)
+    return low - 0.15 * span, high + 0.15 * span
+
+
+def plot_dot_grid(rows: Sequence[tuple[str, Sequence[DotPanel]]], path: Path, title: str) -> Path:
+    """A grid of dot plots: one row per group (a task), its panels left to right (one per
+    metric the task has; no empty panels), every panel's x axis zoomed to its own values so
+    that 5.916 and 5.932 are visibly apart, and each dot's value printed above it."""
+    from matplotlib.ticker import MaxNLocator
+
+    cols = max(len(panels) for _, panels in rows)
+    heights = [0.34 * max(len(p.labels) for p in panels) + 1.15 for _, panels in rows]
+    label_width = max(len(label) for _, panels in rows for p in panels for label in p.labels)
+    figure = _figure(3.6 * cols + 0.07 * label_width + 0.6, sum(heights) + 0.9)
+    grid = figure.add_gridspec(len(rows), cols, height_ratios=heights)
+    for i, (group, panels) in enumerate(rows):
+        first = None
+        for j, panel in enumerate(panels):
+            ax = figure.add_subplot(grid[i, j], sharey=first)
+            first = first or ax
+            n = len(panel.labels)
+            ys = np.arange(n)[::-1]
+            for y, v, e, colour in zip(ys, panel.values, panel.errors, panel.colours, strict=True):
+                if not math.isfinite(v):
+                    continue
+                ax.errorbar(
+                    v,
+                    y,
+                    xerr=e if math.isfinite(e) else None,
+                    fmt="o",
+                    color=colour,
+                    markersize=6,
+                    capsize=3,
+                )
+                ax.annotate(
+                    fmt(v),
+                    (v, y),
+                    xytext=(0, 5),
+                    textcoords="offset points",
+                    ha="center",
+                    va="bottom",
+                    fontsize=7.5,
+                    bbox={"boxstyle": "round,pad=0.1", "fc": "white", "ec": "none", "alpha": 0.85},
+                )
+            if panel.reference is not None and math.isfinite(panel.reference):
+                ax.axvline(panel.reference, color="0.45", linestyle="--", linewidth=1)
+            if j == 0:
+                ax.set_yticks(ys, panel.labels, fontsize=8.5)
+            else:
+                ax.tick_params(labelleft=False)
+            ax.set_ylim(-0.6, n - 0.15)
+            ax.set_xlim(*_zoom(panel))
+            ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
+            ax.ticklabel_format(axis="x", useOffset=False, style="plain")
+            ax.tick_params(axis="x", labelsize=8)
+            ax.grid(axis="x", alpha=0.3)
+            ax.set_title(f"{group}: {panel.title}", fontsize=9.5, loc="left")
+            better = "lower" if panel.lower_is_better else "higher"
+            ax.set_xlabel(f"{better} is better (axis zoomed, not from 0)", fontsize=8)
+    figure.suptitle(_wrap(title, figure), fontsize=11)
+    return _save(figure, path)

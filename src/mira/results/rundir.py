@@ -1,68 +1,195 @@
-"""Everything a run writes into its output directory, and nothing else.
+"""The run directory: everything a run writes, and the one reader of each of its files.
 
 Layout of ``DIR``::
 
+    run.lock            held (fcntl.flock) by the process writing the run, for its whole life
     config.toml         the resolved config (every default filled in)
     metrics.jsonl       one object per client per round (``"kind": "client"``) and one
                         aggregate per round (``"kind": "round"``)
     graph.json          client ids, tasks, clusters and the adjacency the server used
     graph.png           heatmap of the adjacency, clients ordered by cluster
     adapters/<client>/  that client's personalised PEFT adapter (rewritten every round)
+    checkpoint/         state.json and adapters-r<round>-<sha>.safetensors, for --resume
 
-Every file is written to a temporary name and renamed, and metrics are appended and
-flushed per round, so a run that stops part-way keeps all it had written.
+Rules every writer and reader here keeps:
+
+* Every file is written with :func:`mira.results.files.write_atomic` (temporary name, fsync,
+  rename, fsync of the folder), so a reader sees a whole old file or a whole new one.
+* metrics.jsonl is appended one round at a time (its client rows, then its round row) and
+  fsynced. A crash mid-append can leave a torn last line: a last line without its newline or
+  that is not valid JSON is ignored by :func:`read_metrics`, and a resumed run rewrites the
+  file without it (:func:`truncate_metrics`). A bad line that is *not* the last is damage
+  that mira does not guess around: it is an error naming the file and the line.
+* ``checkpoint/state.json`` is the commit point of a checkpoint. It records the sha256 of its
+  adapters file (whose name carries the round and the hash, so a new checkpoint never
+  overwrites the file the current one names), the last round whose rows metrics.jsonl held
+  when it was written, and a sha256 of its own content. :func:`read_checkpoint` checks all
+  of them; any mismatch is an error naming the file and what to do, and nothing is deleted.
+* The adapters in ``adapters/`` are not checked against the checkpoint: a crash between
+  writing them and writing the next checkpoint legitimately leaves them one round ahead, and
+  a resumed run rewrites every one of them when it closes its first round.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
 import json
 import math
 import os
+import socket
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import numpy as np
-import tomli_w
 
-from mira.config import TASK_METRICS, Config, ConfigError
+from mira.config import TASK_METRICS, Config, ConfigError, to_toml
 from mira.core.adapters import Adapter
 from mira.results import stats
+from mira.results.document import Table, fmt, markdown_table
+from mira.results.errors import RunDirError, RunExistsError, RunInUseError
+from mira.results.files import (
+    commit,
+    fsync_dir,
+    sha256_file,
+    temporary_path,
+    write_atomic,
+    write_json,
+)
 from mira.results.plots import plot_adjacency
 
+try:
+    import fcntl
+except ImportError:  # Windows has no flock: runs are not guarded against a second writer there
+    fcntl = None  # type: ignore[assignment]
 
-def write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".partial")
-    with tmp.open("w") as handle:
-        handle.write(text)
+LOCK = "run.lock"
+CONFIG = "config.toml"
+METRICS = "metrics.jsonl"
+GRAPH = "graph.json"
+GRAPH_PLOT = "graph.png"
+ADAPTERS = "adapters"
+ADAPTER_FILE = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+CHECKPOINT = "checkpoint"
+STATE = "state.json"
+ROUND_METADATA = "mira_round"  # safetensors metadata key of the checkpoint's round
+
+
+# ------------------------------------------------------------------------------ the folder
+def default_run_dir(root: Path = Path("runs")) -> Path:
+    """A fresh folder name for ``mira run`` without ``--out``: runs/run-YYYYMMDD-HHMMSS."""
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    candidate, n = root / f"run-{stamp}", 2
+    while candidate.exists():
+        candidate, n = root / f"run-{stamp}-{n}", n + 1
+    return candidate
+
+
+def check_new_run_dir(out_dir: Path) -> None:
+    """Refuse to start a fresh run in a folder that already holds one (or anything else)."""
+    out_dir = Path(out_dir)
+    if not out_dir.exists():
+        return
+    if not out_dir.is_dir():
+        raise RunExistsError(f"--out {out_dir} is a file, not a folder; choose another --out")
+    if (out_dir / METRICS).exists() or (out_dir / CHECKPOINT / STATE).exists():
+        raise RunExistsError(
+            f"{out_dir} already holds a run; continue it with `mira run --resume {out_dir}` "
+            "or choose another --out"
+        )
+    entries = sorted(p.name for p in out_dir.iterdir() if p.name != LOCK)
+    if CONFIG in entries:
+        raise RunExistsError(
+            f"{out_dir} holds a run that stopped before completing its first round (nothing "
+            "to resume); delete that folder or choose another --out"
+        )
+    if entries:
+        shown = ", ".join(entries[:5]) + (", ..." if len(entries) > 5 else "")
+        raise RunExistsError(
+            f"{out_dir} is not empty ({shown}); mira run writes into a new or empty folder, "
+            "choose another --out"
+        )
+
+
+class RunLock:
+    """An exclusive ``flock`` on ``DIR/run.lock``, held while one process writes the run.
+
+    The kernel drops the lock when the process ends, however it ends, so a killed run never
+    leaves a stale lock behind and ``--resume`` can take it at once. The lock file itself stays.
+    """
+
+    def __init__(self, folder: Path):
+        self.path = Path(folder) / LOCK
+        self._handle: IO[str] | None = None
+        if fcntl is None:
+            return
+        handle = open(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644), "r+")  # noqa: SIM115
+        try:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise RunInUseError(
+                f"{folder} is in use by another mira run ({holder}; lock {self.path}); "
+                "wait for it to finish or choose another folder"
+            ) from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {_now()}\n")
         handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+        self._handle = handle
+
+    def release(self) -> None:
+        if self._handle is not None and not self._handle.closed:
+            self._handle.close()  # closing the last descriptor releases the flock
+        self._handle = None
 
 
-def _finite_or_none(value: float | None) -> float | None:
-    if value is None or not math.isfinite(value):
-        return None
-    return float(value)
+def check_not_in_use(folder: Path) -> None:
+    """Raise :class:`RunInUseError` now if another process holds ``folder``'s lock."""
+    if Path(folder).is_dir():
+        RunLock(folder).release()
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+# ------------------------------------------------------------------------------ writing
+def _plain(value: Any) -> Any:
+    """JSON-safe: non-finite floats become None (null), also inside lists."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
 
 
 def round_aggregate(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Mean, worst and std over clients of the personalised eval loss (and train loss)."""
+    """Mean, worst and std over clients of the personalised eval loss (and train loss), the
+    mean mix weight, bytes and memory, and the mean and worst client of each task metric."""
     eval_losses = [r["eval_loss"] for r in rows if r.get("eval_loss") is not None]
     train_losses = [r["train_loss"] for r in rows if r.get("train_loss") is not None]
+    mix_weights = [r["mix_weight"] for r in rows if r.get("mix_weight") is not None]
     out: dict[str, Any] = {
         "personalised_eval_loss_mean": float(np.mean(eval_losses)) if eval_losses else None,
         "personalised_eval_loss_worst": float(np.max(eval_losses)) if eval_losses else None,
         "personalised_eval_loss_std": float(np.std(eval_losses)) if eval_losses else None,
         "train_loss_mean": float(np.mean(train_losses)) if train_losses else None,
+        "mix_weight_mean": float(np.mean(mix_weights)) if mix_weights else None,
         "clients_trained": len(train_losses),
         "bytes_up": int(sum(r["bytes_up"] for r in rows)),
         "bytes_down": int(sum(r["bytes_down"] for r in rows)),
         "peak_memory_mb": max((r.get("peak_memory_mb") or 0.0) for r in rows),
     }
     per_metric = {
-        name: [r.get(name, math.nan) for r in rows]
+        name: [math.nan if r.get(name) is None else r[name] for r in rows]
         for name in TASK_METRICS
         if any(name in r for r in rows)
     }
@@ -74,27 +201,46 @@ def round_aggregate(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 class RunWriter:
-    """Owns the output directory of one run."""
+    """Owns the output directory of one run while it is written (holds its lock).
+
+    The lock is released by :meth:`close`, when the writer is garbage-collected, or when the
+    process ends.
+    """
 
     def __init__(self, out_dir: Path, cfg: Config):
         self.out = Path(out_dir)
         self.cfg = cfg
         self.out.mkdir(parents=True, exist_ok=True)
-        (self.out / "adapters").mkdir(exist_ok=True)
-        self.metrics_path = self.out / "metrics.jsonl"
+        self._lock = RunLock(self.out)
+        (self.out / ADAPTERS).mkdir(exist_ok=True)
+        self.metrics_path = self.out / METRICS
+        self._metrics_round: int | None = None  # last round appended (None: not known yet)
         self._tensorboard: Any = None
         if cfg.output.tensorboard:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError as err:
+                self._lock.release()
                 raise ConfigError(
                     "output.tensorboard = true needs the tensorboard package: "
                     "pip install 'mira[tensorboard]'"
                 ) from err
             self._tensorboard = SummaryWriter(str(self.out / "tensorboard"))
 
+    def close(self) -> None:
+        if self._tensorboard is not None:
+            self._tensorboard.close()
+            self._tensorboard = None
+        self._lock.release()
+
+    def __enter__(self) -> RunWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def write_config(self) -> None:
-        write_atomic(self.out / "config.toml", tomli_w.dumps(self.cfg.to_dict()))
+        write_atomic(self.out / CONFIG, to_toml(self.cfg))
 
     def write_graph(self, clients: Sequence[Any], graph: Any, step: Any, built_after: int) -> None:
         """graph.json and graph.png: the task graph the rule uses from round ``built_after`` + 1.
@@ -115,11 +261,13 @@ class RunWriter:
             **graph.info,
             "built_after_round": built_after,
         }
-        write_atomic(self.out / "graph.json", json.dumps(payload, indent=1))
-        plot_adjacency(adjacency, ids, list(graph.clusters), self.out / "graph.png")
+        write_json(self.out / GRAPH, payload)
+        plot_adjacency(adjacency, ids, list(graph.clusters), self.out / GRAPH_PLOT)
 
     def write_checkpoint(self, checkpoint: Checkpoint) -> None:
-        write_checkpoint(self.out, checkpoint)
+        if self._metrics_round is None:  # nothing appended by this process yet: ask the file
+            self._metrics_round = _last_recorded_round(self.out)
+        write_checkpoint(self.out, checkpoint, self._metrics_round)
 
     def append_round(
         self, seconds: float, server_round: int, rows: list[dict[str, Any]]
@@ -132,15 +280,17 @@ class RunWriter:
             "seconds": round(seconds, 3),
             **round_aggregate(rows),
         }
-        lines = []
-        for row in rows:
-            clean = {k: (_finite_or_none(v) if isinstance(v, float) else v) for k, v in row.items()}
-            lines.append(json.dumps({"kind": "client", **clean}))
-        lines.append(json.dumps(aggregate))
+        lines = [json.dumps({"kind": "client", **_plain(row)}) for row in rows]
+        lines.append(json.dumps(_plain(aggregate)))
+        # One write of whole lines, then fsync: a crash leaves at most a torn last line.
+        created = not self.metrics_path.exists()
         with self.metrics_path.open("a") as handle:
             handle.write("\n".join(lines) + "\n")
             handle.flush()
             os.fsync(handle.fileno())
+        if created:
+            fsync_dir(self.out)
+        self._metrics_round = server_round
         if self._tensorboard is not None:
             self._write_tensorboard(server_round, rows, aggregate)
         return aggregate
@@ -150,26 +300,125 @@ class RunWriter:
     ) -> None:
         """The same scalars as metrics.jsonl: the round aggregate and every client's row."""
         for key, value in aggregate.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "round":
+            if isinstance(value, int | float) and not isinstance(value, bool) and key != "round":
                 self._tensorboard.add_scalar(f"round/{key}", value, server_round)
         for row in rows:
-            for key in ("train_loss", "eval_loss", *TASK_METRICS):
+            for key in ("train_loss", "eval_loss", "mix_weight", *TASK_METRICS):
                 value = row.get(key)
                 if isinstance(value, float) and math.isfinite(value):
                     self._tensorboard.add_scalar(f"{row['client']}/{key}", value, server_round)
         self._tensorboard.flush()
 
     def adapter_dir(self, client_id: str) -> Path:
-        return self.out / "adapters" / client_id
+        return self.out / ADAPTERS / client_id
 
     def write_adapter(self, client_id: str, adapter: Adapter, rank: int, base_source: str) -> Path:
-        from mira.client.model import save_adapter_dir  # peft writes the adapter config
+        """That client's PEFT adapter folder (``PeftModel.from_pretrained(base, path)``)."""
+        from safetensors.numpy import save_file
+
+        # peft (and torch) only here: the server writes adapters, readers never do.
+        from mira.client.model import peft_lora_config
 
         path = self.adapter_dir(client_id)
-        save_adapter_dir(path, adapter, self.cfg.lora, rank, base_source)
+        path.mkdir(parents=True, exist_ok=True)
+        for stale in path.glob(".*.partial"):  # left by a crash mid-write; the lock is ours
+            stale.unlink()
+        tmp = temporary_path(path / ADAPTER_FILE)
+        save_file({k: np.ascontiguousarray(v) for k, v in adapter.items()}, str(tmp))
+        commit(tmp, path / ADAPTER_FILE)
+        with tempfile.TemporaryDirectory() as scratch:
+            peft_lora_config(self.cfg.lora, rank, base_source).save_pretrained(scratch)
+            text = (Path(scratch) / ADAPTER_CONFIG).read_text()
+        write_atomic(path / ADAPTER_CONFIG, text)
         return path
 
 
+# ------------------------------------------------------------------------------ metrics
+def _parse_metrics(path: Path) -> tuple[list[dict[str, Any]], bool]:
+    """(rows, whether a torn last line was ignored). See the module docstring for the rule."""
+    lines = path.read_bytes().split(b"\n")
+    tail = lines.pop()  # b"" when the file ends with a newline; else a line cut short
+    torn = bool(tail.strip())
+    rows = []
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw)
+            if not isinstance(row, dict) or row.get("kind") not in ("client", "round"):
+                raise ValueError("not a client or round row")
+            if not isinstance(row.get("round"), int):
+                raise ValueError("no integer round")
+        except ValueError as err:  # also JSONDecodeError and UnicodeDecodeError
+            if number == len(lines) and not torn:
+                torn = True  # the last line, cut by a crash mid-append: ignored
+                continue
+            raise RunDirError(
+                f"{path}, line {number}: {err}. Only a last line cut short by a crash is "
+                "skipped; a bad line before the end means the file was damaged or edited. "
+                "Restore it from a copy, or delete that line by hand if you know why it is there"
+            ) from None
+        rows.append(row)
+    return rows, torn
+
+
+def read_metrics(out_dir: Path) -> list[dict[str, Any]]:
+    """Every complete row of ``DIR/metrics.jsonl`` in file order (a torn last line ignored)."""
+    path = Path(out_dir) / METRICS
+    if not path.is_file():
+        raise RunDirError(
+            f"{path} does not exist: {out_dir} is not a run directory, or its run has not "
+            "completed a round yet"
+        )
+    return _parse_metrics(path)[0]
+
+
+def recorded_rounds(rows: Sequence[dict[str, Any]]) -> set[int]:
+    """Rounds whose aggregate row is present (a round's rows end with it)."""
+    return {int(r["round"]) for r in rows if r.get("kind") == "round"}
+
+
+def truncate_metrics(out_dir: Path, last_round: int) -> None:
+    """Keep the rows of rounds up to ``last_round`` (those the checkpoint covers) and drop a
+    torn last line, so a resumed run appends each round exactly once.
+
+    Rows of later rounds were written before a crash but after the checkpoint: the resumed
+    run computes them again. metrics.jsonl missing a round the checkpoint covers is damage.
+    """
+    path = Path(out_dir) / METRICS
+    if not path.is_file():
+        if last_round > 0:
+            raise RunDirError(
+                f"{path} is missing, but the checkpoint says rounds 1 to {last_round} were "
+                f"recorded; restore it from a copy, or start again with another --out"
+            )
+        return
+    rows, torn = _parse_metrics(path)
+    _check_covers(path, rows, last_round)
+    keep = [row for row in rows if row["round"] <= last_round]
+    if torn or len(keep) != len(rows):
+        write_atomic(path, "".join(json.dumps(row) + "\n" for row in keep))
+
+
+def _check_covers(path: Path, rows: Sequence[dict[str, Any]], last_round: int) -> None:
+    missing = sorted(set(range(1, last_round + 1)) - recorded_rounds(rows))
+    if missing:
+        raise RunDirError(
+            f"{path} lacks the rows of round(s) {', '.join(map(str, missing[:10]))}, but the "
+            f"checkpoint says rounds 1 to {last_round} were recorded: the file lost rows. "
+            "Nothing was deleted; restore it from a copy, or start again with another --out"
+        )
+
+
+def _last_recorded_round(out_dir: Path) -> int:
+    """The last round whose aggregate row metrics.jsonl holds (0: none, or no file yet)."""
+    path = Path(out_dir) / METRICS
+    if not path.is_file():
+        return 0
+    return max(recorded_rounds(_parse_metrics(path)[0]), default=0)
+
+
+# ------------------------------------------------------------------------------ checkpoint
 @dataclass
 class Checkpoint:
     """Server state after a complete exchange: enough to continue as if never stopped.
@@ -191,35 +440,45 @@ class Checkpoint:
     server: dict[str, Any]
 
 
-def write_checkpoint(out_dir: Path, checkpoint: Checkpoint) -> None:
+def _state_digest(state: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
+
+
+def write_checkpoint(
+    out_dir: Path, checkpoint: Checkpoint, metrics_round: int | None = None
+) -> None:
     """Write the checkpoint of a complete exchange, crash-safely.
 
-    The adapters go to ``checkpoint/adapters-r<round>.safetensors`` (temporary name, fsync,
-    rename), then ``checkpoint/state.json`` naming that file is replaced the same way: the
-    state file is the commit point, so a crash at any moment leaves the previous complete
-    checkpoint readable. Older adapter files are removed afterwards.
+    The adapters go to ``checkpoint/adapters-r<round>-<sha256[:16]>.safetensors`` (temporary
+    name, fsync, rename), then ``checkpoint/state.json`` naming that file and its hash is
+    replaced the same way: the state file is the commit point, so a crash at any moment leaves
+    the previous complete checkpoint readable. Older adapter files are removed afterwards.
+    ``metrics_round`` is the last round metrics.jsonl holds (None: read from the file).
     """
     from safetensors.numpy import save_file
 
-    folder = Path(out_dir) / "checkpoint"
+    folder = Path(out_dir) / CHECKPOINT
     folder.mkdir(parents=True, exist_ok=True)
-    name = f"adapters-r{checkpoint.round}.safetensors"
     tensors = {
         f"{owner}/{key}": np.ascontiguousarray(value)
         for owner, adapter in checkpoint.adapters.items()
         for key, value in adapter.items()
     }
-    tmp = folder / (name + ".partial")
-    save_file(tensors, str(tmp))
-    with tmp.open("rb") as handle:
-        os.fsync(handle.fileno())
-    os.replace(tmp, folder / name)
+    tmp = temporary_path(folder / "adapters.safetensors")
+    save_file(tensors, str(tmp), metadata={ROUND_METADATA: str(checkpoint.round)})
+    digest = sha256_file(tmp)
+    name = f"adapters-r{checkpoint.round}-{digest[:16]}.safetensors"
+    commit(tmp, folder / name)
     state = {
         "round": checkpoint.round,
         "clients": checkpoint.client_ids,
         "ranks": checkpoint.ranks,
         "adapters_file": name,
-        "adjacency": checkpoint.adjacency.tolist(),
+        "adapters_sha256": digest,
+        "metrics_round": (
+            _last_recorded_round(out_dir) if metrics_round is None else metrics_round
+        ),
+        "adjacency": np.asarray(checkpoint.adjacency).tolist(),
         "clusters": checkpoint.clusters,
         "graph_source": checkpoint.graph_source,
         "graph_info": checkpoint.graph_info,
@@ -227,84 +486,167 @@ def write_checkpoint(out_dir: Path, checkpoint: Checkpoint) -> None:
         "random_state": "stateless: numpy default_rng([seed, round]) for sampling, "
         "SeedSequence([seed, client, round]) for local training",
     }
-    write_atomic(folder / "state.json", json.dumps(state))
+    state["state_sha256"] = _state_digest(state)
+    write_atomic(folder / STATE, json.dumps(state))
     for old in folder.glob("adapters-r*.safetensors"):
         if old.name != name:
             old.unlink()
+    for stale in folder.glob(".*.partial"):  # left by a crash mid-write; the lock is ours
+        stale.unlink()
+
+
+def _damaged(path: Path, what: str) -> RunDirError:
+    folder = path.parent if path.parent.name == CHECKPOINT else path.parent / CHECKPOINT
+    return RunDirError(
+        f"{path} {what}. The checkpoint cannot be trusted, so the run cannot resume from it; "
+        f"nothing was deleted. The completed rounds in {folder.parent / METRICS} and "
+        f"{folder.parent / ADAPTERS} are kept; restore {folder} from a copy, or train again "
+        "with another --out"
+    )
 
 
 def read_checkpoint(out_dir: Path) -> Checkpoint | None:
-    """The last complete exchange's checkpoint in ``out_dir``, or None if there is none."""
+    """The last complete exchange's checkpoint in ``out_dir``, checked; None if none was
+    written yet. Raises :class:`RunDirError` naming the file when it is damaged."""
+    from safetensors import safe_open
     from safetensors.numpy import load_file
 
-    state_path = Path(out_dir) / "checkpoint" / "state.json"
+    out_dir = Path(out_dir)
+    folder = out_dir / CHECKPOINT
+    state_path = folder / STATE
     if not state_path.is_file():
+        # Round 1's rows are written after the first checkpoint: rows without one mean it
+        # was removed, not that the run never got that far.
+        if _last_recorded_round(out_dir) > 0:
+            raise _damaged(state_path, "is missing although metrics.jsonl holds completed rounds")
         return None
-    state = json.loads(state_path.read_text())
-    tensors = load_file(str(state_path.parent / state["adapters_file"]))
+    try:
+        state = json.loads(state_path.read_bytes())
+        if not isinstance(state, dict):
+            raise ValueError("not a JSON object")
+    except ValueError as err:
+        raise _damaged(state_path, f"is not valid JSON ({err})") from None
+    recorded = state.pop("state_sha256", None)
+    if recorded is not None and recorded != _state_digest(state):
+        raise _damaged(state_path, "was changed after mira wrote it (its sha256 does not match)")
+    try:
+        checkpoint_round = int(state["round"])
+        adapters_path = folder / str(state["adapters_file"])
+        metrics_round = state.get("metrics_round")
+        expected_sha = state.get("adapters_sha256")
+        client_ids = [str(c) for c in state["clients"]]
+        ranks = [int(r) for r in state["ranks"]]
+        adjacency = np.array(state["adjacency"], dtype=np.float64)
+        clusters = [int(c) for c in state["clusters"]]
+        graph_source, graph_info = str(state["graph_source"]), dict(state["graph_info"])
+        server = dict(state["server"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise _damaged(state_path, f"lacks or garbles the entry {err}") from None
+    if not adapters_path.is_file():
+        raise _damaged(adapters_path, "is missing (checkpoint/state.json names it)")
+    if expected_sha is not None and sha256_file(adapters_path) != expected_sha:
+        raise _damaged(adapters_path, "does not match the sha256 in state.json (cut or changed)")
+    try:
+        with safe_open(str(adapters_path), framework="numpy") as handle:
+            stored_round = (handle.metadata() or {}).get(ROUND_METADATA)
+        tensors = load_file(str(adapters_path))
+    except Exception as err:  # safetensors raises its own error types for a damaged file
+        raise _damaged(adapters_path, f"cannot be read ({err})") from None
+    if stored_round is not None and stored_round != str(checkpoint_round):
+        raise _damaged(
+            state_path,
+            f"says round {checkpoint_round} but its adapters are of round {stored_round}",
+        )
+    if metrics_round is not None:
+        if not checkpoint_round - 1 <= int(metrics_round) <= checkpoint_round:
+            raise _damaged(
+                state_path,
+                f"says round {checkpoint_round} but rows up to round {metrics_round} recorded",
+            )
+        metrics_path = out_dir / METRICS
+        if int(metrics_round) > 0:
+            if not metrics_path.is_file():
+                raise _damaged(metrics_path, "is missing")
+            _check_covers(metrics_path, _parse_metrics(metrics_path)[0], int(metrics_round))
     adapters: dict[str, Adapter] = {}
     for name, value in tensors.items():
         owner, key = name.split("/", 1)
         adapters.setdefault(owner, {})[key] = value
     return Checkpoint(
-        round=int(state["round"]),
-        client_ids=list(state["clients"]),
-        ranks=[int(r) for r in state["ranks"]],
+        round=checkpoint_round,
+        client_ids=client_ids,
+        ranks=ranks,
         adapters=adapters,
-        adjacency=np.array(state["adjacency"], dtype=np.float64),
-        clusters=[int(c) for c in state["clusters"]],
-        graph_source=str(state["graph_source"]),
-        graph_info=dict(state["graph_info"]),
-        server=dict(state["server"]),
+        adjacency=adjacency,
+        clusters=clusters,
+        graph_source=graph_source,
+        graph_info=graph_info,
+        server=server,
     )
 
 
-def truncate_metrics(out_dir: Path, last_round: int) -> None:
-    """Drop metric rows of rounds after ``last_round`` (written before a crash, but not
-    covered by the checkpoint), so a resumed run appends each round exactly once."""
-    path = Path(out_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return
-    keep = [row for row in read_metrics(out_dir) if row["round"] <= last_round]
-    write_atomic(path, "".join(json.dumps(row) + "\n" for row in keep))
-
-
-def read_metrics(out_dir: Path) -> list[dict[str, Any]]:
-    path = Path(out_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+# ------------------------------------------------------------------------------ final table
+def final_client_table(rows: Sequence[dict[str, Any]], adapters: Path | None) -> Table:
+    """Each client's personalised eval loss after the first and the last round, its task
+    metrics and mix weight after the last, and (with ``adapters``) its adapter's folder."""
+    clients = [r for r in rows if r.get("kind") == "client"]
+    last = max(r["round"] for r in clients)
+    start = min(r["round"] for r in clients)
+    final = [r for r in clients if r["round"] == last]
+    first = {r["client"]: r for r in clients if r["round"] == start}
+    metrics = [m for m in TASK_METRICS if any(r.get(m) is not None for r in final)]
+    mixing = any(r.get("mix_weight") is not None for r in final)
+    header = ["client", "task"]
+    if adapters is not None:
+        header.append("adapter")
+    header += [f"loss, round {start}", f"loss, round {last}", *metrics]
+    if mixing:
+        header.append("mix weight")
+    body = []
+    for r in final:
+        cells = [str(r["client"]), str(r["task"])]
+        if adapters is not None:
+            cells.append(str(adapters / r["client"]))
+        cells += [fmt(first[r["client"]].get("eval_loss")), fmt(r.get("eval_loss"))]
+        cells += [fmt(r.get(m)) for m in metrics]
+        if mixing:
+            cells.append(fmt(r.get("mix_weight")))
+        body.append(cells)
+    return Table(
+        f"Personalised eval loss after round {last} "
+        "(each client's own adapter on its own held-out split)",
+        header,
+        body,
+        note="Task metrics are personalised too ('-': not a metric of that client's task)."
+        + (
+            " Mix weight: the share of its neighbours' adapters the client took in the last round."
+            if mixing
+            else ""
+        ),
+        numeric_from=3 if adapters is not None else 2,
+    )
 
 
 def final_table(out_dir: Path) -> str:
-    """Per-client personalised eval loss of the last round, with each adapter's path."""
+    """Per-client personalised eval loss of the last round and where the adapters are, as
+    aligned text for the terminal."""
     rows = read_metrics(out_dir)
-    clients = [r for r in rows if r["kind"] == "client"]
-    if not clients:
+    if not any(r["kind"] == "client" for r in rows):
         return "no rounds completed"
-    last = max(r["round"] for r in clients)
-    final = [r for r in clients if r["round"] == last]
-    first = {r["client"]: r for r in clients if r["round"] == min(c["round"] for c in clients)}
-    width = max(len(r["client"]) for r in final)
-    lines = [
-        f"Personalised eval loss after round {last} "
-        "(each client's own adapter on its own held-out split)",
-        f"{'client':<{width}}  {'task':<14} {'round 1':>8} {'final':>8}  "
-        f"{'task metric (final)':<26} adapter",
-    ]
-    for r in final:
-        start = first[r["client"]].get("eval_loss")
-        scores = " ".join(f"{m} {_fmt(r[m])}" for m in TASK_METRICS if m in r)
-        lines.append(
-            f"{r['client']:<{width}}  {r['task']:<14} {_fmt(start):>8} {_fmt(r['eval_loss']):>8}"
-            f"  {scores:<26} {Path(out_dir) / 'adapters' / r['client']}"
-        )
-    aggregate = next(r for r in rows if r["kind"] == "round" and r["round"] == last)
-    lines.append(
-        f"mean {_fmt(aggregate['personalised_eval_loss_mean'])}  "
-        f"worst {_fmt(aggregate['personalised_eval_loss_worst'])}  "
-        f"std {_fmt(aggregate['personalised_eval_loss_std'])}  (method {aggregate['method']})"
+    table = final_client_table(rows, None)
+    last = max(r["round"] for r in rows if r["kind"] == "client")
+    aggregate = next(
+        (r for r in rows if r["kind"] == "round" and r["round"] == last), {"method": "?"}
     )
-    return "\n".join(lines)
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
+    return "\n".join(
+        [
+            table.title,
+            markdown_table(table),
+            f"mean {fmt(aggregate.get('personalised_eval_loss_mean'))}  "
+            f"worst {fmt(aggregate.get('personalised_eval_loss_worst'))}  "
+            f"std {fmt(aggregate.get('personalised_eval_loss_std'))}  "
+            f"(method {aggregate['method']})",
+            f"each client's adapter: {Path(out_dir) / ADAPTERS}/<client>/ "
+            "(peft.PeftModel.from_pretrained(base, path) loads it)",
+        ]
+    )

@@ -1,13 +1,32 @@
-"""Statistics of runs: per-round summaries over clients, and the worst client of a metric.
+"""Statistics of runs: per-round summaries over clients, per-run statistics after the final
+round, means and stds over seeds, and the per-round curves the plots draw.
 
-Reads nothing and imports neither torch nor flwr: rows in, numbers out.
+Reads nothing and imports neither torch nor flwr: rows in, numbers out. Runs come in as
+:class:`mira.results.runs.RunRecord` (method, seed, folder, metric rows, run.json).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
+
+from mira.config import TASK_METRICS
+
+if TYPE_CHECKING:
+    from mira.results.runs import RunRecord
+
+Stat = float | None
+Curve = tuple[np.ndarray, np.ndarray]
+"""(rounds, values), rounds ascending."""
+T = TypeVar("T")
+
+
+def unique(items: Iterable[T]) -> list[T]:
+    """Items in order of first appearance, each once."""
+    return list(dict.fromkeys(items))
 
 
 def lower_is_better(name: str) -> bool:
@@ -36,3 +55,202 @@ def summarise(values: Mapping[str, Sequence[float]]) -> dict[str, dict[str, floa
             "worst_index": int(valid[pos]),
         }
     return summary
+
+
+# ------------------------------------------------------------------------------ one run
+def value(row: dict[str, Any], key: str) -> float:
+    """A recorded number, NaN when absent or null (a diverged client stays visible as NaN)."""
+    recorded = row.get(key)
+    return math.nan if recorded is None else float(recorded)
+
+
+def final_client_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The client rows of the last recorded round."""
+    clients = [r for r in rows if r.get("kind") == "client"]
+    if not clients:
+        return []
+    last = max(r["round"] for r in clients)
+    return [r for r in clients if r["round"] == last]
+
+
+def metric_names(rows: Iterable[dict[str, Any]]) -> list[str]:
+    """Task metrics present in any row, in the canonical order."""
+    present = {k for r in rows for k in r}
+    return [m for m in TASK_METRICS if m in present]
+
+
+def wall_seconds(run: RunRecord) -> Stat:
+    """The run's wall time: run.json's (a comparison records start to end), else the sum of
+    the seconds its round rows recorded (a single run)."""
+    if run.info.get("seconds") is not None:
+        return float(run.info["seconds"])
+    seconds = [float(r["seconds"]) for r in run.rows if r.get("kind") == "round" and "seconds" in r]
+    return float(sum(seconds)) if seconds else None
+
+
+def run_statistics(run: RunRecord) -> dict[str, Stat]:
+    """Statistics of one run after its final round.
+
+    ``personalised_loss_mean`` / ``_worst`` / ``_spread``: mean, max and std (over clients,
+    ddof 0 as in the round rows) of each client's personalised eval loss; ``<metric>`` and
+    ``<metric>[<task>]``: mean over clients (of that task) of each task metric, and
+    ``personalised_loss[<task>]`` likewise; ``mix_weight`` and ``mix_weight[<task>]``: mean
+    share taken from neighbours in the final round; bytes per round: mean over rounds of the
+    round totals; ``peak_memory_mb``: max over rounds; ``wall_seconds``: :func:`wall_seconds`.
+    """
+    final = final_client_rows(run.rows)
+    rounds = [r for r in run.rows if r.get("kind") == "round"]
+    losses = np.array([value(r, "eval_loss") for r in final])
+    stats: dict[str, Stat] = {
+        "personalised_loss_mean": float(np.mean(losses)) if losses.size else None,
+        "personalised_loss_worst": float(np.max(losses)) if losses.size else None,
+        "personalised_loss_spread": float(np.std(losses)) if losses.size else None,
+    }
+    tasks = unique(r["task"] for r in final)
+    for task in tasks:
+        of_task = [value(r, "eval_loss") for r in final if r["task"] == task]
+        stats[f"personalised_loss[{task}]"] = float(np.mean(of_task))
+    for name in [*metric_names(final), "mix_weight"]:
+        present = [r[name] for r in final if r.get(name) is not None]
+        if not present:
+            continue
+        stats[name] = float(np.mean(present))
+        for task in tasks:
+            values = [r[name] for r in final if r["task"] == task and r.get(name) is not None]
+            if values:
+                stats[f"{name}[{task}]"] = float(np.mean(values))
+    up = [float(r["bytes_up"]) for r in rounds if r.get("bytes_up") is not None]
+    down = [float(r["bytes_down"]) for r in rounds if r.get("bytes_down") is not None]
+    memory = [float(r["peak_memory_mb"]) for r in rounds if r.get("peak_memory_mb") is not None]
+    stats["bytes_up_per_round"] = float(np.mean(up)) if up else None
+    stats["bytes_down_per_round"] = float(np.mean(down)) if down else None
+    stats["wall_seconds"] = wall_seconds(run)
+    stats["peak_memory_mb"] = max(memory) if memory else None
+    return stats
+
+
+# ------------------------------------------------------------------------------ over seeds
+def mean_std(values: Sequence[Stat]) -> tuple[Stat, Stat]:
+    """Mean and sample std (ddof 1) over seeds of the values that exist; std None below 2."""
+    present = [v for v in values if v is not None]
+    if not present:
+        return None, None
+    mean = float(np.mean(present))
+    if len(present) < 2:
+        return mean, None
+    std = float(np.std(present, ddof=1))
+    # Equal values give a std of rounding noise (1e-16); show it as the 0 it is.
+    return mean, (0.0 if std <= 1e-12 * max(1.0, abs(mean)) else std)
+
+
+def summarise_runs(
+    runs: Sequence[RunRecord],
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Per method (mean and std over seeds) and per method x client (mean over seeds).
+
+    Row keys: ``method``, ``seeds`` (how many), ``seed_list``, then for every statistic of
+    :func:`run_statistics` the mean over seeds under its name and the std under ``<name>_std``.
+    Per-client keys: ``method``, ``client``, ``task``, ``seeds``, ``personalised_loss`` (+
+    ``_std``), each task metric and ``mix_weight`` (+ ``_std``).
+    """
+    rows: list[dict[str, Any]] = []
+    per_client: list[dict[str, Any]] = []
+    for method in unique(r.method for r in runs):
+        mine = [r for r in runs if r.method == method]
+        stats = [run_statistics(r) for r in mine]
+        row: dict[str, Any] = {
+            "method": method,
+            "seeds": len(mine),
+            "seed_list": " ".join(str(r.seed) for r in mine),
+        }
+        for name in unique(k for s in stats for k in s):
+            row[name], row[f"{name}_std"] = mean_std([s.get(name) for s in stats])
+        rows.append(row)
+        finals = [final_client_rows(r.rows) for r in mine]
+        for client in unique(c["client"] for final in finals for c in final):
+            seen = [c for final in finals for c in final if c["client"] == client]
+            entry: dict[str, Any] = {
+                "method": method,
+                "client": client,
+                "task": seen[0]["task"],
+                "seeds": len(seen),
+            }
+            losses: list[Stat] = [value(c, "eval_loss") for c in seen]
+            entry["personalised_loss"], entry["personalised_loss_std"] = mean_std(losses)
+            for name in [*metric_names(seen), "mix_weight"]:
+                if any(c.get(name) is not None for c in seen):
+                    entry[name], entry[f"{name}_std"] = mean_std([c.get(name) for c in seen])
+            per_client.append(entry)
+    return rows, per_client
+
+
+def per_task_values(
+    rows: Sequence[dict[str, Any]], prefix: str
+) -> tuple[list[str], dict[str, tuple[list[float], list[float]]]]:
+    """Tasks with ``prefix[task]`` columns, and per method the means and stds (NaN if absent)."""
+    tasks = unique(
+        k[len(prefix) + 1 : -1]
+        for r in rows
+        for k in r
+        if k.startswith(prefix + "[") and not k.endswith("_std")
+    )
+
+    def number(cell: Any) -> float:
+        return math.nan if cell is None else float(cell)
+
+    values = {
+        r["method"]: (
+            [number(r.get(f"{prefix}[{t}]")) for t in tasks],
+            [number(r.get(f"{prefix}[{t}]_std")) for t in tasks],
+        )
+        for r in rows
+    }
+    return tasks, values
+
+
+# ------------------------------------------------------------------------------ curves
+def _client_values(run: RunRecord, key: str) -> dict[tuple[str, int], float]:
+    return {
+        (r["client"], int(r["round"])): value(r, key)
+        for r in run.rows
+        if r.get("kind") == "client" and key in r
+    }
+
+
+def client_curves(runs: Sequence[RunRecord], key: str = "eval_loss") -> dict[str, dict[str, Curve]]:
+    """method -> client -> ``key`` (default: personalised eval loss) per round, mean over the
+    method's seeds. Clients that never recorded ``key`` are left out."""
+    out: dict[str, dict[str, Curve]] = {}
+    for method in unique(r.method for r in runs):
+        samples: dict[tuple[str, int], list[float]] = {}
+        for run in (r for r in runs if r.method == method):
+            for point, recorded in _client_values(run, key).items():
+                samples.setdefault(point, []).append(recorded)
+        curves: dict[str, Curve] = {}
+        for client in unique(c for c, _ in samples):
+            rounds = sorted(r for c, r in samples if c == client)
+            values = [float(np.mean(samples[(client, r)])) for r in rounds]
+            curves[client] = (np.array(rounds), np.array(values))
+        if curves:
+            out[method] = curves
+    return out
+
+
+def mean_curves(runs: Sequence[RunRecord]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """method -> (rounds, mean over seeds, seeds x rounds matrix).
+
+    Each matrix row is one seed's mean personalised eval loss over clients per round; the plot
+    draws the mean over seeds and shades the min-max of the matrix columns.
+    """
+    out: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
+    for method in unique(r.method for r in runs):
+        per_seed = []
+        for run in (r for r in runs if r.method == method):
+            by_round: dict[int, list[float]] = {}
+            for (_, rnd), loss in _client_values(run, "eval_loss").items():
+                by_round.setdefault(rnd, []).append(loss)
+            per_seed.append({rnd: float(np.mean(v)) for rnd, v in by_round.items()})
+        rounds = np.array(sorted({rnd for seed in per_seed for rnd in seed}))
+        matrix = np.array([[seed.get(int(rnd), math.nan) for rnd in rounds] for seed in per_seed])
+        out[method] = (rounds, matrix.mean(axis=0), matrix)
+    return out

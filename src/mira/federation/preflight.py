@@ -1,0 +1,64 @@
+"""Pre-flight: what can be checked before any client process starts, so that a bad model name
+or a config that cannot work fails in one line, not minutes later inside the clients.
+
+``mira run`` calls :func:`check_lengths` and :func:`check_model` from
+:func:`mira.federation.simulation.preflight`, after the config's own checks (graph and step,
+ranks and pull space) and before the Simulation Engine starts; the data files were decoded by
+then (non-UTF-8 bytes are named with their file and line by :mod:`mira.data.sources`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from mira.client.model import ModelError, model_source
+from mira.config import Config, ConfigError
+from mira.data import load_client_data
+
+
+def check_model(cfg: Config) -> Any:
+    """Load the base model's tokenizer (and config), or raise one clear line.
+
+    Returns the tokenizer. A hub id that is not cached and cannot be downloaded, a local path
+    that holds no model, or a typo all end here, naming the model and what to do.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+
+    source = model_source(cfg.model)
+    try:
+        AutoConfig.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(source)
+    except (OSError, ValueError, KeyError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ModelError(
+            f"model.name = {cfg.model.name!r} cannot be loaded ({first[:200]}); use "
+            "'smollm2-135m-instruct' (packaged, offline), a local model folder, or a Hugging "
+            "Face id this machine has cached or can download"
+        ) from None
+    return tokenizer
+
+
+def check_lengths(cfg: Config, tokenizer: Any) -> None:
+    """``model.max_length`` must hold every target (with its end-of-text token) and at least
+    one prompt token, or the loss would be computed on nothing (NaN) or on a cut target.
+
+    Classification targets are the task's label words (all of them are scored after every
+    prompt); generation targets are every client's own answers.
+    """
+    eos = 0 if tokenizer.eos_token_id is None else 1
+    longest: dict[str, int] = {}
+    for partition in range(cfg.num_clients):
+        data = load_client_data(cfg, partition)
+        targets = list(data.task.verbalisers) or [
+            e.target for e in data.train + data.val + data.eval
+        ]
+        for target in targets:
+            size = len(tokenizer(target, add_special_tokens=False)["input_ids"]) + eos
+            longest[data.task.name] = max(longest.get(data.task.name, 0), size)
+    for task, size in longest.items():
+        if size + 1 > cfg.model.max_length:
+            raise ConfigError(
+                f"model.max_length = {cfg.model.max_length} leaves no room for the prompt: "
+                f"task {task!r} has a target of {size} tokens (end of text included); set "
+                f"model.max_length to at least {size + 1}, better a few times that"
+            )

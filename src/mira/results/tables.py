@@ -1,0 +1,269 @@
+"""The tables of a run or a comparison, as :class:`mira.results.document.Table` models.
+
+Each table is built once here and rendered by :mod:`mira.results.document` (markdown for
+``comparison.md`` and ``report.md``, HTML for ``report.html``, aligned text for the terminal).
+Every loss and task metric is personalised, and the titles say so.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from mira.config import TASK_METRICS
+from mira.results.document import Table, fmt, fmt_pm
+from mira.results.runs import RunRecord
+from mira.results.stats import mean_curves, mean_std, metric_names, run_statistics, unique
+
+PERSONALISED_NOTE = (
+    "Every number is personalised: each client's own adapter after the server rule, "
+    "evaluated on its own held-out split. For fedit and cluster-merge the personalised "
+    "adapter is the shared global model that every client receives; for cluster-fedavg it "
+    "is the model of the client's cluster."
+)
+REFERENCE = "mira"
+"""The method the paired table subtracts."""
+
+
+def _scaled(value: Any, factor: float) -> Any:
+    return None if value is None else float(value) * factor
+
+
+def _task_columns(rows: Sequence[dict[str, Any]], prefix: str) -> list[str]:
+    return unique(
+        k for r in rows for k in r if k.startswith(prefix + "[") and not k.endswith("_std")
+    )
+
+
+def _cells(row: dict[str, Any], keys: Sequence[str]) -> list[str]:
+    return [fmt_pm(row.get(k), row.get(f"{k}_std")) for k in keys]
+
+
+# ------------------------------------------------------------------------------ summaries
+def loss_table(rows: Sequence[dict[str, Any]]) -> Table:
+    """Per method: mean, worst client and spread of the final personalised eval loss."""
+    keys = ["personalised_loss_mean", "personalised_loss_worst", "personalised_loss_spread"]
+    return Table(
+        "Personalised eval loss after the final round (lower is better)",
+        ["method", "seeds", "mean over clients", "worst client", "spread (std over clients)"],
+        [[r["method"], str(r["seeds"]), *_cells(r, keys)] for r in rows],
+    )
+
+
+def short_summary_table(rows: Sequence[dict[str, Any]]) -> Table:
+    """What ``mira compare`` prints at the end: method, seeds, mean and worst client."""
+    keys = ["personalised_loss_mean", "personalised_loss_worst"]
+    return Table(
+        "Personalised eval loss after the final round (lower is better; mean ± std over seeds)",
+        ["method", "seeds", "mean over clients", "worst client"],
+        [[r["method"], str(r["seeds"]), *_cells(r, keys)] for r in rows],
+    )
+
+
+def summary_tables(
+    rows: Sequence[dict[str, Any]], per_client: Sequence[dict[str, Any]]
+) -> list[Table]:
+    """The readable tables of a summary: losses, task metrics, mix weights, cost, then per
+    client."""
+    tables = [loss_table(rows)]
+    task_losses = _task_columns(rows, "personalised_loss")
+    if task_losses:
+        tables.append(
+            Table(
+                "Personalised eval loss per task, mean over the task's clients",
+                ["method", *(k[len("personalised_loss[") : -1] for k in task_losses)],
+                [[r["method"], *_cells(r, task_losses)] for r in rows],
+            )
+        )
+    metric_columns = [c for m in metric_names(rows) for c in [m, *_task_columns(rows, m)]]
+    if metric_columns:
+        tables.append(
+            Table(
+                "Personalised task metrics (higher is better): mean over clients, "
+                "and per task as metric[task]",
+                ["method", *metric_columns],
+                [[r["method"], *_cells(r, metric_columns)] for r in rows],
+            )
+        )
+    mixing = [r for r in rows if r.get("mix_weight") is not None]
+    if mixing:
+        columns = ["mix_weight", *_task_columns(mixing, "mix_weight")]
+        tables.append(
+            Table(
+                "Mix weight after the final round: the share of its neighbours' adapters "
+                "each client took",
+                ["method", "all clients", *(c[len("mix_weight[") : -1] for c in columns[1:])],
+                [[r["method"], *_cells(r, columns)] for r in mixing],
+                note="Mean over clients (and per task, over the task's clients). 0 keeps the "
+                "client's own adapter; 1 replaces it by its neighbours' weighted mean.",
+            )
+        )
+    tables.append(cost_table(rows))
+    if per_client:
+        tables += per_client_tables(per_client)
+    return tables
+
+
+def cost_table(rows: Sequence[dict[str, Any]]) -> Table:
+    def megabytes(row: dict[str, Any], key: str) -> str:
+        return fmt_pm(_scaled(row.get(key), 1e-6), _scaled(row.get(f"{key}_std"), 1e-6))
+
+    return Table(
+        "Cost",
+        ["method", "MB up / round", "MB down / round", "wall time (s)", "peak memory (MB)"],
+        [
+            [
+                r["method"],
+                megabytes(r, "bytes_up_per_round"),
+                megabytes(r, "bytes_down_per_round"),
+                *_cells(r, ["wall_seconds", "peak_memory_mb"]),
+            ]
+            for r in rows
+        ],
+        note="Bytes are the adapters sent by all clients (up) and to all clients (down) in "
+        "one round, averaged over rounds; 1 MB = 10^6 bytes. Wall time is the run's start to "
+        "end where a comparison recorded it (run.json), else the sum of its rounds' recorded "
+        "seconds. Peak memory is the largest client process peak of the run.",
+    )
+
+
+def paired_table(runs: Sequence[RunRecord]) -> Table | None:
+    """Each method against mira on the seeds both finished: the per-seed difference of the
+    mean personalised eval loss (method - mira), its mean and std over those seeds, and on how
+    many of them mira was lower. Seeds change the client splits as well, so a difference
+    within one seed is the sharper comparison than two means over seeds."""
+    means = {
+        (r.method, r.seed): run_statistics(r)["personalised_loss_mean"]
+        for r in runs
+        if r.seed is not None
+    }
+    mine = {seed: v for (method, seed), v in means.items() if method == REFERENCE}
+    others = unique(r.method for r in runs if r.method != REFERENCE)
+    if not mine or not others:
+        return None
+    body = []
+    for method in others:
+        differences: list[float] = []
+        for (name, seed), value in sorted(means.items(), key=lambda item: item[0][1]):
+            reference = mine.get(seed)
+            if name == method and value is not None and reference is not None:
+                differences.append(value - reference)
+        if not differences:
+            continue
+        mean, std = mean_std(differences)
+        body.append(
+            [
+                method,
+                str(len(differences)),
+                fmt_pm(mean, std),
+                " ".join(fmt(d) for d in differences),
+                f"{sum(d > 0 for d in differences)} of {len(differences)}",
+            ]
+        )
+    if not body:
+        return None
+    return Table(
+        f"Paired by seed: mean personalised eval loss of each method minus {REFERENCE}'s",
+        ["method", "seeds", "difference", "per seed", f"{REFERENCE} lower"],
+        body,
+        note=f"Positive: {REFERENCE} reached the lower mean personalised eval loss on the same "
+        "seed (same clients, splits, initialisation and data order).",
+    )
+
+
+def per_client_tables(per_client: Sequence[dict[str, Any]]) -> list[Table]:
+    """Client x method tables of the final personalised loss, each task metric and the mix
+    weight."""
+    methods = unique(r["method"] for r in per_client)
+    clients = unique(r["client"] for r in per_client)
+    task_of = {r["client"]: r["task"] for r in per_client}
+    cell = {(r["method"], r["client"]): r for r in per_client}
+    tables = []
+    for name, title in [
+        ("personalised_loss", "Per client: final personalised eval loss, mean over seeds"),
+        *((m, f"Per client: final personalised {m}, mean over seeds") for m in TASK_METRICS),
+        ("mix_weight", "Per client: mix weight in the final round, mean over seeds"),
+    ]:
+        shown = [c for c in clients if any(name in cell.get((m, c), {}) for m in methods)]
+        if not shown:
+            continue
+        tables.append(
+            Table(
+                title,
+                ["client", "task", *methods],
+                [
+                    [c, task_of[c], *(fmt(cell.get((m, c), {}).get(name)) for m in methods)]
+                    for c in shown
+                ],
+                numeric_from=2,
+            )
+        )
+    return tables
+
+
+# ------------------------------------------------------------------------------ per round
+def round_table(run: RunRecord) -> Table:
+    """One run, per round: the personalised eval loss over clients, train loss, mix weight."""
+    rounds = [r for r in run.rows if r.get("kind") == "round"]
+    clients = [r for r in run.rows if r.get("kind") == "client"]
+    mixing = any(r.get("mix_weight") is not None for r in clients)
+
+    def mean_mix(number: int) -> float | None:
+        values = [
+            r["mix_weight"]
+            for r in clients
+            if r["round"] == number and r.get("mix_weight") is not None
+        ]
+        return float(np.mean(values)) if values else None
+
+    header = ["round", "mean", "worst", "spread (std)", "train loss", "seconds"]
+    if mixing:
+        header.append("mix weight (mean)")
+    body = []
+    for r in rounds:
+        cells = [
+            str(r["round"]),
+            fmt(r.get("personalised_eval_loss_mean")),
+            fmt(r.get("personalised_eval_loss_worst")),
+            fmt(r.get("personalised_eval_loss_std")),
+            fmt(r.get("train_loss_mean")),
+            fmt(r.get("seconds")),
+        ]
+        if mixing:
+            cells.append(fmt(mean_mix(int(r["round"]))))
+        body.append(cells)
+    return Table(
+        "Per round: personalised eval loss over clients, and mean train loss",
+        header,
+        body,
+        note="Mean, worst and spread are over clients of each client's personalised eval "
+        "loss after that round's server rule."
+        + (" Mix weight: the mean share taken from neighbours that round." if mixing else ""),
+    )
+
+
+def mean_curve_table(runs: Sequence[RunRecord]) -> Table:
+    """The numbers of ``mean_loss.png``: per round and method, each seed's mean over clients."""
+    curves = mean_curves(runs)
+    rounds = sorted({int(r) for method_rounds, _, _ in curves.values() for r in method_rounds})
+    seeds = {method: [run.seed for run in runs if run.method == method] for method in curves}
+    rows = []
+    for rnd in rounds:
+        cells = [str(rnd)]
+        for method_rounds, _, matrix in curves.values():
+            where = np.flatnonzero(method_rounds == rnd)
+            column = matrix[:, where[0]] if where.size else np.full(matrix.shape[0], math.nan)
+            cells.append(" ".join(fmt(float(v)) for v in column))
+        rows.append(cells)
+    seed_lists = "; ".join(
+        f"{method}: {', '.join(str(s) for s in seeds[method])}" for method in curves
+    )
+    return Table(
+        "Per round: mean personalised eval loss over clients, one value per seed",
+        ["round", *curves],
+        rows,
+        note=f"Seeds in each cell, in order: {seed_lists}. These are the lines of mean_loss.png.",
+    )

@@ -1,0 +1,76 @@
+"""Faults injected by the tests into a real ClientApp, never by switches in the product.
+
+``faulty_app`` is mira's own ClientApp (the same handlers and deadline mod) with one more mod
+that misbehaves for chosen clients in chosen rounds, as told by the environment variable
+``MIRA_TEST_FAULTS`` (JSON: a list of {"client", "round", "kind"[, "seconds"]}). The variable
+is read in the client process, so the Simulation Engine's workers see what the test set.
+
+Kinds: ``raise`` (the client's code raises), ``hang`` (it sleeps ``seconds`` before working),
+``nan`` / ``huge`` (its trained adapter is NaN / multiplied by 1e30), ``shape`` (a tensor of
+its trained adapter loses a row), ``nan_eval`` (its evaluation reports a NaN loss).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord
+from flwr.clientapp import ClientApp
+
+from mira.federation import client_app, protocol
+
+FAULTS = "MIRA_TEST_FAULTS"
+
+
+def _fault_for(msg: Message) -> dict | None:
+    if msg.metadata.message_type == "query":
+        return None
+    settings = msg.content.config_records[protocol.SETTINGS]
+    client, server_round = str(settings[protocol.CLIENT]), int(str(settings[protocol.ROUND]))
+    for fault in json.loads(os.environ.get(FAULTS, "[]")):
+        if fault["client"] == client and fault["round"] == server_round:
+            return fault
+    return None
+
+
+def _mapped(record: ArrayRecord, change: Callable[[np.ndarray], np.ndarray]) -> ArrayRecord:
+    changed = {k: Array(np.ascontiguousarray(change(v.numpy()))) for k, v in record.items()}
+    return ArrayRecord(changed)
+
+
+def inject(msg: Message, context: Context, call_next) -> Message:
+    fault = _fault_for(msg)
+    if fault is None:
+        return call_next(msg, context)
+    kind = fault["kind"]
+    if kind == "raise":
+        raise RuntimeError("injected fault: the client's code raised")
+    if kind == "hang":
+        time.sleep(float(fault["seconds"]))
+        return call_next(msg, context)
+    reply = call_next(msg, context)
+    arrays = reply.content.array_records
+    if kind == "nan" and protocol.ADAPTER in arrays:
+        arrays[protocol.ADAPTER] = _mapped(arrays[protocol.ADAPTER], lambda v: v * np.nan)
+    elif kind == "huge" and protocol.ADAPTER in arrays:
+        arrays[protocol.ADAPTER] = _mapped(arrays[protocol.ADAPTER], lambda v: v * 1e30)
+    elif kind == "shape" and protocol.ADAPTER in arrays:
+        first = sorted(arrays[protocol.ADAPTER])[0]
+        values = {k: v.numpy() for k, v in arrays[protocol.ADAPTER].items()}
+        values[first] = values[first][1:]
+        arrays[protocol.ADAPTER] = ArrayRecord({k: Array(v) for k, v in values.items()})
+    elif kind == "nan_eval" and protocol.EVALUATION in reply.content.metric_records:
+        metrics = dict(reply.content.metric_records[protocol.EVALUATION])
+        metrics["eval_loss"] = float("nan")
+        reply.content.metric_records[protocol.EVALUATION] = MetricRecord(metrics)
+    return reply
+
+
+faulty_app = ClientApp(mods=[client_app.deadline_mod, inject])
+faulty_app.query()(client_app.identify)
+faulty_app.train()(client_app.train)
+faulty_app.evaluate()(client_app.evaluate)

@@ -1,0 +1,396 @@
+"""The run directory: torn last lines, the run lock, checkpoints checked against damage.
+
+Every damaged fixture is made here by cutting, editing or removing a file that RunWriter
+wrote, and every error must name the file, say what to do, and leave every file in place.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from mira.config import load_config
+from mira.results.errors import RunDirError, RunExistsError, RunInUseError
+from mira.results.files import write_atomic
+from mira.results.rundir import (
+    Checkpoint,
+    RunLock,
+    RunWriter,
+    check_new_run_dir,
+    default_run_dir,
+    read_checkpoint,
+    read_metrics,
+    round_aggregate,
+    truncate_metrics,
+    write_checkpoint,
+)
+
+CLIENTS = ["a-0", "a-1", "b-0"]
+
+
+def client_rows(rnd: int) -> list[dict]:
+    """Round ``rnd``: eval losses 1, 2, 4 (+ rnd), mix weights 0, 0.5, 1."""
+    return [
+        {
+            "round": rnd,
+            "client": client,
+            "task": client[0],
+            "method": "mira",
+            "rank": 4,
+            "sampled": True,
+            "train_loss": 3.0,
+            "eval_loss": [1.0, 2.0, 4.0][i] + rnd,
+            "bytes_up": 10,
+            "bytes_down": 20,
+            "peak_memory_mb": 100.0 + i,
+            "mix_weight": [0.0, 0.5, 1.0][i],
+        }
+        for i, client in enumerate(CLIENTS)
+    ]
+
+
+@pytest.fixture
+def cfg():
+    return load_config(None, ["federation.rounds=3"])
+
+
+def write_run(folder: Path, cfg, rounds: int) -> RunWriter:
+    writer = RunWriter(folder, cfg)
+    writer.write_config()
+    for rnd in range(1, rounds + 1):
+        writer.append_round(1.5, rnd, client_rows(rnd))
+    return writer
+
+
+def checkpoint(rnd: int, shift: float = 0.0) -> Checkpoint:
+    adapters = {
+        c: {
+            "layer.lora_A": np.full((2, 3), i + shift, dtype=np.float32),
+            "layer.lora_B": np.arange(6, dtype=np.float32).reshape(3, 2) * (i + 1),
+        }
+        for i, c in enumerate(CLIENTS)
+    }
+    return Checkpoint(
+        round=rnd,
+        client_ids=list(CLIENTS),
+        ranks=[4, 4, 4],
+        adapters=adapters,
+        adjacency=np.array([[0, 0.5, 0], [0.5, 0, 0], [0, 0, 0]]),
+        clusters=[0, 0, 1],
+        graph_source="tasks",
+        graph_info={"k": 2},
+        server={"trained_round": rnd, "open_rows": [], "note": [1.5, None]},
+    )
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+# ------------------------------------------------------------------------------ metrics
+def test_round_aggregate_numbers_and_mix_weight_mean(cfg, tmp_path: Path) -> None:
+    writer = write_run(tmp_path, cfg, 1)
+    aggregate = next(r for r in read_metrics(tmp_path) if r["kind"] == "round")
+    # eval losses 2, 3, 5
+    assert aggregate["personalised_eval_loss_mean"] == pytest.approx(10 / 3)
+    assert aggregate["personalised_eval_loss_worst"] == 5.0
+    assert aggregate["personalised_eval_loss_std"] == pytest.approx(np.std([2.0, 3.0, 5.0]))
+    assert aggregate["mix_weight_mean"] == pytest.approx(0.5)
+    assert aggregate["bytes_up"] == 30 and aggregate["peak_memory_mb"] == 102.0
+    assert round_aggregate([{**client_rows(1)[0], "mix_weight": None}])["mix_weight_mean"] is None
+    # auto rows carry lists; a non-finite value becomes null, never an invalid NaN token
+    rows = client_rows(2)
+    rows[0].update(val_loss=math.nan, val_losses=[1.0, math.inf], candidates=[0.0, 0.5])
+    writer.append_round(1.0, 2, rows)
+    text = (tmp_path / "metrics.jsonl").read_text()
+    assert "NaN" not in text and "Infinity" not in text
+    first = next(r for r in read_metrics(tmp_path) if r["round"] == 2)
+    assert first["val_losses"] == [1.0, None] and first["val_loss"] is None
+    writer.close()
+
+
+@pytest.mark.parametrize(
+    "torn",
+    [b'{"kind": "client", "rou', b'{"kind": "round", "round": 3}', b"\x00\x00\x00garbage\n"],
+    ids=["cut mid-line", "whole object but no newline", "not JSON, with newline"],
+)
+def test_a_torn_last_line_is_ignored_and_resume_rewrites_the_file_without_it(
+    cfg, tmp_path: Path, torn: bytes
+) -> None:
+    write_run(tmp_path, cfg, 2).close()
+    path = tmp_path / "metrics.jsonl"
+    whole = path.read_bytes()
+    expected = read_metrics(tmp_path)
+    assert len(expected) == 2 * (len(CLIENTS) + 1)
+    path.write_bytes(whole + torn)
+    assert read_metrics(tmp_path) == expected
+    truncate_metrics(tmp_path, 2)
+    assert path.read_bytes() == whole
+
+
+def test_a_bad_line_before_the_end_is_an_error_naming_the_file_and_line(
+    cfg, tmp_path: Path
+) -> None:
+    write_run(tmp_path, cfg, 2).close()
+    path = tmp_path / "metrics.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    lines[2] = lines[2][:20] + "\n"
+    path.write_text("".join(lines))
+    before = path.read_bytes()
+    with pytest.raises(RunDirError, match=r"metrics\.jsonl, line 3: .*Restore it from a copy"):
+        read_metrics(tmp_path)
+    with pytest.raises(RunDirError, match=r"line 3"):
+        truncate_metrics(tmp_path, 1)
+    assert path.read_bytes() == before  # nothing rewritten on error
+
+
+def test_truncate_drops_rows_after_the_checkpoint_and_refuses_missing_rounds(
+    cfg, tmp_path: Path
+) -> None:
+    write_run(tmp_path, cfg, 3).close()
+    truncate_metrics(tmp_path, 2)
+    assert {r["round"] for r in read_metrics(tmp_path)} == {1, 2}
+    before = (tmp_path / "metrics.jsonl").read_bytes()
+    with pytest.raises(RunDirError, match=r"lacks the rows of round\(s\) 3.*lost rows"):
+        truncate_metrics(tmp_path, 3)
+    assert (tmp_path / "metrics.jsonl").read_bytes() == before
+
+
+# ------------------------------------------------------------------------------ the lock
+def test_a_second_writer_into_the_same_folder_is_refused(cfg, tmp_path: Path) -> None:
+    first = RunWriter(tmp_path, cfg)
+    with pytest.raises(RunInUseError, match=rf"in use by another mira run \(pid {os.getpid()}"):
+        RunWriter(tmp_path, cfg)
+    first.close()
+    RunWriter(tmp_path, cfg).close()  # released: the next run may take it
+
+
+def test_the_lock_holds_across_processes_and_dies_with_its_holder(tmp_path: Path) -> None:
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from mira.results.rundir import RunLock; "
+            f"lock = RunLock({str(tmp_path)!r}); print('locked', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunInUseError, match=rf"pid {holder.pid} "):
+            RunLock(tmp_path)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    deadline = time.monotonic() + 10
+    while True:  # the kernel releases a killed process's flock: no stale lock to clean up
+        try:
+            RunLock(tmp_path).release()
+            break
+        except RunInUseError:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+
+
+def test_a_new_run_is_refused_in_a_folder_that_holds_one(cfg, tmp_path: Path) -> None:
+    check_new_run_dir(tmp_path / "fresh")  # does not exist: fine
+    (tmp_path / "empty").mkdir()
+    check_new_run_dir(tmp_path / "empty")
+    write_run(tmp_path / "run", cfg, 1).close()
+    with pytest.raises(RunExistsError, match=r"already holds a run.*--resume"):
+        check_new_run_dir(tmp_path / "run")
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(RunExistsError, match=r"is not empty \(notes\.txt\)"):
+        check_new_run_dir(tmp_path / "other")
+
+
+def test_default_run_folder_is_fresh_and_timestamped(tmp_path: Path) -> None:
+    first = default_run_dir(tmp_path)
+    assert first.parent == tmp_path and first.name.startswith("run-")
+    assert len(first.name) == len("run-YYYYMMDD-HHMMSS") and first.name[12] == "-"
+    first.mkdir()
+    second = default_run_dir(tmp_path)
+    assert second != first and not second.exists()
+
+
+def test_atomic_writes_leave_no_partial_file_and_follow_the_umask(tmp_path: Path) -> None:
+    path = write_atomic(tmp_path / "a.json", "{}\n")
+    write_atomic(path, b"[]\n")
+    assert path.read_bytes() == b"[]\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
+# ------------------------------------------------------------------------------ checkpoints
+def test_checkpoint_round_trip_records_hashes_and_the_metrics_round(cfg, tmp_path: Path) -> None:
+    write_run(tmp_path, cfg, 1).close()
+    saved = checkpoint(2)
+    write_checkpoint(tmp_path, saved)
+    state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
+    assert state["metrics_round"] == 1 and len(state["adapters_sha256"]) == 64
+    assert state["adapters_file"] == f"adapters-r2-{state['adapters_sha256'][:16]}.safetensors"
+    loaded = read_checkpoint(tmp_path)
+    assert loaded is not None and loaded.round == 2 and loaded.clusters == [0, 0, 1]
+    assert loaded.server == saved.server and loaded.graph_info == {"k": 2}
+    np.testing.assert_array_equal(loaded.adjacency, saved.adjacency)
+    for client in CLIENTS:
+        for key, value in saved.adapters[client].items():
+            np.testing.assert_array_equal(loaded.adapters[client][key], value)
+
+
+def test_a_checkpoint_rewritten_for_the_same_round_never_overwrites_the_committed_file(
+    cfg, tmp_path: Path
+) -> None:
+    write_run(tmp_path, cfg, 2).close()
+    write_checkpoint(tmp_path, checkpoint(2))
+    write_checkpoint(tmp_path, checkpoint(2, shift=10.0))  # the final evaluation's checkpoint
+    files = sorted(p.name for p in (tmp_path / "checkpoint").iterdir())
+    assert len(files) == 2 and "state.json" in files  # the older adapters file is gone
+    loaded = read_checkpoint(tmp_path)
+    assert loaded is not None
+    assert float(loaded.adapters["a-0"]["layer.lora_A"][0, 0]) == 10.0
+
+
+def test_no_checkpoint_yet_is_none(cfg, tmp_path: Path) -> None:
+    RunWriter(tmp_path, cfg).close()
+    assert read_checkpoint(tmp_path) is None
+
+
+def _cut_adapters(folder: Path) -> None:
+    path = next((folder / "checkpoint").glob("adapters-r*.safetensors"))
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def _remove_adapters(folder: Path) -> None:
+    next((folder / "checkpoint").glob("adapters-r*.safetensors")).unlink()
+
+
+def _bad_json(folder: Path) -> None:
+    path = folder / "checkpoint" / "state.json"
+    path.write_text(path.read_text()[:-10])
+
+
+def _edit_round(folder: Path) -> None:
+    path = folder / "checkpoint" / "state.json"
+    state = json.loads(path.read_text())
+    state["round"] += 1
+    path.write_text(json.dumps(state))
+
+
+def _drop_metrics_round(folder: Path) -> None:
+    path = folder / "metrics.jsonl"
+    rows = [r for r in read_metrics(folder) if r["round"] == 1]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _remove_state(folder: Path) -> None:
+    (folder / "checkpoint" / "state.json").unlink()
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (_cut_adapters, r"adapters-r3-\w+\.safetensors does not match the sha256"),
+        (_remove_adapters, r"adapters-r3-\w+\.safetensors is missing"),
+        (_bad_json, r"state\.json is not valid JSON"),
+        (_edit_round, r"state\.json was changed after mira wrote it"),
+        (_drop_metrics_round, r"metrics\.jsonl lacks the rows of round\(s\) 2"),
+        (_remove_state, r"state\.json is missing although metrics\.jsonl holds completed"),
+    ],
+    ids=["cut adapters", "missing adapters", "bad JSON", "edited round", "lost rows", "no state"],
+)
+def test_a_damaged_checkpoint_is_one_clear_error_and_nothing_is_deleted(
+    cfg, tmp_path: Path, damage, message: str
+) -> None:
+    # checkpoint of round 3 taken after round 2's rows (round 3 trained, not yet evaluated)
+    write_run(tmp_path, cfg, 2).close()
+    write_checkpoint(tmp_path, checkpoint(3))
+    assert read_checkpoint(tmp_path) is not None
+    damage(tmp_path)
+    before = snapshot(tmp_path)
+    with pytest.raises(RunDirError, match=message) as caught:
+        read_checkpoint(tmp_path)
+    assert "nothing was deleted" in str(caught.value).lower()
+    assert "another --out" in str(caught.value)
+    assert snapshot(tmp_path) == before
+
+
+def test_a_crash_after_the_rows_but_before_the_checkpoint_resumes_cleanly(
+    cfg, tmp_path: Path
+) -> None:
+    # checkpoint of round 2 recorded after round 1's rows; round 2's rows were then appended
+    # and the process died before checkpoint 3: those rows are dropped on resume, not an error
+    write_run(tmp_path, cfg, 1).close()
+    write_checkpoint(tmp_path, checkpoint(2))
+    writer = RunWriter(tmp_path, cfg)
+    writer.append_round(1.0, 2, client_rows(2))
+    writer.close()
+    loaded = read_checkpoint(tmp_path)
+    assert loaded is not None and loaded.round == 2
+    truncate_metrics(tmp_path, 1)
+    assert {r["round"] for r in read_metrics(tmp_path)} == {1}
+
+
+def test_write_adapter_writes_a_peft_folder_atomically(cfg, tmp_path: Path) -> None:
+    from peft import LoraConfig
+    from safetensors.numpy import load_file
+
+    writer = RunWriter(tmp_path, cfg)
+    adapter = {"base_model.model.layer.lora_A.weight": np.ones((4, 8), dtype=np.float32)}
+    path = writer.write_adapter("a-0", adapter, 4, "")
+    writer.close()
+    assert sorted(p.name for p in path.iterdir()) == [
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    np.testing.assert_array_equal(
+        load_file(str(path / "adapter_model.safetensors"))["base_model.model.layer.lora_A.weight"],
+        adapter["base_model.model.layer.lora_A.weight"],
+    )
+    config = LoraConfig.from_pretrained(str(path))
+    assert config.r == 4 and config.lora_alpha == cfg.lora.alpha
+
+
+def test_graph_json_and_png_are_written(cfg, tmp_path: Path) -> None:
+    writer = RunWriter(tmp_path, cfg)
+    clients = [SimpleNamespace(client_id=c, task=c[0]) for c in CLIENTS]
+    graph = SimpleNamespace(
+        adjacency=np.array([[0, 0.5, 0], [0.5, 0, 0], [0, 0, 0]]),
+        clusters=[0, 0, 1],
+        source="tasks",
+        info={"k": 2},
+    )
+    writer.write_graph(clients, graph, 0.3, built_after=0)
+    writer.close()
+    payload = json.loads((tmp_path / "graph.json").read_text())
+    assert payload["degree"] == [0.5, 0.5, 0.0] and payload["k"] == 2
+    assert (tmp_path / "graph.png").stat().st_size > 1000
+
+
+def test_the_writer_records_the_last_round_it_appended_or_finds(cfg, tmp_path: Path) -> None:
+    writer = write_run(tmp_path, cfg, 2)
+    writer.write_checkpoint(checkpoint(3))
+    writer.close()
+    state_path = tmp_path / "checkpoint" / "state.json"
+    assert json.loads(state_path.read_text())["metrics_round"] == 2
+    resumed = RunWriter(tmp_path, cfg)  # appends nothing before its first checkpoint
+    resumed.write_checkpoint(checkpoint(3, shift=1.0))
+    resumed.close()
+    assert json.loads(state_path.read_text())["metrics_round"] == 2
