@@ -11,9 +11,9 @@ load are written as a markdown table.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import tempfile
@@ -46,11 +46,15 @@ def main() -> int:
         )
         seconds = time.monotonic() - started
         load_after = os.getloadavg()
+        metrics = out_dir / "metrics.jsonl"
+        rows = (
+            [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
+        )
     print(done.stdout[-4000:])
     if done.returncode != 0:
         print(done.stderr[-4000:], file=sys.stderr)
         return done.returncode
-    rounds = re.findall(r"\[round (\d+)/\d+\] done in ([\d.]+)s", done.stdout)
+    rounds = [(r["round"], r["seconds"]) for r in rows if r["kind"] == "round"]
     lines = [
         "| what | value |",
         "| --- | --- |",

@@ -128,7 +128,7 @@ def test_round_aggregate_numbers_and_mix_weight_mean(cfg, tmp_path: Path) -> Non
     ids=["cut mid-line", "whole object but no newline", "not JSON, with newline"],
 )
 def test_a_torn_last_line_is_ignored_and_resume_rewrites_the_file_without_it(
-    cfg, tmp_path: Path, torn: bytes
+    cfg, tmp_path: Path, torn: bytes, reliability
 ) -> None:
     write_run(tmp_path, cfg, 2).close()
     path = tmp_path / "metrics.jsonl"
@@ -139,6 +139,11 @@ def test_a_torn_last_line_is_ignored_and_resume_rewrites_the_file_without_it(
     assert read_metrics(tmp_path) == expected
     truncate_metrics(tmp_path, 2)
     assert path.read_bytes() == whole
+    reliability.record(
+        f"a torn last line in metrics.jsonl ({torn[:24]!r}...)",
+        "ignored by every reader; resuming rewrites the file without it, byte for byte",
+        "2 of 2 kept",
+    )
 
 
 def test_a_bad_line_before_the_end_is_an_error_naming_the_file_and_line(
@@ -170,12 +175,17 @@ def test_truncate_drops_rows_after_the_checkpoint_and_refuses_missing_rounds(
 
 
 # ------------------------------------------------------------------------------ the lock
-def test_a_second_writer_into_the_same_folder_is_refused(cfg, tmp_path: Path) -> None:
+def test_a_second_writer_into_the_same_folder_is_refused(cfg, tmp_path: Path, reliability) -> None:
     first = RunWriter(tmp_path, cfg)
     with pytest.raises(RunInUseError, match=rf"in use by another mira run \(pid {os.getpid()}"):
         RunWriter(tmp_path, cfg)
     first.close()
     RunWriter(tmp_path, cfg).close()  # released: the next run may take it
+    reliability.record(
+        "two runs into one folder at once",
+        "the second is refused (the run lock names the holder's pid); the first goes on",
+        "the first's, untouched",
+    )
 
 
 def test_the_lock_holds_across_processes_and_dies_with_its_holder(tmp_path: Path) -> None:
@@ -317,7 +327,7 @@ def _remove_state(folder: Path) -> None:
     ids=["cut adapters", "missing adapters", "bad JSON", "edited round", "lost rows", "no state"],
 )
 def test_a_damaged_checkpoint_is_one_clear_error_and_nothing_is_deleted(
-    cfg, tmp_path: Path, damage, message: str
+    cfg, tmp_path: Path, damage, message: str, reliability
 ) -> None:
     # checkpoint of round 3 taken after round 2's rows (round 3 trained, not yet evaluated)
     write_run(tmp_path, cfg, 2).close()
@@ -330,6 +340,11 @@ def test_a_damaged_checkpoint_is_one_clear_error_and_nothing_is_deleted(
     assert "nothing was deleted" in str(caught.value).lower()
     assert "another --out" in str(caught.value)
     assert snapshot(tmp_path) == before
+    reliability.record(
+        f"a damaged checkpoint: {damage.__name__.strip('_').replace('_', ' ')}",
+        "--resume stops with one error naming the file and what to do; nothing deleted",
+        "2 of 2 kept",
+    )
 
 
 def test_a_crash_after_the_rows_but_before_the_checkpoint_resumes_cleanly(

@@ -161,3 +161,15 @@ def test_checkpoint_state_round_trips() -> None:
     wrong = make_state("tasks.0.clients=3")
     with pytest.raises(ServerStateError, match="but the connected clients are"):
         wrong.restore_state(saved, adapters)
+
+
+@pytest.mark.parametrize("method", ["local", "fedit", "cluster-fedavg", "cluster-merge"])
+def test_rules_without_a_step_ignore_an_auto_step(method: str) -> None:
+    """A config that sets server.step = "auto" for mira runs every other rule unchanged (as
+    mira compare does with one config for all methods)."""
+    state = make_state("server.step='auto'", f"server.method={method}")
+    _, replies, sent = run_exchange(state, 1)
+    state.apply_rule(1, replies, sent, seconds=1.0)
+    assert not any(c.mean is not None for c in state.clients)
+    weights = {r["mix_weight"] for r in state.open_rows.values()}
+    assert weights == ({0.0} if method == "local" else weights - {0.0})

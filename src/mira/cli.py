@@ -149,6 +149,22 @@ def _report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from mira.client.export import export_client  # torch, peft and transformers: only now
+
+    out = export_client(
+        Path(args.run), args.client, Path(args.out), merge=args.merge, base=args.base
+    )
+    if args.merge:
+        print(f"wrote {out}: AutoModelForCausalLM.from_pretrained({str(out)!r}) loads it")
+    else:
+        print(
+            f"wrote {out}: PeftModel.from_pretrained(base, {str(out)!r}) or "
+            f"AutoModelForCausalLM.from_pretrained({str(out)!r}) loads it"
+        )
+    return 0
+
+
 def _config(args: argparse.Namespace) -> int:
     if args.show is not None:
         source = None if args.show == "-" else args.show
@@ -279,6 +295,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     report.add_argument("dir", help="a run directory or a comparison directory")
     report.set_defaults(func=_report)
+
+    export = sub.add_parser(
+        "export", help="write one client's personalised model as a standalone Hugging Face folder"
+    )
+    export.add_argument("run", help="a run directory")
+    export.add_argument("client", help="a client id of that run (e.g. sentiment-0)")
+    export.add_argument("--out", required=True, help="the folder to write, new or empty")
+    export.add_argument(
+        "--merge",
+        action="store_true",
+        help="merge the LoRA update into the base weights: a plain transformers model "
+        "(default: the adapter with its card and tokenizer, for peft)",
+    )
+    export.add_argument(
+        "--base",
+        default=None,
+        metavar="SOURCE",
+        help="load the base model from this local folder or hub id instead of the run's",
+    )
+    export.set_defaults(func=_export)
 
     config = sub.add_parser(
         "config", help="print the config reference, or a config as TOML with --show"

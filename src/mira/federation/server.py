@@ -230,6 +230,11 @@ def discover(link: Link, cfg: Config, fingerprints: bool) -> tuple[list[ClientSt
     """
     nodes = link.wait_for_nodes()
     what = "identify + fingerprint" if fingerprints else "identify"
+    link.progress.note(
+        f"asking {len(nodes)} client(s) who they are"
+        + (" and for their fingerprints" if fingerprints else "")
+        + " (each client process loads the base model first)"
+    )
     found, problems = identify(link, cfg, nodes, fingerprints, what)
     expected = expected_identity(cfg)
     chosen: dict[str, protocol.Identity] = {}

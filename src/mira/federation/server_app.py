@@ -1,23 +1,62 @@
-"""The mira ServerApp, for ``flwr run .`` (Simulation or Deployment Engine) and ``mira run``.
+"""The mira ServerApp: ``flwr run .`` (Simulation or Deployment Engine) and ``mira run`` both
+run :func:`main`.
 
-Under ``flwr run`` the run config (``[tool.flwr.app.config]`` in pyproject.toml, or
-``--run-config``) names the mira config file, overrides and output directory.
+The run config (``[tool.flwr.app.config]`` in pyproject.toml, overridden by
+``flwr run --run-config``) says what to run:
+
+- ``config``: a mira TOML config file; '' is the packaged quickstart;
+- ``overrides``: ``section.key=value`` overrides separated by ';';
+- every mira key as ``section.key``, as FlowerTune apps take theirs
+  (``--run-config "federation.rounds=2 server.method='fedit'"``): each one that is not ''
+  overrides that key after ``overrides``, read and checked exactly as ``mira run --set``;
+  '' (the declared default) leaves the key as the config file has it;
+- ``out``: the run directory; ``resume``: continue the run there.
+
+``mira run`` also sets ``relay`` (:mod:`mira.federation.relay`): the ServerApp then reports its
+progress and its outcome through that file, and ``mira run`` prints the final table and writes
+the report. Without it (``flwr run``) the ServerApp does both itself after the last round.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
 from mira.client.model import check_target_modules, prepare_model
-from mira.config import Config, load_config
+from mira.client.ranks import client_rank
+from mira.config import Config, ConfigError, load_config
+from mira.core import rules
 from mira.federation.progress import Progress
+from mira.federation.relay import RelayProgress
 from mira.federation.server import run_federation
-from mira.results.rundir import check_new_run_dir
+from mira.graph.build import static_graph
+from mira.results.report import write_report
+from mira.results.rundir import check_new_run_dir, final_table
+
+# Run-config keys that are not mira config keys (those are all 'section.key').
+WRAPPER_KEYS = ("config", "overrides", "out", "resume", "relay")
+DEFAULT_OUT = "runs/flwr"
 
 app = ServerApp()
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What a run config asks the ServerApp for."""
+
+    config: str | None  # None: the packaged quickstart
+    overrides: tuple[str, ...]  # 'section.key=value', applied in order
+    out_dir: Path
+    resume: bool
+
+    def load(self) -> Config:
+        """The config, overridden and validated (the errors of ``mira run --set``)."""
+        return load_config(self.config, self.overrides)
 
 
 def split_overrides(text: str) -> list[str]:
@@ -25,39 +64,93 @@ def split_overrides(text: str) -> list[str]:
     return [part.strip() for part in text.split(";") if part.strip()]
 
 
-@app.main()
-def main(grid: Grid, context: Context) -> None:
-    run_config = context.run_config
-    source = str(run_config.get("config", "")) or None
-    cfg = load_config(source, split_overrides(str(run_config.get("overrides", ""))))
-    out_dir = Path(str(run_config.get("out", "runs/flwr")))
-    resume = bool(run_config.get("resume", False))
-    if not resume:
-        check_new_run_dir(out_dir)
+def as_override(key: str, value: Any) -> str:
+    """A run-config value as ``--set`` text: 'federation.rounds=2', 'server.method=fedit'.
+
+    Flower parses run-config values as TOML (bool, int, float or str); a string is passed on
+    as written, so a list or a quoted word arrives as ``--set`` would read it
+    (``lora.target_modules="['q_proj']"``).
+    """
+    if isinstance(value, bool):
+        text = "true" if value else "false"
+    elif isinstance(value, int | float):
+        text = repr(value)
+    else:
+        text = str(value)
+    return f"{key}={text}"
+
+
+def _flag(key: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).strip().lower() in ("true", "false"):
+        return str(value).strip().lower() == "true"
+    raise ConfigError(f"run config {key} = {value!r} must be true or false")
+
+
+def read_run_config(run_config: Mapping[str, Any]) -> RunRequest:
+    """The run config of a Flower run (wrapper keys and mira's own ``section.key`` keys)."""
+    unknown = sorted(k for k in run_config if "." not in k and k not in WRAPPER_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"run config key(s) {', '.join(unknown)}: a key is one of {', '.join(WRAPPER_KEYS)} "
+            "or a mira config key as section.key (mira config lists them)"
+        )
+    overrides = split_overrides(str(run_config.get("overrides", "")))
+    overrides += [as_override(k, v) for k, v in run_config.items() if "." in k and v != ""]
+    return RunRequest(
+        config=str(run_config.get("config", "")) or None,
+        overrides=tuple(overrides),
+        out_dir=Path(str(run_config.get("out", "")) or DEFAULT_OUT),
+        resume=_flag("resume", run_config.get("resume", False)),
+    )
+
+
+def server_preflight(cfg: Config) -> str:
+    """What the server can check before it contacts any client: the graph against the step,
+    the base model (built or converted once, here), the LoRA target modules, every client's
+    rank and the pull space. Returns the base model's local source."""
+    static_graph(cfg)
     base_source = prepare_model(cfg.model)
     check_target_modules(cfg.model, cfg.lora)
-    run_federation(grid, cfg, out_dir, base_source, resume=resume)
+    try:
+        ranks = [client_rank(cfg, partition) for partition in range(cfg.num_clients)]
+        rules.resolve_pull_space(cfg.server.pull_space, ranks)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
+    return base_source
 
 
-def make_server_app(
-    cfg: Config,
-    out_dir: Path,
-    base_source: str,
-    errors: list[BaseException],
-    resume: bool = False,
-    progress: Progress | None = None,
-) -> ServerApp:
-    """A ServerApp bound to an already validated config; failures are kept in ``errors``
-    so the caller can report them after the Simulation Engine has shut down."""
-    bound = ServerApp()
+def serve(grid: Grid, request: RunRequest, progress: Progress) -> None:
+    """Check what the server can, then run the federation into ``request.out_dir``."""
+    cfg = request.load()
+    if not request.resume:
+        check_new_run_dir(request.out_dir)
+    base_source = server_preflight(cfg)
+    run_federation(
+        grid, cfg, request.out_dir, base_source, resume=request.resume, progress=progress
+    )
 
-    @bound.main()
-    def _main(grid: Grid, context: Context) -> None:
-        del context
-        try:
-            run_federation(grid, cfg, out_dir, base_source, resume=resume, progress=progress)
-        except BaseException as err:
-            errors.append(err)
-            raise
 
-    return bound
+def report(out_dir: Path) -> None:
+    """What ``mira run`` shows after a run: the final table, then report.md and report.html."""
+    print(f"\n{final_table(out_dir)}", flush=True)
+    path = write_report(out_dir)
+    print(f"\nreport: {path} and {path.with_suffix('.html')}", flush=True)
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    relay_to = str(context.run_config.get("relay", ""))
+    if not relay_to:  # flwr run: this process shows the run and reports on it
+        request = read_run_config(context.run_config)
+        serve(grid, request, Progress())
+        report(request.out_dir)
+        return
+    relay = RelayProgress(Path(relay_to))  # mira run: it shows the run and reports on it
+    try:
+        serve(grid, read_run_config(context.run_config), relay)
+    except Exception as err:
+        relay.finish(err)
+        raise
+    relay.finish()

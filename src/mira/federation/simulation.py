@@ -1,50 +1,79 @@
-"""Run a federation on Flower's Simulation Engine inside the calling process.
+"""Run a federation on Flower's Simulation Engine, as one command.
 
-This process is the server: it checks the config, builds the base model once, and never
-touches a GPU (no CUDA context: ``resolve_device`` asks NVML). Each client process (a Ray
-actor) loads the model on ``model.device``; ``federation.gpus_per_client`` is its Ray GPU
-share, so several clients can train on one GPU at once.
+Flower runs simulations through a SuperLink in simulation mode: ``flwr run`` submits an app to
+it, and the SuperLink starts ``flwr-simulation``, the process that runs the ServerApp and,
+through Ray, the ClientApps (the in-process ``flwr.simulation.run_simulation`` is deprecated
+since flwr 1.41). :func:`run_simulation` does that for one run and cleans up after it:
+
+1. it checks the config and everything that can fail before training, here (:func:`preflight`);
+2. it starts a SuperLink of its own (:class:`LocalSuperLink`: a free loopback port, a
+   temporary FLWR_HOME, no runtime dependency installation, no update check);
+3. it writes a minimal Flower app (a pyproject.toml naming mira's ServerApp, the ClientApp and
+   this run's resolved config) and submits it with ``flwr run APP --stream``;
+4. the ServerApp reports its progress and its outcome through a relay file
+   (:mod:`mira.federation.relay`): the progress is shown here, and an exception the ServerApp
+   raised is raised here, with its type and message;
+5. it stops the SuperLink and everything it started; a watchdog does the same if this process
+   dies, even by SIGKILL (:mod:`mira.federation.watchdog`).
+
+This process and the ServerApp never touch a GPU (no CUDA context: ``resolve_device`` asks
+NVML). Each client process (a Ray actor) loads the model on ``model.device``;
+``federation.gpus_per_client`` is its Ray GPU share, so several clients can train on one GPU at
+once.
 """
 
 from __future__ import annotations
 
-import logging
+import collections
+import contextlib
 import os
+import shutil
+import socket
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import threading
+import time
 from pathlib import Path
-from typing import Any
+from types import TracebackType
+from typing import IO, Any
 
-from mira.client.model import check_target_modules, prepare_model, resolve_device
-from mira.client.ranks import client_rank
-from mira.config import Config, ConfigError
-from mira.core import rules
+import psutil
+import tomli_w
+
+from mira.client.model import resolve_device
+from mira.config import Config, ConfigError, to_toml
 from mira.data import load_client_data
 from mira.federation.client_app import app as client_app
 from mira.federation.preflight import check_lengths, check_model
 from mira.federation.progress import Progress
+from mira.federation.relay import RelayReader
 from mira.federation.server import FederationError
-from mira.federation.server_app import make_server_app
+from mira.federation.server_app import server_preflight
 from mira.federation.watchdog import guard
-from mira.graph.build import static_graph
 from mira.results.rundir import METRICS
+
+SERVER_APP = "mira.federation.server_app:app"
+CONNECTION = "mira-run"  # the SuperLink connection in the temporary FLWR_HOME
+STARTUP_TIMEOUT = 60.0  # seconds for the SuperLink to accept connections
+STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL when stopping it
+POLL_SECONDS = 0.2
+LOG_TAIL = 40  # lines of Flower's output kept to explain a failure
 
 
 def preflight(cfg: Config) -> str:
-    """Everything that can fail before training: graph vs step, model (it loads), device, LoRA
-    target modules, every client's rank and data (files decode, targets fit model.max_length).
+    """Everything that can fail before training: what the server checks
+    (:func:`~mira.federation.server_app.server_preflight`: graph vs step, model, LoRA target
+    modules, ranks), then the model loads, the device, every client's data (files decode,
+    targets fit model.max_length).
 
     Returns the local source of the base model (converted and cached once, here, so the
     workers only load it).
     """
-    static_graph(cfg)
-    base_source = prepare_model(cfg.model)
+    base_source = server_preflight(cfg)
     tokenizer = check_model(cfg)
-    check_target_modules(cfg.model, cfg.lora)
     check_gpu_share(cfg, resolve_device(cfg.model)[0])
-    try:
-        ranks = [client_rank(cfg, partition) for partition in range(cfg.num_clients)]
-        rules.resolve_pull_space(cfg.server.pull_space, ranks)
-    except ValueError as err:
-        raise ConfigError(str(err)) from err
     for partition in range(cfg.num_clients):
         load_client_data(cfg, partition)
     check_lengths(cfg, tokenizer)
@@ -63,29 +92,278 @@ def check_gpu_share(cfg: Config, device: str) -> None:
         )
 
 
-class _DropDeprecationNotice(logging.Filter):
-    """Hide Flower's notice that the in-process ``run_simulation`` entry point is deprecated:
-    ``mira run`` uses it on purpose so the whole federation lives inside one command."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "DEPRECATED FEATURE" not in record.getMessage()
-
-
 def quiet_libraries() -> None:
     """Keep the terminal for mira's own progress lines (``--verbose`` shows everything).
 
-    Environment variables are set before Ray starts, so its workers inherit them.
+    Environment variables are set before Flower's processes start, so they inherit them.
     """
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning,ignore::UserWarning")
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    flwr_logger = logging.getLogger("flwr")
-    flwr_logger.setLevel(logging.WARNING)
-    flwr_logger.addFilter(_DropDeprecationNotice())
+
+
+def client_workers(cfg: Config) -> int:
+    """Client processes running at once: ``federation.workers``, at most one per client and
+    per core."""
+    return min(cfg.federation.workers, cfg.num_clients, os.cpu_count() or 1)
+
+
+def federation_config(cfg: Config, verbose: bool) -> dict[str, Any]:
+    """The simulation federation for ``flwr run --federation-config``: one virtual SuperNode
+    per client, ``federation.workers`` client processes sharing the cores, each reserving
+    ``federation.gpus_per_client`` of a GPU."""
+    cpus = os.cpu_count() or 1
+    return {
+        "num-supernodes": cfg.num_clients,
+        "client-resources-num-cpus": max(1, cpus // client_workers(cfg)),
+        "client-resources-num-gpus": float(cfg.federation.gpus_per_client),
+        "init-args-num-cpus": cpus,
+        "init-args-logging-level": "INFO" if verbose else "WARNING",
+        # The clients' own logs (and Ray's notices about its actors) stay out of the
+        # terminal unless asked for; a client's error still reaches the run as its reason.
+        "init-args-log-to-driver": verbose,
+        "verbose": verbose,
+    }
+
+
+def _toml_value(value: Any) -> str:
+    return tomli_w.dumps({"v": value}).split("=", 1)[1].strip()
+
+
+def app_reference(app: Any) -> str:
+    """``module:attribute`` of a ClientApp: Flower's processes import it by that name.
+
+    ``app`` is a reference already, or an object bound at the top level of an imported module
+    (not this one: tests replace :data:`client_app` here, which a fresh process would not
+    see).
+    """
+    if isinstance(app, str):
+        return app
+    for name, module in list(sys.modules.items()):
+        if module is None or name in ("__main__", __name__):
+            continue
+        for attribute, value in list(vars(module).items()):
+            if value is app:
+                return f"{name}:{attribute}"
+    raise ConfigError(
+        "the ClientApp to simulate must be bound at the top level of an importable module "
+        "(Flower's processes import it by name), or be given as 'module:attribute'"
+    )
+
+
+def write_app(
+    folder: Path, cfg: Config, out_dir: Path, resume: bool, clients: str, relay: Path
+) -> Path:
+    """A Flower app for this run: a pyproject.toml naming the ServerApp, the ClientApp and the
+    run config (the resolved config, written beside it). Returns the app's folder."""
+    config = folder / "config.toml"
+    config.write_text(to_toml(cfg))
+    app_dir = folder / "app"
+    app_dir.mkdir()
+    pyproject = {
+        "project": {
+            "name": "mira-run",
+            "version": "1.0.0",
+            "description": "One mira run on Flower's Simulation Engine",
+            "license": "Apache-2.0",
+        },
+        "tool": {
+            "flwr": {
+                "app": {
+                    "publisher": "mira",
+                    "components": {"serverapp": SERVER_APP, "clientapp": clients},
+                    "config": {
+                        "config": str(config),
+                        "overrides": "",
+                        "out": str(Path(out_dir).resolve()),
+                        "resume": resume,
+                        "relay": str(relay),
+                    },
+                }
+            }
+        },
+    }
+    (app_dir / "pyproject.toml").write_text(tomli_w.dumps(pyproject))
+    return app_dir
+
+
+def _scripts_path() -> str:
+    """PATH with this Python's scripts first: Flower starts ``flwr-simulation`` by name."""
+    return os.pathsep.join([sysconfig.get_path("scripts"), os.environ.get("PATH", "")])
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def _listening(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+    except OSError:
+        return False
+    return True
+
+
+def _tail(path: Path, lines: int = LOG_TAIL) -> str:
+    with contextlib.suppress(OSError):
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    return ""
+
+
+def end_process_tree(pid: int, grace: float = STOP_GRACE) -> None:
+    """SIGTERM a process and all its descendants, then SIGKILL those still there after
+    ``grace`` seconds."""
+    try:
+        root = psutil.Process(pid)
+        family = [*root.children(recursive=True), root]
+    except psutil.Error:
+        return
+    for process in family:
+        with contextlib.suppress(psutil.Error):
+            process.terminate()
+    _gone, alive = psutil.wait_procs(family, timeout=grace)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+
+
+class LocalSuperLink:
+    """A SuperLink in simulation mode for one run, on a free loopback port, with its FLWR_HOME
+    in ``folder``: no runtime dependency installation (the apps use this environment), no
+    update check, no telemetry unless FLWR_TELEMETRY_ENABLED says otherwise.
+
+    Plaintext on 127.0.0.1: while it runs, any process on this machine can reach its port (as
+    with ``flwr run``'s own local SuperLink); it is stopped, with everything it started, when
+    the run ends.
+    """
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.home = folder / "flwr-home"
+        self.log = folder / "superlink.log"
+        self.env = {
+            **os.environ,
+            "PATH": _scripts_path(),
+            "FLWR_HOME": str(self.home),
+            "FLWR_DISABLE_UPDATE_CHECK": "1",
+            "FLWR_TELEMETRY_ENABLED": os.environ.get("FLWR_TELEMETRY_ENABLED", "0"),
+            "PYTHONUNBUFFERED": "1",
+        }
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def _command(self, name: str) -> str:
+        found = shutil.which(name, path=self.env["PATH"])
+        if found is None:
+            raise FederationError(
+                f"Flower's `{name}` command is not installed next to this Python "
+                f"({sysconfig.get_path('scripts')}); reinstall mira with flwr[simulation]"
+            )
+        return found
+
+    def __enter__(self) -> LocalSuperLink:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def start(self) -> None:
+        """Start the SuperLink and wait until it accepts connections."""
+        self.home.mkdir(parents=True, exist_ok=True)
+        port = _free_port()
+        connection = {"address": f"127.0.0.1:{port}", "insecure": True}
+        config = {"superlink": {"default": CONNECTION, CONNECTION: connection}}
+        (self.home / "config.toml").write_text(tomli_w.dumps(config))
+        command = [
+            self._command("flower-superlink"),
+            "--simulation",
+            "--insecure",
+            *("--host", "127.0.0.1", "--port", str(port)),
+            "--disable-runtime-dependency-installation",
+        ]
+        with self.log.open("wb") as log:
+            self.process = subprocess.Popen(
+                command,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self.env,
+                start_new_session=True,  # this run stops it, not a Ctrl-C to the terminal
+            )
+        deadline = time.monotonic() + STARTUP_TIMEOUT
+        while not _listening(port):
+            code = self.process.poll()
+            if code is not None or time.monotonic() > deadline:
+                state = f"exited with code {code}" if code is not None else "did not start"
+                raise FederationError(
+                    f"Flower's SuperLink {state} within {STARTUP_TIMEOUT:g}s; its log:\n"
+                    + _tail(self.log)
+                )
+            time.sleep(POLL_SECONDS)
+
+    def run(
+        self, app_dir: Path, federation: dict[str, Any], relay: RelayReader, verbose: bool
+    ) -> str:
+        """Submit the app with ``flwr run --stream`` and replay the relay until the run ends.
+
+        Flower's stream (its logs, the ServerApp's and, with ``verbose``, Ray's and the
+        clients') goes to the terminal with ``verbose``; otherwise its last lines are kept.
+        Returns them.
+        """
+        settings = " ".join(f"{key}={_toml_value(v)}" for key, v in federation.items())
+        command = [
+            self._command("flwr"),
+            *("run", str(app_dir), CONNECTION),
+            *("--federation-config", settings),
+            "--stream",
+        ]
+        tail: collections.deque[str] = collections.deque(maxlen=LOG_TAIL)
+        cli = subprocess.Popen(
+            command,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=self.env,
+            cwd=self.folder,
+            start_new_session=True,
+        )
+        assert cli.stdout is not None
+        reader = threading.Thread(target=_read_stream, args=(cli.stdout, tail, verbose))
+        reader.start()
+        try:
+            while cli.poll() is None:
+                relay.poll()
+                time.sleep(POLL_SECONDS)
+            reader.join()
+            relay.poll()
+        finally:
+            if cli.poll() is None:
+                end_process_tree(cli.pid)
+            reader.join(timeout=STOP_GRACE)
+        return "\n".join(tail)
+
+    def stop(self) -> None:
+        """Stop the SuperLink and everything it started (the simulation, Ray)."""
+        if self.process is not None:
+            end_process_tree(self.process.pid)
+            self.process.wait()
+            self.process = None
+
+
+def _read_stream(stream: IO[bytes], tail: collections.deque[str], verbose: bool) -> None:
+    for raw in stream:
+        line = raw.decode(errors="replace").rstrip("\n")
+        tail.append(line)
+        if verbose:
+            print(line, flush=True)
 
 
 def run_simulation(
@@ -96,57 +374,44 @@ def run_simulation(
     progress: Progress | None = None,
     clients: Any = None,
 ) -> None:
-    """Start the Simulation Engine with one virtual SuperNode per client and run ``cfg``.
+    """Run ``cfg`` on Flower's Simulation Engine, one virtual SuperNode per client, into
+    ``out_dir`` (continuing the run there with ``resume``).
 
     ``progress`` shows the run (plain lines by default); ``clients`` replaces mira's ClientApp
-    (tests inject faults this way). A watchdog ends the engine's processes when this one ends,
-    even by SIGKILL (:mod:`mira.federation.watchdog`).
+    (a ClientApp at the top level of an importable module, or its ``module:attribute``; tests
+    inject faults this way). An exception the ServerApp raised is raised here.
     """
-    from flwr.simulation import run_simulation as flower_run_simulation
-
     if not verbose:
         quiet_libraries()
-    base_source = preflight(cfg)
+    preflight(cfg)
     # A client with no GPU share still sees the machine's GPUs (model.device decides), as
     # this process does when it reports the device; Ray would otherwise hide them.
     os.environ["RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"] = "0"
-    cpus = os.cpu_count() or 1
-    workers = min(cfg.federation.workers, cfg.num_clients, cpus)
-    backend_config = {
-        "client_resources": {
-            "num_cpus": max(1, cpus // workers),
-            "num_gpus": cfg.federation.gpus_per_client,
-        },
-        "init_args": {
-            "num_cpus": cpus,
-            "include_dashboard": False,
-            "logging_level": logging.WARNING if not verbose else logging.INFO,
-            # The clients' own logs (and Ray's notices about its actors) stay out of the
-            # terminal unless asked for; a client's error still reaches the run as its reason.
-            "log_to_driver": verbose,
-        },
-    }
-    errors: list[BaseException] = []
+    clientapp = app_reference(clients if clients is not None else client_app)
     progress = progress or Progress(verbose)
     progress.note(
-        f"starting the Simulation Engine: {workers} client process(es) for "
+        f"starting the Simulation Engine: {client_workers(cfg)} client process(es) for "
         f"{cfg.num_clients} clients, each loading {cfg.model.name}"
     )
     watchdog = guard()
     try:
-        flower_run_simulation(
-            server_app=make_server_app(
-                cfg, out_dir, base_source, errors, resume=resume, progress=progress
-            ),
-            client_app=clients if clients is not None else client_app,
-            num_supernodes=cfg.num_clients,
-            backend_config=backend_config,  # type: ignore[arg-type]
-            verbose_logging=verbose,
-        )
+        with tempfile.TemporaryDirectory(prefix="mira-run-", ignore_cleanup_errors=True) as tmp:
+            folder = Path(tmp)
+            relay = RelayReader(folder / "relay.jsonl", progress)
+            app_dir = write_app(folder, cfg, out_dir, resume, clientapp, relay.path)
+            with LocalSuperLink(folder) as superlink:
+                flower_tail = superlink.run(
+                    app_dir, federation_config(cfg, verbose), relay, verbose
+                )
     finally:
         progress.close()
         watchdog.close()
-    if errors:
-        raise errors[0]
+    if relay.error is not None:
+        raise relay.error
+    if not relay.done:
+        raise FederationError(
+            "Flower's simulation stopped before the ServerApp finished; its last lines:\n"
+            + flower_tail
+        )
     if not (out_dir / METRICS).is_file():
         raise FederationError("the simulation ended before the first round completed")

@@ -428,7 +428,7 @@ class ServerState:
             mixing = rules.mixing_for(
                 self.cfg.server.method,
                 adjacency=self.graph.adjacency,
-                step=float(self.cfg.server.step),
+                step=0.0 if self.cfg.server.auto_step else float(self.cfg.server.step),
                 clusters=self.graph.clusters,
                 weights=[c.num_train for c in self.clients],
                 active=active,

@@ -29,8 +29,11 @@ POLL_SECONDS = 1.0
 
 def guard() -> IO[bytes]:
     """Start the watchdog for this process; closing the returned pipe (or dying) ends it."""
+    # Processes this one had started before the run are not the run's (a test runner's
+    # helpers, a tracking service): they are left alone.
+    before = [str(p.pid) for p in psutil.Process().children(recursive=True)]
     watcher = subprocess.Popen(
-        [sys.executable, "-m", "mira.federation.watchdog", str(os.getpid())],
+        [sys.executable, "-m", "mira.federation.watchdog", str(os.getpid()), *before],
         stdin=subprocess.PIPE,
         start_new_session=True,  # a signal to the run's process group does not reach it
     )
@@ -53,13 +56,14 @@ def _alive(pid: int, created: float) -> psutil.Process | None:
         return None
 
 
-def watch(parent: int, stream: IO[bytes]) -> None:
-    """Note ``parent``'s descendants until ``stream`` ends, then end them."""
+def watch(parent: int, stream: IO[bytes], spare: set[int] | None = None) -> None:
+    """Note ``parent``'s descendants until ``stream`` ends, then end them (all but ``spare``)."""
     noted: dict[int, float] = {}
-    me = os.getpid()
+    spare = {os.getpid(), *(spare or set())}
     while True:
         noted.update(_descendants(parent))
-        noted.pop(me, None)
+        for pid in spare:
+            noted.pop(pid, None)
         ready, _, _ = select.select([stream], [], [], POLL_SECONDS)
         if ready and not stream.read(1):
             break
@@ -74,4 +78,4 @@ def watch(parent: int, stream: IO[bytes]) -> None:
 
 
 if __name__ == "__main__":
-    watch(int(sys.argv[1]), sys.stdin.buffer)
+    watch(int(sys.argv[1]), sys.stdin.buffer, {int(pid) for pid in sys.argv[2:]})

