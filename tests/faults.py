@@ -74,3 +74,26 @@ faulty_app = ClientApp(mods=[client_app.deadline_mod, inject])
 faulty_app.query()(client_app.identify)
 faulty_app.train()(client_app.train)
 faulty_app.evaluate()(client_app.evaluate)
+
+
+def own_task_only(msg: Message, context: Context, call_next) -> Message:
+    """Fail the client if anything the server sent it names another client's task or path."""
+    settings = msg.content.config_records[protocol.SETTINGS]
+    if protocol.CONFIG_JSON in settings:
+        view = json.loads(str(settings[protocol.CONFIG_JSON]))
+        own = int(str(settings[protocol.PARTITION]))
+        if len(view["tasks"]) != 1 or view["lora"]["ranks"]:
+            raise RuntimeError(f"client {own} was sent {len(view['tasks'])} tasks")
+        others = json.loads(os.environ[OTHER_TASKS])[str(own)]
+        text = str(settings[protocol.CONFIG_JSON])
+        leaked = [word for word in others if word in text]
+        if leaked:
+            raise RuntimeError(f"client {own} was sent other clients' settings: {leaked}")
+    return call_next(msg, context)
+
+
+OTHER_TASKS = "MIRA_TEST_OTHER_TASKS"
+view_checking_app = ClientApp(mods=[client_app.deadline_mod, own_task_only])
+view_checking_app.query()(client_app.identify)
+view_checking_app.train()(client_app.train)
+view_checking_app.evaluate()(client_app.evaluate)

@@ -200,3 +200,27 @@ def test_a_resumed_run_with_a_fault_equals_the_uninterrupted_one(
         "3 of 3",
         parts,
     )
+
+
+def test_each_client_receives_only_its_own_task(tiny_config, tmp_path, monkeypatch):
+    """Least information: no message names another task, its data path or the ranks list."""
+    monkeypatch.setattr(simulation, "client_app", faults.view_checking_app)
+    paths = [str(TESTS), *filter(None, [__import__("os").environ.get("PYTHONPATH")])]
+    monkeypatch.setenv("PYTHONPATH", ":".join(paths))
+    cfg = tiny_config("federation.rounds=1", "lora.ranks=[2, 4, 2, 4]")
+    others = {
+        str(p): [
+            text
+            for t in cfg.tasks
+            if t.name != cfg.client_tasks[p]
+            for text in (f'"name": "{t.name}"', t.path)
+        ]
+        for p in range(cfg.num_clients)
+    }
+    monkeypatch.setenv(faults.OTHER_TASKS, json.dumps(others))
+    simulation.run_simulation(cfg, tmp_path)
+    rows = rows_of(tmp_path)
+    assert len(rows) == 4 and all(r["status"] == "ok" for r in rows.values())
+    assert {r["client"]: r["rank"] for r in rows.values()} == dict(
+        zip(cfg.client_ids, cfg.lora.ranks, strict=True)
+    )

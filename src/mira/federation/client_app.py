@@ -138,9 +138,9 @@ class Encoded:
 
 
 @lru_cache(maxsize=64)
-def _client_data(config_json: str, partition: int) -> Encoded:
+def _client_data(config_json: str, shard: int) -> Encoded:
     cfg = _config(config_json)
-    data = load_client_data(cfg, partition)
+    data = load_client_data(cfg, shard)
     tokenizer = _lora_model(cfg).tokenizer
 
     def encode(examples: list[Any]) -> list[learner.Encoded]:
@@ -159,23 +159,28 @@ def training_seed(seed: int, partition: int, server_round: int) -> int:
     return int(np.random.SeedSequence([seed, partition, server_round]).generate_state(1)[0])
 
 
-def _partition(context: Context, cfg: Config) -> int:
-    if "partition-id" not in context.node_config:
-        raise ValueError("this SuperNode has no 'partition-id' in its node config")
-    partition = int(context.node_config["partition-id"])
-    if not 0 <= partition < cfg.num_clients:
+def _node_partition(context: Context) -> int:
+    """This node's partition-id: which client of the config it holds (-1: none given)."""
+    return int(str(context.node_config.get("partition-id", -1)))
+
+
+def _check_partition(context: Context, partition: int) -> None:
+    """The server addresses this node as client ``partition``: it must be the one it holds."""
+    held = _node_partition(context)
+    if held != partition:
         raise ValueError(
-            f"partition-id {partition} is outside the {cfg.num_clients} clients of the config"
+            f"the server sent client {partition}'s work to this node, which holds "
+            f"partition-id {held}"
         )
-    return partition
 
 
-def _identity(cfg: Config, partition: int) -> ConfigRecord:
+def _identity(view: Config, shard: int) -> ConfigRecord:
+    """Who this client is, from its view of the config (its own task only)."""
     return ConfigRecord(
         {
-            protocol.ID_CLIENT: cfg.client_ids[partition],
-            protocol.ID_TASK: cfg.client_tasks[partition],
-            protocol.ID_RANK: client_rank(cfg, partition),
+            protocol.ID_CLIENT: view.client_ids[shard],
+            protocol.ID_TASK: view.client_tasks[shard],
+            protocol.ID_RANK: client_rank(view, shard),
         }
     )
 
@@ -211,7 +216,12 @@ def client_fingerprint(
 
 @app.query()
 def identify(msg: Message, context: Context) -> Message:
-    """Identify this client, with the shared LoRA init; on request, also its fingerprint."""
+    """Say which partition-id this node holds; given its client's view of the config, send
+    its identity and the shared LoRA init and, on request, its fingerprint."""
+    settings = msg.content.config_records[protocol.SETTINGS]
+    if protocol.CONFIG_JSON not in settings:
+        who = ConfigRecord({protocol.ID_PARTITION: _node_partition(context)})
+        return Message(RecordDict({protocol.IDENTITY: who}), reply_to=msg)
     with _WORK:
         _check_not_cancelled()
         return _identify(msg, context)
@@ -220,16 +230,14 @@ def identify(msg: Message, context: Context) -> Message:
 def _identify(msg: Message, context: Context) -> Message:
     settings = msg.content.config_records[protocol.SETTINGS]
     config_json = str(settings[protocol.CONFIG_JSON])
-    cfg = _config(config_json)
-    if int(str(context.node_config.get("partition-id", -1))) >= cfg.num_clients:
-        # More SuperNodes than clients (e.g. a default local federation): this one idles.
-        identity = ConfigRecord({protocol.ID_CLIENT: ""})
-        return Message(RecordDict({protocol.IDENTITY: identity}), reply_to=msg)
-    partition = _partition(context, cfg)
-    encoded = _client_data(config_json, partition)
-    rank = client_rank(cfg, partition)
+    cfg = _config(config_json)  # this client's view: its own task only
+    partition = int(str(settings[protocol.PARTITION]))
+    shard = int(str(settings[protocol.SHARD]))
+    _check_partition(context, partition)
+    encoded = _client_data(config_json, shard)
+    rank = client_rank(cfg, shard)
     model = _lora_model(cfg)
-    identity = _identity(cfg, partition)
+    identity = _identity(cfg, shard)
     identity[protocol.ID_NUM_TRAIN] = len(encoded.data.train)
     identity[protocol.ID_NUM_EVAL] = len(encoded.data.eval)
     content = RecordDict({protocol.IDENTITY: identity})
@@ -311,14 +319,15 @@ def _round_step(msg: Message, context: Context) -> Message:
 def _round_work(msg: Message, context: Context) -> Message:
     """One exchange: choose (auto), evaluate, fingerprint and train, as instructed."""
     instruction, config_json = protocol.decode_instruction(msg)
-    cfg = _config(config_json)
-    partition = _partition(context, cfg)
-    if instruction.client_id != cfg.client_ids[partition]:
+    cfg = _config(config_json)  # this client's view: its own task only
+    partition, shard = instruction.partition, instruction.shard
+    _check_partition(context, partition)
+    if instruction.client_id != cfg.client_ids[shard]:
         raise ValueError(
-            f"server sent client {instruction.client_id}'s adapter to {cfg.client_ids[partition]}"
+            f"server sent client {instruction.client_id}'s adapter to {cfg.client_ids[shard]}"
         )
-    encoded = _client_data(config_json, partition)
-    rank = client_rank(cfg, partition)
+    encoded = _client_data(config_json, shard)
+    rank = client_rank(cfg, shard)
     model = _lora_model(cfg)
     name = model.activate(cfg.lora, rank)
     model.set_adapter(name, instruction.adapter)
@@ -355,4 +364,4 @@ def _round_work(msg: Message, context: Context) -> Message:
                 cfg.privacy.noise_multiplier,
                 np.random.default_rng(),
             )
-    return protocol.encode_reply(reply, msg, _identity(cfg, partition))
+    return protocol.encode_reply(reply, msg, _identity(cfg, shard))

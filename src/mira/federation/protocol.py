@@ -26,6 +26,7 @@ from flwr.app import (
     RecordDict,
 )
 
+from mira.config import GRAPH_SOURCES, Config
 from mira.core.adapters import Adapter
 
 # Records of a message (RecordDict keys).
@@ -50,8 +51,11 @@ WANT_FINGERPRINT = "fingerprint"
 CANDIDATES = "candidates"
 PRIOR = "prior"
 SPACE = "space"  # 'factor' or 'product': where the mix with the mean is formed
+PARTITION = "partition"  # the client's index in the config's client order (its partition-id)
+SHARD = "shard"  # the client's index among its own task's clients
 
 # Keys of the IDENTITY record.
+ID_PARTITION = "partition"  # the node's partition-id (answer to "who")
 ID_CLIENT = "client"
 ID_TASK = "task"
 ID_RANK = "rank"
@@ -61,6 +65,36 @@ ID_NUM_EVAL = "num_eval"
 # Keys of the CHOICE record.
 ALPHA = "alpha"
 VAL_LOSSES = "val_losses"
+
+
+def client_view(cfg: Config, partition: int) -> str:
+    """The config one client receives, as JSON: the shared settings and its OWN task only.
+
+    Other clients' tasks, data paths and counts never reach it. Its task entry keeps its own
+    client count (its shard of the task depends on it) and carries the client's LoRA rank when
+    ``lora.ranks`` gives one per client; a matrix file behind ``server.graph`` is a path on the
+    server and is not sent.
+    """
+    index, shard = task_of(cfg, partition)
+    raw = cfg.to_dict()
+    task = dict(raw["tasks"][index])
+    if cfg.lora.ranks:
+        task["rank"], task["memory_mb"] = cfg.lora.ranks[partition], 0.0
+    raw["tasks"] = [task]
+    raw["lora"]["ranks"] = []
+    if raw["server"]["graph"] not in GRAPH_SOURCES:
+        raw["server"]["graph"] = "tasks"
+    return json.dumps(raw, sort_keys=True)
+
+
+def task_of(cfg: Config, partition: int) -> tuple[int, int]:
+    """(index of the client's [[tasks]] entry, its index among that task's clients)."""
+    offset = partition
+    for index, task in enumerate(cfg.tasks):
+        if offset < task.clients:
+            return index, offset
+        offset -= task.clients
+    raise ValueError(f"partition {partition} is outside the {cfg.num_clients} clients")
 
 
 def to_record(adapter: Adapter) -> ArrayRecord:
@@ -93,6 +127,8 @@ class Instruction:
     candidates: list[float] = field(default_factory=list)  # auto: mix weights to try
     prior: list[float] | None = None  # auto: smoothed validation losses of the candidates
     space: str = "factor"  # auto: the pull space the mix is formed in
+    partition: int = 0  # the client's partition-id, which the node must hold
+    shard: int = 0  # its index among its task's clients (the view holds only its task)
 
 
 @dataclass
@@ -121,6 +157,8 @@ def encode_instruction(instruction: Instruction, config_json: str) -> tuple[Mess
             EVALUATE: instruction.evaluate,
             TASK_METRICS: instruction.task_metrics,
             WANT_FINGERPRINT: instruction.fingerprint,
+            PARTITION: instruction.partition,
+            SHARD: instruction.shard,
         }
     )
     content = RecordDict({SETTINGS: settings, ADAPTER: to_record(instruction.adapter)})
@@ -154,6 +192,8 @@ def decode_instruction(message: Message) -> tuple[Instruction, str]:
         candidates=[float(a) for a in settings.get(CANDIDATES, [])],  # type: ignore[union-attr]
         prior=None if prior is None else [float(v) for v in prior],  # type: ignore[union-attr]
         space=str(settings.get(SPACE, "factor")),
+        partition=int(str(settings[PARTITION])),
+        shard=int(str(settings[SHARD])),
     )
     return instruction, str(settings[CONFIG_JSON])
 
@@ -201,8 +241,6 @@ def _number(value: Any) -> float:
     return float(value)
 
 
-def config_json(config: dict[str, Any]) -> str:
-    return json.dumps(config, sort_keys=True)
 
 
 @dataclass
@@ -219,9 +257,33 @@ class Identity:
     fingerprint: np.ndarray | None = None
 
 
-def encode_identify(node_id: int, config_json: str, fingerprint: bool) -> Message:
-    """Ask a node who it is, for the shared LoRA init and, on request, a fingerprint."""
-    settings = ConfigRecord({CONFIG_JSON: config_json, ROUND: 0, WANT_FINGERPRINT: fingerprint})
+def encode_who(node_id: int) -> Message:
+    """Ask a node which partition-id it holds (nothing of the config is sent yet)."""
+    settings = ConfigRecord({ROUND: 0})
+    return Message(
+        RecordDict({SETTINGS: settings}), dst_node_id=node_id, message_type=MessageType.QUERY
+    )
+
+
+def decode_who(message: Message) -> int:
+    """The partition-id a node holds (-1: none)."""
+    return int(str(message.content.config_records[IDENTITY][ID_PARTITION]))
+
+
+def encode_identify(
+    node_id: int, view_json: str, partition: int, shard: int, fingerprint: bool
+) -> Message:
+    """Send a node its client's view of the config; ask for its identity, the shared LoRA
+    init and, on request, a fingerprint."""
+    settings = ConfigRecord(
+        {
+            CONFIG_JSON: view_json,
+            ROUND: 0,
+            PARTITION: partition,
+            SHARD: shard,
+            WANT_FINGERPRINT: fingerprint,
+        }
+    )
     return Message(
         RecordDict({SETTINGS: settings}), dst_node_id=node_id, message_type=MessageType.QUERY
     )

@@ -13,6 +13,7 @@ stores every client's adapter and sends each node ITS OWN (docs/design.md, "Engi
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 import time
@@ -212,12 +213,40 @@ def identity_problem(identity: protocol.Identity, expected: tuple[str, int, int]
     return None
 
 
-def identify(link: Link, cfg: Config, nodes: list[int], fingerprints: bool, what: str):
-    """Ask ``nodes`` who they are: {node id: Identity} of those that answered, and failures."""
-    config_json = cfg.to_json()
-    messages = [protocol.encode_identify(node, config_json, fingerprints) for node in nodes]
-    replies, problems = link.exchange(messages, what, cfg.federation.timeout)
-    return {node: protocol.decode_identity(m) for node, m in replies.items()}, problems
+@functools.lru_cache(maxsize=4096)
+def client_view(cfg: Config, partition: int) -> str:
+    """The config JSON client ``partition`` receives: shared settings and its own task only."""
+    return protocol.client_view(cfg, partition)
+
+
+def identify(
+    link: Link, cfg: Config, nodes: list[int], fingerprints: bool, what: str
+) -> tuple[dict[int, protocol.Identity], dict[int, Outcome]]:
+    """Ask ``nodes`` who they are: {node id: Identity} of those that answered, and failures.
+
+    Two steps, so that a node learns only its own client's settings: which partition-id do you
+    hold (nothing of the config is sent), then, to each node holding one of the config's
+    clients, that client's view of the config (:func:`mira.federation.protocol.client_view`),
+    for its identity, the shared LoRA init and, on request, its fingerprint. A node holding no
+    client of the config is answered with an empty identity.
+    """
+    asked, problems = link.exchange(
+        [protocol.encode_who(node) for node in nodes], what, cfg.federation.timeout
+    )
+    found: dict[int, protocol.Identity] = {}
+    setups = []
+    for node, message in asked.items():
+        partition = protocol.decode_who(message)
+        if not 0 <= partition < cfg.num_clients:
+            found[node] = protocol.Identity(client_id="", node_id=node)
+            continue
+        shard = protocol.task_of(cfg, partition)[1]
+        view = client_view(cfg, partition)
+        setups.append(protocol.encode_identify(node, view, partition, shard, fingerprints))
+    replies, failed = link.exchange(setups, what, cfg.federation.timeout)
+    problems.update(failed)
+    found.update({node: protocol.decode_identity(m) for node, m in replies.items()})
+    return found, problems
 
 
 def discover(link: Link, cfg: Config, fingerprints: bool) -> tuple[list[ClientState], np.ndarray]:
@@ -383,10 +412,10 @@ def _exchange(
     A reply is a failure when its evaluation is not finite, and its trained adapter is refused
     (the rest of the reply is kept) when :func:`update_problem` finds fault with it.
     """
-    config_json = state.cfg.to_json()
     messages, sent, index_of = [], {}, {}
     for instruction in instructions:
-        message, size = protocol.encode_instruction(instruction, config_json)
+        view = client_view(state.cfg, instruction.partition)
+        message, size = protocol.encode_instruction(instruction, view)
         messages.append(message)
         index = state.index(instruction.client_id)
         sent[index] = size

@@ -27,7 +27,7 @@ from mira.core import rules
 from mira.core.adapters import Adapter, lora_scale
 from mira.core.mixing import mix_weights
 from mira.errors import MiraError
-from mira.federation.protocol import Instruction, Reply
+from mira.federation.protocol import Instruction, Reply, task_of
 from mira.graph.build import TaskGraph
 from mira.graph.clustering import connected_components
 from mira.graph.sources import update_similarity_graph
@@ -249,6 +249,8 @@ class ServerState:
                 candidates=list(client.candidates) if client.mean is not None else [],
                 prior=client.smoothed if client.mean is not None else None,
                 space=self.space,
+                partition=i,
+                shard=task_of(self.cfg, i)[1],
             )
         self._contacted = instructions
         return list(instructions.values())
