@@ -31,14 +31,16 @@ def test_auto_candidates_add_the_equal_share_and_sort() -> None:
 
 
 def test_choose_mix_is_the_argmin_with_ties_to_the_first_and_smoothing() -> None:
-    assert rules.choose_mix([3.0, 1.0, 2.0]) == (1, [3.0, 1.0, 2.0])
-    assert rules.choose_mix([1.0, 1.0, 2.0])[0] == 0
-    assert rules.choose_mix([np.nan, 2.0, np.inf])[0] == 1
-    index, smoothed = rules.choose_mix([3.0, 1.0], prior=[0.0, 4.0], smoothing=0.5)
-    assert smoothed == [1.5, 2.5] and index == 0
-    assert rules.choose_mix([3.0, 1.0], prior=[0.0], smoothing=0.5)[0] == 1  # other length
+    assert rules.choose_mix([3.0, 1.0, 2.0]) == 1
+    assert rules.choose_mix([1.0, 1.0, 2.0]) == 0
+    assert rules.choose_mix([np.nan, 2.0, np.inf]) == 1
     with pytest.raises(ValueError, match="no candidate has a finite"):
         rules.choose_mix([np.nan, np.nan])
+    # alpha_t = s * alpha_(t-1) + (1 - s) * choice_t
+    assert rules.smoothed_mix(1.0, None, 0.5) == 1.0  # the first choice is applied as it is
+    assert rules.smoothed_mix(1.0, 0.0, 0.5) == 0.5
+    assert rules.smoothed_mix(0.0, 0.5, 0.75) == pytest.approx(0.375)
+    assert rules.smoothed_mix(0.25, 0.9, 0.0) == 0.25  # no smoothing
 
 
 def test_neighbour_means_in_factor_space_are_the_weighted_means() -> None:

@@ -142,6 +142,7 @@ def test_auto_sends_the_mean_checks_the_choice_and_mixes_like_the_client() -> No
     state.apply_rule(2, replies, sent, seconds=1.0)
     instructions, replies, sent = run_exchange(state, 3)
     replies[0].alpha = 1.0  # not the argmin of what it reported
+    assert state.clients[0].prior_alpha == 0.5
     with pytest.raises(ServerStateError, match=r"chose alpha = 1\.0 but its validation losses"):
         state.close_round(replies, sent)
 
@@ -173,3 +174,30 @@ def test_rules_without_a_step_ignore_an_auto_step(method: str) -> None:
     assert not any(c.mean is not None for c in state.clients)
     weights = {r["mix_weight"] for r in state.open_rows.values()}
     assert weights == ({0.0} if method == "local" else weights - {0.0})
+
+
+def test_auto_smoothing_applies_the_moving_average_of_the_choices() -> None:
+    state = make_state(
+        "server.step='auto'",
+        "server.auto_grid=[0.0, 1.0]",
+        "server.auto_equal_share=false",
+        "server.auto_smoothing=0.5",
+    )
+    applied = []
+    for server_round in (1, 2, 3, 4):  # 4: the final evaluation
+        instructions, replies, sent = run_exchange(state, server_round)
+        prefer_one = server_round % 2 == 0  # the choice flips every round: 1, 0, 1
+        for instruction in instructions:
+            if instruction.mean is None:
+                continue
+            reply = replies[state.index(instruction.client_id)]
+            reply.val_losses = [1.0, 0.0] if prefer_one else [0.0, 1.0]
+            prior = instruction.prior[0] if instruction.prior else None
+            reply.alpha = rules.smoothed_mix(float(prefer_one), prior, 0.5)
+        closed = state.close_round(replies, sent)
+        if closed is not None:
+            applied.append(closed.rows[0]["mix_weight"])
+            assert closed.rows[0]["alpha_choice"] == float(prefer_one)
+        if server_round <= 3:
+            state.apply_rule(server_round, replies, sent, seconds=1.0)
+    assert applied == [1.0, 0.5, 0.75]

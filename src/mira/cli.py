@@ -27,13 +27,7 @@ RESUME_KEYS = (
 
 
 def _run(args: argparse.Namespace) -> int:
-    from mira.results.report import write_report
-    from mira.results.rundir import (
-        check_new_run_dir,
-        check_not_in_use,
-        default_run_dir,
-        final_table,
-    )
+    from mira.results.rundir import check_new_run_dir, check_not_in_use, default_run_dir
 
     if args.resume:
         if args.config:
@@ -52,7 +46,8 @@ def _run(args: argparse.Namespace) -> int:
         cfg = load_config(args.config, args.set)
         out_dir = Path(args.out) if args.out else default_run_dir()
         check_new_run_dir(out_dir)
-    from mira.federation.simulation import run_simulation  # torch and flwr: only now
+    from mira.federation.server_app import report  # torch and flwr: only now
+    from mira.federation.simulation import run_simulation
 
     started = time.monotonic()
     print(
@@ -70,10 +65,7 @@ def _run(args: argparse.Namespace) -> int:
         resume=bool(args.resume),
         progress=progress_for(args.verbose),
     )
-    print()
-    print(final_table(out_dir))
-    report = write_report(out_dir)
-    print(f"\nreport: {report} and {report.with_suffix('.html')}")
+    report(out_dir)  # the final table and report.md/html, as the ServerApp of `flwr run` does
     print(f"\nfinished in {time.monotonic() - started:.0f}s; outputs in {out_dir}")
     return 0
 

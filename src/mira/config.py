@@ -266,8 +266,9 @@ class ServerConfig:
     auto_smoothing: float = field(
         default=0.0,
         metadata=_help(
-            "server.step = 'auto': weight in [0, 1) of the previous rounds in an exponential "
-            "moving average of each candidate's validation loss (0 = this round's losses only)."
+            "server.step = 'auto': weight in [0, 1) of the previous rounds in the mix weight a "
+            "client applies, alpha_t = s * alpha_(t-1) + (1 - s) * (this round's argmin); "
+            "0 = apply each round's choice as it is."
         ),
     )
     graph: str = field(

@@ -16,8 +16,8 @@ all stored adapters, new_k = sum_l M[k, l] W_l, in factor or product space
 ``mira`` with ``server.step = "auto"`` reads the pull as a mix, W_k <- (1 - alpha_k) W_k +
 alpha_k M_k with M_k the neighbours' weighted mean (:func:`neighbour_means`), and lets each
 client choose its own alpha_k from :func:`auto_candidates` by its loss on a validation split
-it holds (:func:`choose_mix`); :func:`mix_toward` forms the chosen adapter, on the client and
-on the server alike, so both hold the same numbers.
+it holds (:func:`choose_mix`, smoothed across rounds by :func:`smoothed_mix`); :func:`mix_toward`
+forms the chosen adapter, on the client and on the server alike, so both hold the same numbers.
 """
 
 from __future__ import annotations
@@ -137,17 +137,10 @@ def auto_candidates(grid: Sequence[float], neighbours: int, equal_share: bool) -
     return sorted(values)
 
 
-def choose_mix(
-    losses: Sequence[float],
-    prior: Sequence[float] | None = None,
-    smoothing: float = 0.0,
-) -> tuple[int, list[float]]:
-    """Index of the candidate with the lowest (smoothed) validation loss, and the smoothed losses.
+def choose_mix(losses: Sequence[float]) -> int:
+    """Index of the candidate with the lowest validation loss: argmin_alpha L_val(alpha).
 
-    With ``smoothing`` s > 0 and a ``prior`` of the same length (the previous round's smoothed
-    losses of the same candidates), the losses are s * prior + (1 - s) * losses: an exponential
-    moving average across rounds. Ties go to the first (smallest) candidate; a non-finite loss
-    never wins.
+    Ties go to the first (smallest) candidate; a non-finite loss never wins.
 
     Raises:
         ValueError: no candidate has a finite loss.
@@ -155,13 +148,25 @@ def choose_mix(
     current = np.asarray(losses, dtype=np.float64)
     if current.ndim != 1 or current.size == 0:
         raise ValueError("need one validation loss per candidate")
-    smoothed = current
-    if smoothing > 0 and prior is not None and len(prior) == current.size:
-        smoothed = smoothing * np.asarray(prior, dtype=np.float64) + (1 - smoothing) * current
-    finite = np.where(np.isfinite(smoothed), smoothed, np.inf)
+    finite = np.where(np.isfinite(current), current, np.inf)
     if not np.isfinite(finite).any():
         raise ValueError(f"no candidate has a finite validation loss: {current.tolist()}")
-    return int(np.argmin(finite)), [float(v) for v in smoothed]
+    return int(np.argmin(finite))
+
+
+def smoothed_mix(choice: float, prior: float | None, smoothing: float) -> float:
+    """The mix weight a client applies: alpha_t = s * alpha_{t-1} + (1 - s) * choice_t.
+
+    ``choice`` is this round's argmin over the grid, ``prior`` the weight the client applied
+    the last time it chose (None: never), ``smoothing`` s = ``server.auto_smoothing``. With
+    s = 0 the client applies its choice as it is. The validation loss of a mix is nearly linear
+    in alpha over the grid, so a noisy estimate from a few examples lands on an end of the grid
+    (0 or 1) and flips between them from round to round; the moving average keeps the weight
+    near the share the client's rounds prefer on average.
+    """
+    if prior is None or smoothing <= 0:
+        return float(choice)
+    return float(smoothing * prior + (1 - smoothing) * choice)
 
 
 def neighbour_means(

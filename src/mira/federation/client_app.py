@@ -253,7 +253,8 @@ def choose_mix(
     cfg: Config, model: LoraModel, name: str, instruction: Instruction, rank: int, val: Any
 ) -> tuple[float, list[float], Adapter]:
     """``server.step = "auto"``: the validation loss of (1 - alpha) W_k + alpha M_k for every
-    candidate alpha, the chosen alpha (:func:`mira.core.rules.choose_mix`) and its adapter.
+    candidate alpha, the alpha applied (the argmin, :func:`mira.core.rules.choose_mix`, smoothed
+    across rounds by :func:`mira.core.rules.smoothed_mix`), and its adapter.
 
     Only this client's validation split is used; the eval split never influences the choice.
     """
@@ -271,9 +272,15 @@ def choose_mix(
             )
         )
         candidates.append(mixed)
-    chosen, _ = rules.choose_mix(losses, instruction.prior, cfg.server.auto_smoothing)
-    model.set_adapter(name, candidates[chosen])
-    return instruction.candidates[chosen], losses, candidates[chosen]
+    chosen = rules.choose_mix(losses)
+    prior = instruction.prior[0] if instruction.prior else None
+    alpha = rules.smoothed_mix(instruction.candidates[chosen], prior, cfg.server.auto_smoothing)
+    if alpha == instruction.candidates[chosen]:
+        adapter = candidates[chosen]
+    else:
+        adapter = rules.mix_toward(instruction.adapter, instruction.mean, alpha, space, scale)
+    model.set_adapter(name, adapter)
+    return alpha, losses, adapter
 
 
 def evaluate_adapter(

@@ -38,7 +38,7 @@ FINGERPRINT = "fingerprint"  # ArrayRecord: one float64 vector
 IDENTITY = "identity"  # ConfigRecord: who answered
 TRAINING = "metrics"  # MetricRecord: train_loss, num_examples
 EVALUATION = "evaluation"  # MetricRecord: eval_loss, task metrics, num_examples, peak_memory_mb
-CHOICE = "choice"  # ConfigRecord: alpha, the (smoothed) validation loss of every candidate
+CHOICE = "choice"  # ConfigRecord: the alpha applied, the validation loss of every candidate
 
 # Keys of the SETTINGS record.
 CONFIG_JSON = "mira.config"  # the resolved config, as JSON
@@ -75,7 +75,7 @@ def client_view(cfg: Config, partition: int) -> str:
     ``lora.ranks`` gives one per client; a matrix file behind ``server.graph`` is a path on the
     server and is not sent.
     """
-    index, shard = task_of(cfg, partition)
+    index, _shard = task_of(cfg, partition)
     raw = cfg.to_dict()
     task = dict(raw["tasks"][index])
     if cfg.lora.ranks:
@@ -125,7 +125,7 @@ class Instruction:
     fingerprint: bool = False
     mean: Adapter | None = None  # auto: the neighbours' weighted mean M_k
     candidates: list[float] = field(default_factory=list)  # auto: mix weights to try
-    prior: list[float] | None = None  # auto: smoothed validation losses of the candidates
+    prior: list[float] | None = None  # auto: [the mix weight it applied when it last chose]
     space: str = "factor"  # auto: the pull space the mix is formed in
     partition: int = 0  # the client's partition-id, which the node must hold
     shard: int = 0  # its index among its task's clients (the view holds only its task)
@@ -239,8 +239,6 @@ def decode_reply(message: Message) -> Reply:
 
 def _number(value: Any) -> float:
     return float(value)
-
-
 
 
 @dataclass

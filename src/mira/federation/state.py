@@ -119,7 +119,7 @@ class ClientState:
     adapter: Adapter  # after the last rule; under auto, its own trained adapter until it chooses
     mean: Adapter | None = None  # auto: the neighbours' mean it has yet to choose its mix with
     candidates: list[float] = field(default_factory=list)  # auto: mix weights it tries
-    smoothed: list[float] | None = None  # auto: smoothed validation loss of each candidate
+    prior_alpha: float | None = None  # auto: the mix weight it applied when it last chose
     evaluation: dict[str, float] | None = None  # of ``adapter``, once known
     evaluated_task_metrics: bool = False  # whether ``evaluation`` includes the task metrics
 
@@ -247,7 +247,11 @@ class ServerState:
                 fingerprint=refresh,
                 mean=client.mean,
                 candidates=list(client.candidates) if client.mean is not None else [],
-                prior=client.smoothed if client.mean is not None else None,
+                prior=(
+                    [client.prior_alpha]
+                    if client.mean is not None and client.prior_alpha is not None
+                    else None
+                ),
                 space=self.space,
                 partition=i,
                 shard=task_of(self.cfg, i)[1],
@@ -318,8 +322,10 @@ class ServerState:
                 f"client {client.client_id} reported {len(losses)} validation losses for "
                 f"{len(client.candidates)} candidates"
             )
-        chosen, smoothed = rules.choose_mix(losses, client.smoothed, self.cfg.server.auto_smoothing)
-        alpha = client.candidates[chosen]
+        chosen = rules.choose_mix(losses)
+        alpha = rules.smoothed_mix(
+            client.candidates[chosen], client.prior_alpha, self.cfg.server.auto_smoothing
+        )
         if not math.isclose(alpha, reply.alpha, rel_tol=0, abs_tol=1e-12):
             raise ServerStateError(
                 f"client {client.client_id} chose alpha = {reply.alpha} but its validation "
@@ -329,8 +335,9 @@ class ServerState:
             client.adapter, client.mean, alpha, self.space, self.scales[index]
         )
         client.mean = None
-        client.smoothed = smoothed
+        client.prior_alpha = alpha
         row["mix_weight"] = alpha
+        row["alpha_choice"] = client.candidates[chosen]
         row["val_loss"] = float(losses[chosen])
         row["val_losses"] = [float(v) for v in losses]
         row["candidates"] = list(client.candidates)
@@ -467,8 +474,6 @@ class ServerState:
             candidates = rules.auto_candidates(
                 self.cfg.server.auto_grid, neighbours, self.cfg.server.auto_equal_share
             )
-            if candidates != client.candidates:
-                client.smoothed = None  # a new candidate set starts a new average
             client.candidates = candidates if client.mean is not None else []
 
     # ------------------------------------------------------------------------ checkpoints
@@ -488,7 +493,7 @@ class ServerState:
                     "client": client.client_id,
                     "rank": client.rank,
                     "candidates": client.candidates,
-                    "smoothed": client.smoothed,
+                    "prior_alpha": client.prior_alpha,
                     "evaluation": client.evaluation,
                     "evaluated_task_metrics": client.evaluated_task_metrics,
                     "has_mean": client.mean is not None,
@@ -527,7 +532,7 @@ class ServerState:
             client.adapter = adapter
             client.mean = adapters.get(f"mean:{client.client_id}") if entry["has_mean"] else None
             client.candidates = [float(a) for a in entry["candidates"]]
-            client.smoothed = entry["smoothed"]
+            client.prior_alpha = entry.get("prior_alpha")
             client.evaluation = entry["evaluation"]
             client.evaluated_task_metrics = bool(entry["evaluated_task_metrics"])
         self.trained_round = int(state["trained_round"])
