@@ -3,6 +3,7 @@ ServerApp's progress and outcome back to `mira run`."""
 
 from __future__ import annotations
 
+import dataclasses
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -69,7 +70,7 @@ def test_dotted_keys_apply_after_overrides_and_over_the_config_file(tmp_path):
     request = read_run_config(run_config)
     assert request.overrides == ("federation.rounds=5", "federation.seed=4", "federation.rounds=1")
     assert request.out_dir == Path("runs/x") and request.resume is True
-    cfg = request.load()
+    cfg = dataclasses.replace(request, resume=False).load()  # resuming reads runs/x's config
     assert (cfg.federation.rounds, cfg.federation.local_steps, cfg.federation.seed) == (1, 3, 4)
 
 
@@ -180,3 +181,22 @@ def test_a_finished_relay_is_done(tmp_path):
     reader = RelayReader(path, Progress())
     reader.poll()
     assert reader.done and reader.error is None
+
+
+def test_a_resumed_run_keeps_its_config_but_what_resuming_may_change(tmp_path):
+    from mira.config import ConfigError, load_config, to_toml
+    from mira.federation.server_app import RunRequest
+
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.toml").write_text(to_toml(load_config()))
+    longer = RunRequest(None, ("federation.rounds=7",), out, resume=True).load()
+    assert longer.federation.rounds == 7
+    with pytest.raises(ConfigError, match="a resumed run keeps its config; only"):
+        RunRequest(None, ("server.step=0.2",), out, resume=True).load()
+    resolved = tmp_path / "resolved.toml"
+    resolved.write_text(to_toml(load_config(None, ["federation.rounds=9"])))
+    assert RunRequest(str(resolved), (), out, resume=True).load().federation.rounds == 9
+    resolved.write_text(to_toml(load_config(None, ["train.learning_rate=0.1"])))
+    with pytest.raises(ConfigError, match=r"train\.learning_rate differ from the run"):
+        RunRequest(str(resolved), (), out, resume=True).load()

@@ -11,19 +11,18 @@ import sys
 import time
 from pathlib import Path
 
-from mira.config import METHODS, Config, ConfigError, describe, load_config, to_toml
+from mira.config import (
+    METHODS,
+    Config,
+    ConfigError,
+    describe,
+    load_config,
+    load_resumed,
+    to_toml,
+)
 from mira.data.sources import DataError
 from mira.errors import MiraError
 from mira.results.errors import RunExistsError
-
-# What a resumed run may change: how long it goes on and how it waits, not what it computes.
-RESUME_KEYS = (
-    "federation.rounds",
-    "federation.workers",
-    "federation.timeout",
-    "federation.round_timeout",
-    "federation.min_replies",
-)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -33,15 +32,8 @@ def _run(args: argparse.Namespace) -> int:
         if args.config:
             raise ConfigError("give either a CONFIG or --resume DIR, not both")
         out_dir = Path(args.resume)
-        allowed = tuple(f"{key}=" for key in RESUME_KEYS)
-        for override in args.set:
-            if not override.startswith(allowed):
-                raise ConfigError(
-                    f"--set {override}: a resumed run keeps its config; only "
-                    f"{', '.join(RESUME_KEYS)} may change"
-                )
         check_not_in_use(out_dir)
-        cfg = load_config(out_dir / "config.toml", args.set)
+        cfg = load_resumed(out_dir / "config.toml", args.set)
     else:
         cfg = load_config(args.config, args.set)
         out_dir = Path(args.out) if args.out else default_run_dir()

@@ -848,3 +848,47 @@ def to_toml(cfg: Config) -> str:
     import tomli_w
 
     return tomli_w.dumps(cfg.to_dict())
+
+
+# What a resumed run may change: how long it goes on and how it waits, not what it computes.
+RESUME_KEYS = (
+    "federation.rounds",
+    "federation.workers",
+    "federation.timeout",
+    "federation.round_timeout",
+    "federation.min_replies",
+)
+
+
+def load_resumed(run_config: str | Path, overrides: Sequence[str]) -> Config:
+    """The config of a run being resumed: its own ``config.toml``, with only the overrides a
+    resumed run may take (:data:`RESUME_KEYS`)."""
+    allowed = tuple(f"{key}=" for key in RESUME_KEYS)
+    for override in overrides:
+        if not override.strip().startswith(allowed):
+            raise ConfigError(
+                f"--set {override}: a resumed run keeps its config; only "
+                f"{', '.join(RESUME_KEYS)} may change"
+            )
+    return load_config(run_config, overrides)
+
+
+def check_resumable(stored: Config, resumed: Config) -> None:
+    """A resumed run may differ from the run it continues only in :data:`RESUME_KEYS`."""
+    old, new = stored.to_dict(), resumed.to_dict()
+    changed = []
+    for section in sorted(set(old) | set(new)):
+        a, b = old.get(section), new.get(section)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += [
+                f"{section}.{key}"
+                for key in sorted(set(a) | set(b))
+                if a.get(key) != b.get(key) and f"{section}.{key}" not in RESUME_KEYS
+            ]
+        elif a != b:
+            changed.append(section)
+    if changed:
+        raise ConfigError(
+            f"a resumed run keeps its config, but {', '.join(changed)} differ from the run's "
+            f"config.toml; only {', '.join(RESUME_KEYS)} may change"
+        )

@@ -29,7 +29,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from mira.client.model import check_target_modules, prepare_model
 from mira.client.ranks import client_rank
-from mira.config import Config, ConfigError, load_config
+from mira.config import Config, ConfigError, check_resumable, load_config, load_resumed
 from mira.core import rules
 from mira.federation.progress import Progress
 from mira.federation.relay import RelayProgress
@@ -55,8 +55,16 @@ class RunRequest:
     resume: bool
 
     def load(self) -> Config:
-        """The config, overridden and validated (the errors of ``mira run --set``)."""
-        return load_config(self.config, self.overrides)
+        """The config, overridden and validated (the errors of ``mira run --set``); resuming,
+        the run's own config.toml with only what a resumed run may change."""
+        if not self.resume:
+            return load_config(self.config, self.overrides)
+        stored = self.out_dir / "config.toml"
+        if self.config is None:
+            return load_resumed(stored, self.overrides)
+        cfg = load_config(self.config, self.overrides)  # mira run --resume passes it resolved
+        check_resumable(load_config(stored), cfg)
+        return cfg
 
 
 def split_overrides(text: str) -> list[str]:
