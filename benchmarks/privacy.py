@@ -139,6 +139,10 @@ def audited_app():
     return app
 
 
+# Bound at the top level: Flower's simulation processes import it by name (privacy:AUDITED).
+AUDITED = audited_app()
+
+
 # ---------------------------------------------------------------------------- the attack
 
 
@@ -273,14 +277,11 @@ def run_one(cfg, out: Path, level: Level, seed: int) -> dict[str, Any]:
     python_path = os.environ.get("PYTHONPATH")
     paths = [here, *filter(None, (python_path or "").split(os.pathsep))]
     os.environ["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
-    bench = _by_name(here)
-    saved = simulation.client_app
-    simulation.client_app = bench.audited_app()
+    _by_name(here)  # the simulation's processes import this file as ``privacy``
     started = time.monotonic()
     try:
-        simulation.run_simulation(cfg, out / "run")
+        simulation.run_simulation(cfg, out / "run", clients="privacy:AUDITED")
     finally:
-        simulation.client_app = saved
         del os.environ[AUDIT]
         if python_path is None:
             del os.environ["PYTHONPATH"]

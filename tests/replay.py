@@ -76,10 +76,17 @@ def _same_task_mean(tasks: list[str], trained: list[Adapter], k: int) -> Adapter
 
 
 def _auto_rule(
-    cfg: Config, trained: list[Adapter], model, name: str, val: list, trace: list[dict]
+    cfg: Config,
+    trained: list[Adapter],
+    model,
+    name: str,
+    val: list,
+    trace: list[dict],
+    priors: dict[int, float],
 ) -> list[Adapter]:
     """server.step = "auto" on the declared-task graph, written out: every client tries
-    (1 - alpha) W_k + alpha M_k for its candidates on its validation split and keeps the best."""
+    (1 - alpha) W_k + alpha M_k for its candidates on its validation split, takes the best, and
+    applies s * (what it applied last time) + (1 - s) * best (``priors`` keeps the former)."""
     tasks = cfg.client_tasks
     tok = model.tokenizer
     chosen = []
@@ -103,8 +110,20 @@ def _auto_rule(
                 model.peft, val[k], cfg.train.eval_batch_size, tok.pad_token_id
             )
         best = min(sorted(losses), key=lambda a: losses[a])
-        trace.append({"client": cfg.client_ids[k], "alpha": best, "losses": losses})
-        chosen.append(mixed[best])
+        s = cfg.server.auto_smoothing
+        applied = best if k not in priors else s * priors[k] + (1 - s) * best
+        priors[k] = applied
+        trace.append(
+            {"client": cfg.client_ids[k], "choice": best, "alpha": applied, "losses": losses}
+        )
+        chosen.append(
+            {
+                key: ((1 - applied) * trained[k][key].astype(float) + applied * mean[key]).astype(
+                    np.float32
+                )
+                for key in trained[k]
+            }
+        )
     return chosen
 
 
@@ -122,6 +141,7 @@ def replay(cfg: Config, trace: list[dict] | None = None) -> tuple[list[Adapter],
     encoded = [[learner.encode(tok, e, cfg.model.max_length) for e in d.train] for d in data]
     val = [[learner.encode(tok, e, cfg.model.max_length) for e in d.val] for d in data]
     adapters = [dict(init) for _ in range(cfg.num_clients)]
+    priors: dict[int, float] = {}
     for server_round in range(1, cfg.federation.rounds + 1):
         trained = []
         for p in range(cfg.num_clients):
@@ -137,7 +157,7 @@ def replay(cfg: Config, trace: list[dict] | None = None) -> tuple[list[Adapter],
             trained.append(model.get_adapter(name))
         if cfg.server.method == "mira" and cfg.server.step == "auto":
             adapters = _auto_rule(
-                cfg, trained, model, name, val, trace if trace is not None else []
+                cfg, trained, model, name, val, trace if trace is not None else [], priors
             )
         else:
             adapters = _dense_rule(cfg, trained, [len(d.train) for d in data])

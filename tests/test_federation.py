@@ -286,8 +286,9 @@ def client_rows(folder: Path) -> list[dict]:
 
 
 def test_auto_choice_is_the_argmin_of_an_independent_replay(runs):
-    """Every round, every client's applied alpha is the argmin over its candidates of the
-    validation loss, recomputed here without Flower or mira.core; adapters match too."""
+    """Every round, every client's choice is the argmin over its candidates of the validation
+    loss, and the alpha it applies the moving average of its choices (server.auto_smoothing),
+    recomputed here without Flower or mira.core; adapters match too."""
     cfg, folder = runs["mira-auto"]
     trace: list[dict] = []
     expected, expected_losses = replay(cfg, trace)
@@ -295,6 +296,7 @@ def test_auto_choice_is_the_argmin_of_an_independent_replay(runs):
     for index, choice in enumerate(trace):
         server_round = index // cfg.num_clients + 1
         row = rows[(server_round, choice["client"])]
+        assert row["alpha_choice"] == pytest.approx(choice["choice"], abs=1e-12)
         assert row["mix_weight"] == pytest.approx(choice["alpha"], abs=1e-12)
         assert row["candidates"] == pytest.approx(sorted(choice["losses"]))
         assert row["val_losses"] == pytest.approx(

@@ -264,7 +264,7 @@ class ServerConfig:
         ),
     )
     auto_smoothing: float = field(
-        default=0.0,
+        default=0.5,
         metadata=_help(
             "server.step = 'auto': weight in [0, 1) of the previous rounds in the mix weight a "
             "client applies, alpha_t = s * alpha_(t-1) + (1 - s) * (this round's argmin); "
