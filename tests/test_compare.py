@@ -367,6 +367,21 @@ def test_a_run_with_a_different_config_is_refused(tmp_path: Path, config_file: P
     assert runner.calls == []
 
 
+def test_auto_keys_matter_only_to_an_auto_run(tmp_path: Path, config_file: Path) -> None:
+    out = tmp_path / "cmp"
+    methods = ["local", "mira", "mira@server.step=auto"]
+    val = ["data.val_size=2"]
+    run_comparison(str(config_file), val, methods, [1], out, runner=FakeRunner(), log=print)
+    # local and fixed-step mira never read the auto keys: their runs are reused ...
+    runner = FakeRunner()
+    smoother = [*val, "server.auto_smoothing=0.25"]
+    run_comparison(str(config_file), smoother, methods[:2], [1], out, runner=runner, log=print)
+    assert runner.calls == []
+    # ... an auto run does, so it is not.
+    with pytest.raises(CompareError, match=r"server\.auto_smoothing: 0\.5 -> 0\.25"):
+        run_comparison(str(config_file), smoother, methods, [1], out, runner=runner, log=print)
+
+
 def test_a_runner_that_stops_early_is_not_marked_done(tmp_path: Path, config_file: Path) -> None:
     out = tmp_path / "cmp"
     with pytest.raises(CompareError, match="round 2"):

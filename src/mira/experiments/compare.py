@@ -149,11 +149,20 @@ def plan_comparison(
     return planned
 
 
+# Keys read only by mira's learned mix (server.step = "auto"): a run with any other rule or a
+# fixed step computes the same thing whatever they hold.
+AUTO_KEYS = ("auto_grid", "auto_equal_share", "auto_smoothing")
+
+
 def _comparable(cfg_dict: dict[str, Any]) -> dict[str, Any]:
     out = json.loads(json.dumps(cfg_dict))
     for key in OPERATIONAL_KEYS:
         section, name = key.split(".")
         out.get(section, {}).pop(name, None)
+    server = out.get("server", {})
+    if server.get("method") != "mira" or server.get("step") != "auto":
+        for name in AUTO_KEYS:
+            server.pop(name, None)
     return out
 
 
