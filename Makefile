@@ -30,8 +30,11 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
+# Two pytest workers, each test file on one of them (a file's module fixtures run once). Most
+# of the suite waits on Flower's and Ray's start-up in other processes, so two at once use
+# two cores; `.venv/bin/pytest` alone runs it in one process.
 unit: $(STAMP)
-	$(BIN)/pytest
+	$(BIN)/pytest -n 2 --dist loadfile
 
 test: lint typecheck unit
 

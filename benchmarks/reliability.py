@@ -4,7 +4,8 @@ Runs the fault tests (tests/test_faults.py, tests/test_rundir.py, tests/test_pre
 SIGKILL-and-resume test and the deployment test of a SuperNode killed mid-round) with
 MIRA_RELIABILITY_LOG set: each test records the fault it injected, what the run did, how many
 rounds it completed and how many clients' adapters were lost (missing, unreadable or not
-finite). This script writes those records as a table. A test that fails writes no record, and the script says so and exits 1.
+finite). This script writes those records as a table. A test that fails writes no record, and
+the script says so and exits 1.
 
     .venv/bin/python benchmarks/reliability.py --out docs/reliability.md
 """

@@ -2,8 +2,9 @@
 
 ``faulty_app`` is mira's own ClientApp (the same handlers and deadline mod) with one more mod
 that misbehaves for chosen clients in chosen rounds, as told by the environment variable
-``MIRA_TEST_FAULTS`` (JSON: a list of {"client", "round", "kind"[, "seconds"]}). The variable
-is read in the client process, so the Simulation Engine's workers see what the test set.
+``MIRA_TEST_FAULTS`` (JSON: a list of {"client", "round", "kind"[, "seconds"]}; round 0 is
+every client's identify query, whatever "client" says). The variable is read in the client
+process, so the Simulation Engine's workers see what the test set.
 
 Kinds: ``raise`` (the client's code raises), ``hang`` (it sleeps ``seconds`` before working),
 ``nan`` / ``huge`` (its trained adapter is NaN / multiplied by 1e30), ``shape`` (a tensor of
@@ -27,9 +28,13 @@ FAULTS = "MIRA_TEST_FAULTS"
 
 
 def _fault_for(msg: Message) -> dict | None:
-    if msg.metadata.message_type == "query":
-        return None
     settings = msg.content.config_records[protocol.SETTINGS]
+    if msg.metadata.message_type == "query":
+        # Round 0 is first contact: the identify query that sends a client its config view.
+        if protocol.CONFIG_JSON not in settings:
+            return None
+        first = [f for f in json.loads(os.environ.get(FAULTS, "[]")) if f["round"] == 0]
+        return first[0] if first else None
     client, server_round = str(settings[protocol.CLIENT]), int(str(settings[protocol.ROUND]))
     for fault in json.loads(os.environ.get(FAULTS, "[]")):
         if fault["client"] == client and fault["round"] == server_round:

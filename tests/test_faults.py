@@ -154,6 +154,25 @@ def test_a_hung_client_times_out_and_the_run_ends_in_bounded_time(
     )
 
 
+def test_first_contact_is_bounded_by_the_connect_timeout_not_the_round_timeout(
+    faulty, tiny_config, tmp_path, reliability
+):
+    # Answering the identify query includes loading the base model, which on a busy machine
+    # takes longer than a round of the tiny model: it is bounded by federation.timeout.
+    faulty({"client": "*", "round": 0, "kind": "hang", "seconds": 8})
+    cfg = tiny_config("federation.rounds=1", "federation.round_timeout=6", "federation.workers=2")
+    simulation.run_simulation(cfg, tmp_path)
+    rows = rows_of(tmp_path)
+    assert sorted(rows) == [(1, c) for c in sorted(cfg.client_ids)]
+    assert all(r.get("status", "ok") == "ok" for r in rows.values())
+    reliability.record(
+        "every client takes 8 s to answer first contact (round_timeout 6 s)",
+        "all identified (first contact waits up to federation.timeout); round 1 ok",
+        "1 of 1",
+        tmp_path,
+    )
+
+
 def test_too_few_replies_stop_the_run_with_its_checkpoint_intact(
     faulty, tiny_config, tmp_path, reliability
 ):

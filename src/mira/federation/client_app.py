@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
 from flwr.clientapp import ClientApp
 
 from mira.client import learner
@@ -53,7 +53,9 @@ _WORK = threading.Lock()
 def deadline_mod(
     msg: Message, context: Context, call_next: Callable[[Message, Context], Message]
 ) -> Message:
-    """Answer within ``federation.round_timeout`` whatever the handler does.
+    """Answer within the server's deadline whatever the handler does: ``federation.round_timeout``
+    for a round's train or evaluate message, ``federation.timeout`` for the identify query
+    (which includes loading the base model, as the server's wait for it does).
 
     The handler runs in a thread; if it has not finished by the deadline the client answers
     with an error (the server has given up on it by then too) and the thread is marked
@@ -64,7 +66,12 @@ def deadline_mod(
     settings = msg.content.config_records.get(protocol.SETTINGS)
     if settings is None or protocol.CONFIG_JSON not in settings:
         return call_next(msg, context)
-    limit = _config(str(settings[protocol.CONFIG_JSON])).federation.round_timeout
+    federation = _config(str(settings[protocol.CONFIG_JSON])).federation
+    key, limit = (
+        ("federation.timeout", federation.timeout)
+        if msg.metadata.message_type == MessageType.QUERY
+        else ("federation.round_timeout", federation.round_timeout)
+    )
     result: dict[str, Any] = {}
 
     def work() -> None:
@@ -79,7 +86,7 @@ def deadline_mod(
     worker.join(limit)
     if worker.is_alive():
         worker.cancelled.set()  # type: ignore[attr-defined]
-        reason = f"no answer within federation.round_timeout = {limit:g}s; abandoned"
+        reason = f"no answer within {key} = {limit:g}s; abandoned"
         return Message(Error(code=DEADLINE_ERROR_CODE, reason=reason), reply_to=msg)
     if "error" in result:
         raise result["error"]

@@ -108,10 +108,11 @@ class Link:
         return f"node {node_id}"
 
     def exchange(
-        self, messages: list[Message], what: str, timeout: float
+        self, messages: list[Message], what: str, timeout: float, timeout_key: str
     ) -> tuple[dict[int, Message], dict[int, Outcome]]:
         """Push ``messages`` and pull the replies as they come, until all answered or
-        ``timeout`` seconds passed.
+        ``timeout`` seconds passed (the value of the config key ``timeout_key``, which a
+        timed-out client's reason names).
 
         Returns, by destination node id, the usable replies and what went wrong with the
         others: an error the client raised (``failed``) or no reply in time (``timeout``). A
@@ -151,8 +152,7 @@ class Link:
                         node = node_of[mid]
                         problems[node] = Outcome(
                             TIMEOUT,
-                            f"{self.who(node)}: no reply within "
-                            f"federation.round_timeout = {timeout:g}s",
+                            f"{self.who(node)}: no reply within {timeout_key} = {timeout:g}s",
                         )
                     break
                 time.sleep(0.1)
@@ -231,7 +231,10 @@ def identify(
     client of the config is answered with an empty identity.
     """
     asked, problems = link.exchange(
-        [protocol.encode_who(node) for node in nodes], what, cfg.federation.timeout
+        [protocol.encode_who(node) for node in nodes],
+        what,
+        cfg.federation.timeout,
+        "federation.timeout",
     )
     found: dict[int, protocol.Identity] = {}
     setups = []
@@ -243,7 +246,7 @@ def identify(
         shard = protocol.task_of(cfg, partition)[1]
         view = client_view(cfg, partition)
         setups.append(protocol.encode_identify(node, view, partition, shard, fingerprints))
-    replies, failed = link.exchange(setups, what, cfg.federation.timeout)
+    replies, failed = link.exchange(setups, what, cfg.federation.timeout, "federation.timeout")
     problems.update(failed)
     found.update({node: protocol.decode_identity(m) for node, m in replies.items()})
     return found, problems
@@ -420,7 +423,9 @@ def _exchange(
         index = state.index(instruction.client_id)
         sent[index] = size
         index_of[instruction.node_id] = index
-    raw, problems = link.exchange(messages, what, state.cfg.federation.round_timeout)
+    raw, problems = link.exchange(
+        messages, what, state.cfg.federation.round_timeout, "federation.round_timeout"
+    )
     outcomes = {index_of[node]: outcome for node, outcome in problems.items()}
     replies: dict[int, Reply] = {}
     for node, message in raw.items():
