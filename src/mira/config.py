@@ -200,7 +200,10 @@ class FederationConfig:
     )
     timeout: float = field(
         default=3600.0,
-        metadata=_help("Seconds the server waits for the SuperNodes of the config to connect."),
+        metadata=_help(
+            "Seconds the server waits for the SuperNodes of the config to connect and to "
+            "answer first contact (which includes loading the base model)."
+        ),
     )
     round_timeout: float = field(
         default=3600.0,
