@@ -391,9 +391,14 @@ def _load(path: Path, **extra: Any) -> None:
     load_client_data(cfg, 0)
 
 
-def test_missing_file(tmp_path: Path) -> None:
+def test_missing_file(tmp_path: Path, reliability) -> None:
     with pytest.raises(DataError, match=r"nothere\.jsonl: file does not exist"):
         _load(tmp_path / "nothere.jsonl")
+    reliability.record(
+        "a task's data file does not exist",
+        "refused before any client starts, naming the file",
+        "0 (not started)",
+    )
 
 
 def test_empty_file(tmp_path: Path) -> None:
@@ -402,7 +407,7 @@ def test_empty_file(tmp_path: Path) -> None:
         _load(tmp_path / "empty.csv")
 
 
-def test_missing_column(tmp_path: Path) -> None:
+def test_missing_column(tmp_path: Path, reliability) -> None:
     rows = [{"text": "x", "label": "pos"}]
     with pytest.raises(DataError, match=r"cols\.csv: no column 'y'; columns are: text, label"):
         _load(_write(tmp_path / "cols.csv", rows))
@@ -410,6 +415,11 @@ def test_missing_column(tmp_path: Path) -> None:
         _load(_write(tmp_path / "cols.jsonl", rows))
     with pytest.raises(DataError, match=r"cols\.parquet: no column 'y'"):
         _load(_write(tmp_path / "cols.parquet", rows))
+    reliability.record(
+        "a data file without the configured column (CSV, JSONL, Parquet)",
+        "refused before any client starts, naming the file, the column and the columns it has",
+        "0 (not started)",
+    )
 
 
 def test_label_outside_the_verbalisers(tmp_path: Path) -> None:
