@@ -876,20 +876,30 @@ def load_resumed(run_config: str | Path, overrides: Sequence[str]) -> Config:
     return load_config(run_config, overrides)
 
 
-def check_resumable(stored: Config, resumed: Config) -> None:
-    """A resumed run may differ from the run it continues only in :data:`RESUME_KEYS`."""
-    old, new = stored.to_dict(), resumed.to_dict()
-    changed = []
+def differing_keys(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) of every key two config dicts disagree on, in order;
+    a section that is not a table on both sides (the task list) counts as one key."""
+    found = []
     for section in sorted(set(old) | set(new)):
         a, b = old.get(section), new.get(section)
         if isinstance(a, dict) and isinstance(b, dict):
-            changed += [
-                f"{section}.{key}"
+            found += [
+                (f"{section}.{key}", a.get(key), b.get(key))
                 for key in sorted(set(a) | set(b))
-                if a.get(key) != b.get(key) and f"{section}.{key}" not in RESUME_KEYS
+                if a.get(key) != b.get(key)
             ]
         elif a != b:
-            changed.append(section)
+            found.append((section, a, b))
+    return found
+
+
+def check_resumable(stored: Config, resumed: Config) -> None:
+    """A resumed run may differ from the run it continues only in :data:`RESUME_KEYS`."""
+    changed = [
+        key
+        for key, _, _ in differing_keys(stored.to_dict(), resumed.to_dict())
+        if key not in RESUME_KEYS
+    ]
     if changed:
         raise ConfigError(
             f"a resumed run keeps its config, but {', '.join(changed)} differ from the run's "

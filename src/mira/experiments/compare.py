@@ -25,7 +25,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mira.config import METHODS, Config, ConfigError, config_from_dict, load_config
+from mira.config import (
+    METHODS,
+    Config,
+    ConfigError,
+    config_from_dict,
+    differing_keys,
+    load_config,
+)
 from mira.errors import MiraError
 from mira.results.files import write_atomic, write_json
 from mira.results.report import write_comparison
@@ -179,18 +186,7 @@ def config_differences(folder: Path, cfg: Config) -> list[str]:
     except (tomllib.TOMLDecodeError, ConfigError) as err:
         return [f"config.toml unreadable ({err})"]
     old, new = _comparable(stored), _comparable(cfg.to_dict())
-    diffs = []
-    for section in sorted(set(old) | set(new)):
-        a, b = old.get(section), new.get(section)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += [
-                f"{section}.{k}: {a.get(k)!r} -> {b.get(k)!r}"
-                for k in sorted(set(a) | set(b))
-                if a.get(k) != b.get(k)
-            ]
-        elif a != b:
-            diffs.append(f"{section}: {a!r} -> {b!r}")
-    return diffs
+    return [f"{key}: {a!r} -> {b!r}" for key, a, b in differing_keys(old, new)]
 
 
 def has_final_round(folder: Path, rounds: int) -> bool:
