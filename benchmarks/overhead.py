@@ -39,8 +39,10 @@ CONFIG = [
 ]
 
 
-def bare_loop(cfg) -> tuple[float, list[float]]:
-    """The federation in one process without Flower: seconds and the final eval losses."""
+def bare_loop(cfg, threads: int | None = None) -> tuple[float, list[float]]:
+    """The federation in one process without Flower: seconds and the final eval losses.
+
+    ``threads``: torch's intra-op threads (default: the machine's cores)."""
     import torch
 
     from mira.client import learner
@@ -53,7 +55,7 @@ def bare_loop(cfg) -> tuple[float, list[float]]:
     from mira.graph.build import static_graph
 
     started = time.monotonic()
-    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_num_threads(threads or os.cpu_count() or 1)
     model = lora_model(cfg.model)
     tok = model.tokenizer
     ranks = [client_rank(cfg, p) for p in range(cfg.num_clients)]

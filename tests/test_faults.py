@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import threading
 import time
 from pathlib import Path
 
@@ -243,3 +244,44 @@ def test_each_client_receives_only_its_own_task(tiny_config, tmp_path, monkeypat
     assert {r["client"]: r["rank"] for r in rows.values()} == dict(
         zip(cfg.client_ids, cfg.lora.ranks, strict=True)
     )
+
+
+def test_handlers_share_one_worker_thread_until_one_is_abandoned():
+    """Every message of a client process runs on the same thread (one malloc arena, so freed
+    activations are not kept once per thread); a handler past its deadline retires that
+    thread, is told it is cancelled, and the next message runs on a fresh one."""
+    from mira.federation import client_app
+
+    def where() -> int:
+        return threading.get_ident()
+
+    first = client_app._run_on_worker(where, limit=30)
+    second = client_app._run_on_worker(where, limit=30)
+    assert first.done.is_set() and second.done.is_set()
+    assert first.reply == second.reply != threading.get_ident()
+
+    release = threading.Event()
+    seen: dict[str, object] = {}
+
+    def stuck() -> int:
+        release.wait(30)
+        try:
+            client_app._check_not_cancelled()
+        except TimeoutError as err:
+            seen["cancelled"] = str(err)
+        return threading.get_ident()
+
+    abandoned = client_app._run_on_worker(stuck, limit=0.2)
+    assert not abandoned.done.is_set() and abandoned.cancelled.is_set()
+    after = client_app._run_on_worker(where, limit=30)
+    assert after.done.is_set() and after.reply != first.reply
+    release.set()
+    assert abandoned.done.wait(30)
+    assert "abandoned at its deadline" in str(seen["cancelled"])
+
+    def fails() -> int:
+        raise ValueError("bad adapter")
+
+    failed = client_app._run_on_worker(fails, limit=30)
+    assert isinstance(failed.error, ValueError) and failed.reply is None
+    assert client_app._run_on_worker(where, limit=30).reply == after.reply
