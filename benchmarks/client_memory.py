@@ -7,7 +7,7 @@ clients, rounds, steps, evaluations and server rule; benchmarks/overhead.py's ba
 one fresh process with one torch thread, which is what each client process runs: one model,
 its clients one after another. Their ratio shows what the engine and mira's message handling
 add to a client's memory. Memory does not depend on how busy the machine is, so this can run
-beside other work; the wall times it prints are only indicative.
+beside other work (not beside work that leaves it short of memory).
 
     .venv/bin/python benchmarks/client_memory.py --out docs/client_memory.md
 """
