@@ -75,6 +75,40 @@ def _same_task_mean(tasks: list[str], trained: list[Adapter], k: int) -> Adapter
     }
 
 
+def _one_by_one(model, examples: list, pad_id: int) -> tuple[list[float], list[int]]:
+    """Summed target NLL and target-token count of each example, one forward pass each."""
+    nll, tokens = [], []
+    with torch.no_grad():
+        model.peft.eval()
+        for example in examples:
+            total, count = learner.target_nll(model.peft, learner.collate([example], pad_id))
+            nll.append(float(total))
+            tokens.append(count)
+    return nll, tokens
+
+
+def _tolerant_choice(
+    losses: dict[float, float],
+    per_example: dict[float, tuple[list[float], list[int]]],
+    tolerance: float,
+    anchor: float,
+) -> tuple[float, dict[float, float]]:
+    """server.auto_tolerance written out: the standard error of each candidate's loss minus the
+    best one's from the paired per-example differences, and the candidate nearest ``anchor``
+    among those within ``tolerance`` standard errors of the best (ties to the smaller)."""
+    best = min(sorted(losses), key=lambda a: losses[a])
+    n = len(per_example[best][0])
+    total_tokens = sum(per_example[best][1])
+    errors = {}
+    for alpha, (nll, _) in per_example.items():
+        d = [nll[i] - per_example[best][0][i] for i in range(n)]
+        mean_d = sum(d) / n
+        sd = (sum((x - mean_d) ** 2 for x in d) / (n - 1)) ** 0.5
+        errors[alpha] = n**0.5 * sd / total_tokens
+    eligible = [a for a in sorted(losses) if losses[a] - losses[best] <= tolerance * errors[a]]
+    return min(eligible, key=lambda a: (abs(a - anchor), a)), errors
+
+
 def _auto_rule(
     cfg: Config,
     trained: list[Adapter],
@@ -97,6 +131,7 @@ def _auto_rule(
         if cfg.server.auto_equal_share:
             candidates.add(neighbours / (neighbours + 1))
         losses = {}
+        per_example = {}
         mixed = {}
         for alpha in sorted(candidates):
             mixed[alpha] = {
@@ -106,15 +141,31 @@ def _auto_rule(
                 for key in trained[k]
             }
             model.set_adapter(name, mixed[alpha])
-            losses[alpha] = learner.eval_loss(
-                model.peft, val[k], cfg.train.eval_batch_size, tok.pad_token_id
-            )
+            if cfg.server.auto_tolerance > 0:
+                per_example[alpha] = _one_by_one(model, val[k], tok.pad_token_id)
+                nll, tokens = per_example[alpha]
+                losses[alpha] = float(sum(nll) / sum(tokens))
+            else:
+                losses[alpha] = learner.eval_loss(
+                    model.peft, val[k], cfg.train.eval_batch_size, tok.pad_token_id
+                )
         best = min(sorted(losses), key=lambda a: losses[a])
+        errors = {}
+        if cfg.server.auto_tolerance > 0:
+            best, errors = _tolerant_choice(
+                losses, per_example, cfg.server.auto_tolerance, neighbours / (neighbours + 1)
+            )
         s = cfg.server.auto_smoothing
         applied = best if k not in priors else s * priors[k] + (1 - s) * best
         priors[k] = applied
         trace.append(
-            {"client": cfg.client_ids[k], "choice": best, "alpha": applied, "losses": losses}
+            {
+                "client": cfg.client_ids[k],
+                "choice": best,
+                "alpha": applied,
+                "losses": losses,
+                "errors": errors,
+            }
         )
         chosen.append(
             {

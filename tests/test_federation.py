@@ -46,6 +46,7 @@ RUNS = {
     ],
     "cluster-fedavg-val": ["server.method=cluster-fedavg", "data.val_size=3"],
     "mira-auto-updates": ["server.step='auto'", "data.val_size=3", "server.graph=updates"],
+    "mira-auto-tolerant": ["server.step='auto'", "data.val_size=3", "server.auto_tolerance=1"],
 }
 
 
@@ -303,6 +304,35 @@ def test_auto_choice_is_the_argmin_of_an_independent_replay(runs):
             [choice["losses"][a] for a in sorted(choice["losses"])], abs=1e-5
         )
     assert {r["mix_weight"] for r in client_rows(folder)} - {0.0}, "auto never mixed"
+    got = adapters_of(folder)
+    for index, client in enumerate(cfg.client_ids):
+        assert same(got[client], expected[index], atol=2e-5), client
+        assert rows[(cfg.federation.rounds, client)]["eval_loss"] == pytest.approx(
+            expected_losses[index], abs=1e-4
+        )
+
+
+def test_auto_tolerance_choice_matches_an_independent_replay(runs):
+    """server.auto_tolerance = 1: every recorded standard error, choice and applied alpha is
+    what a replay computes from per-example losses (one forward pass per example), and the
+    tolerance does move choices away from the argmin toward the equal-share point."""
+    cfg, folder = runs["mira-auto-tolerant"]
+    trace: list[dict] = []
+    expected, expected_losses = replay(cfg, trace)
+    rows = {(r["round"], r["client"]): r for r in client_rows(folder)}
+    moved = 0
+    for index, choice in enumerate(trace):
+        row = rows[(index // cfg.num_clients + 1, choice["client"])]
+        order = sorted(choice["losses"])
+        assert row["val_losses"] == pytest.approx([choice["losses"][a] for a in order], abs=1e-5)
+        assert row["val_standard_errors"] == pytest.approx(
+            [choice["errors"][a] for a in order], abs=1e-5
+        )
+        assert row["anchor"] == pytest.approx(0.5)  # two clients per task: one neighbour
+        assert row["alpha_choice"] == pytest.approx(choice["choice"], abs=1e-12)
+        assert row["mix_weight"] == pytest.approx(choice["alpha"], abs=1e-12)
+        moved += row["alpha_choice"] != order[int(np.argmin(row["val_losses"]))]
+    assert moved, "the tolerance never changed a choice: the test would not see it ignored"
     got = adapters_of(folder)
     for index, client in enumerate(cfg.client_ids):
         assert same(got[client], expected[index], atol=2e-5), client

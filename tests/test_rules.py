@@ -43,6 +43,48 @@ def test_choose_mix_is_the_argmin_with_ties_to_the_first_and_smoothing() -> None
     assert rules.smoothed_mix(0.25, 0.9, 0.0) == 0.25  # no smoothing
 
 
+def test_paired_standard_errors_are_those_of_the_per_example_differences() -> None:
+    rng = np.random.default_rng(3)
+    nll = rng.uniform(0.5, 4.0, size=(4, 7))
+    tokens = rng.integers(1, 5, size=7).astype(float)
+    nll[2] = nll[1] - 0.3  # candidate 2 is best, by the same amount on every example
+    errors = rules.paired_standard_errors(nll, tokens)
+    losses = nll.sum(axis=1) / tokens.sum()
+    best = int(np.argmin(losses))
+    assert best == 2 and errors[2] == 0.0
+    assert errors[1] == pytest.approx(0.0, abs=1e-12)  # a constant difference has no spread
+    for j in (0, 3):  # by hand: the sum of 7 paired differences, over all target tokens
+        d = nll[j] - nll[best]
+        by_hand = np.sqrt(sum((x - d.mean()) ** 2 for x in d) / 6 * 7) / tokens.sum()
+        assert errors[j] == pytest.approx(by_hand, rel=1e-12)
+    assert rules.paired_standard_errors(nll[:, :1], tokens[:1]).tolist() == [0.0] * 4
+    with pytest.raises(ValueError, match="do not match"):
+        rules.paired_standard_errors(nll, tokens[:3])
+    with pytest.raises(ValueError, match="no target token"):
+        rules.paired_standard_errors(nll, np.zeros(7))
+
+
+def test_choose_within_takes_the_candidate_nearest_the_anchor_the_split_cannot_reject() -> None:
+    alphas = [0.0, 0.25, 0.5, 2 / 3, 0.75, 1.0]
+    losses = [1.00, 0.95, 0.90, 0.93, 0.96, 1.20]
+    errors = [0.20, 0.10, 0.0, 0.02, 0.05, 0.10]
+    assert rules.sharing_anchor(2) == pytest.approx(2 / 3) and rules.sharing_anchor(0) == 0.0
+    # tau = 0: the argmin
+    assert rules.choose_within(losses, None, alphas, 0.0, 2 / 3) == 2
+    # tau = 1: 0 (0.10 <= 0.20), 0.25 and 0.5 are within, 2/3 (0.03 > 0.02) and 0.75 are not
+    assert rules.choose_within(losses, errors, alphas, 1.0, 2 / 3) == 2
+    # tau = 2: 2/3 is within (0.03 <= 0.04), and it is the anchor
+    assert rules.choose_within(losses, errors, alphas, 2.0, 2 / 3) == 3
+    # alpha 1 is never eligible (0.30 > 3 * 0.10): a large tau with anchor 1 stops at 0.75
+    assert rules.choose_within(losses, errors, alphas, 2.9, 1.0) == 4
+    # equally near the anchor: the smaller alpha
+    assert rules.choose_within([1.0, 1.0], [0.0, 0.0], [0.25, 0.75], 1.0, 0.5) == 0
+    with pytest.raises(ValueError, match="one standard error and one candidate per loss"):
+        rules.choose_within(losses, errors[:2], alphas, 1.0, 2 / 3)
+    with pytest.raises(ValueError, match="finite and >= 0"):
+        rules.choose_within(losses, [-1.0, *errors[1:]], alphas, 1.0, 2 / 3)
+
+
 def test_neighbour_means_in_factor_space_are_the_weighted_means() -> None:
     rng = np.random.default_rng(0)
     adapters = factor_adapters(rng, 4)

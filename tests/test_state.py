@@ -147,6 +147,37 @@ def test_auto_sends_the_mean_checks_the_choice_and_mixes_like_the_client() -> No
         state.close_round(replies, sent)
 
 
+def test_auto_tolerance_sends_the_anchor_and_rechecks_the_tolerant_choice() -> None:
+    state = make_state(
+        "server.step='auto'", "server.auto_grid=[0.0, 1.0]", "server.auto_tolerance=1"
+    )
+    _, replies, sent = run_exchange(state, 1)
+    state.apply_rule(1, replies, sent, seconds=1.0)
+    instructions, replies, sent = run_exchange(state, 2)
+    assert all(i.anchor == 0.5 and i.candidates == [0.0, 0.5, 1.0] for i in instructions)
+    for reply in replies.values():
+        # alpha 0 is best, 1/2 is 0.1 worse with a standard error of 0.2: as good; 1 is not
+        reply.val_losses, reply.val_standard_errors = [1.0, 1.1, 2.0], [0.0, 0.2, 0.2]
+        reply.alpha = 0.5
+    closed = state.close_round(replies, sent)
+    assert closed is not None
+    assert all(r["alpha_choice"] == 0.5 and r["anchor"] == 0.5 for r in closed.rows)
+    assert all(r["val_standard_errors"] == [0.0, 0.2, 0.2] for r in closed.rows)
+    saved, _ = state.snapshot_state()
+    assert all(c["anchor"] == 0.5 for c in saved["clients"])
+    state.apply_rule(2, replies, sent, seconds=1.0)
+    instructions, replies, sent = run_exchange(state, 3)
+    for reply in replies.values():
+        reply.val_losses, reply.val_standard_errors = [1.0, 1.1, 2.0], [0.0, 0.05, 0.2]
+        reply.alpha = 0.25  # the argmin 0 smoothed with 1/2 would be right; it claims 1/2's
+    replies[0].alpha = 0.5
+    with pytest.raises(ServerStateError, match=r"chose alpha = 0\.5 but its validation losses"):
+        state.close_round(replies, sent)
+    replies[0].alpha, replies[0].val_standard_errors = 0.25, None
+    with pytest.raises(ServerStateError, match="reported 0 standard errors for 3"):
+        state.close_round(replies, sent)
+
+
 def test_checkpoint_state_round_trips() -> None:
     state = make_state("server.step='auto'")
     _, replies, sent = run_exchange(state, 1)

@@ -274,6 +274,14 @@ class ServerConfig:
             "0 = apply each round's choice as it is."
         ),
     )
+    auto_tolerance: float = field(
+        default=0.0,
+        metadata=_help(
+            "server.step = 'auto': how many standard errors of the validation loss a candidate "
+            "may lie above the best one and still count as good as it; among those, the client "
+            "chooses the one nearest its equal-share point n / (n + 1). 0 = the argmin."
+        ),
+    )
     graph: str = field(
         default="clusters",
         metadata=_help(
@@ -673,6 +681,10 @@ def _check_ranges(cfg: Config) -> None:
     if not 0.0 <= cfg.server.auto_smoothing < 1.0:
         raise ConfigError(
             f"server.auto_smoothing must be in [0, 1), got {cfg.server.auto_smoothing!r}"
+        )
+    if not (math.isfinite(cfg.server.auto_tolerance) and cfg.server.auto_tolerance >= 0):
+        raise ConfigError(
+            f"server.auto_tolerance must be a finite number >= 0, got {cfg.server.auto_tolerance!r}"
         )
     if cfg.server.num_clusters < 0:
         raise ConfigError(f"server.num_clusters must be >= 0, got {cfg.server.num_clusters!r}")

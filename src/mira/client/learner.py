@@ -218,6 +218,23 @@ def eval_loss(model: Any, encoded: Sequence[Encoded], batch_size: int, pad_id: i
     return total / count if count else math.nan
 
 
+@torch.no_grad()
+def example_nll(
+    model: Any, encoded: Sequence[Encoded], batch_size: int, pad_id: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Summed target NLL of every example and its number of target tokens (two [n] arrays);
+    their sums' ratio is :func:`eval_loss` up to rounding."""
+    model.eval()
+    nll, tokens = [], []
+    for start in range(0, len(encoded), batch_size):
+        batch = collate(encoded[start : start + batch_size], pad_id)
+        nll.append(sequence_nll(model, batch).double().cpu().numpy())
+        tokens.append((batch["labels"][:, 1:] != IGNORE).sum(dim=1).double().numpy())
+    if not nll:
+        return np.zeros(0), np.zeros(0)
+    return np.concatenate(nll), np.concatenate(tokens)
+
+
 def sequence_nll(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed target NLL of each sequence of a batch, shape [batch]."""
     logits = _forward_logits(model, batch)

@@ -16,7 +16,9 @@ all stored adapters, new_k = sum_l M[k, l] W_l, in factor or product space
 ``mira`` with ``server.step = "auto"`` reads the pull as a mix, W_k <- (1 - alpha_k) W_k +
 alpha_k M_k with M_k the neighbours' weighted mean (:func:`neighbour_means`), and lets each
 client choose its own alpha_k from :func:`auto_candidates` by its loss on a validation split
-it holds (:func:`choose_mix`, smoothed across rounds by :func:`smoothed_mix`); :func:`mix_toward`
+it holds (:func:`choose_within`: the argmin, or with a tolerance the candidate nearest the
+equal-share point among those the split cannot tell from the best; smoothed across rounds by
+:func:`smoothed_mix`); :func:`mix_toward`
 forms the chosen adapter, on the client and on the server alike, so both hold the same numbers.
 """
 
@@ -152,6 +154,86 @@ def choose_mix(losses: Sequence[float]) -> int:
     if not np.isfinite(finite).any():
         raise ValueError(f"no candidate has a finite validation loss: {current.tolist()}")
     return int(np.argmin(finite))
+
+
+def sharing_anchor(neighbours: int) -> float:
+    """The mix weight a tolerant choice leans toward: the equal-share point n / (n + 1) for n
+    neighbours, where the client's own adapter weighs as much as each neighbour's (on a uniform
+    cluster, exactly cluster-fedavg); 0 for a client without neighbours."""
+    return neighbours / (neighbours + 1) if neighbours > 0 else 0.0
+
+
+def paired_standard_errors(nll: np.ndarray, tokens: np.ndarray) -> np.ndarray:
+    """Standard error of each candidate's validation loss minus the best candidate's.
+
+    ``nll[j, i]`` is the summed target NLL of validation example i under candidate j and
+    ``tokens[i]`` its number of target tokens, so candidate j's loss is
+    L_j = sum_i nll[j, i] / T with T = sum_i tokens[i]. Every candidate is scored on the same
+    examples, so the difference to the best candidate b is a sum of paired per-example terms,
+    L_j - L_b = sum_i d_i / T with d_i = nll[j, i] - nll[b, i], and its standard error is
+    sqrt(n) * sd(d) / T over the n examples (0 for b itself, and 0 for every candidate when
+    there is a single example: no spread to estimate).
+
+    Raises:
+        ValueError: shapes that do not match, or no target token at all.
+    """
+    nll = np.asarray(nll, dtype=np.float64)
+    tokens = np.asarray(tokens, dtype=np.float64)
+    if nll.ndim != 2 or tokens.shape != (nll.shape[1],):
+        raise ValueError(f"per-example losses {nll.shape} do not match token counts {tokens.shape}")
+    total = float(tokens.sum())
+    if total <= 0:
+        raise ValueError("the validation split has no target token")
+    examples = nll.shape[1]
+    if examples < 2:
+        return np.zeros(nll.shape[0])
+    best = choose_mix(nll.sum(axis=1) / total)
+    differences = nll - nll[best]
+    return np.sqrt(examples) * differences.std(axis=1, ddof=1) / total
+
+
+def choose_within(
+    losses: Sequence[float],
+    standard_errors: Sequence[float] | None,
+    candidates: Sequence[float],
+    tolerance: float,
+    anchor: float,
+) -> int:
+    """Index of the candidate a client chooses (``server.auto_tolerance`` = tolerance tau).
+
+    tau = 0 is the argmin (:func:`choose_mix`). With tau > 0 every candidate whose loss is
+    within tau standard errors of the best one's (L_j - L_best <= tau * SE_j,
+    :func:`paired_standard_errors`) is as good as the best on this validation split, and the
+    client takes, among them, the one nearest ``anchor`` (:func:`sharing_anchor`; ties to the
+    smaller alpha). It is the one-standard-error rule of model selection (Breiman et al. 1984;
+    Hastie, Tibshirani and Friedman, sect. 7.10) with "share as the cluster does" as the
+    preferred model: when a few validation examples cannot tell the candidates apart, the
+    client shares like cluster-fedavg instead of following the noise to an end of the grid;
+    when they can, it takes the best one.
+
+    Raises:
+        ValueError: no finite loss, or standard errors missing, of the wrong length, negative
+            or not finite while tau > 0.
+    """
+    best = choose_mix(losses)
+    if tolerance <= 0:
+        return best
+    current = np.asarray(losses, dtype=np.float64)
+    spread = np.asarray(standard_errors if standard_errors is not None else [], dtype=np.float64)
+    if spread.shape != current.shape or len(candidates) != current.size:
+        raise ValueError(
+            f"need one standard error and one candidate per loss: {current.size} losses, "
+            f"{spread.size} standard errors, {len(candidates)} candidates"
+        )
+    if not np.all(np.isfinite(spread)) or np.any(spread < 0):
+        raise ValueError(f"standard errors must be finite and >= 0, got {spread.tolist()}")
+    margin = current - current[best]
+    eligible = [
+        j
+        for j in range(current.size)
+        if np.isfinite(current[j]) and margin[j] <= tolerance * spread[j]
+    ]
+    return min(eligible, key=lambda j: (abs(candidates[j] - anchor), candidates[j]))
 
 
 def smoothed_mix(choice: float, prior: float | None, smoothing: float) -> float:

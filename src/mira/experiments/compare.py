@@ -158,7 +158,7 @@ def plan_comparison(
 
 # Keys read only by mira's learned mix (server.step = "auto"): a run with any other rule or a
 # fixed step computes the same thing whatever they hold.
-AUTO_KEYS = ("auto_grid", "auto_equal_share", "auto_smoothing")
+AUTO_KEYS = ("auto_grid", "auto_equal_share", "auto_smoothing", "auto_tolerance")
 
 
 def _comparable(cfg_dict: dict[str, Any]) -> dict[str, Any]:

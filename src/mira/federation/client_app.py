@@ -318,28 +318,41 @@ def _identify(msg: Message, context: Context) -> Message:
 
 def choose_mix(
     cfg: Config, model: LoraModel, name: str, instruction: Instruction, rank: int, val: Any
-) -> tuple[float, list[float], Adapter]:
+) -> tuple[float, list[float], list[float] | None, Adapter]:
     """``server.step = "auto"``: the validation loss of (1 - alpha) W_k + alpha M_k for every
-    candidate alpha, the alpha applied (the argmin, :func:`mira.core.rules.choose_mix`, smoothed
-    across rounds by :func:`mira.core.rules.smoothed_mix`), and its adapter.
+    candidate alpha, the alpha applied (:func:`mira.core.rules.choose_within`: the argmin, or
+    with ``server.auto_tolerance`` the candidate nearest the equal-share point among those
+    within that many standard errors of the best; smoothed across rounds by
+    :func:`mira.core.rules.smoothed_mix`), the standard errors (None without a tolerance), and
+    its adapter.
 
     Only this client's validation split is used; the eval split never influences the choice.
     """
     assert instruction.mean is not None
     space = instruction.space
     scale = lora_scale(cfg.lora.alpha, rank, cfg.lora.rslora)
+    tolerance = cfg.server.auto_tolerance
+    pad_id = model.tokenizer.pad_token_id
     candidates: list[Adapter] = []
-    losses = []
+    losses: list[float] = []
+    per_example = []
+    tokens = np.zeros(0)
     for alpha in instruction.candidates:
         mixed = rules.mix_toward(instruction.adapter, instruction.mean, alpha, space, scale)
         model.set_adapter(name, mixed)
-        losses.append(
-            learner.eval_loss(
-                model.peft, val, cfg.train.eval_batch_size, model.tokenizer.pad_token_id
-            )
-        )
+        if tolerance > 0:
+            nll, tokens = learner.example_nll(model.peft, val, cfg.train.eval_batch_size, pad_id)
+            per_example.append(nll)
+            losses.append(float(nll.sum() / tokens.sum()) if tokens.sum() else math.nan)
+        else:
+            losses.append(learner.eval_loss(model.peft, val, cfg.train.eval_batch_size, pad_id))
         candidates.append(mixed)
-    chosen = rules.choose_mix(losses)
+    errors = None
+    if tolerance > 0:
+        errors = rules.paired_standard_errors(np.stack(per_example), tokens).tolist()
+    chosen = rules.choose_within(
+        losses, errors, instruction.candidates, tolerance, instruction.anchor
+    )
     prior = instruction.prior[0] if instruction.prior else None
     alpha = rules.smoothed_mix(instruction.candidates[chosen], prior, cfg.server.auto_smoothing)
     if alpha == instruction.candidates[chosen]:
@@ -347,7 +360,7 @@ def choose_mix(
     else:
         adapter = rules.mix_toward(instruction.adapter, instruction.mean, alpha, space, scale)
     model.set_adapter(name, adapter)
-    return alpha, losses, adapter
+    return alpha, losses, errors, adapter
 
 
 def evaluate_adapter(
@@ -408,7 +421,7 @@ def _round_work(msg: Message, context: Context) -> Message:
     reply = Reply(client_id=instruction.client_id, node_id=instruction.node_id)
     start = instruction.adapter
     if instruction.mean is not None:
-        reply.alpha, reply.val_losses, start = choose_mix(
+        reply.alpha, reply.val_losses, reply.val_standard_errors, start = choose_mix(
             cfg, model, name, instruction, rank, encoded.val
         )
     if instruction.evaluate:

@@ -50,6 +50,7 @@ TASK_METRICS = "task_metrics"
 WANT_FINGERPRINT = "fingerprint"
 CANDIDATES = "candidates"
 PRIOR = "prior"
+ANCHOR = "anchor"
 SPACE = "space"  # 'factor' or 'product': where the mix with the mean is formed
 PARTITION = "partition"  # the client's index in the config's client order (its partition-id)
 SHARD = "shard"  # the client's index among its own task's clients
@@ -65,6 +66,7 @@ ID_NUM_EVAL = "num_eval"
 # Keys of the CHOICE record.
 ALPHA = "alpha"
 VAL_LOSSES = "val_losses"
+VAL_STANDARD_ERRORS = "val_standard_errors"
 
 
 def client_view(cfg: Config, partition: int) -> str:
@@ -126,6 +128,7 @@ class Instruction:
     mean: Adapter | None = None  # auto: the neighbours' weighted mean M_k
     candidates: list[float] = field(default_factory=list)  # auto: mix weights to try
     prior: list[float] | None = None  # auto: [the mix weight it applied when it last chose]
+    anchor: float = 0.0  # auto: the equal-share point a tolerant choice leans toward
     space: str = "factor"  # auto: the pull space the mix is formed in
     partition: int = 0  # the client's partition-id, which the node must hold
     shard: int = 0  # its index among its task's clients (the view holds only its task)
@@ -142,6 +145,7 @@ class Reply:
     evaluation: dict[str, float] | None = None
     alpha: float | None = None
     val_losses: list[float] | None = None
+    val_standard_errors: list[float] | None = None  # auto with a tolerance: SE of L_j - L_best
     fingerprint: np.ndarray | None = None
     bytes_up: int = 0
 
@@ -166,6 +170,7 @@ def encode_instruction(instruction: Instruction, config_json: str) -> tuple[Mess
         content.array_records[MEAN] = to_record(instruction.mean)
         settings[CANDIDATES] = [float(a) for a in instruction.candidates]
         settings[SPACE] = instruction.space
+        settings[ANCHOR] = float(instruction.anchor)
         if instruction.prior is not None:
             settings[PRIOR] = [float(v) for v in instruction.prior]
     sent = sum(record_bytes(r) for r in content.array_records.values())
@@ -192,6 +197,7 @@ def decode_instruction(message: Message) -> tuple[Instruction, str]:
         candidates=[float(a) for a in settings.get(CANDIDATES, [])],  # type: ignore[union-attr]
         prior=None if prior is None else [float(v) for v in prior],  # type: ignore[union-attr]
         space=str(settings.get(SPACE, "factor")),
+        anchor=float(settings.get(ANCHOR, 0.0)),  # type: ignore[arg-type]
         partition=int(str(settings[PARTITION])),
         shard=int(str(settings[SHARD])),
     )
@@ -208,9 +214,12 @@ def encode_reply(reply: Reply, request: Message, identity: ConfigRecord) -> Mess
     if reply.evaluation is not None:
         content.metric_records[EVALUATION] = MetricRecord(dict(reply.evaluation))
     if reply.alpha is not None:
-        content.config_records[CHOICE] = ConfigRecord(
+        choice = ConfigRecord(
             {ALPHA: float(reply.alpha), VAL_LOSSES: [float(v) for v in reply.val_losses or []]}
         )
+        if reply.val_standard_errors is not None:
+            choice[VAL_STANDARD_ERRORS] = [float(v) for v in reply.val_standard_errors]
+        content.config_records[CHOICE] = choice
     if reply.fingerprint is not None:
         content.array_records[FINGERPRINT] = ArrayRecord([reply.fingerprint.astype(np.float64)])
     return Message(content, reply_to=request)
@@ -232,6 +241,9 @@ def decode_reply(message: Message) -> Reply:
         choice = content.config_records[CHOICE]
         reply.alpha = _number(choice[ALPHA])
         reply.val_losses = [_number(v) for v in choice[VAL_LOSSES]]  # type: ignore[union-attr]
+        if VAL_STANDARD_ERRORS in choice:
+            errors = choice[VAL_STANDARD_ERRORS]
+            reply.val_standard_errors = [_number(v) for v in errors]  # type: ignore[union-attr]
     if FINGERPRINT in content.array_records:
         reply.fingerprint = content.array_records[FINGERPRINT].to_numpy_ndarrays()[0]
     return reply

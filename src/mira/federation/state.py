@@ -120,6 +120,7 @@ class ClientState:
     mean: Adapter | None = None  # auto: the neighbours' mean it has yet to choose its mix with
     candidates: list[float] = field(default_factory=list)  # auto: mix weights it tries
     prior_alpha: float | None = None  # auto: the mix weight it applied when it last chose
+    anchor: float = 0.0  # auto: its equal-share point, which a tolerant choice leans toward
     evaluation: dict[str, float] | None = None  # of ``adapter``, once known
     evaluated_task_metrics: bool = False  # whether ``evaluation`` includes the task metrics
 
@@ -252,6 +253,7 @@ class ServerState:
                     if client.mean is not None and client.prior_alpha is not None
                     else None
                 ),
+                anchor=client.anchor,
                 space=self.space,
                 partition=i,
                 shard=task_of(self.cfg, i)[1],
@@ -322,7 +324,16 @@ class ServerState:
                 f"client {client.client_id} reported {len(losses)} validation losses for "
                 f"{len(client.candidates)} candidates"
             )
-        chosen = rules.choose_mix(losses)
+        tolerance = self.cfg.server.auto_tolerance
+        if tolerance > 0 and len(reply.val_standard_errors or []) != len(losses):
+            raise ServerStateError(
+                f"client {client.client_id} reported {len(reply.val_standard_errors or [])} "
+                f"standard errors for {len(losses)} validation losses (server.auto_tolerance "
+                f"= {tolerance:g} needs one per candidate)"
+            )
+        chosen = rules.choose_within(
+            losses, reply.val_standard_errors, client.candidates, tolerance, client.anchor
+        )
         alpha = rules.smoothed_mix(
             client.candidates[chosen], client.prior_alpha, self.cfg.server.auto_smoothing
         )
@@ -341,6 +352,9 @@ class ServerState:
         row["val_loss"] = float(losses[chosen])
         row["val_losses"] = [float(v) for v in losses]
         row["candidates"] = list(client.candidates)
+        if tolerance > 0:
+            row["val_standard_errors"] = [float(v) for v in reply.val_standard_errors or []]
+            row["anchor"] = client.anchor
 
     def screen_norms(self, replies: dict[int, Reply]) -> dict[int, Outcome]:
         """Refuse trained updates far larger than the round's others
@@ -475,6 +489,7 @@ class ServerState:
                 self.cfg.server.auto_grid, neighbours, self.cfg.server.auto_equal_share
             )
             client.candidates = candidates if client.mean is not None else []
+            client.anchor = rules.sharing_anchor(neighbours)
 
     # ------------------------------------------------------------------------ checkpoints
     def snapshot_state(self) -> tuple[dict[str, Any], dict[str, Adapter]]:
@@ -494,6 +509,7 @@ class ServerState:
                     "rank": client.rank,
                     "candidates": client.candidates,
                     "prior_alpha": client.prior_alpha,
+                    "anchor": client.anchor,
                     "evaluation": client.evaluation,
                     "evaluated_task_metrics": client.evaluated_task_metrics,
                     "has_mean": client.mean is not None,
@@ -533,6 +549,7 @@ class ServerState:
             client.mean = adapters.get(f"mean:{client.client_id}") if entry["has_mean"] else None
             client.candidates = [float(a) for a in entry["candidates"]]
             client.prior_alpha = entry.get("prior_alpha")
+            client.anchor = float(entry.get("anchor", 0.0))
             client.evaluation = entry["evaluation"]
             client.evaluated_task_metrics = bool(entry["evaluated_task_metrics"])
         self.trained_round = int(state["trained_round"])
