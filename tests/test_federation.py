@@ -45,7 +45,6 @@ RUNS = {
         "server.auto_equal_share=true",
     ],
     "cluster-fedavg-val": ["server.method=cluster-fedavg", "data.val_size=3"],
-    "mira-auto-updates": ["server.step='auto'", "data.val_size=3", "server.graph=updates"],
     "mira-auto-tolerant": ["server.step='auto'", "data.val_size=3", "server.auto_tolerance=1"],
 }
 
@@ -374,16 +373,3 @@ def test_auto_with_mixed_ranks_keeps_ranks_and_reloads(runs):
     second = [r for r in client_rows(folder) if r["round"] == 2]
     assert all(r["bytes_down"] > r["bytes_up"] for r in second)
     assert_reloads_to_recorded_eval_loss("mira-auto-hetero", runs, (0, 1))
-
-
-def test_a_graph_learned_from_updates_is_written_and_used(runs):
-    cfg, folder = runs["mira-auto-updates"]
-    graph = json.loads((folder / "graph.json").read_text())
-    assert graph["source"] == "updates" and graph["built_from_round"] == cfg.federation.rounds
-    adjacency = np.array(graph["adjacency"])
-    np.testing.assert_allclose(adjacency, adjacency.T)
-    assert adjacency.sum(axis=1).max() == pytest.approx(1.0)
-    assert np.all(np.diag(adjacency) == 0) and np.all(adjacency >= 0)
-    rows = client_rows(folder)
-    # Round 1's choice had neighbours to mix with: every client saw more than the 0 candidate.
-    assert all(len(r["candidates"]) > 1 for r in rows if r["round"] == 1)

@@ -177,18 +177,3 @@ def test_apply_rule_local_returns_copies_and_modules_round_trip() -> None:
     )
     assert all(np.array_equal(kept[i][k], adapters[i][k]) for i in range(3) for k in adapters[0])
     assert from_modules(to_modules(adapters[0])).keys() == adapters[0].keys()
-
-
-def test_update_similarity_graph_links_agreeing_updates_only() -> None:
-    from mira.graph.sources import update_similarity_graph
-
-    u = np.array([1.0, 0.0, 0.0])
-    graph = update_similarity_graph([u, 2 * u, np.array([0.0, 1.0, 0.0]), -u, None])
-    # 0 and 1 agree perfectly (cos 1); 2 is orthogonal, 3 opposed, 4 has no update yet.
-    expected = np.zeros((5, 5))
-    expected[0, 1] = expected[1, 0] = 1.0
-    np.testing.assert_allclose(graph, expected)
-    half = update_similarity_graph([u, np.array([1.0, 1.0, 0.0]), np.array([0.0, 1.0, 0.0])])
-    cos = 1 / np.sqrt(2)
-    raw = np.array([[0, cos, 0], [cos, 0, cos], [0, cos, 0]])
-    np.testing.assert_allclose(half, raw / raw.sum(axis=1).max())

@@ -24,7 +24,7 @@ from typing import Any, get_args, get_origin, get_type_hints
 from mira.errors import MiraError
 
 METHODS = ("mira", "fedit", "cluster-fedavg", "cluster-merge", "local")
-GRAPH_SOURCES = ("clusters", "tasks", "random", "full", "knn", "updates")
+GRAPH_SOURCES = ("clusters", "tasks", "random", "full", "knn")
 FINGERPRINT_GRAPHS = ("clusters", "knn")
 CLUSTER_METHODS = ("kmeans", "agglomerative")
 EDGE_WEIGHTS = ("uniform", "rbf")
@@ -287,9 +287,8 @@ class ServerConfig:
         metadata=_help(
             "Task graph: 'clusters' (clustering of client fingerprints), 'tasks' (declared task "
             "labels, an oracle), 'random' (symmetric uniform weights above a threshold, the "
-            "MIRA paper's setting), 'full', 'knn' (nearest fingerprints), 'updates' (re-learned "
-            "every round from the cosine similarity of the clients' updates, pFedGraph-style; "
-            "equal ranks), or the path of a K x K matrix (.json, .csv or .npy) in client order. "
+            "MIRA paper's setting), 'full', 'knn' (nearest fingerprints), or the path of a K x K "
+            "matrix (.json, .csv or .npy) in client order. "
             "Every graph except a matrix file is scaled to max degree 1."
         ),
     )

@@ -653,6 +653,4 @@ def _serve(
                 state.rebuild_graph(graph)
                 writer.write_graph(state.clients, graph, cfg.server.step, server_round - 1)
         state.apply_rule(server_round, replies, sent, time.monotonic() - started, outcomes)
-        if state.learns_graph:
-            writer.write_graph(state.clients, state.graph, cfg.server.step, server_round)
         _checkpoint(writer, state)

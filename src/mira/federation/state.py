@@ -29,8 +29,6 @@ from mira.core.mixing import mix_weights
 from mira.errors import MiraError
 from mira.federation.protocol import Instruction, Reply, task_of
 from mira.graph.build import TaskGraph
-from mira.graph.clustering import connected_components
-from mira.graph.sources import update_similarity_graph
 
 
 class ServerStateError(MiraError, ValueError):
@@ -149,14 +147,8 @@ class ServerState:
         self.open_rows: dict[int, dict[str, Any]] = {}  # rows of trained_round, not yet written
         self.open_seconds = 0.0
         self.accepted_norms: list[float] = []  # update norms accepted in the last exchange
-        self.updates: list[np.ndarray | None] = [None] * len(clients)  # for graph "updates"
         self.releases = [0] * len(clients)  # rounds each client was asked to train (for DP)
         self._contacted: dict[int, Instruction] = {}
-        if self.learns_graph and self.space != "factor":
-            raise ServerStateError(
-                "server.graph = 'updates' compares the clients' updates tensor by tensor and "
-                f"needs equal LoRA ranks, got {sorted(set(ranks))}"
-            )
 
     # ------------------------------------------------------------------------ queries
     @property
@@ -169,27 +161,6 @@ class ServerState:
             if client.client_id == client_id:
                 return i
         raise ServerStateError(f"unknown client {client_id!r}")
-
-    @property
-    def learns_graph(self) -> bool:
-        """``server.graph = "updates"``: the graph is re-learned at every rule."""
-        return self.cfg.server.graph == "updates" and self.cfg.server.method == "mira"
-
-    def _learn_graph(self, trained: dict[int, Adapter], server_round: int) -> None:
-        """Rebuild the graph from every client's latest update (trained minus what it started
-        from; a client that did not train this round keeps its previous one)."""
-        for i, adapter in trained.items():
-            start = self.clients[i].adapter
-            self.updates[i] = np.concatenate(
-                [(adapter[k].astype(np.float64) - start[k]).ravel() for k in sorted(adapter)]
-            )
-        adjacency = update_similarity_graph(self.updates)
-        self.graph = TaskGraph(
-            adjacency,
-            connected_components(adjacency),
-            "updates",
-            {"learned": True, "built_from_round": server_round},
-        )
 
     def measures_task_metrics(self, server_round: int) -> bool:
         """Task metrics every ``federation.metrics_every`` rounds and after the last round."""
@@ -413,8 +384,6 @@ class ServerState:
         """
         outcomes = outcomes or {}
         trained = {i: r.trained for i, r in replies.items() if r.trained is not None}
-        if self.learns_graph:
-            self._learn_graph(trained, server_round)
         snapshot = [trained.get(i, c.adapter) for i, c in enumerate(self.clients)]
         active = [i in trained for i in range(len(self.clients))]
         rows = {}
@@ -496,13 +465,10 @@ class ServerState:
         """(JSON-able state, named adapters) that :meth:`restore_state` takes back."""
         adapters: dict[str, Adapter] = {}
         clients = []
-        for i, client in enumerate(self.clients):
+        for client in self.clients:
             adapters[client.client_id] = client.adapter
             if client.mean is not None:
                 adapters[f"mean:{client.client_id}"] = client.mean
-            update = self.updates[i]
-            if update is not None:
-                adapters[f"update:{client.client_id}"] = {"update": update}
             clients.append(
                 {
                     "client": client.client_id,
@@ -557,9 +523,3 @@ class ServerState:
         self.open_seconds = float(state["open_seconds"])
         self.accepted_norms = [float(n) for n in state.get("accepted_norms", [])]
         self.releases = [int(n) for n in state.get("releases", [0] * len(self.clients))]
-        self.updates = [
-            adapters[f"update:{c.client_id}"]["update"]
-            if f"update:{c.client_id}" in adapters
-            else None
-            for c in self.clients
-        ]

@@ -67,11 +67,7 @@ def static_graph(cfg: Config) -> TaskGraph | None:
     if source in FINGERPRINT_GRAPHS:
         check_config_step(cfg, None)
         return None
-    if source == "updates":
-        # Learned from the clients' updates at every rule (mira.federation.state); until the
-        # first round's updates exist, nobody has neighbours.
-        result = TaskGraph(np.zeros((k, k)), list(range(k)), "updates", {"learned": True})
-    elif source == "tasks":
+    if source == "tasks":
         result = TaskGraph(sources.declared_task_graph(tasks), declared_labels(tasks), "tasks")
     elif source == "full":
         result = TaskGraph(sources.full_graph(k), [0] * k, "full")

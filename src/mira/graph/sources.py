@@ -251,28 +251,6 @@ def add_knn_edges(adjacency: np.ndarray, fingerprints: np.ndarray, k: int = 1) -
     return scale_to_unit_max_degree(matrix, only_down=True)
 
 
-def update_similarity_graph(updates: list[np.ndarray | None]) -> np.ndarray:
-    """a_kl = max(0, cos(u_k, u_l)) between the clients' latest updates, scaled to max degree 1.
-
-    The second lever of personalisation (pFedGraph, Ye et al., ICML 2023, learns its
-    collaboration graph from the similarity of client models): clients whose training moves the
-    adapter the same way become neighbours, across task clusters too, with weight growing with
-    the agreement; opposed or orthogonal updates get no edge. ``updates[k]`` is client k's last
-    update flattened (None: none yet, so no edges).
-    """
-    k = len(updates)
-    matrix = np.zeros((k, k))
-    known = [i for i, u in enumerate(updates) if u is not None and np.any(u)]
-    if len(known) < 2:
-        return matrix
-    stacked = np.stack([np.asarray(updates[i], dtype=np.float64) for i in known])
-    unit = stacked / np.linalg.norm(stacked, axis=1, keepdims=True)
-    cosine = np.clip(unit @ unit.T, 0.0, 1.0)
-    np.fill_diagonal(cosine, 0.0)
-    matrix[np.ix_(known, known)] = (cosine + cosine.T) / 2
-    return scale_to_unit_max_degree(matrix)
-
-
 def random_graph(num_clients: int, seed: int, threshold: float = 0.5) -> np.ndarray:
     """Random symmetric graph of the MIRA paper's experiments, scaled to max degree 1.
 
