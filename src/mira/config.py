@@ -270,7 +270,7 @@ class ServerConfig:
         default=0.5,
         metadata=_help(
             "server.step = 'auto': weight in [0, 1) of the previous rounds in the mix weight a "
-            "client applies, alpha_t = s * alpha_(t-1) + (1 - s) * (this round's argmin); "
+            "client applies, alpha_t = s * alpha_(t-1) + (1 - s) * (this round's choice); "
             "0 = apply each round's choice as it is."
         ),
     )
