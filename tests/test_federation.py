@@ -29,7 +29,7 @@ RUNS = {
     "fedit-hetero": ["server.method=fedit", "lora.ranks=[2, 4, 2, 4]"],
     "mira-clusters": ["server.graph=clusters", "server.graph_refresh=1", "lora.ranks=[2, 4, 2, 4]"],
     # server.step = "auto" (tests at the end of this file)
-    "mira-auto": ["server.step='auto'", "data.val_size=3"],
+    "mira-auto": ["server.step='auto'", "data.val_size=3", "server.auto_tolerance=0"],
     "mira-auto-hetero": ["server.step='auto'", "data.val_size=3", "lora.ranks=[2, 4, 2, 4]"],
     "auto-only-zero": [
         "server.step='auto'",

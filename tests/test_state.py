@@ -57,6 +57,7 @@ def run_exchange(state: ServerState, server_round: int, shifts=None):
         if instruction.mean is not None:  # auto: the client picks the first candidate's loss
             losses = [1.0 + abs(a - 0.5) for a in instruction.candidates]
             replies[index].val_losses = losses
+            replies[index].val_standard_errors = [0.0] * len(losses)  # decisive: the argmin
             replies[index].alpha = instruction.candidates[int(np.argmin(losses))]
     sent = {state.index(i.client_id): 100 for i in instructions}
     return instructions, replies, sent
@@ -223,6 +224,7 @@ def test_auto_smoothing_applies_the_moving_average_of_the_choices() -> None:
                 continue
             reply = replies[state.index(instruction.client_id)]
             reply.val_losses = [1.0, 0.0] if prefer_one else [0.0, 1.0]
+            reply.val_standard_errors = [0.0, 0.0]
             prior = instruction.prior[0] if instruction.prior else None
             reply.alpha = rules.smoothed_mix(float(prefer_one), prior, 0.5)
         closed = state.close_round(replies, sent)

@@ -275,11 +275,12 @@ class ServerConfig:
         ),
     )
     auto_tolerance: float = field(
-        default=0.0,
+        default=1.0,
         metadata=_help(
             "server.step = 'auto': how many standard errors of the validation loss a candidate "
             "may lie above the best one and still count as good as it; among those, the client "
-            "chooses the one nearest its equal-share point n / (n + 1). 0 = the argmin."
+            "chooses the one nearest its equal-share point n / (n + 1). 0 = the argmin "
+            "(docs/results.md measures both)."
         ),
     )
     graph: str = field(
