@@ -241,8 +241,9 @@ class ServerState:
     ) -> ClosedRound | None:
         """Take the choices and evaluations of the open round from this exchange's replies.
 
-        Under auto, each client's chosen alpha is checked against the argmin of the validation
-        losses it reported (recomputed here, smoothing included) and its adapter becomes
+        Under auto, each client's chosen alpha is checked against the choice its reported
+        validation losses (and, with ``server.auto_tolerance``, standard errors) make
+        (recomputed here, smoothing included) and its adapter becomes
         (1 - alpha) W_k + alpha M_k, computed with the same function the client used. Bytes of
         messages that only evaluate count toward the round they evaluate; ``seconds`` (the
         final exchange's time) is added to the round's. A client whose message only evaluated
