@@ -58,6 +58,12 @@ def test_paired_standard_errors_are_those_of_the_per_example_differences() -> No
         by_hand = np.sqrt(sum((x - d.mean()) ** 2 for x in d) / 6 * 7) / tokens.sum()
         assert errors[j] == pytest.approx(by_hand, rel=1e-12)
     assert rules.paired_standard_errors(nll[:, :1], tokens[:1]).tolist() == [0.0] * 4
+    broken = nll.copy()
+    broken[0, 3] = np.nan  # a candidate whose loss is not finite: no error, and never chosen
+    spread = rules.paired_standard_errors(broken, tokens)
+    assert spread[0] == 0.0 and np.all(np.isfinite(spread))
+    losses_broken = broken.sum(axis=1) / tokens.sum()
+    assert rules.choose_within(losses_broken, spread, [0.0, 0.5, 2 / 3, 1.0], 9.0, 0.0) != 0
     with pytest.raises(ValueError, match="do not match"):
         rules.paired_standard_errors(nll, tokens[:3])
     with pytest.raises(ValueError, match="no target token"):

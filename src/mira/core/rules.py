@@ -172,7 +172,8 @@ def paired_standard_errors(nll: np.ndarray, tokens: np.ndarray) -> np.ndarray:
     examples, so the difference to the best candidate b is a sum of paired per-example terms,
     L_j - L_b = sum_i d_i / T with d_i = nll[j, i] - nll[b, i], and its standard error is
     sqrt(n) * sd(d) / T over the n examples (0 for b itself, and 0 for every candidate when
-    there is a single example: no spread to estimate).
+    there is a single example: no spread to estimate; 0 too for a candidate whose loss is not
+    finite, which is never chosen).
 
     Raises:
         ValueError: shapes that do not match, or no target token at all.
@@ -188,8 +189,10 @@ def paired_standard_errors(nll: np.ndarray, tokens: np.ndarray) -> np.ndarray:
     if examples < 2:
         return np.zeros(nll.shape[0])
     best = choose_mix(nll.sum(axis=1) / total)
-    differences = nll - nll[best]
-    return np.sqrt(examples) * differences.std(axis=1, ddof=1) / total
+    with np.errstate(invalid="ignore"):
+        errors = np.sqrt(examples) * (nll - nll[best]).std(axis=1, ddof=1) / total
+    # A candidate with a non-finite loss is never chosen (choose_within); 0 keeps it so.
+    return np.where(np.isfinite(errors), errors, 0.0)
 
 
 def choose_within(
