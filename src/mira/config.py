@@ -36,6 +36,7 @@ LR_SCHEDULES = ("constant", "cosine", "linear")
 ALL_LINEAR = "all-linear"
 TASK_KINDS = ("classification", "generation")
 WANDB_MODES = ("offline", "online")
+CHAT_TEMPLATES = ("auto", "on", "off")
 TASK_METRICS = ("accuracy", "rouge_l", "exact_match", "token_f1")
 """Task metrics a client may report, all higher-is-better, in the order tables show them."""
 AUTO = "auto"
@@ -64,7 +65,11 @@ class ModelConfig:
         ),
     )
     max_length: int = field(
-        default=64, metadata=_help("Tokens per example (prompt + target), truncated from the left.")
+        default=64,
+        metadata=_help(
+            "Tokens per example (prompt + target), the prompt truncated from the left; the chat "
+            "template's framing of the prompt (data.chat_template) comes on top."
+        ),
     )
     cache_dir: str = field(
         default="",
@@ -379,6 +384,17 @@ class DataConfig:
             "Dirichlet alpha of label skew among one classification task's clients; 0 = IID."
         ),
     )
+    chat_template: str = field(
+        default="auto",
+        metadata=_help(
+            "Render each prompt as one user turn of the tokenizer's chat template, with the "
+            "generation prompt, and each target as the assistant's reply closed by the "
+            "template's end of turn; the loss stays on the reply (mira.client.chat). 'auto' = "
+            "on when the tokenizer has a chat template; 'on' = refuse a tokenizer without one; "
+            "'off' = raw prompt text.",
+            choices=CHAT_TEMPLATES,
+        ),
+    )
 
 
 @dataclass(frozen=True)
@@ -439,11 +455,15 @@ class TaskConfig:
     path: str = field(
         default="",
         metadata=_help(
-            "User task: a local .jsonl, .csv or .parquet file, or a Hugging Face dataset "
-            "'hf:NAME' / 'hf:NAME:CONFIG' for users with a hub ('' for built-ins)."
+            "User task: a local .jsonl, .csv, .parquet or .arrow file, a folder written by "
+            "datasets' save_to_disk, or a Hugging Face dataset 'hf:NAME' / 'hf:NAME:CONFIG' "
+            "for users with a hub ('' for built-ins)."
         ),
     )
-    split: str = field(default="train", metadata=_help("User task from the hub: the split."))
+    split: str = field(
+        default="train",
+        metadata=_help("User task from the hub or a save_to_disk folder of splits: the split."),
+    )
     kind: str = field(
         default="",
         metadata=_help("User task kind: 'classification' or 'generation'."),
@@ -875,6 +895,23 @@ RESUME_KEYS = (
 )
 
 
+# Keys added after run directories were first written, with the value that reproduces what a
+# run written before them computed: its config.toml lacks the key, and today's default could
+# compute something else (before data.chat_template every prompt went to the model raw).
+WRITTEN_BEFORE = {"data.chat_template": "off"}
+
+
+def load_run_config(run_config: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """The config a run directory's ``config.toml`` records, a key it predates taking the value
+    of :data:`WRITTEN_BEFORE` (so resuming or comparing it changes nothing silently)."""
+    raw = read_raw(run_config)
+    for dotted, value in WRITTEN_BEFORE.items():
+        section, key = dotted.split(".")
+        if isinstance(raw.get(section, {}), dict):
+            raw.setdefault(section, {}).setdefault(key, value)
+    return config_from_dict(apply_overrides(raw, overrides))
+
+
 def load_resumed(run_config: str | Path, overrides: Sequence[str]) -> Config:
     """The config of a run being resumed: its own ``config.toml``, with only the overrides a
     resumed run may take (:data:`RESUME_KEYS`)."""
@@ -885,7 +922,7 @@ def load_resumed(run_config: str | Path, overrides: Sequence[str]) -> Config:
                 f"--set {override}: a resumed run keeps its config; only "
                 f"{', '.join(RESUME_KEYS)} may change"
             )
-    return load_config(run_config, overrides)
+    return load_run_config(run_config, overrides)
 
 
 def differing_keys(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:

@@ -2,9 +2,13 @@
 
 An example is a prompt followed by a target; the loss is the mean cross-entropy of the
 target tokens only (prompt tokens are masked with -100), computed in float32 whatever the
-base model's dtype. Prompts are truncated from the left so the target always fits in
-``model.max_length`` tokens. Batches are built on the CPU and moved to the model's device;
-everything handed back (losses, scores, fingerprint signals) is on the CPU.
+base model's dtype. With ``data.chat_template`` on, the prompt is one user turn of the
+tokenizer's chat template and the target the assistant's reply (:mod:`mira.client.chat`);
+training, evaluation, label scoring and generation all see the same rendering. Prompts are
+truncated from the left so the target always fits in ``model.max_length`` tokens (the
+chat framing comes on top). Batches
+are built on the CPU and moved to the model's device; everything handed back (losses,
+scores, fingerprint signals) is on the CPU.
 """
 
 from __future__ import annotations
@@ -18,6 +22,14 @@ import numpy as np
 import torch
 
 from mira.client import scoring as metrics
+from mira.client.chat import (
+    ChatFormat,
+    chat_format,
+    example_parts,
+    fit_prompt,
+    prompt_parts,
+    reply_text,
+)
 from mira.config import Config, TrainConfig
 from mira.data import Example, Task
 
@@ -30,14 +42,24 @@ class Encoded:
     labels: list[int]  # -100 on prompt tokens
 
 
-def encode(tokenizer: Any, example: Example, max_length: int) -> Encoded:
-    """Tokenise prompt and target; keep all of the target, cut the prompt from the left."""
-    prompt_ids = tokenizer(example.prompt, add_special_tokens=False)["input_ids"]
-    target_ids = tokenizer(example.target, add_special_tokens=False)["input_ids"]
-    if tokenizer.eos_token_id is not None:
-        target_ids = [*target_ids, tokenizer.eos_token_id]
+def encode(
+    tokenizer: Any, example: Example, max_length: int, chat: ChatFormat | None = None
+) -> Encoded:
+    """Tokenise prompt and target; keep all of the target, cut the prompt from the left.
+
+    Without ``chat`` (:func:`~mira.client.chat.chat_format`) both are raw text, the target
+    followed by end-of-text, together at most ``max_length`` tokens. With it the prompt is the
+    rendered user turn ending in the generation prompt and the target the assistant's reply
+    with its end of turn; ``max_length`` budgets the user's text and the reply, the template's
+    framing comes on top, and the cut takes the user's text only
+    (:func:`~mira.client.chat.fit_prompt`), so the same examples keep the same text with the
+    template on or off.
+    """
+    head, user, tail, target_ids = example_parts(tokenizer, example.prompt, example.target, chat)
     target_ids = target_ids[: max_length - 1]
-    prompt_ids = prompt_ids[-(max_length - len(target_ids)) :]
+    # max_length budgets the example's own tokens; the template's framing comes on top.
+    room = max_length - len(target_ids) + len(head) + len(tail)
+    prompt_ids = fit_prompt(head, user, tail, room)
     return Encoded(
         input_ids=prompt_ids + target_ids,
         labels=[IGNORE] * len(prompt_ids) + target_ids,
@@ -254,15 +276,17 @@ def label_scores(
     verbalisers: Sequence[str],
     max_length: int,
     batch_size: int,
+    chat: ChatFormat | None = None,
 ) -> np.ndarray:
     """Log-likelihood of every label verbaliser after every prompt, shape [n, labels].
 
     Classification is scored, never generated: the predicted label is the verbaliser the
-    model finds most likely (summed over its tokens, end-of-text included).
+    model finds most likely (summed over its tokens, end-of-text included; with ``chat``,
+    the verbaliser as the assistant's reply, end of turn included).
     """
     model.eval()
     encoded = [
-        encode(tokenizer, Example(prompt=e.prompt, target=v), max_length)
+        encode(tokenizer, Example(prompt=e.prompt, target=v), max_length, chat)
         for e in examples
         for v in verbalisers
     ]
@@ -282,16 +306,22 @@ def generate(
     max_length: int,
     max_new_tokens: int,
     batch_size: int,
+    chat: ChatFormat | None = None,
 ) -> list[str]:
-    """Greedy continuations of ``prompts`` (left-padded batches), up to end-of-text."""
+    """Greedy continuations of ``prompts`` (left-padded batches), up to end-of-text; with
+    ``chat``, of the rendered user turns, up to the end of the assistant's turn. The prompt
+    is cut from the left as in :func:`encode`, to leave room for the new tokens."""
     model.eval()
     device = device_of(model)
     keep = max(1, max_length - max_new_tokens)
+    stop = tokenizer.eos_token_id if chat is None else list(chat.stop_ids) or None
     outputs: list[str] = []
     for start in range(0, len(prompts), batch_size):
         ids = [
-            tokenizer(p, add_special_tokens=False)["input_ids"][-keep:]
-            for p in prompts[start : start + batch_size]
+            fit_prompt(head, user, tail, keep + len(head) + len(tail))
+            for head, user, tail in (
+                prompt_parts(tokenizer, p, chat) for p in prompts[start : start + batch_size]
+            )
         ]
         width = max(len(i) for i in ids)
         input_ids = torch.full((len(ids), width), tokenizer.pad_token_id, dtype=torch.long)
@@ -305,10 +335,10 @@ def generate(
             max_new_tokens=max_new_tokens,
             do_sample=False,
             pad_token_id=tokenizer.pad_token_id,
-            eos_token_id=tokenizer.eos_token_id,
+            eos_token_id=stop,
         )
         for row in generated[:, width:].cpu():
-            outputs.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+            outputs.append(reply_text(tokenizer.decode(row, skip_special_tokens=True), chat))
     return outputs
 
 
@@ -318,6 +348,7 @@ def task_metrics(
     """The task's own metrics on ``examples``: accuracy, ROUGE-L, exact match, token F1."""
     if not task.metrics or not examples:
         return {}
+    chat = chat_format(tokenizer, cfg.data.chat_template)
     if task.kind == "classification":
         scores = label_scores(
             model,
@@ -326,6 +357,7 @@ def task_metrics(
             task.verbalisers,
             cfg.model.max_length,
             cfg.train.eval_batch_size,
+            chat,
         )
         labels = [e.label if e.label is not None else -1 for e in examples]
         return {"accuracy": metrics.accuracy_from_scores(scores, labels)}
@@ -336,6 +368,7 @@ def task_metrics(
         cfg.model.max_length,
         cfg.train.max_new_tokens,
         cfg.train.eval_batch_size,
+        chat,
     )
     references = [e.target.strip() for e in examples]
     return metrics.score_texts(task.metrics, predictions, references)

@@ -19,7 +19,6 @@ import json
 import shlex
 import shutil
 import time
-import tomllib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,9 +28,9 @@ from mira.config import (
     METHODS,
     Config,
     ConfigError,
-    config_from_dict,
     differing_keys,
     load_config,
+    load_run_config,
 )
 from mira.errors import MiraError
 from mira.results.files import write_atomic, write_json
@@ -182,8 +181,8 @@ def config_differences(folder: Path, cfg: Config) -> list[str]:
     if not path.is_file():
         return []
     try:
-        stored = config_from_dict(tomllib.loads(path.read_text())).to_dict()
-    except (tomllib.TOMLDecodeError, ConfigError) as err:
+        stored = load_run_config(path).to_dict()
+    except ConfigError as err:
         return [f"config.toml unreadable ({err})"]
     old, new = _comparable(stored), _comparable(cfg.to_dict())
     return [f"{key}: {a!r} -> {b!r}" for key, a, b in differing_keys(old, new)]

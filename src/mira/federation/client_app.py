@@ -33,6 +33,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, Message
 from flwr.clientapp import ClientApp
 
 from mira.client import learner
+from mira.client.chat import chat_format
 from mira.client.model import LoraModel, lora_model
 from mira.client.privacy import privatise_update
 from mira.client.ranks import client_rank
@@ -209,9 +210,10 @@ def _client_data(config_json: str, shard: int) -> Encoded:
     cfg = _config(config_json)
     data = load_client_data(cfg, shard)
     tokenizer = _lora_model(cfg).tokenizer
+    chat = chat_format(tokenizer, cfg.data.chat_template)
 
     def encode(examples: list[Any]) -> list[learner.Encoded]:
-        return [learner.encode(tokenizer, e, cfg.model.max_length) for e in examples]
+        return [learner.encode(tokenizer, e, cfg.model.max_length, chat) for e in examples]
 
     return Encoded(data, encode(data.train), encode(data.val), encode(data.eval))
 

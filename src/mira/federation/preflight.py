@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mira.client.chat import chat_format, example_parts
 from mira.client.model import ModelError, model_source
 from mira.config import Config, ConfigError
 from mira.data import load_client_data
@@ -39,13 +40,16 @@ def check_model(cfg: Config) -> Any:
 
 
 def check_lengths(cfg: Config, tokenizer: Any) -> None:
-    """``model.max_length`` must hold every target (with its end-of-text token) and at least
-    one prompt token, or the loss would be computed on nothing (NaN) or on a cut target.
+    """``model.max_length`` must hold every target (with its end of text, or end of turn
+    where ``data.chat_template`` is on) and at least one token of the prompt's own text, or
+    the loss would be computed on nothing (NaN) or on a cut target. The chat template's
+    framing comes on top of ``model.max_length`` (:func:`mira.client.learner.encode`). A
+    tokenizer that ``data.chat_template = 'on'`` cannot use fails here.
 
     Classification targets are the task's label words (all of them are scored after every
     prompt); generation targets are every client's own answers.
     """
-    eos = 0 if tokenizer.eos_token_id is None else 1
+    chat = chat_format(tokenizer, cfg.data.chat_template)
     longest: dict[str, int] = {}
     for partition in range(cfg.num_clients):
         data = load_client_data(cfg, partition)
@@ -53,7 +57,7 @@ def check_lengths(cfg: Config, tokenizer: Any) -> None:
             e.target for e in data.train + data.val + data.eval
         ]
         for target in targets:
-            size = len(tokenizer(target, add_special_tokens=False)["input_ids"]) + eos
+            size = len(example_parts(tokenizer, "", target, chat)[3])
             longest[data.task.name] = max(longest.get(data.task.name, 0), size)
     for task, size in longest.items():
         if size + 1 > cfg.model.max_length:

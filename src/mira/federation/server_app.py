@@ -29,7 +29,14 @@ from flwr.serverapp import Grid, ServerApp
 
 from mira.client.model import check_target_modules, prepare_model
 from mira.client.ranks import client_rank
-from mira.config import Config, ConfigError, check_resumable, load_config, load_resumed
+from mira.config import (
+    Config,
+    ConfigError,
+    check_resumable,
+    load_config,
+    load_resumed,
+    load_run_config,
+)
 from mira.core import rules
 from mira.federation.progress import Progress
 from mira.federation.relay import RelayProgress
@@ -63,7 +70,7 @@ class RunRequest:
         if self.config is None:
             return load_resumed(stored, self.overrides)
         cfg = load_config(self.config, self.overrides)  # mira run --resume passes it resolved
-        check_resumable(load_config(stored), cfg)
+        check_resumable(load_run_config(stored), cfg)
         return cfg
 
 
