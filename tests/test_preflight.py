@@ -36,3 +36,17 @@ def test_a_model_that_cannot_be_loaded_is_one_line(tiny_config, tmp_path, reliab
         "refused before any client starts, in one line naming the model and what to use",
         "0 (not started)",
     )
+
+
+@pytest.mark.parametrize("name", ["./models/mine", "~/no-such-model-dir", "a/b/c", "/abs/missing"])
+def test_a_model_path_that_does_not_exist_says_no_such_directory(tiny_config, name):
+    """A name that can only be a path is never sent to the hub as a repo id."""
+    with pytest.raises(ModelError, match=r"no such directory; name a folder holding a model"):
+        check_model(tiny_config(f"model.name='{name}'"))
+
+
+def test_a_model_path_to_a_file_says_so(tiny_config, tmp_path):
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"")
+    with pytest.raises(ModelError, match=r"model.safetensors': is a file, not a model directory"):
+        check_model(tiny_config(f"model.name='{weights}'"))

@@ -15,9 +15,13 @@ ROOT = Path(__file__).parents[1]
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)
 def test_shipped_config_is_valid(path):
+    from mira.data.store import builtin
+
     cfg = load_config(path)
     assert cfg.num_clients >= 6
     assert cfg.model.name == "smollm2-135m-instruct"
+    for task in cfg.tasks:  # every task is one a fresh machine can fetch (mira data check)
+        assert task.path or builtin(task.name)
 
 
 def test_quickstart_has_three_task_kinds_one_of_them_generation():
@@ -43,10 +47,10 @@ def test_hetero_ranks_config_gives_phones_workstations_and_a_budget_rank():
         num_key_value_heads=3,
         tie_word_embeddings=True,
     )
-    nli = cfg.task("nli")
+    boolq = cfg.task("boolq")
     rank = choose_rank(
         ModelShape.from_hf_config(smollm2),
-        nli.memory_mb,
+        boolq.memory_mb,
         cfg.lora.rank_choices,
         cfg.lora.target_modules,
         cfg.train.batch_size,

