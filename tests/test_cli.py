@@ -116,8 +116,8 @@ def test_compare_ends_with_a_short_summary_and_the_path_of_the_tables(
         if line.startswith("| ") and not line.startswith("| method")
         for cells in [[c.strip() for c in line.strip("|").split("|")]]
     }
-    assert rows["mira"] == ["2", "2.433 ± 0.1414", "4.100 ± 0.1414"]
-    assert rows["local"] == ["2", "3.100 ± 0.1414", "5.100 ± 0.1414"]
+    assert rows["mira"] == ["2", "2.433 ± 0.141", "4.100 ± 0.141"]
+    assert rows["local"] == ["2", "3.100 ± 0.141", "5.100 ± 0.141"]
     assert f"all tables: {root / 'comparison.md'}" in out
     assert "Per client" not in out and "Paired by seed" not in out  # not all of comparison.md
     assert "## Paired by seed" in (root / "comparison.md").read_text()

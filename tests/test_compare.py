@@ -188,6 +188,8 @@ def test_comparison_csv_holds_means_and_stds_over_seeds(tmp_path: Path) -> None:
     assert float(mira["token_f1_std"]) == approx(0.1 / math.sqrt(2))
     assert float(mira["bytes_up_per_round"]) == approx(400.0)
     assert float(mira["bytes_down_per_round"]) == approx(800.0)
+    assert float(mira["exchanged_bytes_up_per_round"]) == approx(400.0)
+    assert float(mira["exchanged_bytes_down_per_round"]) == approx(800.0)
     assert float(mira["wall_seconds"]) == approx(12.0)
     assert float(mira["wall_seconds_std"]) == approx(math.sqrt(8.0))
     assert float(mira["peak_memory_mb"]) == approx(151.5)  # max over rounds: 151 and 152
@@ -197,6 +199,10 @@ def test_comparison_csv_holds_means_and_stds_over_seeds(tmp_path: Path) -> None:
     assert float(local["personalised_loss_worst"]) == approx(5.1)
     assert float(local["accuracy"]) == approx(0.4)
     assert float(local["wall_seconds_std"]) == approx(0.0)
+    # local exchanges nothing; the harness's round trip through the server is measured apart
+    assert float(local["exchanged_bytes_up_per_round"]) == 0.0
+    assert float(local["exchanged_bytes_down_per_round"]) == 0.0
+    assert float(local["bytes_up_per_round"]) == approx(400.0)
 
     fedit = rows["fedit"]  # one seed: no std
     assert fedit["seeds"] == "1"
@@ -222,7 +228,7 @@ def test_summary_matches_csv_and_markdown_says_personalised(tmp_path: Path) -> N
     assert len(per_client) == 9
     write_comparison(root)
     text = (root / "comparison.md").read_text()
-    assert "2.433 ± 0.1414" in text  # mira mean loss, 4 significant digits
+    assert "2.433 ± 0.141" in text  # mira mean loss: 4 digits of the table's largest, 5.100
     fedit = next(line for line in text.splitlines() if line.startswith("| fedit "))
     assert [c.strip() for c in fedit.split("|")[2:6]] == ["1", "2.000", "2.000", "0.000"]
     local = next(line for line in text.splitlines() if line.startswith("| local "))
@@ -472,9 +478,10 @@ def test_paired_table_subtracts_mira_seed_by_seed(tmp_path: Path) -> None:
         if line.startswith("| ") and not line.startswith("| method")
         for cells in [[c.strip() for c in line.strip("|").split("|")]]
     }
-    # local is 3 - 7/3 above mira on both seeds; fedit (seed 1 only) 1/3 below it
-    assert rows["local"] == ["2", "0.6667 ± 0.000", "0.6667 0.6667", "2 of 2"]
-    assert rows["fedit"] == ["1", "-0.3333", "-0.3333", "0 of 1"]
+    # local is 3 - 7/3 above mira on both seeds (a t-interval of width 0); fedit (seed 1
+    # only) 1/3 below it, no interval. One format for every difference in the table.
+    assert rows["local"] == ["2", "0.6667 ± 0.0000", "0.6667 to 0.6667", "0.6667 0.6667", "2 of 2"]
+    assert rows["fedit"] == ["1", "-0.3333", "-", "-0.3333", "0 of 1"]
     # the paired table comes right after the main loss table
     assert text.index("## Personalised eval loss after") < text.index("## Paired by seed")
     assert text.index("## Paired by seed") < text.index("## Personalised eval loss per task")
@@ -496,3 +503,53 @@ def test_a_method_variant_carries_its_own_overrides(tmp_path):
         parse_methods("mira@federation.seed=3")
     with pytest.raises(CompareError, match=r"is not a section\.key=value override"):
         parse_methods("mira@step")
+
+
+def test_paired_differences_get_a_students_t_interval(tmp_path: Path) -> None:
+    from scipy import stats
+
+    from mira.results.report import write_report
+    from mira.results.stats import t_interval
+
+    # t-interval of [0.1, 0.3, 0.2]: 0.2 ± t(0.975, 2) 0.1 / sqrt(3), t(0.975, 2) = 4.3027
+    low, high = t_interval([0.1, 0.3, 0.2])
+    half = 4.302652729911275 * 0.1 / math.sqrt(3)
+    assert (low, high) == (approx(0.2 - half), approx(0.2 + half))
+    assert t_interval([0.5]) is None
+
+    root = tmp_path / "cmp"
+    extra = {1: 0.0, 2: 0.3, 3: 0.15}  # local's client losses move by this on each seed
+    for seed, shift in extra.items():
+        write_fake_run(run_folder(root, "mira", seed), "mira", seed, seconds=1.0)
+        folder = run_folder(root, "local", seed)
+        write_fake_run(folder, "local", seed, seconds=1.0)
+        path = folder / "metrics.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines()]
+        for row in rows:
+            if row["kind"] == "client":
+                row["eval_loss"] += shift
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    differences = [2 / 3 + s for s in extra.values()]
+    mean, std = float(np.mean(differences)), float(np.std(differences, ddof=1))
+    half = float(stats.t.ppf(0.975, 2)) * std / math.sqrt(3)
+    assert (mean, std) == (approx(2 / 3 + 0.15), approx(0.15))
+    expected = [
+        "3",
+        f"{mean:.3f} ± {std:.3f}",  # 3 decimals: the interval reaches 1.189
+        f"{mean - half:.3f} to {mean + half:.3f}",
+        " ".join(f"{d:.3f}" for d in differences),
+        "3 of 3",
+    ]
+    assert expected[2] == "0.444 to 1.189"
+    write_comparison(root)
+    write_report(root)
+    for name in ("comparison.md", "report.md"):
+        text = (root / name).read_text()
+        section = text.split("## Paired by seed")[1].split("\n## ")[0]
+        header = next(row for row in section.splitlines() if row.startswith("| method "))
+        assert [c.strip() for c in header.strip("|").split("|")][2:4] == [
+            "difference",
+            "95% t-interval",
+        ]
+        line = next(row for row in section.splitlines() if row.startswith("| local "))
+        assert [c.strip() for c in line.strip("|").split("|")][1:] == expected

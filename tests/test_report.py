@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from matplotlib.image import imread
 
-from mira.results.document import fmt_pm
+from mira.results.document import number_format
 from mira.results.errors import ReportError
 from mira.results.report import write_report
 from mira.results.runs import load_run, run_folder
@@ -83,11 +83,12 @@ def test_report_of_a_comparison(tmp_path: Path) -> None:
     root = make_comparison_dir(tmp_path / "cmp")
     write_report(root)
     markdown, page = check_links(root, PLOT_NAMES)
-    # mira: mean over seeds of the client-mean loss 7/3 and 7/3 + 0.2, sample std 0.2/sqrt 2
-    expected = fmt_pm(7 / 3 + 0.1, 0.2 / np.sqrt(2))
-    assert expected == "2.433 ± 0.1414"
+    # mira: mean over seeds of the client-mean loss 7/3 and 7/3 + 0.2, sample std 0.2/sqrt 2,
+    # in the loss table's one format (3 decimals: its largest loss is 5.1)
+    expected = number_format([5.1]).pm(7 / 3 + 0.1, 0.2 / np.sqrt(2))
+    assert expected == "2.433 ± 0.141"
     assert expected in markdown and expected in page
-    assert "3.100 ± 0.1414" in markdown  # local
+    assert "3.100 ± 0.141" in markdown  # local
     assert "Per client: final personalised eval loss, mean over seeds" in markdown
     assert "shared global model" in markdown
     for method in ("mira", "fedit", "local"):
@@ -233,7 +234,114 @@ def test_per_task_panels_only_for_the_metrics_a_task_has(tmp_path: Path) -> None
 def test_close_values_get_a_zoomed_axis_not_bars_from_zero() -> None:
     from mira.results.plots import DotPanel, _zoom
 
-    panel = DotPanel("loss", ["a", "b"], [5.916, 5.932], [math.nan, 0.002], ["C0", "C1"], True)
+    def gap_share(values: list[float]) -> float:
+        panel = DotPanel("loss", ["a", "b"], values, [math.nan] * 2, ["C0", "C1"], True)
+        low, high = _zoom(panel)
+        assert low < min(values) and high > max(values)
+        assert low > 0  # zoomed: not from 0
+        return (max(values) - min(values)) / (high - low)
+
+    # 5.916 and 5.932 are told apart, but their 0.3% difference does not fill the axis: the
+    # axis spans at least 2% of the values (0.119), plus margins
+    assert gap_share([5.916, 5.932]) == pytest.approx(0.016 / (0.02 * 5.932 * 1.3))
+    # two methods 0.001 apart at a loss of 0.6 sit side by side
+    assert gap_share([0.5933, 0.5943]) < 0.07
+    # values far apart fill the axis (less the margins)
+    assert gap_share([1.0, 2.0]) == pytest.approx(1 / 1.3)
+    # equal values: a span centred on them
+    panel = DotPanel("loss", ["a", "b"], [0.5, 0.5], [math.nan] * 2, ["C0", "C1"], True)
     low, high = _zoom(panel)
-    assert 5.9 < low < 5.916 and 5.934 < high < 5.95
-    assert (5.932 - 5.916) / (high - low) > 0.5  # the gap fills most of the axis
+    assert (low + high) / 2 == pytest.approx(0.5) and high - low == pytest.approx(0.013)
+
+
+# ------------------------------------------------------------------------------ formats
+def test_single_round_run_has_one_loss_column(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    write_fake_run(run, "mira", 1, rounds=1)
+    write_report(run)
+    markdown = (run / "report.md").read_text()
+    section = markdown.split("## Personalised eval loss after round 1")[1].split("\n## ")[0]
+    header = next(line for line in section.splitlines() if line.startswith("| client"))
+    cells = [c.strip() for c in header.strip("|").split("|")]
+    assert cells == ["client", "task", "loss, round 1", "accuracy", "token_f1"]
+    final = table_rows(markdown, "Personalised eval loss after round 1")
+    assert final["qa-0"][1:3] == ["4.000", "-"]  # the loss once, 3 decimals as 1.000 and 2.000
+    assert final["sentiment-0"][1:3] == ["1.000", "0.5000"]
+    two = tmp_path / "two"
+    write_fake_run(two, "mira", 1, rounds=2)
+    write_report(two)
+    final = table_rows((two / "report.md").read_text(), "Personalised eval loss after round 2")
+    assert final["qa-0"][1:3] == ["4.500", "4.000"]  # round 1 is 0.5 higher
+
+
+def scale_losses(folder: Path, factor: float, clients: set[str]) -> None:
+    """Multiply the eval losses of ``clients`` in a fake run by ``factor``."""
+    path = folder / "metrics.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for row in rows:
+        if row["kind"] == "client" and row["client"] in clients:
+            row["eval_loss"] *= factor
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def decimals(cell: str) -> set[int]:
+    """Decimals of every number in a cell ('0.5000 ± 0.0354' -> {4})."""
+    return {len(n.split(".")[1]) if "." in n else 0 for n in re.findall(r"-?\d+\.?\d*", cell)}
+
+
+def test_every_quantity_has_one_number_format(tmp_path: Path) -> None:
+    """A sentiment loss of 1e-05 (a memorised task) beside losses of 0.5 to 5: no exponent,
+    no 0.000 beside 0.5000, the same decimals in every cell of the quantity."""
+    root = make_comparison_dir(tmp_path / "cmp")
+    for seed in (1, 2):
+        scale_losses(run_folder(root, "mira", seed), 1e-5, {"sentiment-0", "sentiment-1"})
+    write_report(root)
+    markdown = (root / "report.md").read_text()
+    assert "e-0" not in markdown and "e+0" not in markdown
+    per_task = table_rows(markdown, "Personalised eval loss per task")
+    # largest loss 5.1: 3 decimals for the whole table; mira's sentiment loss prints as 0
+    assert per_task["mira"][0] == "0.000 ± 0.000"
+    assert per_task["local"] == ["2.100 ± 0.141", "5.100 ± 0.141"]
+    for name in (
+        "Personalised eval loss per task",
+        "Personalised eval loss after the final",
+        "Personalised task metrics",
+        "Per client: final personalised eval loss",
+    ):
+        cells = [c for row in table_rows(markdown, name).values() for c in row]
+        numbers = [c for c in cells if re.fullmatch(r"[-\d. ±]+", c) and "." in c]
+        assert len({d for c in numbers for d in decimals(c)}) == 1, (name, cells)
+    metrics = table_rows(markdown, "Personalised task metrics")
+    assert metrics["fedit"][0] == "0.5000" and metrics["mira"][0] == "0.6500 ± 0.0354"
+
+
+def test_number_format_is_chosen_by_magnitude_and_spread() -> None:
+    form = number_format([0.0, 0.5, -2.007e-05])
+    assert [form(v) for v in (0.0, 0.5, -2.007e-05)] == ["0.0000", "0.5000", "0.0000"]
+    assert number_format([2.333, 4.0, 1.247]).decimals == 3  # 4 digits of the largest
+    assert number_format([1037.0, 12.0])(12.0) == "12"
+    # values closer than the magnitude's last digit get the digits their spread needs
+    form = number_format([0.59331, 0.59334])
+    assert (form(0.59331), form(0.59334)) == ("0.59331", "0.59334")
+    # ... but not a dozen for rounding noise
+    assert number_format([0.5, 0.5 + 1e-12]).decimals == 4
+    assert number_format([None, math.nan, "n/a"]).decimals == 0
+    assert form.pm(0.5, None) == "0.50000" and form.pm(0.5, 0.01) == "0.50000 ± 0.01000"
+    assert form(None) == "-" and form(math.inf) == "inf"
+
+
+def test_local_costs_what_it_exchanges_and_the_note_names_the_harness_traffic(
+    tmp_path: Path,
+) -> None:
+    root = make_comparison_dir(tmp_path / "cmp")
+    write_report(root)
+    markdown = (root / "report.md").read_text()
+    cost = table_rows(markdown, "Cost")
+    # BYTES_UP 300 and 500, BYTES_DOWN 600 and 1000: 400 and 800 bytes a round
+    assert cost["mira"][:2] == ["0.0004000 ± 0.0000000", "0.0008000 ± 0.0000000"]
+    assert cost["fedit"][:2] == ["0.0004000", "0.0008000"]
+    assert cost["local"][:2] == ["0.0000000 ± 0.0000000", "0.0000000 ± 0.0000000"]
+    note = markdown.split("## Cost")[1].split("\n## ")[0]
+    assert "local exchanges nothing" in note
+    assert "0.0004000 MB up and 0.0008000 MB down measured" in note
+    assert "mira exchanges nothing" not in note and "fedit exchanges" not in note

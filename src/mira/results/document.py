@@ -13,7 +13,7 @@ import base64
 import html
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,8 +21,9 @@ from typing import Any
 
 # ------------------------------------------------------------------------------ cells
 def fmt(value: Any) -> str:
-    """4 significant digits (trailing zeros kept, so columns read alike), no exponent for
-    large numbers; '-' for missing."""
+    """One number on its own: 4 significant digits (trailing zeros kept), no exponent for
+    large numbers; '-' for missing. Numbers that are read together (a column, a panel) take
+    one :func:`number_format` instead."""
     if value is None:
         return "-"
     if isinstance(value, str):
@@ -41,6 +42,73 @@ def fmt(value: Any) -> str:
 def fmt_pm(mean: Any, std: Any) -> str:
     """'mean ± std' (std over seeds), or the mean alone when there is one seed."""
     return fmt(mean) if std is None else f"{fmt(mean)} ± {fmt(std)}"
+
+
+SPREAD_DIGITS = 1
+"""Significant digits the spread of a quantity's values always gets (its leading digit
+shows, so the largest and the smallest value never print alike)."""
+MAX_EXTRA_DIGITS = 2
+"""How many digits past the magnitude's the spread may ask for (values that differ by
+rounding noise do not get a dozen decimals)."""
+
+
+def _leading(value: float) -> int:
+    """The power of ten of a positive number's leading digit: 0.0123 -> -2, 45.6 -> 1
+    (0.5934 - 0.5933, 9.99...e-05 in floating point, counts as 1e-04)."""
+    return math.floor(math.log10(value) + 1e-9)
+
+
+def decimals_for(values: Iterable[Any], digits: int = 4) -> int:
+    """Decimals that show every value of one quantity alike: ``digits`` significant digits
+    of the largest magnitude, more where the values lie closer together than that shows
+    (``SPREAD_DIGITS`` significant digits of their spread, at most ``MAX_EXTRA_DIGITS``
+    more). Missing, non-finite and text values are ignored; 0 when none is left, or all
+    are 0."""
+    finite = [
+        float(v)
+        for v in values
+        if v is not None and not isinstance(v, str) and math.isfinite(float(v))
+    ]
+    magnitude = max((abs(v) for v in finite), default=0.0)
+    if magnitude == 0.0:
+        return 0
+    decimals = max(0, digits - 1 - _leading(magnitude))
+    spread = max(finite) - min(finite)
+    if spread > 1e-9 * magnitude:
+        by_spread = SPREAD_DIGITS - 1 - _leading(spread)
+        decimals = max(decimals, min(by_spread, decimals + MAX_EXTRA_DIGITS))
+    return decimals
+
+
+@dataclass(frozen=True)
+class NumberFormat:
+    """One fixed-decimals format for every value of one quantity (a column, a table of one
+    quantity, the dots of one panel), so that no cell reads 0.000 beside 0.5000 or
+    -2.007e-05: :func:`number_format` picks the decimals from all the values."""
+
+    decimals: int
+
+    def __call__(self, value: Any) -> str:
+        if value is None:
+            return "-"
+        if isinstance(value, str):
+            return value
+        value = float(value)
+        if not math.isfinite(value):
+            return fmt(value)
+        text = f"{value:.{self.decimals}f}"
+        # -0.0000 is a value that rounds to zero: no sign.
+        return text[1:] if text.startswith("-") and float(text) == 0.0 else text
+
+    def pm(self, mean: Any, std: Any) -> str:
+        """'mean ± std' in this format, or the mean alone without a std (one seed)."""
+        return self(mean) if std is None else f"{self(mean)} ± {self(std)}"
+
+
+def number_format(values: Iterable[Any], digits: int = 4) -> NumberFormat:
+    """The :class:`NumberFormat` of one quantity whose values are ``values``
+    (:func:`decimals_for`)."""
+    return NumberFormat(decimals_for(values, digits))
 
 
 # ------------------------------------------------------------------------------ blocks

@@ -6,7 +6,8 @@ Agg canvas, never through pyplot, so plots can be made from any thread or a long
 
 Conventions: a method has the same colour in every plot; clients are coloured by task; rounds
 are whole numbers; legends sit outside the axes, so they never hide data; a comparison of
-close numbers is a dot plot on an axis zoomed to the values (never bars from 0).
+close numbers is a dot plot on an axis zoomed to the values (never bars from 0), spanning at
+least 2% of them, so that equal methods do not look far apart.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import numpy as np
 
 from mira.config import METHODS
 from mira.core.mixing import validate_adjacency
-from mira.results.document import fmt
+from mira.results.document import number_format
 from mira.results.files import write_atomic
 
 Labels = Sequence[int] | np.ndarray
@@ -225,8 +226,19 @@ class DotPanel:
     reference: float | None = None
 
 
+MIN_SPAN = 0.02
+"""A dot plot's axis spans at least this share of its largest |value| ..."""
+MIN_SPAN_FLOOR = 1e-3
+"""... and at least this much (its quantities, losses and scores, are of order 1)."""
+
+
 def _zoom(panel: DotPanel) -> tuple[float, float]:
-    """An x range around the dots and their intervals (and the reference), not from 0."""
+    """An x range around the dots and their intervals (and the reference), not from 0.
+
+    The span is at least ``MIN_SPAN`` of the largest magnitude (and ``MIN_SPAN_FLOOR``),
+    centred on the values: two methods 0.001 apart at a loss of 0.6 sit side by side, not at
+    the two ends of the axis, while 5.916 and 5.932 are still told apart.
+    """
     points = [
         bound
         for v, e in zip(panel.values, panel.errors, strict=True)
@@ -238,16 +250,19 @@ def _zoom(panel: DotPanel) -> tuple[float, float]:
     if not points:
         return 0.0, 1.0
     low, high = min(points), max(points)
-    span = high - low
-    if span <= 1e-12 * max(1.0, abs(high)):
-        span = max(abs(high) * 0.02, 1e-3)
-    return low - 0.15 * span, high + 0.15 * span
+    least = max(MIN_SPAN * max(abs(low), abs(high)), MIN_SPAN_FLOOR)
+    if high - low < least:
+        middle = (low + high) / 2
+        low, high = middle - least / 2, middle + least / 2
+    margin = 0.15 * (high - low)
+    return low - margin, high + margin
 
 
 def plot_dot_grid(rows: Sequence[tuple[str, Sequence[DotPanel]]], path: Path, title: str) -> Path:
     """A grid of dot plots: one row per group (a task), its panels left to right (one per
-    metric the task has; no empty panels), every panel's x axis zoomed to its own values so
-    that 5.916 and 5.932 are visibly apart, and each dot's value printed above it."""
+    metric the task has; no empty panels), every panel's x axis zoomed to its own values
+    (:func:`_zoom`: 5.916 and 5.932 apart, two equal methods side by side), and each dot's
+    value printed above it, in one format per panel."""
     from matplotlib.ticker import MaxNLocator
 
     cols = max(len(panels) for _, panels in rows)
@@ -262,6 +277,7 @@ def plot_dot_grid(rows: Sequence[tuple[str, Sequence[DotPanel]]], path: Path, ti
             first = first or ax
             n = len(panel.labels)
             ys = np.arange(n)[::-1]
+            form = number_format(panel.values)  # one format for the panel's printed values
             for y, v, e, colour in zip(ys, panel.values, panel.errors, panel.colours, strict=True):
                 if not math.isfinite(v):
                     continue
@@ -275,7 +291,7 @@ def plot_dot_grid(rows: Sequence[tuple[str, Sequence[DotPanel]]], path: Path, ti
                     capsize=3,
                 )
                 ax.annotate(
-                    fmt(v),
+                    form(v),
                     (v, y),
                     xytext=(0, 5),
                     textcoords="offset points",

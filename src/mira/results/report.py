@@ -47,7 +47,7 @@ from mira.results.document import (
 )
 from mira.results.errors import ReportError
 from mira.results.files import write_atomic, write_csv
-from mira.results.rundir import ADAPTERS, GRAPH, METRICS, final_client_table
+from mira.results.rundir import ADAPTERS, GRAPH, METRICS
 from mira.results.runs import RUNS, RunRecord, collect_runs, load_run, read_manifest, rule_of
 from mira.results.stats import (
     client_curves,
@@ -61,6 +61,7 @@ from mira.results.stats import (
 )
 from mira.results.tables import (
     PERSONALISED_NOTE,
+    final_client_table,
     mean_curve_table,
     paired_table,
     round_table,
@@ -260,9 +261,9 @@ def _figures(
                     if single
                     else "and method (error bars: ± std over seeds). "
                 )
-                + "A dot plot: each panel's axis is zoomed to its own values and does not "
-                "start at 0, so compare positions within a panel and read the printed values "
-                "across panels.",
+                + "A dot plot: each panel's axis is zoomed to its own values (spanning at least "
+                "2% of them, so equal values sit side by side) and does not start at 0, so "
+                "compare positions within a panel and read the printed values across panels.",
             )
         )
     return figures

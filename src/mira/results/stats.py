@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
+from scipy import stats as scipy_stats
 
 from mira.config import TASK_METRICS
 
@@ -22,6 +23,11 @@ Stat = float | None
 Curve = tuple[np.ndarray, np.ndarray]
 """(rounds, values), rounds ascending."""
 T = TypeVar("T")
+
+CONFIDENCE = 0.95
+"""Level of the t-interval of a mean over seeds (:func:`t_interval`)."""
+SILENT_RULES = ("local",)
+"""Server rules that exchange nothing: every client could keep its own adapter."""
 
 
 def unique(items: Iterable[T]) -> list[T]:
@@ -79,6 +85,13 @@ def metric_names(rows: Iterable[dict[str, Any]]) -> list[str]:
     return [m for m in TASK_METRICS if m in present]
 
 
+def rule_of_rows(rows: Sequence[dict[str, Any]], label: str) -> str:
+    """The server rule a run's rows record (``server.method``), else its label's rule
+    (``'mira@server.step=0.1'`` -> ``'mira'``)."""
+    recorded = next((str(r["method"]) for r in rows if r.get("method") is not None), label)
+    return recorded.split("@", 1)[0]
+
+
 def wall_seconds(run: RunRecord) -> Stat:
     """The run's wall time: run.json's (a comparison records start to end), else the sum of
     the seconds its round rows recorded (a single run)."""
@@ -95,8 +108,12 @@ def run_statistics(run: RunRecord) -> dict[str, Stat]:
     ddof 0 as in the round rows) of each client's personalised eval loss; ``<metric>`` and
     ``<metric>[<task>]``: mean over clients (of that task) of each task metric, and
     ``personalised_loss[<task>]`` likewise; ``mix_weight`` and ``mix_weight[<task>]``: mean
-    share taken from neighbours in the final round; bytes per round: mean over rounds of the
-    round totals; ``peak_memory_mb``: max over rounds; ``wall_seconds``: :func:`wall_seconds`.
+    share taken from neighbours in the final round; ``bytes_up_per_round`` /
+    ``bytes_down_per_round``: mean over rounds of the round totals mira's harness moved, and
+    ``exchanged_bytes_up_per_round`` / ``..._down_...`` what the server rule exchanges: the
+    same, except 0 for a rule of ``SILENT_RULES`` (local: the harness still ships each
+    adapter to the server, which keeps client state between rounds, and back);
+    ``peak_memory_mb``: max over rounds; ``wall_seconds``: :func:`wall_seconds`.
     """
     final = final_client_rows(run.rows)
     rounds = [r for r in run.rows if r.get("kind") == "round"]
@@ -124,6 +141,10 @@ def run_statistics(run: RunRecord) -> dict[str, Stat]:
     memory = [float(r["peak_memory_mb"]) for r in rounds if r.get("peak_memory_mb") is not None]
     stats["bytes_up_per_round"] = float(np.mean(up)) if up else None
     stats["bytes_down_per_round"] = float(np.mean(down)) if down else None
+    silent = rule_of_rows(run.rows, run.method) in SILENT_RULES
+    for key in ("bytes_up_per_round", "bytes_down_per_round"):
+        measured = stats[key]
+        stats[f"exchanged_{key}"] = 0.0 if silent and measured is not None else measured
     stats["wall_seconds"] = wall_seconds(run)
     stats["peak_memory_mb"] = max(memory) if memory else None
     return stats
@@ -141,6 +162,21 @@ def mean_std(values: Sequence[Stat]) -> tuple[Stat, Stat]:
     std = float(np.std(present, ddof=1))
     # Equal values give a std of rounding noise (1e-16); show it as the 0 it is.
     return mean, (0.0 if std <= 1e-12 * max(1.0, abs(mean)) else std)
+
+
+def t_interval(
+    values: Sequence[float], confidence: float = CONFIDENCE
+) -> tuple[float, float] | None:
+    """The Student's t confidence interval of the mean of ``values`` (independent draws, e.g.
+    per-seed paired differences): mean ± t_{(1+c)/2, n-1} s / sqrt(n), s the sample std
+    (ddof 1). None below two values (no spread to estimate)."""
+    n = len(values)
+    if n < 2:
+        return None
+    mean, std = mean_std(values)
+    assert mean is not None and std is not None
+    half = float(scipy_stats.t.ppf((1.0 + confidence) / 2.0, n - 1)) * std / math.sqrt(n)
+    return mean - half, mean + half
 
 
 def summarise_runs(
