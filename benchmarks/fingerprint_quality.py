@@ -19,7 +19,7 @@ clustering runs on the server); their time column repeats the fingerprints' time
 
 The model is loaded once and reused (``lora_model`` caches it per process). Example:
 
-    python benchmarks/fingerprint_quality.py --tasks sentiment,topic,nli,summarisation \\
+    python benchmarks/fingerprint_quality.py --tasks sentiment,topic,boolq,summarisation \\
         --clients 3 --seeds 1,2,3 --variants gradient,update --out docs/fingerprints.md
 
 With ``--out``, the generated block named ``--section`` (between its ``results`` markers) is
@@ -319,7 +319,7 @@ def write_out(path: Path, section: str, generated: str) -> None:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
-    parser.add_argument("--tasks", default="sentiment,topic,nli,summarisation")
+    parser.add_argument("--tasks", default="sentiment,topic,boolq,summarisation")
     parser.add_argument("--clients", type=int, default=3, help="clients per task (default 3)")
     parser.add_argument("--seeds", default="1,2,3", help="federation.seed values")
     parser.add_argument(

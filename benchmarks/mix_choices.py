@@ -1,7 +1,7 @@
 """Count the mix choices of `server.step = "auto"` runs: how often each client left its
 equal-share point n/(n + 1), and how many clients end away from it.
 
-    python benchmarks/mix_choices.py docs/results/auto-{iid,skew,shared}
+    python benchmarks/mix_choices.py docs/results/archive/auto-{iid,skew,shared}
 
 Reads the `alpha_choice` and `mix_weight` of every client row in
 `DIR/runs/mira/seed-*/metrics.jsonl` (the table "Why (a) misses" of docs/results.md). The
