@@ -9,7 +9,10 @@ against the base model with the adapter.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -17,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from huggingface_hub import ModelCard
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -138,10 +142,14 @@ def test_each_adapter_folder_is_a_shareable_peft_repository(run) -> None:
         assert len(loaded) == len(adapters[client])
         for key, value in adapters[client].items():
             np.testing.assert_array_equal(loaded[key.replace(".weight", ".default.weight")], value)
-        # the card: metadata as peft writes it, the round's personalised metrics, the citation
+        # the card: metadata as peft writes it, but no base_model: tiny-random-llama is on no
+        # hub; the round's personalised metrics, the citation
         meta, body = card_of(path)
-        assert meta["base_model"] == "tiny-random-llama" and meta["library_name"] == "peft"
-        assert {"lora", "mira", "base_model:adapter:tiny-random-llama"} <= set(meta["tags"])
+        assert "base_model" not in meta and meta["library_name"] == "peft"
+        assert {"lora", "mira", "peft"} <= set(meta["tags"])
+        assert not any(t.startswith("base_model:") for t in meta["tags"])
+        assert "| base model | `tiny-random-llama` (on no hub" in body
+        assert "`mira export RUN_DIR CLIENT --out DIR` writes a folder that names its" in body
         row = last[client]
         assert f"after round 2 of {cfg.federation.rounds}" in body
         assert f"| eval loss (mean over target tokens) | {row['eval_loss']:#.4g} |" in body
@@ -174,7 +182,10 @@ def test_packaged_model_is_named_by_its_hub_id_and_its_card_says_it_was_dequanti
     meta = yaml.safe_load(meta_text)
     assert meta["base_model"] == SMOLLM2_HUB_ID
     assert f"base_model:adapter:{SMOLLM2_HUB_ID}" in meta["tags"]
+    assert ModelCard(card).data.base_model == SMOLLM2_HUB_ID  # huggingface_hub reads it back
+    assert f"| base model | [`{SMOLLM2_HUB_ID}`](https://huggingface.co/{SMOLLM2_HUB_ID}) |" in body
     assert f"| base weights | {note} |" in body
+    assert f'AutoModelForCausalLM.from_pretrained("{SMOLLM2_HUB_ID}")' in body
     # a user's hub id or folder is kept as the user named it, with nothing to add
     assert base_identity("Qwen/Qwen2.5-0.5B", "/somewhere/cache") == ("Qwen/Qwen2.5-0.5B", "")
 
@@ -187,7 +198,18 @@ def test_export_copies_the_adapter_folder_with_a_portable_config(run, tmp_path: 
     source = folder / "adapters" / client
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in source.iterdir())
     assert not (out / "config.json").exists()  # it would make transformers skip the base
-    assert (out / "README.md").read_text() == (source / "README.md").read_text()
+    # the base, on no hub, is named by its path relative to the exported folder
+    cached = Path(model_source(cfg.model)).resolve()
+    reference = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert not Path(reference).is_absolute() and (out / reference).resolve() == cached
+    meta, body = card_of(out)
+    assert "base_model" not in meta
+    assert f"| base model | the local folder `{reference}`, relative to this folder" in body
+    assert f"exported from `{cached}`" in body
+    assert f'from_pretrained(folder / "{reference}")' in body
+    # the same round and metrics as the run's own card
+    table = [line for line in card_of(source)[1].splitlines() if line.startswith("| eval loss")]
+    assert table and table[0] in body
     tokenizer = AutoTokenizer.from_pretrained(out)
     exported = logits(PeftModel.from_pretrained(base(cfg), str(out)), tokenizer)
     original = logits(PeftModel.from_pretrained(base(cfg), str(source)), tokenizer)
@@ -195,19 +217,27 @@ def test_export_copies_the_adapter_folder_with_a_portable_config(run, tmp_path: 
     assert not torch.allclose(exported, logits(base(cfg), tokenizer), atol=1e-3)
 
 
-def test_exported_adapter_loads_with_automodel_when_the_base_has_a_name(
-    tiny_config, tmp_path: Path
+def test_exported_adapter_loads_with_automodel_when_the_base_is_a_local_folder(
+    tiny_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A base named by a path (or a hub id) that this machine resolves: transformers follows
-    adapter_config.json's base_model_name_or_path and adds the adapter itself."""
+    """A base that is a local folder: the export names it relative to itself, and the card
+    names no base_model; transformers follows base_model_name_or_path from inside the folder
+    and adds the adapter itself."""
     named = str(model_source(tiny_config().model))
     cfg = tiny_config(f"model.name='{named}'", f"lora.ranks={RANKS}")
     write_run(cfg, tmp_path / "run", rounds=1)
+    # the run's own card: the folder as the config names it, no base_model
+    meta, body = card_of(tmp_path / "run" / "adapters" / cfg.client_ids[0])
+    assert "base_model" not in meta and f"| base model | `{named}` (on no hub" in body
     out = export_client(tmp_path / "run", cfg.client_ids[0], tmp_path / "out")
-    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == named
+    reference = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert reference == os.path.relpath(named, out.resolve())
+    meta, body = card_of(out)
+    assert "base_model" not in meta and "a local folder, exported from" in body
     tokenizer = AutoTokenizer.from_pretrained(out)
-    auto = logits(AutoModelForCausalLM.from_pretrained(out), tokenizer)
     peft = logits(PeftModel.from_pretrained(base(cfg), str(out)), tokenizer)
+    monkeypatch.chdir(out)
+    auto = logits(AutoModelForCausalLM.from_pretrained("."), tokenizer)
     torch.testing.assert_close(auto, peft, rtol=0, atol=1e-6)
 
 
@@ -226,7 +256,7 @@ def test_merged_export_matches_base_plus_adapter(run, tmp_path: Path, client: in
     torch.testing.assert_close(merged, adapted, rtol=0, atol=1e-5)
     assert not torch.allclose(merged, logits(base(cfg), tokenizer), atol=1e-3)
     meta, body = card_of(out)
-    assert meta["library_name"] == "transformers" and meta["base_model"] == "tiny-random-llama"
+    assert meta["library_name"] == "transformers" and "base_model" not in meta
     assert f"rank {RANKS[client]}" in body and "after round 2 of 2" in body
 
 
@@ -263,3 +293,108 @@ def test_export_errors_name_the_problem_and_leave_nothing_behind(
     assert "no client 'nobody'" in capsys.readouterr().err
     assert not (tmp_path / "a").exists() and not (tmp_path / "c").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+# ------------------------------------------------------------------------------ offline
+OFFLINE_LOAD = """
+import json, sys
+from pathlib import Path
+import numpy as np, torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+adapter, merged, prompt, out = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+tokenizer = AutoTokenizer.from_pretrained(adapter)
+ids = tokenizer(prompt, return_tensors="pt").input_ids
+reference = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+base = AutoModelForCausalLM.from_pretrained(adapter / reference, dtype=torch.float32)
+model = PeftModel.from_pretrained(base, adapter).eval()
+whole = AutoModelForCausalLM.from_pretrained(merged).eval()
+with torch.no_grad():
+    np.savez(out, adapter=model(ids).logits.numpy(), merged=whole(ids).logits.numpy())
+"""
+
+
+def test_exported_folders_load_offline_with_peft_and_transformers(run, tmp_path: Path) -> None:
+    """No hub, nothing to download: a fresh interpreter with HF_HUB_OFFLINE=1 loads the
+    adapter export (base from the path its config names, relative to the folder) and the
+    merged export, and both give the logits of the run's adapter on its base."""
+    cfg, folder, _ = run
+    client = cfg.client_ids[1]
+    adapter = export_client(folder, client, tmp_path / "adapter")
+    merged = export_client(folder, client, tmp_path / "merged", merge=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.pop("MIRA_CACHE", None)  # the folder alone says where the base is
+    result = tmp_path / "logits.npz"
+    done = subprocess.run(
+        [sys.executable, "-c", OFFLINE_LOAD, str(adapter), str(merged), PROMPT, str(result)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    loaded = np.load(result)
+    tokenizer = AutoTokenizer.from_pretrained(folder / "adapters" / client)
+    expected = logits(
+        PeftModel.from_pretrained(base(cfg), str(folder / "adapters" / client)), tokenizer
+    ).numpy()
+    np.testing.assert_allclose(loaded["adapter"], expected, rtol=0, atol=1e-6)
+    np.testing.assert_allclose(loaded["merged"], expected, rtol=0, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------ console
+@pytest.mark.parametrize("merge", [False, True], ids=["adapter", "merged"])
+def test_export_prints_only_mira_lines(run, tmp_path: Path, capfd, merge: bool) -> None:
+    """transformers' 'Loading weights' and 'Writing model shards' bars and its FutureWarning
+    stay off the console; mira's one line remains."""
+    cfg, folder, _ = run
+    argv = ["export", str(folder), cfg.client_ids[0], "--out", str(tmp_path / "out")]
+    assert main(argv + (["--merge"] if merge else [])) == 0
+    out, err = capfd.readouterr()
+    assert out.splitlines() == [line for line in out.splitlines() if line.startswith("wrote ")]
+    assert len(out.splitlines()) == 1 and err == ""
+
+
+def test_library_output_is_restored_and_verbose_shows_everything() -> None:
+    import warnings
+
+    from huggingface_hub.utils import are_progress_bars_disabled
+    from transformers.utils import logging as hf_logging
+
+    from mira.client.export import library_output
+
+    before = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled())
+    hub_before = are_progress_bars_disabled()
+    with library_output(verbose=False) as caught:
+        assert not hf_logging.is_progress_bar_enabled() and are_progress_bars_disabled()
+        warnings.warn("deprecated", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["deprecated"]  # caught, not printed
+    assert (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()) == before
+    assert are_progress_bars_disabled() == hub_before
+    with pytest.warns(FutureWarning, match="shown"), library_output(verbose=True) as caught:
+        warnings.warn("shown", FutureWarning, stacklevel=1)
+    assert caught == []
+
+
+# ------------------------------------------------------------------------------ metadata
+def test_base_model_is_only_ever_a_hub_id() -> None:
+    from mira.client.model import TINY_RANDOM
+    from mira.results.card import LOCALLY_BUILT, hub_id
+
+    assert LOCALLY_BUILT == TINY_RANDOM
+    assert hub_id(SMOLLM2_HUB_ID) == SMOLLM2_HUB_ID
+    assert hub_id("gpt2") == "gpt2" and hub_id("Qwen/Qwen2.5-0.5B") == "Qwen/Qwen2.5-0.5B"
+    for name in ["tiny-random-llama", "/abs/model", "./model", "~/m", "a/b/c", "bad name", ""]:
+        assert hub_id(name) is None, name
+
+
+def test_merged_card_of_a_hub_base_says_finetune(run) -> None:
+    cfg, _, _ = run
+    settings = {"base_model_name_or_path": SMOLLM2_HUB_ID, "r": 4}
+    card = ModelCard(model_card(cfg, rows_of(cfg, 2)[0], settings, "tasks", merged=True))
+    assert card.data.base_model == SMOLLM2_HUB_ID
+    assert card.data.to_dict()["base_model_relation"] == "finetune"
+    assert card.data.library_name == "transformers"
+    assert 'AutoModelForCausalLM.from_pretrained("PATH/TO/THIS/FOLDER")' in card.text

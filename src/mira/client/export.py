@@ -11,7 +11,14 @@ and saves a plain transformers model that ``AutoModelForCausalLM.from_pretrained
 The packaged ``smollm2-135m-instruct`` is SmolLM2-135M-Instruct as a Q4_1 GGUF file,
 dequantised by mira to float32: its adapters name the hub id of SmolLM2-135M-Instruct, whose
 original weights are close to but not the ones the run trained on. The cards say so, and a
-merged export carries the exact weights.
+merged export carries the exact weights. A base on no hub (a ``tiny-random-*`` model mira
+builds, a local folder) is named in an exported ``adapter_config.json`` by its path relative
+to the exported folder, and the card says so (:func:`exported_base`): the folder then loads
+offline wherever that base is.
+
+Loading and saving models prints progress bars and library warnings (transformers, peft,
+huggingface_hub); ``mira export`` keeps them off the console unless ``verbose``
+(:func:`library_output`).
 """
 
 from __future__ import annotations
@@ -21,6 +28,9 @@ import os
 import shutil
 import tempfile
 import uuid
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +44,7 @@ from mira.client.model import (
 )
 from mira.config import Config, ConfigError, load_config
 from mira.errors import MiraError
-from mira.results.card import model_card
+from mira.results.card import hub_id, model_card
 from mira.results.errors import RunDirError
 from mira.results.rundir import (
     ADAPTER_CONFIG,
@@ -93,9 +103,72 @@ def tokenizer_files(source: str) -> dict[str, bytes]:
     return files if last is None else {**files, "tokenizer_config.json": last}
 
 
+@contextmanager
+def library_output(verbose: bool) -> Iterator[list[warnings.WarningMessage]]:
+    """Unless ``verbose``, keep transformers', peft's and huggingface_hub's progress bars,
+    info logs and warnings off the console while the block runs; yields the warnings caught
+    (empty when ``verbose``: they are shown as they come). Settings are restored after."""
+    if verbose:
+        yield []
+        return
+    from huggingface_hub.utils import (
+        are_progress_bars_disabled,
+        disable_progress_bars,
+        enable_progress_bars,
+    )
+    from transformers.utils import logging as hf_logging
+
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hub_bars_off = are_progress_bars_disabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    disable_progress_bars()
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            yield caught
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+        if not hub_bars_off:
+            enable_progress_bars()
+
+
+def exported_base(cfg: Config, base: str | None, out: Path) -> tuple[str, str, bool]:
+    """How an exported adapter names its base: (``base_model_name_or_path``, the card's note,
+    whether that name is a path relative to the exported folder ``out``).
+
+    A base the hub holds (the packaged model's hub id, a user's hub id) keeps its id. A base on
+    no hub is a local folder: ``--base``'s, the cached copy of a ``tiny-random-*`` model (built
+    here from its seed if it is not cached yet), or the folder the run's config names; it is
+    named by its path relative to ``out``, so that the two can move together.
+    """
+    name, note = base_identity(cfg.model.name, "")
+    if hub_id(name):
+        return name, note, False
+    if base and not Path(base).expanduser().is_dir():
+        return base, note, False  # --base names a hub id for a model the run built locally
+    if base:
+        folder = Path(base).expanduser()
+    elif cfg.model.name.startswith(TINY_RANDOM):
+        folder = Path(_base_source(cfg, None))
+    else:
+        folder = Path(cfg.model.name).expanduser()
+    folder = folder.resolve()
+    relative = os.path.relpath(folder, Path(out).resolve())
+    where = f"exported from `{folder}`, named by its path relative to this folder"
+    return relative, f"{note}; {where}" if note else f"a local folder, {where}", True
+
+
 # ------------------------------------------------------------------------------ mira export
 def export_client(
-    run_dir: Path, client: str, out: Path, merge: bool = False, base: str | None = None
+    run_dir: Path,
+    client: str,
+    out: Path,
+    merge: bool = False,
+    base: str | None = None,
+    verbose: bool = False,
 ) -> Path:
     """Write client ``client``'s personalised model of run ``run_dir`` as a standalone
     Hugging Face folder ``out`` (new or empty); return ``out``.
@@ -105,7 +178,8 @@ def export_client(
     ``AutoModelForCausalLM.from_pretrained(out)``. With ``merge``: the base weights with the
     LoRA update merged in, saved with ``save_pretrained`` in the base's own dtype, plus the
     tokenizer and a card. ``base`` (a local folder or hub id) replaces the base the run's
-    config names, for a run made on another machine.
+    config names, for a run made on another machine. ``verbose`` shows the libraries' progress
+    bars and warnings (:func:`library_output`).
     """
     run_dir, out = Path(run_dir), Path(out)
     cfg = _run_config(run_dir)
@@ -116,10 +190,11 @@ def export_client(
     tmp = out.resolve().with_name(f".{out.resolve().name}.{uuid.uuid4().hex[:12]}.partial")
     tmp.mkdir()  # not mkdtemp: the folder gets the usual permissions, not 0o700
     try:
-        if merge:
-            _write_merged(cfg, run_dir, client, adapter, tmp, base)
-        else:
-            _write_adapter_copy(cfg, run_dir, client, adapter, tmp, base)
+        with library_output(verbose):
+            if merge:
+                _write_merged(cfg, run_dir, client, adapter, tmp, base)
+            else:
+                _write_adapter_copy(cfg, run_dir, client, adapter, tmp, base, out)
         if out.is_dir():
             out.rmdir()  # empty, checked above
         os.replace(tmp, out)
@@ -184,7 +259,13 @@ def _adapter_settings(cfg: Config, adapter: Path) -> dict[str, Any]:
 
 
 def _card(
-    cfg: Config, run_dir: Path, client: str, settings: dict[str, Any], note: str, merged: bool
+    cfg: Config,
+    run_dir: Path,
+    client: str,
+    settings: dict[str, Any],
+    note: str,
+    merged: bool,
+    relative_base: bool = False,
 ) -> str | None:
     """The card of the client's last recorded round (None when metrics.jsonl has none)."""
     try:
@@ -193,7 +274,8 @@ def _card(
         return None
     if not rows:
         return None
-    return model_card(cfg, rows[-1], settings, graph_description(run_dir, cfg), note, merged)
+    graph = graph_description(run_dir, cfg)
+    return model_card(cfg, rows[-1], settings, graph, note, merged, relative_base)
 
 
 def _write_tokenizer(
@@ -219,17 +301,27 @@ def _write_tokenizer(
 
 
 def _write_adapter_copy(
-    cfg: Config, run_dir: Path, client: str, adapter: Path, folder: Path, base: str | None
+    cfg: Config,
+    run_dir: Path,
+    client: str,
+    adapter: Path,
+    folder: Path,
+    base: str | None,
+    out: Path,
 ) -> None:
+    """The adapter's weights and tokenizer as the run saved them, its config naming the base
+    as :func:`exported_base` says (``out``: where ``folder`` will be), and a card that says
+    so (the run's own card when metrics.jsonl has no row of the client)."""
     settings = _adapter_settings(cfg, adapter)
+    name, note, relative = exported_base(cfg, base, out)
+    settings["base_model_name_or_path"] = name
     shutil.copyfile(adapter / ADAPTER_FILE, folder / ADAPTER_FILE)
     (folder / ADAPTER_CONFIG).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
-    if (adapter / MODEL_CARD).is_file():
+    card = _card(cfg, run_dir, client, settings, note, False, relative)
+    if card is not None:
+        (folder / MODEL_CARD).write_text(card)
+    elif (adapter / MODEL_CARD).is_file():
         shutil.copyfile(adapter / MODEL_CARD, folder / MODEL_CARD)
-    else:
-        card = _card(cfg, run_dir, client, settings, base_identity(cfg.model.name, "")[1], False)
-        if card is not None:
-            (folder / MODEL_CARD).write_text(card)
     _write_tokenizer(cfg, adapter, folder, base)
 
 

@@ -1,22 +1,31 @@
 """The model card (README.md) of a shared adapter or merged model: pure text, no I/O.
 
-A card opens with YAML metadata as Hugging Face's hub and peft's ``save_pretrained`` write it
-(``base_model``, ``library_name``, ``tags``), then says what the weights are: the client and
-its task, the base model and where its weights came from, the LoRA layout, the server rule
-and task graph, the round, the client's **personalised** metrics of that round (its own
-adapter on its own held-out split), how to load it, and the MIRA paper to cite.
-:meth:`mira.results.rundir.RunWriter.append_round` writes one into every ``adapters/<client>/``
-after each round; ``mira export`` copies it or writes the merged variant.
+A card is a :class:`huggingface_hub.ModelCard`: its metadata a
+:class:`huggingface_hub.ModelCardData` (``base_model``, ``library_name``, ``pipeline_tag``,
+``tags``), then what the weights are: the client and its task, the base model and where its
+weights came from, the LoRA layout, the server rule and task graph, the round, the client's
+**personalised** metrics of that round (its own adapter on its own held-out split), how to
+load it, and the MIRA paper to cite. ``base_model`` is only ever a model the hub holds
+(:func:`hub_id`): a base mira builds itself (``tiny-random-*``) or a local folder is named in
+the text instead, with what resolves it. :meth:`mira.results.rundir.RunWriter.append_round`
+writes one into every ``adapters/<client>/`` after each round; ``mira export`` writes the card
+of the exported folder.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from mira.config import TASK_METRICS, Config
 from mira.results.document import fmt
+
+LOCALLY_BUILT = "tiny-random-"
+"""Names of the models mira builds itself from a seed (``mira.client.model.TINY_RANDOM``):
+valid hub ids in form, but on no hub."""
+HUB = "https://huggingface.co"
 
 CITATION = """\
 @article{elbakary2025mira,
@@ -51,16 +60,56 @@ RULES = {
 }
 
 
-def front_matter(fields: Mapping[str, str | Sequence[str]]) -> str:
-    """YAML metadata between ``---`` lines; strings written as JSON strings (valid YAML)."""
-    lines = ["---"]
-    for key, value in fields.items():
-        if isinstance(value, str):
-            lines.append(f"{key}: {json.dumps(value)}")
-        else:
-            lines.append(f"{key}:")
-            lines += [f"- {json.dumps(item)}" for item in value]
-    return "\n".join([*lines, "---"])
+def looks_local(name: str) -> bool:
+    """Whether a base model name can only be a local folder (as
+    ``mira.client.model.looks_like_path`` decides: absolute, ``.`` or ``~`` first, a backslash,
+    two slashes or more, or an existing folder)."""
+    return (
+        name.startswith(("/", ".", "~"))
+        or "\\" in name
+        or name.count("/") >= 2
+        or Path(name).expanduser().is_dir()
+    )
+
+
+def hub_id(name: str) -> str | None:
+    """``name`` when it names a model the Hugging Face hub can hold: a valid repo id
+    (``huggingface_hub.utils.validate_repo_id``) that is no local folder and no model mira
+    builds itself; else None (the card then names no ``base_model``)."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if not name or name.startswith(LOCALLY_BUILT) or looks_local(name):
+        return None
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return None
+    return name
+
+
+def card_data(base: str | None, merged: bool) -> Any:
+    """The card's metadata: ``base`` (a hub id, or None) as ``base_model``, with peft's
+    ``base_model:adapter:<id>`` tag for an adapter, ``base_model_relation: finetune`` for a
+    merged model."""
+    from huggingface_hub import ModelCardData
+
+    tags = ["mira", "federated-learning", "lora", "transformers"]
+    if merged:
+        return ModelCardData(
+            base_model=base,
+            library_name="transformers",
+            pipeline_tag="text-generation",
+            tags=tags,
+            base_model_relation="finetune" if base else None,  # None: left out
+        )
+    adapter_tag = [f"base_model:adapter:{base}"] if base else []
+    return ModelCardData(
+        base_model=base,
+        library_name="peft",
+        pipeline_tag="text-generation",
+        tags=[*adapter_tag, *tags[:3], "peft", "transformers"],
+    )
 
 
 def model_card(
@@ -70,46 +119,41 @@ def model_card(
     graph_source: str,
     base_note: str = "",
     merged: bool = False,
+    relative_base: bool = False,
 ) -> str:
     """README.md for one client's adapter after round ``row["round"]``.
 
     ``row`` is the client's metrics.jsonl row of that round; ``adapter_config`` the adapter's
     peft ``adapter_config.json`` (its ``base_model_name_or_path`` is the portable name of the
     base); ``base_note`` says where the base weights came from when that matters (mira's
-    dequantised GGUF copy, a locally built random model). ``merged``: the card of a model
-    whose base weights have the LoRA update merged in (``mira export --merge``).
+    dequantised GGUF copy, a locally built random model, a local folder). ``merged``: the card
+    of a model whose base weights have the LoRA update merged in (``mira export --merge``).
+    ``relative_base``: ``base_model_name_or_path`` is a path relative to the card's folder
+    (``mira export`` of a base that is a local folder).
     """
     base = str(adapter_config.get("base_model_name_or_path") or cfg.model.name)
+    on_hub = hub_id(base)
     client, task, server_round = str(row["client"]), str(row["task"]), int(row["round"])
     rank = int(adapter_config.get("r", row.get("rank", 0)))
-    meta: dict[str, str | list[str]] = {"base_model": base}
     if merged:
-        meta |= {"base_model_relation": "finetune", "library_name": "transformers"}
-        tags = ["mira", "federated-learning", "lora", "transformers"]
         what = (
             f"The personalised model of client `{client}` (its LoRA adapter merged into the base)"
         )
     else:
-        meta |= {"library_name": "peft"}
-        tags = [
-            f"base_model:adapter:{base}",
-            "mira",
-            "federated-learning",
-            "lora",
-            "peft",
-            "transformers",
-        ]
         what = f"The personalised LoRA adapter of client `{client}`"
-    meta |= {"pipeline_tag": "text-generation", "tags": tags}
     modules = adapter_config.get("target_modules") or cfg.lora.target_modules
     modules = [modules] if isinstance(modules, str) else sorted(modules)
     scaling = "alpha / sqrt(r) (rsLoRA)" if cfg.lora.rslora else "alpha / r"
     rule = cfg.server.method
     if rule == "mira":
         rule += f", server.step = {cfg.server.step}"
+    if on_hub:
+        named = f"[`{base}`]({HUB}/{base})"
+    elif relative_base:
+        named = f"the local folder `{base}`, relative to this folder (on no hub)"
+    else:
+        named = f"`{base}` (on no hub: the metadata names no `base_model`)"
     lines = [
-        front_matter(meta),
-        "",
         f"# {client}: {task}, personalised by federated multi-task learning (mira)",
         "",
         f"{what}, after round {server_round} of "
@@ -119,7 +163,7 @@ def model_card(
         "",
         "| | |",
         "| --- | --- |",
-        f"| base model | `{base}` |",
+        f"| base model | {named} |",
     ]
     if base_note:
         lines.append(f"| base weights | {base_note} |")
@@ -158,33 +202,7 @@ def model_card(
             f"In round {server_round} this client's update was not used ({row['status']}: "
             f"{row.get('reason', '')}); it kept its adapter.",
         ]
-    lines += ["", "## How to load", "", "```python"]
-    if merged:
-        lines += [
-            "from transformers import AutoModelForCausalLM, AutoTokenizer",
-            "",
-            'model = AutoModelForCausalLM.from_pretrained("PATH/TO/THIS/FOLDER")',
-            'tokenizer = AutoTokenizer.from_pretrained("PATH/TO/THIS/FOLDER")',
-        ]
-    else:
-        lines += [
-            "from peft import PeftModel",
-            "from transformers import AutoModelForCausalLM, AutoTokenizer",
-            "",
-            f"base = AutoModelForCausalLM.from_pretrained({json.dumps(base)})",
-            'model = PeftModel.from_pretrained(base, "PATH/TO/THIS/FOLDER")',
-            'tokenizer = AutoTokenizer.from_pretrained("PATH/TO/THIS/FOLDER")',
-        ]
-    lines += ["```", ""]
-    if not merged:
-        lines += [
-            '`AutoModelForCausalLM.from_pretrained("PATH/TO/THIS/FOLDER")` also works: '
-            "transformers reads `base_model_name_or_path` from `adapter_config.json`, loads "
-            "that base and adds the adapter. To load the exact base the run trained on (mira's "
-            "cached copy), or to get one standalone model, use "
-            "`mira export RUN_DIR CLIENT --out DIR [--merge]`.",
-            "",
-        ]
+    lines += ["", "## How to load", "", *_how_to_load(base, on_hub, merged, relative_base)]
     lines += [
         "## Citation",
         "",
@@ -196,4 +214,74 @@ def model_card(
         "```",
         "",
     ]
-    return "\n".join(lines)
+    from huggingface_hub import ModelCard
+
+    yaml = card_data(on_hub, merged).to_yaml()
+    return str(ModelCard(f"---\n{yaml}\n---\n\n" + "\n".join(lines)))
+
+
+def _how_to_load(base: str, on_hub: str | None, merged: bool, relative_base: bool) -> list[str]:
+    """The code that loads the folder, and what else does, for the way the base is named."""
+    folder = '"PATH/TO/THIS/FOLDER"'
+    if merged:
+        return [
+            "```python",
+            "from transformers import AutoModelForCausalLM, AutoTokenizer",
+            "",
+            f"model = AutoModelForCausalLM.from_pretrained({folder})",
+            f"tokenizer = AutoTokenizer.from_pretrained({folder})",
+            "```",
+            "",
+        ]
+    if relative_base:
+        imports = ["from pathlib import Path", ""]
+        load_base = [
+            f"folder = Path({folder})",
+            f"base = AutoModelForCausalLM.from_pretrained(folder / {json.dumps(base)})",
+        ]
+    else:
+        imports = []
+        load_base = [f"base = AutoModelForCausalLM.from_pretrained({json.dumps(base)})"]
+    code = [
+        "```python",
+        *imports,
+        "from peft import PeftModel",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        *load_base,
+        f"model = PeftModel.from_pretrained(base, {'folder' if relative_base else folder})",
+        f"tokenizer = AutoTokenizer.from_pretrained({'folder' if relative_base else folder})",
+        "```",
+        "",
+    ]
+    exact = (
+        "To load the exact base the run trained on (mira's cached copy), or to get one "
+        "standalone model, use `mira export RUN_DIR CLIENT --out DIR [--merge]`."
+    )
+    if on_hub:
+        auto = (
+            f"`AutoModelForCausalLM.from_pretrained({folder})` also works: transformers reads "
+            "`base_model_name_or_path` from `adapter_config.json`, loads that base and adds the "
+            f"adapter. {exact}"
+        )
+    elif relative_base:
+        auto = (
+            "`adapter_config.json` names the base by the same relative path, and transformers "
+            'resolves it from the current directory: `AutoModelForCausalLM.from_pretrained(".")` '
+            "run inside this folder loads the base and adds the adapter. Moved elsewhere, set "
+            "`base_model_name_or_path` to where the base is, or load it as above."
+        )
+    elif base.startswith(LOCALLY_BUILT):
+        auto = (
+            f"`{base}` is built by mira from a fixed seed and names no hub model, so "
+            f"`AutoModelForCausalLM.from_pretrained({folder})` cannot find the base: "
+            "`mira export RUN_DIR CLIENT --out DIR` writes a folder that names its local copy, "
+            "`--merge` one standalone model."
+        )
+    else:
+        auto = (
+            f"`{base}` is a local folder, as the run's config names it (a relative path counts "
+            "from where the run was started); `AutoModelForCausalLM.from_pretrained("
+            f"{folder})` loads the base and adds the adapter where that path resolves. {exact}"
+        )
+    return [*code, auto, ""]
