@@ -8,7 +8,8 @@ process, so the Simulation Engine's workers see what the test set.
 
 Kinds: ``raise`` (the client's code raises), ``hang`` (it sleeps ``seconds`` before working),
 ``nan`` / ``huge`` (its trained adapter is NaN / multiplied by 1e30), ``shape`` (a tensor of
-its trained adapter loses a row), ``nan_eval`` (its evaluation reports a NaN loss).
+its trained adapter loses a row), ``nan_eval`` (its evaluation reports a NaN loss),
+``nan_loss`` (it reports a NaN train loss with a finite adapter).
 """
 
 from __future__ import annotations
@@ -68,6 +69,10 @@ def inject(msg: Message, context: Context, call_next) -> Message:
         values = {k: v.numpy() for k, v in arrays[protocol.ADAPTER].items()}
         values[first] = values[first][1:]
         arrays[protocol.ADAPTER] = ArrayRecord({k: Array(v) for k, v in values.items()})
+    elif kind == "nan_loss" and protocol.TRAINING in reply.content.metric_records:
+        metrics = dict(reply.content.metric_records[protocol.TRAINING])
+        metrics["train_loss"] = float("nan")
+        reply.content.metric_records[protocol.TRAINING] = MetricRecord(metrics)
     elif kind == "nan_eval" and protocol.EVALUATION in reply.content.metric_records:
         metrics = dict(reply.content.metric_records[protocol.EVALUATION])
         metrics["eval_loss"] = float("nan")

@@ -69,6 +69,7 @@ def assert_kept_its_adapter(rows: dict, client: str, server_round: int) -> None:
         ("nan", "rejected", "NaN or infinite"),
         ("shape", "rejected", "with shape"),
         ("huge", "rejected", "update norm"),
+        ("nan_loss", "rejected", "non-finite train_loss (nan)"),
     ],
 )
 def test_a_bad_client_costs_only_its_own_round(
@@ -86,6 +87,10 @@ def test_a_bad_client_costs_only_its_own_round(
     # A refused update still brought round 1's evaluation; a failed exchange lost it.
     assert (rows[(1, "polarity-1")]["eval_loss"] is None) == (status == "failed")
     assert rows[(3, "polarity-1")]["train_loss"] is not None  # asked again, trained again
+    # The round's mean train loss is the others' (finite), never blanked by the bad client.
+    aggregate = next(r for r in read_metrics(tmp_path) if r["kind"] == "round" and r["round"] == 2)
+    others = [rows[(2, c)]["train_loss"] for c in cfg.client_ids if c != "polarity-1"]
+    assert aggregate["train_loss_mean"] == pytest.approx(np.mean(others))
     strict_json_lines(tmp_path)
     checkpoint = read_checkpoint(tmp_path)
     assert checkpoint is not None
@@ -107,6 +112,7 @@ FAULT_NAMES = {
     "nan": "a client returns a NaN adapter",
     "shape": "a client returns a tensor of the wrong shape",
     "huge": "a client returns a finite but huge update (x 1e30)",
+    "nan_loss": "a client reports a NaN train loss (its adapter finite)",
 }
 
 

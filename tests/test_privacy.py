@@ -255,3 +255,50 @@ def test_a_private_run_reports_each_clients_epsilon(tiny_config, tmp_path):
     assert info["privacy"]["epsilon_max"] == pytest.approx(client_epsilon(2.0, 2, 1e-5))
     assert set(info["privacy"]["epsilon"]) == set(cfg.client_ids)
     assert info["device"] == "cpu" and info["dtype"] == "float32"
+
+
+@pytest.mark.parametrize("noise", [0.0, 2.0])
+def test_run_json_holds_strict_json_even_without_noise(tmp_path, capsys, noise):
+    """Clipping without noise has no DP guarantee: epsilon is infinite, which JSON cannot
+    hold. run.json says null and why, never a bare Infinity."""
+    import json
+
+    from mira.config import apply_overrides, config_from_dict
+    from mira.federation.progress import Progress
+    from mira.federation.server import record_privacy
+    from mira.federation.state import ClientState, ServerState
+    from mira.graph.build import TaskGraph
+    from mira.graph.sources import declared_task_graph
+
+    raw = {
+        "privacy": {"clip_norm": 0.05, "noise_multiplier": noise},
+        "server": {"method": "mira", "step": 0.5, "graph": "tasks"},
+        "tasks": [{"name": "a", "clients": 2}, {"name": "b", "clients": 1}],
+    }
+    cfg = config_from_dict(apply_overrides(raw, []))
+    clients = [
+        ClientState(c, t, 8, node_id=i, num_train=6, adapter={})
+        for i, (c, t) in enumerate(zip(cfg.client_ids, cfg.client_tasks, strict=True))
+    ]
+    graph = TaskGraph(declared_task_graph(cfg.client_tasks), [0, 0, 1], "tasks")
+    state = ServerState(cfg, clients, graph)
+    state.releases = [3, 3, 0]  # b-0 never trained: it released nothing
+    record_privacy(state, tmp_path, Progress())
+
+    def refuse(token: str) -> None:
+        raise AssertionError(f"run.json holds a bare {token}")
+
+    privacy = json.loads((tmp_path / "run.json").read_text(), parse_constant=refuse)["privacy"]
+    printed = capsys.readouterr().out
+    if noise == 0.0:
+        assert privacy["epsilon_max"] is None
+        assert privacy["epsilon"] == {"a-0": None, "a-1": None, "b-0": 0.0}
+        assert privacy["note"] == (
+            "no guarantee: epsilon is infinite (null in run.json) for a-0, a-1 (clip 0.05, noise "
+            "multiplier 0; updates were clipped but not noised)"
+        )
+        assert "differential privacy: no guarantee: epsilon is infinite" in printed
+    else:
+        assert privacy["epsilon_max"] == pytest.approx(client_epsilon(noise, 3, 1e-5))
+        assert privacy["epsilon"]["b-0"] == 0.0 and "note" not in privacy
+        assert f"epsilon <= {privacy['epsilon_max']:.3g} for delta = 1e-05" in printed

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
 import json
 import os
 import signal
@@ -15,11 +17,12 @@ import numpy as np
 import psutil
 import pytest
 import tomli_w
-from safetensors.numpy import load_file
+from safetensors.numpy import load_file, save_file
 
 import faults
 from mira.federation.simulation import run_simulation
-from mira.results.rundir import read_checkpoint, read_metrics
+from mira.results.errors import RunDirError
+from mira.results.rundir import RunWriter, read_checkpoint, read_metrics
 
 pytestmark = pytest.mark.slow
 
@@ -157,3 +160,129 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted(tiny_config, tmp_pat
         "3 of 3",
         broken,
     )
+
+
+# ------------------------------------------------------------------------------ integrity
+def _stopped_run(cfg, folder: Path) -> None:
+    """What a run stopped after exchange 3 leaves: config.toml, rows of rounds 1 and 2, and
+    the checkpoint of round 3 (adapters of the config's clients)."""
+    from test_rundir import checkpoint, client_rows
+
+    writer = RunWriter(folder, cfg)
+    writer.write_config()
+    for rnd in (1, 2):
+        writer.append_round(1.0, rnd, client_rows(rnd))
+    writer.write_checkpoint(dataclasses.replace(checkpoint(3), config=None))
+    writer.close()
+
+
+def _scale_x50_without_hashes(folder: Path) -> None:
+    path = next((folder / "checkpoint").glob("adapters-r*.safetensors"))
+    save_file({k: v * 50 for k, v in load_file(str(path)).items()}, str(path), {"mira_round": "3"})
+    state_path = folder / "checkpoint" / "state.json"
+    state = json.loads(state_path.read_text())
+    del state["adapters_sha256"], state["state_sha256"]
+    state_path.write_text(json.dumps(state))
+
+
+def _edit_step(folder: Path) -> None:
+    path = folder / "config.toml"
+    path.write_text(path.read_text().replace("step = 0.3\n", "step = 0.9\n"))
+
+
+@pytest.mark.parametrize(
+    ("tamper", "expected"),
+    [
+        (_scale_x50_without_hashes, "state.json has no state_sha256 entry"),
+        (
+            _edit_step,
+            "config.toml differs from the config its checkpoint was computed with in "
+            "server.step (server.step 0.3 -> 0.9)",
+        ),
+    ],
+    ids=["adapters x50 without hashes", "server.step edited"],
+)
+def test_resume_refuses_a_tampered_run_before_starting_anything(
+    tiny_config, tmp_path, capsys, tamper, expected
+):
+    from mira.cli import main
+
+    folder = tmp_path / "run"
+    _stopped_run(tiny_config(), folder)
+    assert read_checkpoint(folder) is not None
+    tamper(folder)
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    assert main(["run", "--resume", str(folder)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and expected in err and "nothing was deleted" in err.lower()
+    assert "mira run:" not in capsys.readouterr().out  # it never started
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+
+
+def test_the_server_refuses_to_resume_with_a_config_its_checkpoint_was_not_computed_with(
+    tiny_config, tmp_path
+):
+    """flwr run --run-config can hand the ServerApp another config than config.toml."""
+    from mira.config import ConfigError
+    from mira.federation.server import run_federation
+
+    _stopped_run(tiny_config(), tmp_path)
+    with pytest.raises(ConfigError) as caught:
+        run_federation(None, tiny_config("server.step=0.9"), tmp_path, "", resume=True)  # type: ignore[arg-type]
+    assert "server.step differ from the config" in str(caught.value)
+    assert "(server.step 0.3 -> 0.9)" in str(caught.value)
+
+
+def test_a_full_disk_mid_run_ends_in_one_line_with_the_checkpoint_intact(
+    tiny_config, tmp_path, monkeypatch, reliability
+):
+    """The ServerApp's writes hit ENOSPC: one RunDirError naming the folder, the checkpoint it
+    verified intact and how to go on; nothing the run wrote before is touched."""
+    from mira.federation.server import run_federation
+    from mira.results import rundir
+
+    _stopped_run(tiny_config(), tmp_path)
+    before = {p: p.read_bytes() for p in (tmp_path / "checkpoint").iterdir()}
+
+    def full(path, data):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(rundir, "write_atomic", full)
+    with pytest.raises(RunDirError) as caught:
+        run_federation(None, tiny_config(), tmp_path, "", resume=True)  # type: ignore[arg-type]
+    text = str(caught.value)
+    assert "\n" not in text and caught.value.__cause__ is None
+    assert text == (
+        f"{tmp_path}: No space left on device writing {tmp_path / 'config.toml'}; the run "
+        "stopped. Its last checkpoint (after round 3) is intact: free some space and continue "
+        f"with `mira run --resume {tmp_path}`"
+    )
+    assert {p: p.read_bytes() for p in (tmp_path / "checkpoint").iterdir()} == before
+    monkeypatch.undo()
+    checkpoint = read_checkpoint(tmp_path)
+    assert checkpoint is not None and checkpoint.round == 3
+    reliability.record(
+        "the disk fills up while the run writes its folder (ENOSPC injected in the writer)",
+        "the run ends with one line naming the folder and the file, says the last checkpoint "
+        "(checked) is intact and that `mira run --resume` continues; no traceback",
+        "2 of 3, checkpoint of 3 intact",
+        tmp_path,
+    )
+
+
+def test_mira_run_prints_one_line_for_a_full_disk(tiny_config, tmp_path, monkeypatch, capsys):
+    from mira.cli import main
+    from mira.federation import simulation
+
+    folder = tmp_path / "run"
+    _stopped_run(tiny_config(), folder)
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(folder / "report.md"))
+
+    monkeypatch.setattr(simulation, "run_simulation", full)
+    assert main(["run", "--resume", str(folder)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert err.startswith(f"mira: {folder}: No space left on device writing ")
+    assert f"intact: free some space and continue with `mira run --resume {folder}`" in err

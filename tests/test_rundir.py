@@ -6,6 +6,8 @@ wrote, and every error must name the file, say what to do, and leave every file 
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import math
 import os
@@ -22,13 +24,14 @@ import pytest
 
 from mira.config import load_config
 from mira.results.errors import RunDirError, RunExistsError, RunInUseError
-from mira.results.files import write_atomic
+from mira.results.files import write_atomic, write_json
 from mira.results.rundir import (
     Checkpoint,
     RunLock,
     RunWriter,
     check_new_run_dir,
     default_run_dir,
+    disk_full_error,
     read_checkpoint,
     read_metrics,
     round_aggregate,
@@ -60,9 +63,12 @@ def client_rows(rnd: int) -> list[dict]:
     ]
 
 
+CONFIG = load_config(None, ["federation.rounds=3"])
+
+
 @pytest.fixture
 def cfg():
-    return load_config(None, ["federation.rounds=3"])
+    return CONFIG
 
 
 def write_run(folder: Path, cfg, rounds: int) -> RunWriter:
@@ -91,6 +97,7 @@ def checkpoint(rnd: int, shift: float = 0.0) -> Checkpoint:
         graph_source="tasks",
         graph_info={"k": 2},
         server={"trained_round": rnd, "open_rows": [], "note": [1.5, None]},
+        config=CONFIG.to_dict(),
     )
 
 
@@ -177,7 +184,10 @@ def test_truncate_drops_rows_after_the_checkpoint_and_refuses_missing_rounds(
 # ------------------------------------------------------------------------------ the lock
 def test_a_second_writer_into_the_same_folder_is_refused(cfg, tmp_path: Path, reliability) -> None:
     first = RunWriter(tmp_path, cfg)
-    with pytest.raises(RunInUseError, match=rf"in use by another mira run \(pid {os.getpid()}"):
+    with pytest.raises(
+        RunInUseError,
+        match=rf"in use by another mira run, in progress there now \(pid {os.getpid()}",
+    ):
         RunWriter(tmp_path, cfg)
     first.close()
     RunWriter(tmp_path, cfg).close()  # released: the next run may take it
@@ -409,3 +419,259 @@ def test_the_writer_records_the_last_round_it_appended_or_finds(cfg, tmp_path: P
     resumed.write_checkpoint(checkpoint(3, shift=1.0))
     resumed.close()
     assert json.loads(state_path.read_text())["metrics_round"] == 2
+
+
+# ------------------------------------------------------------------------------ integrity
+def _recompute_state_hash(state: dict) -> None:
+    """What a tool that knows the layout does after editing state.json: rehash it."""
+    state.pop("state_sha256", None)
+    state["state_sha256"] = hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
+
+
+def _edit_state(folder: Path, change) -> None:
+    path = folder / "checkpoint" / "state.json"
+    state = json.loads(path.read_text())
+    change(state)
+    path.write_text(json.dumps(state))
+
+
+def _scale_adapters(folder: Path, factor: float) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    path = next((folder / "checkpoint").glob("adapters-r*.safetensors"))
+    tensors = {k: v * factor for k, v in load_file(str(path)).items()}
+    save_file(tensors, str(path), metadata={"mira_round": "3"})
+
+
+def _drop_state_hash(folder: Path) -> None:
+    _edit_state(folder, lambda s: s.pop("state_sha256"))
+
+
+def _drop_adapters_hash_and_rehash(folder: Path) -> None:
+    _edit_state(folder, lambda s: (s.pop("adapters_sha256"), _recompute_state_hash(s)))
+
+
+def _scale_adapters_x50_drop_both_hashes(folder: Path) -> None:
+    _scale_adapters(folder, 50.0)
+    _edit_state(folder, lambda s: (s.pop("adapters_sha256"), s.pop("state_sha256")))
+
+
+def _scale_adapters_x50_drop_adapters_hash_and_rehash(folder: Path) -> None:
+    _scale_adapters(folder, 50.0)
+    _drop_adapters_hash_and_rehash(folder)
+
+
+def _drop_metrics_round_and_rehash(folder: Path) -> None:
+    _edit_state(folder, lambda s: (s.pop("metrics_round"), _recompute_state_hash(s)))
+
+
+def _drop_recorded_config_and_rehash(folder: Path) -> None:
+    _edit_state(folder, lambda s: (s.pop("config"), _recompute_state_hash(s)))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (_drop_state_hash, r"state\.json has no state_sha256 entry"),
+        (_drop_adapters_hash_and_rehash, r"state\.json has no adapters_sha256 entry"),
+        (_scale_adapters_x50_drop_both_hashes, r"state\.json has no state_sha256 entry"),
+        (
+            _scale_adapters_x50_drop_adapters_hash_and_rehash,
+            r"state\.json has no adapters_sha256 entry",
+        ),
+        (_drop_metrics_round_and_rehash, r"state\.json has no metrics_round entry"),
+        (_drop_recorded_config_and_rehash, r"state\.json has no config entry"),
+    ],
+    ids=[
+        "state hash removed",
+        "adapters hash removed, state rehashed",
+        "adapters x50, both hashes removed",
+        "adapters x50, adapters hash removed, state rehashed",
+        "metrics round removed, state rehashed",
+        "recorded config removed, state rehashed",
+    ],
+)
+def test_a_checkpoint_missing_an_entry_mira_always_writes_is_refused(
+    cfg, tmp_path: Path, damage, message: str, reliability
+) -> None:
+    write_run(tmp_path, cfg, 2).close()
+    write_checkpoint(tmp_path, checkpoint(3))
+    damage(tmp_path)
+    before = snapshot(tmp_path)
+    with pytest.raises(RunDirError, match=message) as caught:
+        read_checkpoint(tmp_path)
+    text = str(caught.value)
+    assert "which mira always writes" in text and "nothing was deleted" in text
+    assert "restore" in text and "another --out" in text
+    assert snapshot(tmp_path) == before
+    reliability.record(
+        f"a checkpoint with an entry removed: {damage.__name__.strip('_').replace('_', ' ')}",
+        "--resume stops with one error naming state.json and the missing entry; nothing deleted",
+        "2 of 2 kept",
+    )
+
+
+def _edited_config(folder: Path, section: str, key: str, value) -> bytes:
+    import tomllib
+
+    import tomli_w
+
+    path = folder / "config.toml"
+    raw = tomllib.loads(path.read_text())
+    raw[section][key] = value
+    path.write_text(tomli_w.dumps(raw))
+    return path.read_bytes()
+
+
+def test_an_edited_config_toml_is_refused_naming_the_keys(cfg, tmp_path: Path, reliability):
+    write_run(tmp_path, cfg, 2).close()
+    write_checkpoint(tmp_path, checkpoint(3))
+    _edited_config(tmp_path, "server", "step", 0.9)
+    _edited_config(tmp_path, "train", "learning_rate", 0.5)
+    before = snapshot(tmp_path)
+    with pytest.raises(RunDirError) as caught:
+        read_checkpoint(tmp_path)
+    text = str(caught.value)
+    assert text.startswith(f"{tmp_path / 'config.toml'} differs from the config its checkpoint")
+    assert "in server.step, train.learning_rate (" in text
+    assert f"server.step 0.3 -> 0.9, train.learning_rate {cfg.train.learning_rate!r} -> 0.5" in (
+        text
+    )
+    assert "may change only federation.rounds, federation.workers" in text
+    assert "Nothing was deleted" in text and "another --out" in text
+    assert snapshot(tmp_path) == before
+    reliability.record(
+        "config.toml edited between runs (server.step 0.3 -> 0.9, learning rate), then --resume",
+        "refused in one error naming the file, each changed key with its old and new value, "
+        "and the keys a resume may change; nothing deleted",
+        "2 of 2 kept",
+    )
+
+
+def test_a_config_changed_only_where_a_resume_may_is_accepted(cfg, tmp_path: Path) -> None:
+    write_run(tmp_path, cfg, 2).close()
+    write_checkpoint(tmp_path, checkpoint(3))
+    _edited_config(tmp_path, "federation", "rounds", 7)
+    _edited_config(tmp_path, "federation", "round_timeout", 33.0)
+    loaded = read_checkpoint(tmp_path)
+    assert loaded is not None and loaded.config == cfg.to_dict()
+
+
+def test_the_recorded_config_edited_and_rehashed_no_longer_matches_config_toml(
+    cfg, tmp_path: Path
+) -> None:
+    write_run(tmp_path, cfg, 2).close()
+    write_checkpoint(tmp_path, checkpoint(3))
+
+    def step(state: dict) -> None:
+        state["config"]["server"]["step"] = 0.1
+        _recompute_state_hash(state)
+
+    _edit_state(tmp_path, step)
+    with pytest.raises(RunDirError, match=r"in server\.step \(server\.step 0\.1 -> 0\.3\)"):
+        read_checkpoint(tmp_path)
+
+
+def test_a_checkpoint_from_before_configs_were_recorded_still_resumes(cfg, tmp_path: Path):
+    write_run(tmp_path, cfg, 2).close()
+    write_checkpoint(tmp_path, checkpoint(3))
+    _edit_state(tmp_path, lambda s: (s.pop("config"), s.pop("format"), _recompute_state_hash(s)))
+    loaded = read_checkpoint(tmp_path)
+    assert loaded is not None and loaded.round == 3 and loaded.config is None
+
+
+def test_every_json_the_run_writes_is_strict(cfg, tmp_path: Path) -> None:
+    """No bare NaN or Infinity anywhere: a non-finite number is written as null."""
+    writer = write_run(tmp_path, cfg, 1)
+    saved = checkpoint(2)
+    saved.server["open_rows"] = [{"epsilon": math.inf, "val_losses": [1.0, math.nan]}]
+    saved.graph_info["silhouette"] = math.nan
+    writer.write_checkpoint(saved)
+    clients = [SimpleNamespace(client_id=c, task=c[0]) for c in CLIENTS]
+    graph = SimpleNamespace(
+        adjacency=saved.adjacency, clusters=[0, 0, 1], source="tasks", info={"ari": math.nan}
+    )
+    writer.write_graph(clients, graph, 0.3, built_after=0)
+    writer.close()
+
+    def refuse(token: str) -> None:
+        raise AssertionError(f"bare {token}")
+
+    for path in [tmp_path / "graph.json", tmp_path / "checkpoint" / "state.json"]:
+        json.loads(path.read_text(), parse_constant=refuse)
+    for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
+        json.loads(line, parse_constant=refuse)
+    loaded = read_checkpoint(tmp_path)
+    assert loaded is not None
+    assert loaded.server["open_rows"] == [{"epsilon": None, "val_losses": [1.0, None]}]
+    assert loaded.graph_info["silhouette"] is None
+    with pytest.raises(ValueError, match="Out of range float"):
+        write_json(tmp_path / "run.json", {"epsilon": math.inf})
+
+
+# ------------------------------------------------------------------------------ a live run
+def test_a_new_run_into_a_folder_a_live_run_writes_is_told_a_run_is_in_progress(
+    cfg, tmp_path: Path, reliability
+) -> None:
+    folder = tmp_path / "live"
+    folder.mkdir()
+    (folder / "config.toml").write_text("# written by the live run before its first round\n")
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from mira.results.rundir import RunLock; "
+            f"lock = RunLock({str(folder)!r}); print('locked', flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunInUseError) as caught:
+            check_new_run_dir(folder)
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=30)
+    text = str(caught.value)
+    assert f"in progress there now (pid {holder.pid} " in text
+    assert "stopped before completing" not in text and "delete" not in text
+    # Once its holder is gone, the folder is what it was: a run that never finished a round.
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            check_new_run_dir(folder)
+        except RunInUseError:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+            continue
+        except RunExistsError as err:
+            assert "stopped before completing its first round" in str(err)
+            break
+        raise AssertionError("a folder holding config.toml was accepted")
+    reliability.record(
+        "`mira run --out DIR` while another run writes DIR (before its first round)",
+        "refused: a run is in progress there (its pid named), not told to delete the folder",
+        "the live run's, untouched",
+    )
+
+
+# ------------------------------------------------------------------------------ a full disk
+def test_a_full_disk_is_one_line_saying_the_checkpoint_is_intact(cfg, tmp_path: Path) -> None:
+    write_run(tmp_path, cfg, 2).close()
+    write_checkpoint(tmp_path, checkpoint(3))
+    full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "metrics.jsonl"))
+    error = disk_full_error(tmp_path, full)
+    assert error is not None
+    assert str(error) == (
+        f"{tmp_path}: No space left on device writing {tmp_path / 'metrics.jsonl'}; the run "
+        "stopped. Its last checkpoint (after round 3) is intact: free some space and continue "
+        f"with `mira run --resume {tmp_path}`"
+    )
+    quota = disk_full_error(tmp_path, OSError(errno.EDQUOT, "Disk quota exceeded"))
+    assert quota is not None and str(quota).startswith(f"{tmp_path}: Disk quota exceeded; the run")
+    assert disk_full_error(tmp_path, OSError(errno.EACCES, "Permission denied")) is None
+    fresh = tmp_path / "fresh"
+    RunWriter(fresh, cfg).close()
+    early = disk_full_error(fresh, full)
+    assert early is not None and "nothing to resume" in str(early)

@@ -9,7 +9,14 @@ import pytest
 from mira.config import apply_overrides, config_from_dict
 from mira.core import rules
 from mira.federation.protocol import Instruction, Reply
-from mira.federation.state import ClientState, ServerState, ServerStateError
+from mira.federation.state import (
+    REJECTED,
+    ClientState,
+    Outcome,
+    ServerState,
+    ServerStateError,
+    train_loss_problem,
+)
 from mira.graph.build import TaskGraph
 from mira.graph.sources import declared_task_graph
 
@@ -234,3 +241,40 @@ def test_auto_smoothing_applies_the_moving_average_of_the_choices() -> None:
         if server_round <= 3:
             state.apply_rule(server_round, replies, sent, seconds=1.0)
     assert applied == [1.0, 0.5, 0.75]
+
+
+def test_a_non_finite_train_loss_refuses_the_update_and_keeps_the_mean_finite() -> None:
+    from mira.results.rundir import round_aggregate
+
+    assert train_loss_problem(2.5) is None and train_loss_problem(None) is None
+    assert train_loss_problem(float("nan")) == "reported a non-finite train_loss (nan)"
+    assert train_loss_problem(float("-inf")) == "reported a non-finite train_loss (-inf)"
+    # What the server does with such a reply (mira.federation.server._exchange): its update is
+    # refused, the client keeps its adapter, its row says why and carries no loss.
+    state = make_state()
+    _, replies, sent = run_exchange(state, 1)
+    replies[2].train_loss = float("nan")
+    problem = train_loss_problem(replies[2].train_loss)
+    assert problem is not None
+    replies[2].trained = None
+    outcomes = {2: Outcome(REJECTED, f"client b-0 {problem}")}
+    before = dict(state.clients[2].adapter)
+    state.apply_rule(1, replies, sent, seconds=1.0, outcomes=outcomes)
+    row = state.open_rows[2]
+    assert row["status"] == "rejected" and row["train_loss"] is None
+    assert row["reason"] == "client b-0 reported a non-finite train_loss (nan)"
+    rows = [state.open_rows[i] for i in range(4)]
+    assert round_aggregate(rows)["train_loss_mean"] == pytest.approx(np.mean([2.1, 2.2, 2.4]))
+    # b-0 keeps its adapter; its neighbour b-1 is pulled toward that, not toward a NaN one
+    assert all(np.all(np.isfinite(v)) for c in state.clients for v in c.adapter.values())
+    np.testing.assert_array_equal(
+        state.clients[2].adapter["m.lora_A.weight"], before["m.lora_A.weight"]
+    )
+    trained_b1 = replies[3].trained
+    assert trained_b1 is not None
+    np.testing.assert_allclose(
+        state.clients[3].adapter["m.lora_A.weight"],
+        0.5 * before["m.lora_A.weight"] + 0.5 * trained_b1["m.lora_A.weight"],
+        rtol=0,
+        atol=1e-12,
+    )

@@ -26,18 +26,35 @@ from mira.results.errors import RunExistsError
 
 
 def _run(args: argparse.Namespace) -> int:
-    from mira.results.rundir import check_new_run_dir, check_not_in_use, default_run_dir
+    from mira.results.rundir import (
+        check_new_run_dir,
+        check_not_in_use,
+        default_run_dir,
+        disk_full_error,
+        read_checkpoint,
+    )
 
     if args.resume:
         if args.config:
             raise ConfigError("give either a CONFIG or --resume DIR, not both")
         out_dir = Path(args.resume)
         check_not_in_use(out_dir)
+        read_checkpoint(out_dir)  # damage or an edited config.toml: one error before anything
         cfg = load_resumed(out_dir / "config.toml", args.set)
     else:
         cfg = load_config(args.config, args.set)
         out_dir = Path(args.out) if args.out else default_run_dir()
         check_new_run_dir(out_dir)
+    try:
+        return _run_into(args, cfg, out_dir)
+    except OSError as err:  # a full disk: one line saying what is intact and how to go on
+        full = disk_full_error(out_dir, err)
+        if full is None:
+            raise
+        raise full from None
+
+
+def _run_into(args: argparse.Namespace, cfg: Config, out_dir: Path) -> int:
     from mira.federation.server_app import report  # torch and flwr: only now
     from mira.federation.simulation import run_simulation
 

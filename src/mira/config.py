@@ -885,14 +885,16 @@ def to_toml(cfg: Config) -> str:
     return tomli_w.dumps(cfg.to_dict())
 
 
-# What a resumed run may change: how long it goes on and how it waits, not what it computes.
-RESUME_KEYS = (
-    "federation.rounds",
+# Keys that change how fast a run goes and how it waits, not what it computes: a finished run
+# stays reusable when only these differ (mira compare), and a resumed run may change them.
+OPERATIONAL_KEYS = (
     "federation.workers",
     "federation.timeout",
     "federation.round_timeout",
     "federation.min_replies",
 )
+# What a resumed run may change: how long it goes on, and the operational keys.
+RESUME_KEYS = ("federation.rounds", *OPERATIONAL_KEYS)
 
 
 # Keys added after run directories were first written, with the value that reproduces what a
@@ -904,12 +906,17 @@ WRITTEN_BEFORE = {"data.chat_template": "off"}
 def load_run_config(run_config: str | Path, overrides: Sequence[str] = ()) -> Config:
     """The config a run directory's ``config.toml`` records, a key it predates taking the value
     of :data:`WRITTEN_BEFORE` (so resuming or comparing it changes nothing silently)."""
-    raw = read_raw(run_config)
+    return run_config_from_dict(read_raw(run_config), overrides)
+
+
+def run_config_from_dict(raw: Mapping[str, Any], overrides: Sequence[str] = ()) -> Config:
+    """:func:`load_run_config` of a config a run recorded as a dict (its checkpoint keeps one)."""
+    filled: dict[str, Any] = json.loads(json.dumps(raw))  # a copy, to fill in what it predates
     for dotted, value in WRITTEN_BEFORE.items():
         section, key = dotted.split(".")
-        if isinstance(raw.get(section, {}), dict):
-            raw.setdefault(section, {}).setdefault(key, value)
-    return config_from_dict(apply_overrides(raw, overrides))
+        if isinstance(filled.get(section, {}), dict):
+            filled.setdefault(section, {}).setdefault(key, value)
+    return config_from_dict(apply_overrides(filled, overrides))
 
 
 def load_resumed(run_config: str | Path, overrides: Sequence[str]) -> Config:
@@ -942,15 +949,33 @@ def differing_keys(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, 
     return found
 
 
-def check_resumable(stored: Config, resumed: Config) -> None:
-    """A resumed run may differ from the run it continues only in :data:`RESUME_KEYS`."""
-    changed = [
-        key
-        for key, _, _ in differing_keys(stored.to_dict(), resumed.to_dict())
-        if key not in RESUME_KEYS
+def resume_changes(stored: Config, resumed: Config) -> list[tuple[str, Any, Any]]:
+    """(dotted key, old value, new value) of every key outside :data:`RESUME_KEYS` on which a
+    resumed run's config differs from the run it continues; empty when it may resume."""
+    return [
+        change
+        for change in differing_keys(stored.to_dict(), resumed.to_dict())
+        if change[0] not in RESUME_KEYS
     ]
-    if changed:
+
+
+def describe_changes(changes: Sequence[tuple[str, Any, Any]]) -> str:
+    """'server.step 0.3 -> 0.9, ...' (long values cut short)."""
+
+    def shown(value: Any) -> str:
+        text = repr(value)
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    return ", ".join(f"{key} {shown(old)} -> {shown(new)}" for key, old, new in changes)
+
+
+def check_resumable(stored: Config, resumed: Config, where: str = "the run's config.toml") -> None:
+    """A resumed run may differ from the run it continues (``stored``, as ``where`` records it)
+    only in :data:`RESUME_KEYS`."""
+    changes = resume_changes(stored, resumed)
+    if changes:
         raise ConfigError(
-            f"a resumed run keeps its config, but {', '.join(changed)} differ from the run's "
-            f"config.toml; only {', '.join(RESUME_KEYS)} may change"
+            f"a resumed run keeps its config, but {', '.join(c[0] for c in changes)} differ "
+            f"from {where} ({describe_changes(changes)}); only {', '.join(RESUME_KEYS)} may "
+            "change"
         )

@@ -26,6 +26,7 @@ from typing import Any
 
 from mira.config import (
     METHODS,
+    OPERATIONAL_KEYS,
     Config,
     ConfigError,
     differing_keys,
@@ -39,14 +40,6 @@ from mira.results.rundir import CONFIG, METRICS, read_metrics, recorded_rounds
 from mira.results.runs import DONE, MANIFEST, read_manifest, run_folder, update_run_info
 from mira.results.stats import unique
 
-# Keys that change how fast a run goes but not what it computes: a finished run stays
-# reusable when only these differ.
-OPERATIONAL_KEYS = (
-    "federation.workers",
-    "federation.timeout",
-    "federation.round_timeout",
-    "federation.min_replies",
-)
 # Set by --methods and --seeds; an override of either would silently lose to them.
 OWNED_KEYS = ("server.method", "federation.seed")
 

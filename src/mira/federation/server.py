@@ -23,7 +23,7 @@ import numpy as np
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-from mira.config import Config, ConfigError
+from mira.config import Config, ConfigError, check_resumable, run_config_from_dict
 from mira.core import rules
 from mira.core.adapters import Adapter
 from mira.errors import MiraError
@@ -39,6 +39,7 @@ from mira.federation.state import (
     Outcome,
     ServerState,
     ServerStateError,
+    train_loss_problem,
     update_problem,
 )
 from mira.graph.build import (
@@ -48,7 +49,13 @@ from mira.graph.build import (
     placeholder_graph,
     static_graph,
 )
-from mira.results.rundir import Checkpoint, RunWriter, read_checkpoint, truncate_metrics
+from mira.results.rundir import (
+    Checkpoint,
+    RunWriter,
+    disk_full_error,
+    read_checkpoint,
+    truncate_metrics,
+)
 from mira.results.runs import update_run_info
 
 
@@ -57,9 +64,11 @@ class FederationError(MiraError, RuntimeError):
 
 
 def _train_loss(reply: Message) -> float | None:
+    """The reply's train loss for the live display (None when absent or not finite)."""
     if reply.has_error() or protocol.TRAINING not in reply.content.metric_records:
         return None
-    return float(reply.content.metric_records[protocol.TRAINING]["train_loss"])  # type: ignore[arg-type]
+    loss = float(reply.content.metric_records[protocol.TRAINING]["train_loss"])  # type: ignore[arg-type]
+    return loss if math.isfinite(loss) else None
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -413,7 +422,8 @@ def _exchange(
     and what went wrong with the others.
 
     A reply is a failure when its evaluation is not finite, and its trained adapter is refused
-    (the rest of the reply is kept) when :func:`update_problem` finds fault with it.
+    (the rest of the reply is kept) when :func:`update_problem` finds fault with it or its
+    train loss is not finite (:func:`train_loss_problem`).
     """
     messages, sent, index_of = [], {}, {}
     for instruction in instructions:
@@ -450,7 +460,9 @@ def _exchange(
                 )
                 continue
         if reply.trained is not None:
-            problem = update_problem(client.adapter, reply.trained, client.rank)
+            problem = update_problem(
+                client.adapter, reply.trained, client.rank
+            ) or train_loss_problem(reply.train_loss)
             if problem:
                 outcomes[index] = Outcome(REJECTED, f"client {client.client_id} {problem}")
                 reply.trained = None
@@ -496,24 +508,29 @@ def record_privacy(state: ServerState, out_dir: Path, progress: Progress) -> Non
         return
     spent = {c.client_id: state.epsilon(i) for i, c in enumerate(state.clients)}
     worst = max(spent.values())
-    update_run_info(
-        out_dir,
-        {
-            "privacy": {
-                "clip_norm": privacy.clip_norm,
-                "noise_multiplier": privacy.noise_multiplier,
-                "delta": privacy.delta,
-                "epsilon_max": worst,
-                "epsilon": spent,
-                "accountant": "dp-accounting, Gaussian mechanism composed over each "
-                "client's rounds (mira.core.accounting.client_epsilon)",
-            }
-        },
-    )
-    progress.note(
-        f"differential privacy: epsilon <= {worst:.3g} for delta = {privacy.delta:g} per client "
-        f"(clip {privacy.clip_norm:g}, noise multiplier {privacy.noise_multiplier:g})"
-    )
+    record = {
+        "clip_norm": privacy.clip_norm,
+        "noise_multiplier": privacy.noise_multiplier,
+        "delta": privacy.delta,
+        "epsilon_max": worst,
+        "epsilon": spent,
+        "accountant": "dp-accounting, Gaussian mechanism composed over each "
+        "client's rounds (mira.core.accounting.client_epsilon)",
+    }
+    settings = f"clip {privacy.clip_norm:g}, noise multiplier {privacy.noise_multiplier:g}"
+    if math.isfinite(worst):
+        note = f"epsilon <= {worst:.3g} for delta = {privacy.delta:g} per client ({settings})"
+    else:  # JSON has no infinity: null, and the reason beside it
+        unbounded = [client for client, epsilon in spent.items() if not math.isfinite(epsilon)]
+        record["epsilon_max"] = None
+        record["epsilon"] = {k: v if math.isfinite(v) else None for k, v in spent.items()}
+        note = (
+            f"no guarantee: epsilon is infinite (null in run.json) for "
+            f"{', '.join(unbounded)} ({settings}; updates were clipped but not noised)"
+        )
+        record["note"] = note
+    update_run_info(out_dir, {"privacy": record})
+    progress.note(f"differential privacy: {note}")
 
 
 def _checkpoint(writer: RunWriter, state: ServerState) -> None:
@@ -562,8 +579,22 @@ def run_federation(
     if resume and checkpoint is None:
         raise FederationError(f"{out_dir} has no checkpoint to resume from")
     progress = progress or Progress()
-    with RunWriter(out_dir, cfg) as writer:  # holds the run directory's lock until the end
-        _serve(grid, cfg, out_dir, base_source, writer, checkpoint, progress)
+    if checkpoint is not None and checkpoint.config is not None:
+        where = f"the config {out_dir / 'checkpoint'} was computed with"
+        check_resumable(run_config_from_dict(checkpoint.config), cfg, where)
+    elif checkpoint is not None:
+        progress.note(
+            f"{out_dir / 'checkpoint'} was written before mira recorded the run's config in it: "
+            "config.toml cannot be checked against it"
+        )
+    try:
+        with RunWriter(out_dir, cfg) as writer:  # holds the run directory's lock until the end
+            _serve(grid, cfg, out_dir, base_source, writer, checkpoint, progress)
+    except OSError as err:  # a full disk ends the run in one line: what stopped, how to go on
+        full = disk_full_error(out_dir, err)
+        if full is None:
+            raise
+        raise full from None
 
 
 def _serve(

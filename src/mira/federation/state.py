@@ -78,6 +78,15 @@ def update_problem(sent: Adapter, trained: Adapter, rank: int) -> str | None:
     return None
 
 
+def train_loss_problem(train_loss: float | None) -> str | None:
+    """Why the server refuses a trained adapter whose reported training loss is NaN or
+    infinite (training diverged, or the client lies about it), or None. A refused update never
+    reaches the rule, and its loss never reaches the round's mean."""
+    if train_loss is not None and not math.isfinite(train_loss):
+        return f"reported a non-finite train_loss ({train_loss})"
+    return None
+
+
 def norm_outliers(norms: dict[int, float], history: list[float], ratio: float) -> dict[int, float]:
     """Updates whose norm exceeds ``ratio`` times a robust reference: {index: reference}.
 

@@ -73,8 +73,9 @@ def write_atomic(path: Path, data: str | bytes) -> Path:
 
 
 def write_json(path: Path, payload: Any) -> Path:
-    """Indented JSON with a final newline."""
-    return write_atomic(path, json.dumps(payload, indent=1) + "\n")
+    """Indented strict JSON with a final newline (a NaN or infinity is refused, not written as
+    the bare token that JSON does not have)."""
+    return write_atomic(path, json.dumps(payload, indent=1, allow_nan=False) + "\n")
 
 
 def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> Path:

@@ -27,8 +27,13 @@ Rules every writer and reader here keeps:
 * ``checkpoint/state.json`` is the commit point of a checkpoint. It records the sha256 of its
   adapters file (whose name carries the round and the hash, so a new checkpoint never
   overwrites the file the current one names), the last round whose rows metrics.jsonl held
-  when it was written, and a sha256 of its own content. :func:`read_checkpoint` checks all
-  of them; any mismatch is an error naming the file and what to do, and nothing is deleted.
+  when it was written, the config the run computed with, and a sha256 of its own content.
+  :func:`read_checkpoint` checks all of them, and config.toml against the recorded config (a
+  resumed run may change only :data:`mira.config.RESUME_KEYS`); a missing entry is an error
+  like a mismatch, naming the file and what to do, and nothing is deleted. The hashes catch
+  damage and edits, not a forger who rewrites the hashes too: nothing here is signed.
+* Every JSON file and line is written with ``allow_nan=False``: a non-finite number becomes
+  null (:func:`_plain`), never a bare NaN or Infinity that strict JSON readers refuse.
 * The adapters in ``adapters/`` are not checked against the checkpoint: a crash between
   writing them and writing the next checkpoint legitimately leaves them one round ahead, and
   a resumed run rewrites every one of them when it closes its first round.
@@ -36,7 +41,9 @@ Rules every writer and reader here keeps:
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
+import errno
 import hashlib
 import json
 import math
@@ -51,7 +58,17 @@ from typing import IO, Any, NamedTuple, cast
 
 import numpy as np
 
-from mira.config import TASK_METRICS, Config, ConfigError, to_toml
+from mira.config import (
+    RESUME_KEYS,
+    TASK_METRICS,
+    Config,
+    ConfigError,
+    describe_changes,
+    load_run_config,
+    resume_changes,
+    run_config_from_dict,
+    to_toml,
+)
 from mira.core.adapters import Adapter
 from mira.results import stats
 from mira.results.document import Table, fmt, markdown_table
@@ -85,6 +102,8 @@ WANDB_RUN_ID = "mira-run-id"  # in DIR/wandb: a resumed run logs on under the sa
 CHECKPOINT = "checkpoint"
 STATE = "state.json"
 ROUND_METADATA = "mira_round"  # safetensors metadata key of the checkpoint's round
+# state.json's layout: 2 records the run's config; 1 (no "format" entry) did not.
+CHECKPOINT_FORMAT = 2
 
 
 # ------------------------------------------------------------------------------ the folder
@@ -104,6 +123,8 @@ def check_new_run_dir(out_dir: Path) -> None:
         return
     if not out_dir.is_dir():
         raise RunExistsError(f"--out {out_dir} is a file, not a folder; choose another --out")
+    if (out_dir / LOCK).is_file():
+        check_not_in_use(out_dir)  # a run writing there now is not one that stopped
     if (out_dir / METRICS).exists() or (out_dir / CHECKPOINT / STATE).exists():
         raise RunExistsError(
             f"{out_dir} already holds a run; continue it with `mira run --resume {out_dir}` "
@@ -142,8 +163,8 @@ class RunLock:
             holder = handle.read().strip() or "another process"
             handle.close()
             raise RunInUseError(
-                f"{folder} is in use by another mira run ({holder}; lock {self.path}); "
-                "wait for it to finish or choose another folder"
+                f"{folder} is in use by another mira run, in progress there now ({holder}; "
+                f"lock {self.path}); wait for it to finish or choose another folder"
             ) from None
         handle.seek(0)
         handle.truncate()
@@ -169,7 +190,7 @@ def _now() -> str:
 
 # ------------------------------------------------------------------------------ writing
 def _plain(value: Any) -> Any:
-    """JSON-safe: non-finite floats become None (null), also inside lists."""
+    """JSON-safe: non-finite floats become None (null), also inside lists and dicts."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, list | tuple):
@@ -177,6 +198,11 @@ def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
     return value
+
+
+def _json(value: Any, **options: Any) -> str:
+    """Strict JSON of ``value`` (non-finite numbers as null): every JSON the run dir holds."""
+    return json.dumps(_plain(value), allow_nan=False, **options)
 
 
 def round_aggregate(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -318,12 +344,15 @@ class RunWriter:
             **graph.info,
             "built_after_round": built_after,
         }
-        write_json(self.out / GRAPH, payload)
+        write_json(self.out / GRAPH, _plain(payload))
         plot_adjacency(adjacency, ids, list(graph.clusters), self.out / GRAPH_PLOT)
 
     def write_checkpoint(self, checkpoint: Checkpoint) -> None:
+        """Write ``checkpoint``, recording this run's config with it."""
         if self._metrics_round is None:  # nothing appended by this process yet: ask the file
             self._metrics_round = _last_recorded_round(self.out)
+        if checkpoint.config is None:
+            checkpoint = dataclasses.replace(checkpoint, config=self.cfg.to_dict())
         write_checkpoint(self.out, checkpoint, self._metrics_round)
 
     def append_round(
@@ -337,8 +366,8 @@ class RunWriter:
             "seconds": round(seconds, 3),
             **round_aggregate(rows),
         }
-        lines = [json.dumps({"kind": "client", **_plain(row)}) for row in rows]
-        lines.append(json.dumps(_plain(aggregate)))
+        lines = [_json({"kind": "client", **row}) for row in rows]
+        lines.append(_json(aggregate))
         # One write of whole lines, then fsync: a crash leaves at most a torn last line.
         created = not self.metrics_path.exists()
         with self.metrics_path.open("a") as handle:
@@ -529,7 +558,7 @@ def truncate_metrics(out_dir: Path, last_round: int) -> None:
     _check_covers(path, rows, last_round)
     keep = [row for row in rows if row["round"] <= last_round]
     if torn or len(keep) != len(rows):
-        write_atomic(path, "".join(json.dumps(row) + "\n" for row in keep))
+        write_atomic(path, "".join(_json(row) + "\n" for row in keep))
 
 
 def _check_covers(path: Path, rows: Sequence[dict[str, Any]], last_round: int) -> None:
@@ -558,7 +587,9 @@ class Checkpoint:
     Sampling and local training draw their randomness from (federation.seed, round,
     client) alone, so the round number is the whole random state. ``adapters`` are named
     (every client's stored adapter under its id, plus what the server state keeps besides);
-    ``server`` is the server state's own JSON (open rows, choices, evaluations).
+    ``server`` is the server state's own JSON (open rows, choices, evaluations); ``config``
+    the config the run computed with (:meth:`Config.to_dict`; None from a checkpoint written
+    before mira recorded it).
     """
 
     round: int
@@ -570,10 +601,11 @@ class Checkpoint:
     graph_source: str
     graph_info: dict[str, Any]
     server: dict[str, Any]
+    config: dict[str, Any] | None = None
 
 
 def _state_digest(state: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(state, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(_json(state, sort_keys=True).encode()).hexdigest()
 
 
 def write_checkpoint(
@@ -586,8 +618,12 @@ def write_checkpoint(
     replaced the same way: the state file is the commit point, so a crash at any moment leaves
     the previous complete checkpoint readable. Older adapter files are removed afterwards.
     ``metrics_round`` is the last round metrics.jsonl holds (None: read from the file).
+    ``checkpoint.config`` must be set (:meth:`RunWriter.write_checkpoint` sets the run's).
     """
     from safetensors.numpy import save_file
+
+    if checkpoint.config is None:
+        raise ValueError("a checkpoint records the config its run computes with")
 
     folder = Path(out_dir) / CHECKPOINT
     folder.mkdir(parents=True, exist_ok=True)
@@ -601,7 +637,8 @@ def write_checkpoint(
     digest = sha256_file(tmp)
     name = f"adapters-r{checkpoint.round}-{digest[:16]}.safetensors"
     commit(tmp, folder / name)
-    state = {
+    state: dict[str, Any] = {
+        "format": CHECKPOINT_FORMAT,
         "round": checkpoint.round,
         "clients": checkpoint.client_ids,
         "ranks": checkpoint.ranks,
@@ -615,11 +652,13 @@ def write_checkpoint(
         "graph_source": checkpoint.graph_source,
         "graph_info": checkpoint.graph_info,
         "server": checkpoint.server,
+        "config": checkpoint.config,
         "random_state": "stateless: numpy default_rng([seed, round]) for sampling, "
         "SeedSequence([seed, client, round]) for local training",
     }
+    state = _plain(state)  # what is hashed is what a reader gets back
     state["state_sha256"] = _state_digest(state)
-    write_atomic(folder / STATE, json.dumps(state))
+    write_atomic(folder / STATE, _json(state))
     for old in folder.glob("adapters-r*.safetensors"):
         if old.name != name:
             old.unlink()
@@ -639,7 +678,8 @@ def _damaged(path: Path, what: str) -> RunDirError:
 
 def read_checkpoint(out_dir: Path) -> Checkpoint | None:
     """The last complete exchange's checkpoint in ``out_dir``, checked; None if none was
-    written yet. Raises :class:`RunDirError` naming the file when it is damaged."""
+    written yet. Raises :class:`RunDirError` naming the file when it is damaged, lacks an
+    entry mira always writes, or when config.toml no longer says what the run computed with."""
     from safetensors import safe_open
     from safetensors.numpy import load_file
 
@@ -659,13 +699,13 @@ def read_checkpoint(out_dir: Path) -> Checkpoint | None:
     except ValueError as err:
         raise _damaged(state_path, f"is not valid JSON ({err})") from None
     recorded = state.pop("state_sha256", None)
-    if recorded is not None and recorded != _state_digest(state):
+    if recorded is None:
+        raise _damaged(state_path, _lacks("state_sha256", "the sha256 of its own content"))
+    if recorded != _state_digest(state):
         raise _damaged(state_path, "was changed after mira wrote it (its sha256 does not match)")
     try:
         checkpoint_round = int(state["round"])
         adapters_path = folder / str(state["adapters_file"])
-        metrics_round = state.get("metrics_round")
-        expected_sha = state.get("adapters_sha256")
         client_ids = [str(c) for c in state["clients"]]
         ranks = [int(r) for r in state["ranks"]]
         adjacency = np.array(state["adjacency"], dtype=np.float64)
@@ -674,9 +714,16 @@ def read_checkpoint(out_dir: Path) -> Checkpoint | None:
         server = dict(state["server"])
     except (KeyError, TypeError, ValueError) as err:
         raise _damaged(state_path, f"lacks or garbles the entry {err}") from None
+    expected_sha = state.get("adapters_sha256")
+    if not isinstance(expected_sha, str):
+        raise _damaged(state_path, _lacks("adapters_sha256", "the sha256 of its adapters file"))
+    metrics_round = state.get("metrics_round")
+    if not isinstance(metrics_round, int):
+        raise _damaged(state_path, _lacks("metrics_round", "the last round metrics.jsonl held"))
+    config = _recorded_config(out_dir, state_path, state)
     if not adapters_path.is_file():
         raise _damaged(adapters_path, "is missing (checkpoint/state.json names it)")
-    if expected_sha is not None and sha256_file(adapters_path) != expected_sha:
+    if sha256_file(adapters_path) != expected_sha:
         raise _damaged(adapters_path, "does not match the sha256 in state.json (cut or changed)")
     try:
         with safe_open(str(adapters_path), framework="numpy") as handle:
@@ -684,22 +731,23 @@ def read_checkpoint(out_dir: Path) -> Checkpoint | None:
         tensors = load_file(str(adapters_path))
     except Exception as err:  # safetensors raises its own error types for a damaged file
         raise _damaged(adapters_path, f"cannot be read ({err})") from None
-    if stored_round is not None and stored_round != str(checkpoint_round):
+    if stored_round is None:
+        raise _damaged(adapters_path, f"has no {ROUND_METADATA!r} metadata (mira writes it)")
+    if stored_round != str(checkpoint_round):
         raise _damaged(
             state_path,
             f"says round {checkpoint_round} but its adapters are of round {stored_round}",
         )
-    if metrics_round is not None:
-        if not checkpoint_round - 1 <= int(metrics_round) <= checkpoint_round:
-            raise _damaged(
-                state_path,
-                f"says round {checkpoint_round} but rows up to round {metrics_round} recorded",
-            )
-        metrics_path = out_dir / METRICS
-        if int(metrics_round) > 0:
-            if not metrics_path.is_file():
-                raise _damaged(metrics_path, "is missing")
-            _check_covers(metrics_path, _parse_metrics(metrics_path)[0], int(metrics_round))
+    if not checkpoint_round - 1 <= metrics_round <= checkpoint_round:
+        raise _damaged(
+            state_path,
+            f"says round {checkpoint_round} but rows up to round {metrics_round} recorded",
+        )
+    metrics_path = out_dir / METRICS
+    if metrics_round > 0:
+        if not metrics_path.is_file():
+            raise _damaged(metrics_path, "is missing")
+        _check_covers(metrics_path, _parse_metrics(metrics_path)[0], metrics_round)
     adapters: dict[str, Adapter] = {}
     for name, value in tensors.items():
         owner, key = name.split("/", 1)
@@ -714,6 +762,82 @@ def read_checkpoint(out_dir: Path) -> Checkpoint | None:
         graph_source=graph_source,
         graph_info=graph_info,
         server=server,
+        config=config,
+    )
+
+
+def _lacks(key: str, what: str) -> str:
+    return (
+        f"has no {key} entry ({what}, which mira always writes): it was edited, or written "
+        "by another program"
+    )
+
+
+def _recorded_config(
+    out_dir: Path, state_path: Path, state: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The config state.json records, after checking config.toml still says the same except
+    in what a resumed run may change (:data:`mira.config.RESUME_KEYS`). None for a checkpoint
+    written before mira recorded it (format 1)."""
+    if "format" not in state and "config" not in state:
+        return None
+    recorded = state.get("config")
+    if not isinstance(recorded, dict):
+        raise _damaged(state_path, _lacks("config", "the config the run computed with"))
+    try:
+        stored = run_config_from_dict(recorded)
+    except ConfigError as err:
+        raise _damaged(state_path, f"records a config this mira cannot read ({err})") from None
+    path = out_dir / CONFIG
+    if not path.is_file():
+        raise _damaged(path, "is missing (the checkpoint records the config it held)")
+    try:
+        current = load_run_config(path)
+    except ConfigError as err:
+        raise _changed_config(path, f"no longer reads as a config ({err})") from None
+    changes = resume_changes(stored, current)
+    if changes:
+        raise _changed_config(
+            path,
+            f"differs from the config its checkpoint was computed with in "
+            f"{', '.join(c[0] for c in changes)} ({describe_changes(changes)}); a resumed run "
+            f"may change only {', '.join(RESUME_KEYS)}",
+        )
+    return recorded
+
+
+def _changed_config(path: Path, what: str) -> RunDirError:
+    return RunDirError(
+        f"{path} {what}. Nothing was deleted; to continue the run, put back the values it "
+        f'computed with ({path.parent / CHECKPOINT / STATE} records them under "config"), '
+        "or start a new run with another --out"
+    )
+
+
+# ------------------------------------------------------------------------------ a full disk
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_error(out_dir: Path, err: OSError) -> RunDirError | None:
+    """The one line a run ends with when writing ``out_dir`` hit a full disk or quota
+    (``err`` is ENOSPC or EDQUOT; None for any other error). It says whether the last
+    checkpoint is intact (it is checked here) and how to continue."""
+    if err.errno not in DISK_FULL:
+        return None
+    where = f" writing {err.filename}" if err.filename else ""
+    head = f"{out_dir}: {err.strerror or 'no space left'}{where}; the run stopped."
+    try:
+        checkpoint = read_checkpoint(out_dir)
+    except RunDirError as damage:
+        return RunDirError(f"{head} Its checkpoint cannot be used: {damage}")
+    if checkpoint is None:
+        return RunDirError(
+            f"{head} It had not checkpointed its first exchange, so there is nothing to "
+            "resume: free some space and start it again with another --out"
+        )
+    return RunDirError(
+        f"{head} Its last checkpoint (after round {checkpoint.round}) is intact: free some "
+        f"space and continue with `mira run --resume {out_dir}`"
     )
 
 
