@@ -50,3 +50,107 @@ def test_a_model_path_to_a_file_says_so(tiny_config, tmp_path):
     weights.write_bytes(b"")
     with pytest.raises(ModelError, match=r"model.safetensors': is a file, not a model directory"):
         check_model(tiny_config(f"model.name='{weights}'"))
+
+
+def _no_hub(monkeypatch) -> None:
+    """Fail the test if anything asks the hub: a fast failure never gets that far."""
+    import transformers
+
+    def asked(*args, **kwargs):
+        raise AssertionError("the hub was asked")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", asked)
+    monkeypatch.setattr(transformers.AutoTokenizer, "from_pretrained", asked)
+
+
+def _online(monkeypatch) -> None:
+    for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "https_proxy", "HTTPS_PROXY"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.delenv("all_proxy", raising=False)
+    monkeypatch.delenv("ALL_PROXY", raising=False)
+
+
+REMEDY = (
+    "use 'smollm2-135m-instruct' (packaged, offline), a local model folder, or a Hugging Face "
+    "id this machine has cached or can download"
+)
+
+
+def test_a_mistyped_model_name_offline_fails_at_once_with_did_you_mean(
+    tiny_config, monkeypatch, reliability
+):
+    import time
+
+    _no_hub(monkeypatch)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    started = time.monotonic()
+    with pytest.raises(ModelError) as caught:
+        check_model(tiny_config("model.name='tiny-random-lama'"))
+    elapsed = time.monotonic() - started
+    assert str(caught.value) == (
+        "model.name = 'tiny-random-lama' is not a packaged model, a local folder or a model in "
+        "the Hugging Face cache, and the hub cannot be reached (HF_HUB_OFFLINE is set); did you "
+        f"mean 'tiny-random-llama'? Otherwise {REMEDY}"
+    )
+    assert elapsed < 5.0
+    reliability.record(
+        "model.name = 'tiny-random-lama' (a typo) with HF_HUB_OFFLINE=1",
+        f"refused in {elapsed:.1f} s, before any hub request, in one line: did you mean "
+        "'tiny-random-llama'?",
+        "0 (not started)",
+    )
+
+
+def test_a_mistyped_model_name_without_network_fails_at_once(tiny_config, monkeypatch):
+    import errno
+    import socket
+
+    _no_hub(monkeypatch)
+    _online(monkeypatch)
+    tried = []
+
+    def unreachable(address, timeout=None):
+        tried.append((address, timeout))
+        raise OSError(errno.ENETUNREACH, "Network is unreachable")
+
+    monkeypatch.setattr(socket, "create_connection", unreachable)
+    with pytest.raises(ModelError) as caught:
+        check_model(tiny_config("model.name='smollm2-135m'"))
+    assert tried == [(("huggingface.co", 443), 3.0)]
+    assert str(caught.value) == (
+        "model.name = 'smollm2-135m' is not a packaged model, a local folder or a model in the "
+        "Hugging Face cache, and the hub cannot be reached (no connection to huggingface.co: "
+        f"Network is unreachable); did you mean 'smollm2-135m-instruct'? Otherwise {REMEDY}"
+    )
+    # A name close to nothing packaged gets no guess.
+    with pytest.raises(ModelError) as far:
+        check_model(tiny_config("model.name='some-org/some-model'"))
+    assert "did you mean" not in str(far.value) and str(far.value).endswith(REMEDY)
+
+
+def test_a_cached_hub_model_is_not_refused_offline(tiny_config, tmp_path, monkeypatch):
+    """A hub id in the local Hugging Face cache loads offline: no fast failure, the normal
+    load decides (here a stub that fails, to show the load was attempted)."""
+    import json
+
+    import transformers
+    from huggingface_hub import constants
+
+    snapshot = tmp_path / "models--some-org--some-model" / "snapshots" / "abc123"
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    (tmp_path / "models--some-org--some-model" / "refs").mkdir()
+    (tmp_path / "models--some-org--some-model" / "refs" / "main").write_text("abc123")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+
+    def stub(*args, **kwargs):
+        raise OSError("stub loader: no tokenizer files")
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", stub)
+    with pytest.raises(ModelError) as caught:
+        check_model(tiny_config("model.name='some-org/some-model'"))
+    assert str(caught.value) == (
+        "model.name = 'some-org/some-model' cannot be loaded (stub loader: no tokenizer files); "
+        f"{REMEDY}"
+    )

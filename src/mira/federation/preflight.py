@@ -21,10 +21,57 @@ def check_model(cfg: Config) -> Any:
     """Load the base model's tokenizer (and config), or raise one clear line.
 
     Returns the tokenizer. A hub id that is not cached and cannot be downloaded, a local path
-    that holds no model, or a typo all end here, naming the model and what to do.
+    that holds no model, or a typo all end here, naming the model and what to do. A name that
+    is neither packaged nor a path nor in the Hugging Face cache fails at once when the hub
+    cannot be reached (``HF_HUB_OFFLINE``, or no connection to it within 3 s) instead of after
+    the hub client's retries (30 s); a name close to a packaged one gets a 'did you mean'.
     """
+    import difflib
+    import os
+    import socket
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants, try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
     from transformers import AutoConfig, AutoTokenizer
 
+    from mira.client.model import PACKAGED_SMOLLM2, TINY_FAMILIES, looks_like_path
+
+    name = cfg.model.name
+    packaged = [PACKAGED_SMOLLM2, *TINY_FAMILIES]
+    close = difflib.get_close_matches(name.lower(), packaged, n=1)
+    hint = f"did you mean {close[0]!r}? Otherwise " if close and close[0] != name else ""
+    remedy = (
+        f"{hint}use {PACKAGED_SMOLLM2!r} (packaged, offline), a local model folder, or a "
+        "Hugging Face id this machine has cached or can download"
+    )
+    if name not in packaged and not looks_like_path(name):
+        try:
+            cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+        except HFValidationError:
+            cached = False  # not a repo id: the hub has nothing under that name either
+        unreachable = ""
+        offline = [
+            key
+            for key in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+            if os.environ.get(key, "").strip().lower() in ("1", "true", "yes", "on")
+        ]
+        if not cached and (offline or constants.HF_HUB_OFFLINE):
+            unreachable = f"{(offline or ['HF_HUB_OFFLINE'])[0]} is set"
+        elif not cached and not any(
+            os.environ.get(key) for key in ("https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY")
+        ):  # through a proxy a direct connection proves nothing: the download decides
+            endpoint = urlsplit(constants.ENDPOINT)
+            host = endpoint.hostname or "huggingface.co"
+            try:
+                socket.create_connection((host, endpoint.port or 443), timeout=3.0).close()
+            except OSError as err:
+                unreachable = f"no connection to {host}: {err.strerror or err}"
+        if unreachable:
+            raise ModelError(
+                f"model.name = {name!r} is not a packaged model, a local folder or a model in "
+                f"the Hugging Face cache, and the hub cannot be reached ({unreachable}); {remedy}"
+            )
     source = model_source(cfg.model)
     try:
         AutoConfig.from_pretrained(source)
@@ -32,9 +79,7 @@ def check_model(cfg: Config) -> Any:
     except (OSError, ValueError, KeyError) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise ModelError(
-            f"model.name = {cfg.model.name!r} cannot be loaded ({first[:200]}); use "
-            "'smollm2-135m-instruct' (packaged, offline), a local model folder, or a Hugging "
-            "Face id this machine has cached or can download"
+            f"model.name = {name!r} cannot be loaded ({first[:200]}); {remedy}"
         ) from None
     return tokenizer
 

@@ -65,17 +65,17 @@ LOG_TAIL = 40  # lines of Flower's output kept to explain a failure
 def preflight(cfg: Config) -> str:
     """Everything that can fail before training: every client's data first (built-in tasks
     fetched if missing, files decode), so a task that cannot be had is named before any model
-    is fetched or converted; then what the server checks
+    is fetched or converted; then the model loads (:func:`check_model`), what the server checks
     (:func:`~mira.federation.server_app.server_preflight`: graph vs step, model, LoRA target
-    modules, ranks), the model loads, the device, and the targets fit model.max_length.
+    modules, ranks), the device, and the targets fit model.max_length.
 
     Returns the local source of the base model (converted and cached once, here, so the
     workers only load it).
     """
     for partition in range(cfg.num_clients):
         load_client_data(cfg, partition)
+    tokenizer = check_model(cfg)  # first: a mistyped name fails before the server reads it
     base_source = server_preflight(cfg)
-    tokenizer = check_model(cfg)
     check_gpu_share(cfg, resolve_device(cfg.model)[0])
     check_lengths(cfg, tokenizer)
     return base_source
