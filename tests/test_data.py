@@ -213,6 +213,24 @@ def test_generation_tasks_keep_the_whole_target() -> None:
             assert e.target.strip() in context
 
 
+def test_qa_answers_over_the_target_budget_are_dropped(tmp_path: Path) -> None:
+    """qa keeps answers of up to 60 characters at max_length 64 (scaled with it): a longer
+    one could not fit a byte-level tokenizer's 64 tokens beside its context."""
+    long_answer = "a clause that runs on for sixty-one characters, a bit too lon"
+    assert len(long_answer) == 61
+    records = [
+        {"passage": f"text {long_answer} more", "question": "what ran on?", "answer": long_answer},
+        {"passage": "the cat sat on the mat", "question": "where did it sit?", "answer": "mat"},
+    ]
+    (tmp_path / "qa").mkdir()
+    (tmp_path / "qa" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    raw = {"data": {"dir": str(tmp_path)}, "tasks": [{"name": "qa"}]}
+    cfg = config_from_dict(raw)
+    assert [e.target for e in task_examples(cfg.tasks[0], cfg)[1]] == [" mat"]
+    wide = config_from_dict({**raw, "model": {"max_length": 128}})
+    assert [e.target for e in task_examples(wide.tasks[0], wide)[1]] == [" " + long_answer, " mat"]
+
+
 def test_builtin_duplicates_are_dropped_and_conflicts_removed(tmp_path: Path) -> None:
     passage = "Westlife -- sales " + "word " * 60
     records = [

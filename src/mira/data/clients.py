@@ -104,14 +104,19 @@ def _to_examples(
 ) -> tuple[Example, ...]:
     """Shape and label rows.
 
-    Built-in sources are de-duplicated by prompt: IMDB repeats reviews, and a repeat would
+    A built-in generation task drops examples whose target is longer than its
+    ``target_chars`` budget (scaled like the input's). Built-in sources are de-duplicated by
+    prompt: IMDB repeats reviews, and a repeat would
     leak between train and eval. A prompt seen with different targets is dropped altogether:
     two inputs that differ only past the cut (a long passage) could not be told apart, so
     such an example could not be answered. A user file is taken as it is, since its author
     may repeat rows on purpose.
     """
+    target_limit = int(spec.target_chars * limit / spec.input_chars) if spec else 0
     examples = []
     for row in rows:
+        if target_limit and len(" ".join(row.target.split())) > target_limit:
+            continue
         shaped = (
             spec.shape(row, limit)
             if spec is not None
