@@ -28,9 +28,6 @@ import os
 import shutil
 import tempfile
 import uuid
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +39,7 @@ from mira.client.model import (
     TINY_RANDOM,
     model_source,
 )
+from mira.client.quiet import library_output
 from mira.config import Config, ConfigError, load_config
 from mira.errors import MiraError
 from mira.results.card import hub_id, model_card
@@ -101,38 +99,6 @@ def tokenizer_files(source: str) -> dict[str, bytes]:
         files = {p.name: p.read_bytes() for p in sorted(Path(scratch).iterdir()) if p.is_file()}
     last = files.pop("tokenizer_config.json", None)
     return files if last is None else {**files, "tokenizer_config.json": last}
-
-
-@contextmanager
-def library_output(verbose: bool) -> Iterator[list[warnings.WarningMessage]]:
-    """Unless ``verbose``, keep transformers', peft's and huggingface_hub's progress bars,
-    info logs and warnings off the console while the block runs; yields the warnings caught
-    (empty when ``verbose``: they are shown as they come). Settings are restored after."""
-    if verbose:
-        yield []
-        return
-    from huggingface_hub.utils import (
-        are_progress_bars_disabled,
-        disable_progress_bars,
-        enable_progress_bars,
-    )
-    from transformers.utils import logging as hf_logging
-
-    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
-    hub_bars_off = are_progress_bars_disabled()
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
-    disable_progress_bars()
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            yield caught
-    finally:
-        hf_logging.set_verbosity(level)
-        if bars:
-            hf_logging.enable_progress_bar()
-        if not hub_bars_off:
-            enable_progress_bars()
 
 
 def exported_base(cfg: Config, base: str | None, out: Path) -> tuple[str, str, bool]:

@@ -50,6 +50,7 @@ from mira.assets import (
     extract_members,
     fetch_distribution,
 )
+from mira.client.quiet import library_output
 from mira.config import ALL_LINEAR, AUTO, LoraConfig, ModelConfig
 from mira.core.adapters import Adapter
 from mira.errors import MiraError
@@ -284,21 +285,22 @@ def _converted_smollm2(root: Path, cache_dir: str) -> Path:
             "(MIRA_CACHE chooses the cache), or set model.name to a local model folder"
         ) from err
     print(f"converting {SMOLLM2_GGUF} to float32 (once; cached in {final})", flush=True)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
-    quantised = AutoModelForCausalLM.from_pretrained(
-        gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32
-    )
-    # transformers refuses to save a model it loaded from GGUF; copy the dequantised
-    # weights into a plain model of the same config and save that.
-    config = quantised.config
-    if hasattr(config, "quantization_config"):
-        delattr(config, "quantization_config")
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(quantised.state_dict())
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=root, prefix=".smollm2-"))
-    plain.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    with library_output(verbose=False):  # transformers' per-tensor progress bar
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=SMOLLM2_GGUF)
+        quantised = AutoModelForCausalLM.from_pretrained(
+            gguf_dir, gguf_file=SMOLLM2_GGUF, dtype=torch.float32
+        )
+        # transformers refuses to save a model it loaded from GGUF; copy the dequantised
+        # weights into a plain model of the same config and save that.
+        config = quantised.config
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(quantised.state_dict())
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=root, prefix=".smollm2-"))
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     (tmp / "mira-source.json").write_text(
         json.dumps({"package": f"{SMOLLM2.name}=={SMOLLM2.version}", "file": SMOLLM2_GGUF})
     )
