@@ -161,6 +161,39 @@ def test_a_hung_client_times_out_and_the_run_ends_in_bounded_time(
     )
 
 
+def test_a_client_stuck_every_round_does_not_hold_up_the_clients_queued_behind_it(
+    faulty, tiny_config, tmp_path, reliability
+):
+    """One client process for all four clients (federation.workers = 1): the stuck client is
+    abandoned at its deadline and the clients queued after it on that worker still answer."""
+    stuck = "polarity-0"
+    faulty(*[{"client": stuck, "round": r, "kind": "hang", "seconds": 3600} for r in (1, 2, 3)])
+    cfg = tiny_config("federation.rounds=3", "federation.round_timeout=15")
+    assert cfg.federation.workers == 1
+    started = time.monotonic()
+    simulation.run_simulation(cfg, tmp_path)
+    elapsed = time.monotonic() - started
+    rows = rows_of(tmp_path)
+    assert sorted(rows) == sorted((r, c) for r in (1, 2, 3) for c in cfg.client_ids)
+    for server_round in (1, 2, 3):
+        assert rows[(server_round, stuck)]["status"] == "timeout"
+        assert "federation.round_timeout = 15s" in rows[(server_round, stuck)]["reason"]
+        assert rows[(server_round, stuck)]["train_loss"] is None
+        for client in cfg.client_ids:
+            if client != stuck:
+                row = rows[(server_round, client)]
+                assert row["status"] == "ok", row
+                assert row["train_loss"] is not None and row["eval_loss"] is not None
+    reliability.record(
+        "a client sleeps forever in every round, all clients on one worker (workers = 1, "
+        "round_timeout 15 s)",
+        f"status timeout for it in rounds 1 to 3; every other client ok in every round; the run "
+        f"ended in {elapsed:.0f} s",
+        "3 of 3",
+        tmp_path,
+    )
+
+
 def test_first_contact_is_bounded_by_the_connect_timeout_not_the_round_timeout(
     faulty, tiny_config, tmp_path, reliability
 ):

@@ -213,9 +213,10 @@ class FederationConfig:
     round_timeout: float = field(
         default=3600.0,
         metadata=_help(
-            "Seconds the server waits for the replies of one exchange; a client that has not "
-            "answered by then is recorded as timed out for that round, keeps its adapter and "
-            "is asked again next round (its late reply is discarded)."
+            "Seconds each client has to answer an exchange, from when it can start on it (clients "
+            "sharing a simulation worker start when the one before them answers); a client that "
+            "has not answered by then is abandoned, recorded as timed out for that round, keeps "
+            "its adapter and is asked again next round (its late reply is discarded)."
         ),
     )
     min_replies: float = field(

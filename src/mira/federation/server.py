@@ -73,6 +73,13 @@ def _train_loss(reply: Message) -> float | None:
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
+# Seconds the server waits beyond a client's deadline: the ClientApp's deadline_mod answers at
+# the deadline itself, counted from when the client started, and that answer (which frees a
+# shared Simulation Engine worker) must arrive before the server gives up on the client.
+REPLY_GRACE = 5.0
+# How the error reply of a client abandoned at its deadline by deadline_mod ends.
+ABANDONED = "; abandoned"
+
 
 def short_reason(reason: str) -> str:
     """The gist of a client's error as Flower reports it: the client's own message, not the
@@ -119,9 +126,19 @@ class Link:
     def exchange(
         self, messages: list[Message], what: str, timeout: float, timeout_key: str
     ) -> tuple[dict[int, Message], dict[int, Outcome]]:
-        """Push ``messages`` and pull the replies as they come, until all answered or
-        ``timeout`` seconds passed (the value of the config key ``timeout_key``, which a
-        timed-out client's reason names).
+        """Push ``messages`` and pull the replies as they come, until all answered or the
+        clients still pending had ``timeout`` seconds each (the value of the config key
+        ``timeout_key``, which a timed-out client's reason names).
+
+        Each client's ``timeout`` runs from when it can start on its message: the push, or the
+        last reply of this exchange when that came later. Clients that share a Simulation
+        Engine worker (``federation.workers`` below the number of clients) are served one
+        after another, and the one before them answering is when they start; a client stuck
+        past its deadline is abandoned by its own ``deadline_mod`` (an error reply, recorded
+        as ``timeout``), which frees the worker for the clients queued behind it. The server
+        waits :data:`REPLY_GRACE` seconds longer than the client's own deadline, so that reply
+        comes first. Where nodes work in parallel (the Deployment Engine) the others answer
+        early and a silent node is given up ``timeout`` after the last of them.
 
         Returns, by destination node id, the usable replies and what went wrong with the
         others: an error the client raised (``failed``) or no reply in time (``timeout``). A
@@ -138,7 +155,7 @@ class Link:
                 node = message.metadata.dst_node_id
                 problems[node] = Outcome(FAILED, f"{self.who(node)}: the message was not sent")
         pending = {mid for mid in pushed if mid}
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout + REPLY_GRACE
         self.progress.begin(what, len(messages))
         while pending:
             for reply in self.grid.pull_messages(list(pending)):
@@ -146,10 +163,12 @@ class Link:
                 if mid not in pending:
                     continue
                 pending.discard(mid)
+                deadline = time.monotonic() + timeout + REPLY_GRACE  # the next one starts now
                 node = node_of[mid]  # the node we asked, whatever the reply claims
                 if reply.has_error():
                     reason = short_reason(str(reply.error.reason))
-                    problems[node] = Outcome(FAILED, f"{self.who(node)}: {reason}")
+                    status = TIMEOUT if reason.endswith(ABANDONED) else FAILED
+                    problems[node] = Outcome(status, f"{self.who(node)}: {reason}")
                 else:
                     replies[node] = reply
                 self.progress.advance(
