@@ -56,6 +56,7 @@ def _coerce(key: str, value: Any, annotation: Any, words: tuple[str, ...] = ()) 
 
 
 def _build_section(section: str, cls: type, raw: Any) -> Any:
+    """One section (or task entry) of the right types; its values are checked afterwards."""
     if not isinstance(raw, Mapping):
         raise ConfigError(f"[{section}] must be a table of keys, got {raw!r}")
     hints = get_type_hints(cls)
@@ -68,7 +69,6 @@ def _build_section(section: str, cls: type, raw: Any) -> Any:
                 f"unknown key {section}.{key}; allowed keys: {allowed}"
                 + did_you_mean(key, fields, f"{section}.")
             )
-        choices = fields[key].metadata.get("choices")
         words = fields[key].metadata.get("words", ())
         try:
             coerced = _coerce(f"{section}.{key}", value, hints[key], words)
@@ -76,12 +76,6 @@ def _build_section(section: str, cls: type, raw: Any) -> Any:
             if isinstance(value, str) and words:  # e.g. server.step = "atuo"
                 raise ConfigError(f"{err}{did_you_mean(value, words)}") from None
             raise
-        if choices is not None and coerced not in choices:
-            raise ConfigError(
-                f"{section}.{key} = {coerced!r} is not allowed; choose one of: "
-                + ", ".join(choices)
-                + did_you_mean(str(coerced), choices)
-            )
         values[key] = coerced
     return cls(**values)
 
