@@ -1,7 +1,8 @@
 """The one configuration schema of mira: its sections, every key's type, default and help.
 
 Every default lives here. Each key is a dataclass field whose metadata (:func:`_meta`) also
-carries the rules its value follows (choices, :class:`Bounds`, :class:`Pattern`).
+carries the rules its value follows (choices, :class:`Bounds`, :class:`Pattern`) and its roles
+(:data:`RESUMABLE`, :data:`OPERATIONAL`), from which the key lists derive.
 :mod:`mira.config.load` reads a TOML document into these frozen dataclasses and
 :mod:`mira.config.checks` validates it once; the resulting :class:`Config` is trusted
 everywhere else.
@@ -88,6 +89,14 @@ class Pattern:
     says: str
 
 
+OPERATIONAL = "operational"
+"""Role of a key that changes how fast a run goes and how it waits, not what it computes: a
+finished run stays reusable when only such keys differ (mira compare), and a resumed run may
+change them."""
+RESUMABLE = "resumable"
+"""Role of a key a resumed run may change although it changes what the run computes."""
+
+
 def _meta(
     help: str,
     *,
@@ -96,6 +105,7 @@ def _meta(
     bounds: str | Bounds | None = None,
     pattern: Pattern | None = None,
     if_empty: str = "",
+    role: str = "",
 ) -> dict[str, Any]:
     """A key's field metadata: its ``help`` (``mira config``, the README reference) and the rules
     :func:`mira.config.checks.check_key` enforces, the one place that does.
@@ -105,7 +115,8 @@ def _meta(
     - ``bounds``: the numbers allowed, of the key or of each entry of a list (:class:`Bounds`,
       or its text for :meth:`Bounds.parse`);
     - ``pattern``: the strings allowed (:class:`Pattern`);
-    - ``if_empty``: '' and [] are refused with this error ("{key} is required").
+    - ``if_empty``: '' and [] are refused with this error ("{key} is required");
+    - ``role``: :data:`OPERATIONAL` or :data:`RESUMABLE`, from which the key lists derive.
     """
     meta: dict[str, Any] = {"help": help}
     if choices is not None:
@@ -118,6 +129,8 @@ def _meta(
         meta["pattern"] = pattern
     if if_empty:
         meta["if_empty"] = if_empty
+    if role:
+        meta["role"] = role
     return meta
 
 
@@ -289,7 +302,9 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class FederationConfig:
-    rounds: int = field(default=3, metadata=_meta("Federated rounds.", bounds="> 0"))
+    rounds: int = field(
+        default=3, metadata=_meta("Federated rounds.", bounds="> 0", role=RESUMABLE)
+    )
     local_steps: int = field(
         default=5, metadata=_meta("Local optimizer steps per round.", bounds="> 0")
     )
@@ -308,6 +323,7 @@ class FederationConfig:
         metadata=_meta(
             "Simulation Engine: client processes running at once (cores are shared).",
             bounds="> 0",
+            role=OPERATIONAL,
         ),
     )
     gpus_per_client: float = field(
@@ -325,6 +341,7 @@ class FederationConfig:
             "Seconds the server waits for the SuperNodes of the config to connect and to "
             "answer first contact (which includes loading the base model).",
             bounds="> 0",
+            role=OPERATIONAL,
         ),
     )
     round_timeout: float = field(
@@ -335,6 +352,7 @@ class FederationConfig:
             "has not answered by then is abandoned, recorded as timed out for that round, keeps "
             "its adapter and is asked again next round (its late reply is discarded).",
             bounds="> 0",
+            role=OPERATIONAL,
         ),
     )
     min_replies: float = field(
@@ -343,6 +361,7 @@ class FederationConfig:
             "Fraction of the clients contacted in an exchange that must answer with a usable "
             "reply for the round to complete; below it the run stops, its last checkpoint intact.",
             bounds="(0, 1]",
+            role=OPERATIONAL,
         ),
     )
     max_norm_ratio: float = field(
@@ -725,13 +744,18 @@ def describe() -> list[tuple[str, str, str]]:
     return rows
 
 
-# Keys that change how fast a run goes and how it waits, not what it computes: a finished run
-# stays reusable when only these differ (mira compare), and a resumed run may change them.
-OPERATIONAL_KEYS = (
-    "federation.workers",
-    "federation.timeout",
-    "federation.round_timeout",
-    "federation.min_replies",
-)
-# What a resumed run may change: how long it goes on, and the operational keys.
-RESUME_KEYS = ("federation.rounds", *OPERATIONAL_KEYS)
+def keys_with_role(*roles: str) -> tuple[str, ...]:
+    """The dotted keys whose metadata gives them one of ``roles``, in schema order."""
+    return tuple(
+        f"{section}.{f.name}"
+        for section, cls in SECTIONS.items()
+        for f in dataclasses.fields(cls)
+        if f.metadata.get("role") in roles
+    )
+
+
+OPERATIONAL_KEYS = keys_with_role(OPERATIONAL)
+"""Keys that change how fast a run goes and how it waits, not what it computes: a finished run
+stays reusable when only these differ (mira compare), and a resumed run may change them."""
+RESUME_KEYS = keys_with_role(RESUMABLE, OPERATIONAL)
+"""What a resumed run may change: how long it goes on, and the operational keys."""
