@@ -2,9 +2,23 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+
 import pytest
 
-from mira.config import ConfigError, apply_overrides, config_from_dict, describe, load_config
+from mira.config import (
+    OPERATIONAL_KEYS,
+    RESUME_KEYS,
+    SECTIONS,
+    ConfigError,
+    TaskConfig,
+    apply_overrides,
+    config_from_dict,
+    describe,
+    load_config,
+)
+from mira.config.schema import Bounds
 
 
 def _raw(**sections):
@@ -85,6 +99,13 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
             r"tasks\[0\]\.kind = 'regression' is not allowed",
         ),
         ({"tasks": [{"name": "a", "colour": 1}]}, r"unknown key tasks\[0\]\.colour"),
+        ({"tasks": [{"clients": 2}]}, r"^tasks\[0\]\.name is required$"),
+        ({"tasks": [{"name": "a", "rank": -1}]}, r"tasks\[0\]\.rank must be >= 0 \(0 = lora"),
+        (_raw(lora={"rank_choices": []}), r"^lora\.rank_choices must list at least one rank$"),
+        (_raw(lora={"ranks": [4, 0, 8]}), r"^lora\.ranks\[1\] = 0 must be > 0$"),
+        (_raw(lora={"ranks": [4, 8]}), r"lora\.ranks has 2 entries but the tasks declare 3"),
+        (_raw(server={"graph": "graph.txt"}), r"or a matrix file ending in \.json, \.csv or"),
+        (_raw(model={"device": "cuda:0x"}), r"model\.device = 'cuda:0x' is not allowed"),
     ],
 )
 def test_bad_values_name_the_key_and_what_is_allowed(raw, message):
@@ -136,3 +157,93 @@ def test_readme_config_reference_is_current():
     start = readme.index("<!-- config-reference:start -->")
     end = readme.index("<!-- config-reference:end -->")
     assert readme[start:end].split("\n", 1)[1].strip() == buffer.getvalue().strip()
+
+
+@pytest.mark.parametrize(
+    ("text", "inside", "outside"),
+    [
+        ("> 0", [1e-9, 1, 10**9], [0, -1e-9]),
+        (">= 0", [0, 0.5], [-1e-9, -1]),
+        ("> 1", [1 + 1e-9, 10], [1, 0]),
+        ("[0, 1)", [0, 0.999], [-1e-9, 1]),
+        ("(0, 1]", [1e-9, 1], [0, 1 + 1e-9]),
+        ("(0, 1)", [0.5], [0, 1]),
+        ("[0, 1]", [0, 1], [-0.5, 1.5]),
+        (">= 0 (0 = off)", [0], [-1]),
+    ],
+)
+def test_bounds_are_written_as_the_error_says_them(text, inside, outside):
+    bounds = Bounds.parse(text)
+    assert bounds.text == (f"in {text}" if text[0] in "[(" else text)
+    assert [bounds.allows(v) for v in inside] == [True] * len(inside)
+    assert [bounds.allows(v) for v in outside] == [False] * len(outside)
+    with pytest.raises(ValueError, match="not written as"):
+        Bounds.parse("positive")
+
+
+def _keys_with(rule):
+    """(section, field name, type, the rule) of every key whose metadata declares ``rule``."""
+    found = []
+    for section, cls in [*SECTIONS.items(), ("tasks", TaskConfig)]:
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if rule in f.metadata:
+                found.append((section, f.name, hints[f.name], f.metadata[rule]))
+    return found
+
+
+def test_every_declared_bound_is_enforced_with_one_message_form():
+    """Each key's bounds, declared in its field metadata, refuse a value outside them with one
+    message form: '{key} must be {bounds}, got {value}', or '{key}[i] = {value} must be ...'."""
+    declared = _keys_with("bounds")
+    assert len(declared) == 44
+    for section, name, annotation, bounds in declared:
+        whole = int in (annotation, *typing.get_args(annotation))
+        bad = next(
+            v
+            for v in (-1.5, -1, 0, 0.5, 1, 1.5)
+            if not bounds.allows(v) and (v == int(v) or not whole)
+        )
+        bad = int(bad) if whole else float(bad)
+        listed = typing.get_origin(annotation) is tuple
+        raw = {"tasks": [{"name": "a", "clients": 1}]}
+        if section == "tasks":
+            raw["tasks"][0][name] = bad
+            key = f"tasks[0].{name}"
+        else:
+            raw[section] = {name: [bad] if listed else bad}
+            key = f"{section}.{name}"
+        expected = (
+            f"{key}[0] = {bad!r} must be {bounds.text}"
+            if listed
+            else f"{key} must be {bounds.text}, got {bad!r}"
+        )
+        with pytest.raises(ConfigError) as error:
+            config_from_dict(raw)
+        assert str(error.value) == expected
+
+
+def test_every_default_lies_within_its_bounds():
+    for section, name, _annotation, bounds in _keys_with("bounds"):
+        cls = TaskConfig if section == "tasks" else SECTIONS[section]
+        default = getattr(cls(), name)
+        values = default if isinstance(default, tuple) else (default,)
+        assert all(bounds.allows(v) for v in values), f"{section}.{name} = {default!r}"
+
+
+def test_resume_and_operational_keys_come_from_the_roles_in_the_schema():
+    assert OPERATIONAL_KEYS == (
+        "federation.workers",
+        "federation.timeout",
+        "federation.round_timeout",
+        "federation.min_replies",
+    )
+    assert RESUME_KEYS[0] == "federation.rounds"
+    assert RESUME_KEYS[1:] == OPERATIONAL_KEYS
+    assert [(s, n, role) for s, n, _t, role in _keys_with("role")] == [
+        ("federation", "rounds", "resumable"),
+        ("federation", "workers", "operational"),
+        ("federation", "timeout", "operational"),
+        ("federation", "round_timeout", "operational"),
+        ("federation", "min_replies", "operational"),
+    ]
