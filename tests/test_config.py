@@ -11,6 +11,8 @@ from mira.config import (
     OPERATIONAL_KEYS,
     RESUME_KEYS,
     SECTIONS,
+    TASK_KINDS,
+    TASK_METRICS,
     ConfigError,
     TaskConfig,
     apply_overrides,
@@ -247,3 +249,11 @@ def test_resume_and_operational_keys_come_from_the_roles_in_the_schema():
         ("federation", "round_timeout", "operational"),
         ("federation", "min_replies", "operational"),
     ]
+
+
+def test_built_in_tasks_take_their_kinds_and_metrics_from_the_schema():
+    from mira.data.tasks import REGISTRY
+
+    tasks = [spec.task for spec in REGISTRY.values()]
+    assert {task.kind for task in tasks} == set(TASK_KINDS)
+    assert {metric for task in tasks for metric in task.metrics} == set(TASK_METRICS)

@@ -40,9 +40,6 @@ from mira.data.sources import (
     text_cell,
 )
 
-KINDS = ("classification", "generation")
-METRICS = ("accuracy", "rouge_l", "exact_match", "token_f1")
-
 
 @dataclass(frozen=True)
 class Example:
@@ -60,7 +57,7 @@ class Task:
     name: str
     kind: str  # "classification" | "generation"
     verbalisers: tuple[str, ...]  # label words with a leading space; () for generation
-    metrics: tuple[str, ...]  # from METRICS
+    metrics: tuple[str, ...]  # from mira.config.TASK_METRICS
     source: str  # package name + version + file, or the user's path
     licence: str
     template: str  # prompt template containing "{input}"
