@@ -61,22 +61,22 @@ def main() -> int:
     args = parser.parse_args()
     from mira.config import load_config
     from mira.federation.simulation import run_simulation
+    from mira.results.rundir import read_metrics
 
     cfg = load_config(None, CONFIG)
     with tempfile.TemporaryDirectory(prefix="mira-client-memory-") as tmp:
         out = Path(tmp) / "run"
         run_simulation(cfg, out)
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    clients = [r for r in rows if r["kind"] == "client"]
+        rows = read_metrics(out)
     peaks = {
         server_round: max(
-            float(r["peak_memory_mb"])
-            for r in clients
-            if r["round"] == server_round and r.get("peak_memory_mb") is not None
+            float(r.peak_memory_mb)
+            for r in rows.clients_of(server_round)
+            if r.peak_memory_mb is not None
         )
         for server_round in range(1, cfg.federation.rounds + 1)
     }
-    losses = [r["eval_loss"] for r in clients if r["round"] == cfg.federation.rounds]
+    losses = [r.eval_loss for r in rows.clients_of(cfg.federation.rounds)]
     bare_mb, bare_losses = bare_peak_mb()
     flower_mb = max(peaks.values())
     difference = max(abs(a - b) for a, b in zip(losses, bare_losses, strict=True))

@@ -153,8 +153,8 @@ def run_federation(overrides: list[str], out_dir: Path) -> dict[str, Any]:
     total = time.monotonic() - started
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed:\n{done.stdout[-2000:]}{done.stderr[-3000:]}")
-    rounds = [r for r in read_metrics(out_dir) if r["kind"] == "round"]
-    return {"total": total, "rounds": [float(r["seconds"]) for r in rounds]}
+    rounds = read_metrics(out_dir).rounds
+    return {"total": total, "rounds": [float(r.seconds) for r in rounds]}
 
 
 def table(

@@ -10,35 +10,41 @@ equal share is 2/3 in those settings: every client there has two neighbours.
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
+from mira.results.rundir import read_metrics
+from mira.results.schema import ComparisonLayout
+
 EQUAL_SHARE = 2 / 3
+RULE = "mira"
 
 
-def count(metrics: Path) -> tuple[int, int, int, int, int]:
+def count(run: Path) -> tuple[int, int, int, int, int]:
     """Choices, departures from the equal share, choices of 0, of 1, and clients whose final
     applied mix is more than 0.02 from the equal share."""
-    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-    chosen = [r for r in rows if r.get("kind") == "client" and "alpha_choice" in r]
-    last = max(r["round"] for r in chosen)
-    final = [r for r in chosen if r["round"] == last]
+    chosen = [r for r in read_metrics(run).clients if r.alpha_choice is not None]
+    last = max(r.round for r in chosen)
+    final = [r for r in chosen if r.round == last]
     return (
         len(chosen),
-        sum(abs(r["alpha_choice"] - EQUAL_SHARE) > 1e-3 for r in chosen),
-        sum(r["alpha_choice"] == 0 for r in chosen),
-        sum(r["alpha_choice"] == 1 for r in chosen),
-        sum(abs(r["mix_weight"] - EQUAL_SHARE) > 0.02 for r in final),
+        sum(abs(r.alpha_choice - EQUAL_SHARE) > 1e-3 for r in chosen if r.alpha_choice is not None),
+        sum(r.alpha_choice == 0 for r in chosen),
+        sum(r.alpha_choice == 1 for r in chosen),
+        sum(abs((r.mix_weight or 0.0) - EQUAL_SHARE) > 0.02 for r in final),
     )
 
 
 def main(folders: list[str]) -> None:
     print("folder | seed | choices | departures | of which 0 | of which 1 | final mix off")
     for folder in folders:
-        for metrics in sorted(Path(folder).glob("runs/mira/seed-*/metrics.jsonl")):
-            numbers = " | ".join(str(n) for n in count(metrics))
-            print(f"{folder} | {metrics.parent.name} | {numbers}")
+        found = ComparisonLayout(Path(folder)).run_folders()
+        runs = sorted((seed, run) for method, seed, run in found if method == RULE)
+        for _, run in runs:
+            if not run.metrics.is_file():
+                continue
+            numbers = " | ".join(str(n) for n in count(run.dir))
+            print(f"{folder} | {run.dir.name} | {numbers}")
 
 
 if __name__ == "__main__":

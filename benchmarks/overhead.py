@@ -18,7 +18,6 @@ Run it on an otherwise idle machine.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -113,6 +112,7 @@ def main() -> int:
     args = parser.parse_args()
     from mira.config import load_config
     from mira.federation.simulation import run_simulation
+    from mira.results.rundir import read_metrics
 
     cfg = load_config(args.config, CONFIG)
     with tempfile.TemporaryDirectory(prefix="mira-overhead-") as tmp:
@@ -121,12 +121,7 @@ def main() -> int:
         started = time.monotonic()
         run_simulation(cfg, out)
         flower_seconds = time.monotonic() - started
-        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-        flower_losses = [
-            r["eval_loss"]
-            for r in rows
-            if r["kind"] == "client" and r["round"] == cfg.federation.rounds
-        ]
+        flower_losses = [r.eval_loss for r in read_metrics(out).clients_of(cfg.federation.rounds)]
     bare_seconds, bare_losses = bare_loop(cfg)
     load_after = os.getloadavg()
     ratio = flower_seconds / bare_seconds

@@ -53,6 +53,7 @@ import numpy as np
 from mira.core import rules
 from mira.core.accounting import client_epsilon
 from mira.core.adapters import Adapter
+from mira.results.schema import RunLayout
 
 ROOT = Path(__file__).resolve().parents[1]
 AUDIT = "MIRA_PRIVACY_AUDIT"  # JSON {"dir", "clip_norm", "noise_multiplier", "seed"}
@@ -199,7 +200,7 @@ def load_audit(folder: Path) -> dict[int, dict[str, dict[str, Adapter]]]:
 def attack(cfg, run_dir: Path, audit_dir: Path) -> dict[str, Any]:
     """Per round, every client's reconstruction error of the others' trained adapters, and
     the update norms (trained - sent)."""
-    graph = json.loads((run_dir / "graph.json").read_text())
+    graph = json.loads(RunLayout(run_dir).graph.read_text())
     clients = list(graph["clients"])
     mixing = rules.mixing_for(
         cfg.server.method,
@@ -288,7 +289,7 @@ def run_one(cfg, out: Path, level: Level, seed: int) -> dict[str, Any]:
         else:
             os.environ["PYTHONPATH"] = python_path
     seconds = time.monotonic() - started
-    rounds = [r for r in read_metrics(out / "run") if r["kind"] == "round"]
+    rounds = read_metrics(out / "run").rounds
     result = attack(cfg, out / "run", audit_dir)
     last = max(result["errors"]) if result["errors"] else None
     return {
@@ -296,7 +297,7 @@ def run_one(cfg, out: Path, level: Level, seed: int) -> dict[str, Any]:
         "level": level.name,
         "clip_norm": level.clip_norm,
         "noise_multiplier": level.noise_multiplier,
-        "eval_loss": rounds[-1]["personalised_eval_loss_mean"] if rounds else None,
+        "loss": rounds[-1].personalised_eval_loss_mean if rounds else None,
         "error_last": float(np.mean(result["errors"][last])) if last else None,
         "error_mean": float(np.mean([e for v in result["errors"].values() for e in v]))
         if result["errors"]
@@ -326,7 +327,7 @@ def table(results: list[dict[str, Any]], delta: float, rounds: int) -> list[str]
         "| mean over rounds | personalised eval loss | vs no DP |",
         "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
-    base = {r["method"]: r["eval_loss"] for r in results if r["clip_norm"] == 0}
+    base = {r["method"]: r["loss"] for r in results if r["clip_norm"] == 0}
 
     def fmt(value: float | None, spec: str = ".4f") -> str:
         return "-" if value is None else format(value, spec)
@@ -336,14 +337,14 @@ def table(results: list[dict[str, Any]], delta: float, rounds: int) -> list[str]
         eps = client_epsilon(r["noise_multiplier"], rounds, delta) if dp else None
         cost = (
             None
-            if r["eval_loss"] is None or base.get(r["method"]) is None
-            else r["eval_loss"] - base[r["method"]]
+            if r["loss"] is None or base.get(r["method"]) is None
+            else r["loss"] - base[r["method"]]
         )
         lines.append(
             f"| {r['method']} | {r['level']} | {fmt(r['clip_norm'], '.3g') if dp else '-'} "
             f"| {fmt(r['noise_multiplier'], '.3g') if dp else '-'} "
             f"| {('inf' if eps == float('inf') else fmt(eps, '.3g')) if dp else 'none'} "
-            f"| {fmt(r['error_last'])} | {fmt(r['error_mean'])} | {fmt(r['eval_loss'])} "
+            f"| {fmt(r['error_last'])} | {fmt(r['error_mean'])} | {fmt(r['loss'])} "
             f"| {fmt(cost, '+.4f') if dp else '-'} |"
         )
     return lines

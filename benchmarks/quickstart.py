@@ -11,7 +11,6 @@ load are written as a markdown table.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import subprocess
@@ -19,6 +18,9 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from mira.results.rundir import read_metrics
+from mira.results.schema import RunLayout, RunRows
 
 
 def main() -> int:
@@ -46,15 +48,13 @@ def main() -> int:
         )
         seconds = time.monotonic() - started
         load_after = os.getloadavg()
-        metrics = out_dir / "metrics.jsonl"
-        rows = (
-            [json.loads(x) for x in metrics.read_text().splitlines()] if metrics.is_file() else []
-        )
+        metrics = RunLayout(out_dir).metrics
+        rows = read_metrics(out_dir) if metrics.is_file() else RunRows()
     print(done.stdout[-4000:])
     if done.returncode != 0:
         print(done.stderr[-4000:], file=sys.stderr)
         return done.returncode
-    rounds = [(r["round"], r["seconds"]) for r in rows if r["kind"] == "round"]
+    rounds = [(r.round, r.seconds) for r in rows.rounds]
     lines = [
         "| what | value |",
         "| --- | --- |",

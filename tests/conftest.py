@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from mira.config import Config, apply_overrides, config_from_dict
+from mira.results.schema import RunLayout
 
 POSITIVE = ["good", "great", "lovely", "superb", "fine", "bright", "warm", "happy"]
 NEGATIVE = ["bad", "awful", "dull", "poor", "grim", "sad", "cold", "weak"]
@@ -129,7 +130,7 @@ def adapters_lost(run_dir: Path) -> int:
     import numpy as np
     from safetensors.numpy import load_file
 
-    config = run_dir / "config.toml"
+    config = RunLayout(run_dir).config
     if not config.is_file():
         return 0
     import tomllib
@@ -138,7 +139,7 @@ def adapters_lost(run_dir: Path) -> int:
     clients = [f"{t['name']}-{i}" for t in raw.get("tasks", []) for i in range(t["clients"])]
     lost = 0
     for client in clients:
-        path = run_dir / "adapters" / client / "adapter_model.safetensors"
+        path = RunLayout(run_dir).adapter(client).weights
         try:
             tensors = load_file(str(path))
         except Exception:

@@ -20,6 +20,7 @@ from safetensors.numpy import load_file
 from mira.client.model import ModelError, check_target_modules, lora_model
 from mira.config import LoraConfig, ModelConfig
 from mira.federation.simulation import run_simulation
+from mira.results.schema import AdapterFiles, RunLayout
 from test_federation import assert_reloads_to_recorded_eval_loss
 
 ATTENTION = {
@@ -122,10 +123,10 @@ def test_each_client_keeps_its_rank_on_the_familys_modules(runs, run) -> None:
     cfg, folder = runs[run]
     expected = ATTENTION[family] + (MLP[family] if FAMILIES[family] == "['all-linear']" else ())
     for client, rank in zip(cfg.client_ids, RANKS, strict=True):
-        path = folder / "adapters" / client
-        settings = json.loads((path / "adapter_config.json").read_text())
+        path = RunLayout(folder).adapter(client).dir
+        settings = json.loads(AdapterFiles(path).config.read_text())
         assert settings["r"] == rank
-        adapter = load_file(str(path / "adapter_model.safetensors"))
+        adapter = load_file(str(AdapterFiles(path).weights))
         # 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight' -> 'self_attn.q_proj'
         modules = {re.sub(r"^.*\.\d+\.", "", key.split(".lora_")[0]) for key in adapter}
         assert modules == set(expected)
@@ -147,8 +148,8 @@ def products(adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_fedit_hands_equal_ranks_one_model_and_mira_keeps_clients_apart(runs, family) -> None:
     def adapters(run: str) -> dict[str, dict[str, np.ndarray]]:
-        folder = runs[run][1] / "adapters"
-        return {p.name: load_file(str(p / "adapter_model.safetensors")) for p in folder.iterdir()}
+        folder = RunLayout(runs[run][1]).adapters
+        return {p.name: load_file(str(AdapterFiles(p).weights)) for p in folder.iterdir()}
 
     fedit, mira = adapters(f"{family}-fedit"), adapters(f"{family}-mira")
     for first, second in (("polarity-0", "subject-0"), ("polarity-1", "subject-1")):  # r 2, 4

@@ -17,6 +17,7 @@ from mira.client.model import model_source
 from mira.config import ConfigError, check_resumable, load_run_config
 from mira.data import Example, load_client_data
 from mira.federation.preflight import check_lengths
+from mira.results.schema import RunLayout
 
 # A ChatML-like template, as SmolLM2's without its default system turn.
 CHATML = (
@@ -302,7 +303,7 @@ def test_check_lengths_leaves_the_framing_on_top(tiny_config, raw_tokenizer) -> 
 def test_a_run_from_before_the_key_resumes_with_raw_prompts_only(tiny_config, tmp_path) -> None:
     stored = tiny_config().to_dict()
     del stored["data"]["chat_template"]  # a config.toml written before the key existed
-    path = tmp_path / "config.toml"
+    path = RunLayout(tmp_path).config
     path.write_text(tomli_w.dumps(stored))
     old = load_run_config(path)
     assert old.data.chat_template == "off"

@@ -3,7 +3,6 @@ diff's locations."""
 
 from __future__ import annotations
 
-import json
 import re
 import tomllib
 from pathlib import Path
@@ -15,7 +14,14 @@ import tomli_w
 from mira.cli import build_parser, main
 from mira.config import load_config
 from mira.results.rundir import RunLock
-from test_compare import CLIENTS, make_comparison_dir, raw_config, write_fake_run
+from mira.results.schema import ClientRow, ComparisonLayout, RunLayout
+from test_compare import (
+    CLIENTS,
+    make_comparison_dir,
+    raw_config,
+    rewrite_client_rows,
+    write_fake_run,
+)
 
 
 def test_config_show_prints_toml_that_loads_back_to_the_same_config(tmp_path: Path, capsys) -> None:
@@ -87,7 +93,7 @@ def test_run_refuses_a_folder_with_a_run_without_calling_it_a_config_error(
 def test_resume_refuses_a_folder_another_process_is_writing(tmp_path: Path, capsys) -> None:
     folder = tmp_path / "run"
     write_fake_run(folder, "mira", 1)
-    (folder / "config.toml").write_text(tomli_w.dumps(raw_config()))
+    RunLayout(folder).config.write_text(tomli_w.dumps(raw_config()))
     lock = RunLock(folder)
     try:
         assert main(["run", "--resume", str(folder)]) == 1
@@ -118,9 +124,9 @@ def test_compare_ends_with_a_short_summary_and_the_path_of_the_tables(
     }
     assert rows["mira"] == ["2", "2.433 ± 0.141", "4.100 ± 0.141"]
     assert rows["local"] == ["2", "3.100 ± 0.141", "5.100 ± 0.141"]
-    assert f"all tables: {root / 'comparison.md'}" in out
+    assert f"all tables: {ComparisonLayout(root).summary_md}" in out
     assert "Per client" not in out and "Paired by seed" not in out  # not all of comparison.md
-    assert "## Paired by seed" in (root / "comparison.md").read_text()
+    assert "## Paired by seed" in ComparisonLayout(root).summary_md.read_text()
 
 
 def test_diff_names_the_round_client_and_tensor_of_the_largest_difference(
@@ -131,21 +137,23 @@ def test_diff_names_the_round_client_and_tensor_of_the_largest_difference(
     first, second = tmp_path / "a", tmp_path / "b"
     for folder in (first, second):
         write_fake_run(folder, "mira", 1)
-    rows = [json.loads(line) for line in (second / "metrics.jsonl").read_text().splitlines()]
-    for row in rows:
-        if row["kind"] == "client" and row["round"] == 1:
-            row["eval_loss"] += 0.01
-        if row["kind"] == "client" and (row["round"], row["client"]) == (2, "sentiment-1"):
-            row["eval_loss"] += 0.3
-    (second / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def shifted(row: ClientRow) -> None:
+        assert row.eval_loss is not None
+        if row.round == 1:
+            row.eval_loss += 0.01
+        if (row.round, row.client) == (2, "sentiment-1"):
+            row.eval_loss += 0.3
+
+    rewrite_client_rows(second, shifted)
     for folder, shift in ((first, 0.0), (second, 0.125)):
         for client, _ in CLIENTS:
-            (folder / "adapters" / client).mkdir(parents=True)
+            RunLayout(folder).adapter(client).dir.mkdir(parents=True)
             tensors = {
                 "a.lora_A": np.zeros((2, 3), dtype=np.float32),
                 "a.lora_B": np.full((3, 2), shift if client == "qa-0" else 0.0, dtype=np.float32),
             }
-            save_file(tensors, str(folder / "adapters" / client / "adapter_model.safetensors"))
+            save_file(tensors, str(RunLayout(folder).adapter(client).weights))
     assert main(["diff", str(first), str(second)]) == 0
     out = capsys.readouterr().out
     assert re.search(

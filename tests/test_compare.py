@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,9 @@ from mira.experiments.compare import CompareError, parse_methods, parse_seeds, r
 from mira.results.diff import DiffError
 from mira.results.document import Table, markdown_table
 from mira.results.report import write_comparison
-from mira.results.runs import DONE, RUN_INFO, run_folder, summarise_comparison
+from mira.results.rundir import read_metrics
+from mira.results.runs import run_folder, summarise_comparison
+from mira.results.schema import ClientRow, ComparisonLayout, RoundRow, RunLayout, encode_row
 
 CLIENTS = [("sentiment-0", "sentiment"), ("sentiment-1", "sentiment"), ("qa-0", "qa")]
 # Final-round personalised eval loss of each client (order of CLIENTS) at seed 1; every seed
@@ -69,47 +72,49 @@ def write_fake_run(
     """A run directory as mira.results.rundir writes it, with the fixed numbers above."""
     folder.mkdir(parents=True, exist_ok=True)
     if cfg is not None:
-        (folder / "config.toml").write_text(tomli_w.dumps(cfg.to_dict()))
+        RunLayout(folder).config.write_text(tomli_w.dumps(cfg.to_dict()))
     lines = []
     for rnd in range(1, rounds + 1):
         rows = []
         for index, (client, task) in enumerate(CLIENTS):
             loss = FINAL_LOSS[method][index] + SEED_SHIFT * (seed - 1) + 0.5 * (rounds - rnd)
-            row = {
-                "kind": "client",
-                "round": rnd,
-                "client": client,
-                "task": task,
-                "method": method,
-                "rank": 8,
-                "sampled": True,
-                "train_loss": loss + 0.1,
-                "eval_loss": loss,
-                "bytes_up": BYTES_UP[(rnd - 1) % 2] // 3,
-                "bytes_down": BYTES_DOWN[(rnd - 1) % 2] // 3,
-                "peak_memory_mb": 100.0 + 50.0 * (rnd - 1) + seed,
-            }
             if task == "sentiment":
-                row["accuracy"] = ACCURACY[method][index] + 0.05 * (seed - 1)
+                metrics = {"accuracy": ACCURACY[method][index] + 0.05 * (seed - 1)}
             else:
-                row["token_f1"] = TOKEN_F1[method] + 0.1 * (seed - 1)
+                metrics = {"token_f1": TOKEN_F1[method] + 0.1 * (seed - 1)}
+            row = ClientRow(
+                round=rnd,
+                client=client,
+                task=task,
+                method=method,
+                rank=8,
+                sampled=True,
+                train_loss=loss + 0.1,
+                eval_loss=loss,
+                bytes_up=BYTES_UP[(rnd - 1) % 2] // 3,
+                bytes_down=BYTES_DOWN[(rnd - 1) % 2] // 3,
+                mix_weight=None,  # as a run from before mira recorded it
+                peak_memory_mb=100.0 + 50.0 * (rnd - 1) + seed,
+                metrics=metrics,
+            )
             rows.append(row)
-        losses = [r["eval_loss"] for r in rows]
-        aggregate = {
-            "kind": "round",
-            "round": rnd,
-            "method": method,
-            "seconds": 1.5,
-            "personalised_eval_loss_mean": float(np.mean(losses)),
-            "personalised_eval_loss_worst": float(np.max(losses)),
-            "personalised_eval_loss_std": float(np.std(losses)),
-            "train_loss_mean": float(np.mean(losses)) + 0.1,
-            "bytes_up": BYTES_UP[(rnd - 1) % 2],
-            "bytes_down": BYTES_DOWN[(rnd - 1) % 2],
-            "peak_memory_mb": max(r["peak_memory_mb"] for r in rows),
-        }
-        lines += [json.dumps(r) for r in [*rows, aggregate]]
-    (folder / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+        losses = [r.eval_loss for r in rows if r.eval_loss is not None]
+        aggregate = RoundRow(
+            round=rnd,
+            method=method,
+            seconds=1.5,
+            personalised_eval_loss_mean=float(np.mean(losses)),
+            personalised_eval_loss_worst=float(np.max(losses)),
+            personalised_eval_loss_std=float(np.std(losses)),
+            train_loss_mean=float(np.mean(losses)) + 0.1,
+            mix_weight_mean=None,
+            clients_trained=len(rows),
+            bytes_up=BYTES_UP[(rnd - 1) % 2],
+            bytes_down=BYTES_DOWN[(rnd - 1) % 2],
+            peak_memory_mb=max(r.peak_memory_mb or 0.0 for r in rows),
+        )
+        lines += [*(encode_row(r) for r in rows), encode_row(aggregate)]
+    RunLayout(folder).metrics.write_text("\n".join(lines) + "\n")
     adjacency = [[0.0, 0.5, 0.0], [0.5, 0.0, 0.0], [0.0, 0.0, 0.0]]
     graph = {
         "source": "tasks",
@@ -120,10 +125,24 @@ def write_fake_run(
         "degree": [0.5, 0.5, 0.0],
         "step": 0.1,
     }
-    (folder / "graph.json").write_text(json.dumps(graph))
+    RunLayout(folder).graph.write_text(json.dumps(graph))
     if seconds is not None:
-        (folder / RUN_INFO).write_text(json.dumps({"seconds": seconds}))
-        (folder / DONE).write_text("done\n")
+        RunLayout(folder).run_info.write_text(json.dumps({"seconds": seconds}))
+        RunLayout(folder).done.write_text("done\n")
+
+
+def rewrite_client_rows(folder: Path, change: Callable[[ClientRow], None]) -> None:
+    """Apply ``change`` to every client row of a run's metrics.jsonl, in place."""
+    rows = read_metrics(folder)
+    for row in rows.clients:
+        change(row)
+    lines = [
+        encode_row(r) + "\n"
+        for n in sorted(rows.recorded_rounds())
+        for r in [*rows.clients_of(n), rows.round_row(n)]
+        if r is not None
+    ]
+    RunLayout(folder).metrics.write_text("".join(lines))
 
 
 SECONDS = {("mira", 1): 10.0, ("mira", 2): 14.0, ("local", 1): 5.0, ("local", 2): 5.0}
@@ -164,7 +183,7 @@ class FakeRunner:
 def test_comparison_csv_holds_means_and_stds_over_seeds(tmp_path: Path) -> None:
     root = make_comparison_dir(tmp_path)
     write_comparison(root)
-    rows = read_csv(root / "comparison.csv")
+    rows = read_csv(ComparisonLayout(root).summary_csv)
     assert list(rows) == ["mira", "fedit", "local"]  # canonical method order without a manifest
 
     mira = rows["mira"]
@@ -210,7 +229,7 @@ def test_comparison_csv_holds_means_and_stds_over_seeds(tmp_path: Path) -> None:
     assert float(fedit["personalised_loss_spread"]) == approx(0.0)
     assert fedit["personalised_loss_mean_std"] == ""
 
-    clients = read_csv(root / "comparison_clients.csv")
+    clients = read_csv(ComparisonLayout(root).clients_csv)
     assert float(clients[("mira", "sentiment-0")]["personalised_loss"]) == approx(1.1)
     assert float(clients[("mira", "sentiment-0")]["personalised_loss_std"]) == approx(
         0.2 / math.sqrt(2)
@@ -227,7 +246,7 @@ def test_summary_matches_csv_and_markdown_says_personalised(tmp_path: Path) -> N
     assert [r["method"] for r in rows] == ["mira", "fedit", "local"]
     assert len(per_client) == 9
     write_comparison(root)
-    text = (root / "comparison.md").read_text()
+    text = ComparisonLayout(root).summary_md.read_text()
     assert "2.433 ± 0.141" in text  # mira mean loss: 4 digits of the table's largest, 5.100
     fedit = next(line for line in text.splitlines() if line.startswith("| fedit "))
     assert [c.strip() for c in fedit.split("|")[2:6]] == ["1", "2.000", "2.000", "0.000"]
@@ -277,12 +296,12 @@ def test_runs_every_cell_then_skips_completed_runs(tmp_path: Path, config_file: 
     assert runner.calls == [("mira", 1), ("mira", 2), ("local", 1), ("local", 2)]
     for method, seed in runner.calls:
         folder = run_folder(out, method, seed)
-        assert (folder / DONE).is_file()
-        info = json.loads((folder / RUN_INFO).read_text())
+        assert RunLayout(folder).done.is_file()
+        info = json.loads(RunLayout(folder).run_info.read_text())
         assert info["method"] == method and info["seed"] == seed and info["seconds"] >= 0
-    rows = read_csv(out / "comparison.csv")
+    rows = read_csv(ComparisonLayout(out).summary_csv)
     assert float(rows["local"]["personalised_loss_mean"]) == approx(3.1)
-    assert (out / "comparison.md").is_file()
+    assert ComparisonLayout(out).summary_md.is_file()
 
     again = FakeRunner()
     run_comparison(str(config_file), [], ["mira", "local"], [1, 2], out, runner=again, log=print)
@@ -291,35 +310,35 @@ def test_runs_every_cell_then_skips_completed_runs(tmp_path: Path, config_file: 
     more = FakeRunner()
     run_comparison(str(config_file), [], ["local", "fedit"], [2, 3], out, runner=more, log=print)
     assert more.calls == [("local", 3), ("fedit", 2), ("fedit", 3)]
-    manifest = json.loads((out / "comparison.json").read_text())
+    manifest = json.loads(ComparisonLayout(out).manifest.read_text())
     assert manifest["methods"] == ["mira", "local", "fedit"]
     assert len(manifest["commands"]) == 3
     assert manifest["commands"][0]["command"].startswith("mira compare ")
-    assert list(read_csv(out / "comparison.csv")) == ["mira", "local", "fedit"]
+    assert list(read_csv(ComparisonLayout(out).summary_csv)) == ["mira", "local", "fedit"]
 
 
 def test_incomplete_runs_are_rerun_from_scratch(tmp_path: Path, config_file: Path) -> None:
     out = tmp_path / "cmp"
     run_comparison(str(config_file), [], ["mira"], [1, 2, 3], out, runner=FakeRunner(), log=print)
     no_marker = run_folder(out, "mira", 1)
-    (no_marker / DONE).unlink()
+    RunLayout(no_marker).done.unlink()
     (no_marker / "stale.txt").write_text("from the interrupted run")
     short = run_folder(out, "mira", 2)  # DONE present but round 2 missing
-    metrics = (short / "metrics.jsonl").read_text().splitlines()
-    (short / "metrics.jsonl").write_text("\n".join(metrics[:4]) + "\n")
+    metrics = RunLayout(short).metrics.read_text().splitlines()
+    RunLayout(short).metrics.write_text("\n".join(metrics[:4]) + "\n")
 
     runner = FakeRunner()
     run_comparison(str(config_file), [], ["mira"], [1, 2, 3], out, runner=runner, log=print)
     assert runner.calls == [("mira", 1), ("mira", 2)]
     assert not (no_marker / "stale.txt").exists()
-    assert (no_marker / DONE).is_file() and (short / DONE).is_file()
+    assert RunLayout(no_marker).done.is_file() and RunLayout(short).done.is_file()
 
 
 def test_resume_hook_finishes_incomplete_runs_in_place(tmp_path: Path, config_file: Path) -> None:
     out = tmp_path / "cmp"
     run_comparison(str(config_file), [], ["mira"], [1, 2], out, runner=FakeRunner(), log=print)
     folder = run_folder(out, "mira", 2)
-    (folder / DONE).unlink()
+    RunLayout(folder).done.unlink()
     (folder / "keep.txt").write_text("resume needs what is here")
     resumed: list[Path] = []
 
@@ -332,8 +351,8 @@ def test_resume_hook_finishes_incomplete_runs_in_place(tmp_path: Path, config_fi
         str(config_file), [], ["mira"], [1, 2], out, runner=runner, resume=resume, log=print
     )
     assert runner.calls == [] and resumed == [folder]
-    assert json.loads((folder / RUN_INFO).read_text())["resumed"] is True
-    assert (folder / DONE).is_file()
+    assert json.loads(RunLayout(folder).run_info.read_text())["resumed"] is True
+    assert RunLayout(folder).done.is_file()
 
 
 def test_bad_method_fails_before_any_run(tmp_path: Path, config_file: Path) -> None:
@@ -392,7 +411,7 @@ def test_a_runner_that_stops_early_is_not_marked_done(tmp_path: Path, config_fil
     out = tmp_path / "cmp"
     with pytest.raises(CompareError, match="round 2"):
         run_comparison(str(config_file), [], ["mira"], [1], out, runner=FakeRunner(rounds=1))
-    assert not (run_folder(out, "mira", 1) / DONE).exists()
+    assert not RunLayout(run_folder(out, "mira", 1)).done.exists()
 
 
 # ------------------------------------------------------------------------------ real
@@ -406,7 +425,7 @@ def test_real_comparison_of_mira_and_local_on_the_tiny_model(tiny_config, tmp_pa
     path.write_text(tomli_w.dumps(cfg.to_dict()))
     out = tmp_path / "cmp"
     run_comparison(str(path), [], ["mira", "local"], [3], out)
-    rows = read_csv(out / "comparison.csv")
+    rows = read_csv(ComparisonLayout(out).summary_csv)
     assert list(rows) == ["mira", "local"]
     for row in rows.values():
         assert row["seeds"] == "1"
@@ -416,7 +435,7 @@ def test_real_comparison_of_mira_and_local_on_the_tiny_model(tiny_config, tmp_pa
         assert float(row["wall_seconds"]) > 0
     # same clients, data and initialisation; only the server rule differs
     assert rows["mira"]["personalised_loss_mean"] != rows["local"]["personalised_loss_mean"]
-    stored = load_config(out / "runs" / "mira" / "seed-3" / "config.toml")
+    stored = load_config(ComparisonLayout(out).run("mira", 3).config)
     assert stored.federation.seed == 3 and stored.server.method == "mira"
     # the report reads what real runs write (seconds, not minutes, on top of the runs)
     from mira.results.report import write_report
@@ -429,10 +448,10 @@ def _save_adapters(folder: Path, shift: float) -> None:
     from safetensors.numpy import save_file
 
     for index, (client, _) in enumerate(CLIENTS):
-        (folder / "adapters" / client).mkdir(parents=True)
+        RunLayout(folder).adapter(client).dir.mkdir(parents=True)
         tensors = {"lora_A": np.full((2, 3), float(index), dtype=np.float32)}
         tensors["lora_B"] = np.full((3, 2), index + shift, dtype=np.float32)
-        save_file(tensors, str(folder / "adapters" / client / "adapter_model.safetensors"))
+        save_file(tensors, str(RunLayout(folder).adapter(client).weights))
 
 
 def test_diff_reports_the_largest_differences_of_two_runs(tmp_path: Path, capsys) -> None:
@@ -470,7 +489,7 @@ def test_diff_refuses_runs_of_different_rounds_or_clients(tmp_path: Path) -> Non
 def test_paired_table_subtracts_mira_seed_by_seed(tmp_path: Path) -> None:
     root = make_comparison_dir(tmp_path)
     write_comparison(root)
-    text = (root / "comparison.md").read_text()
+    text = ComparisonLayout(root).summary_md.read_text()
     section = text.split("## Paired by seed")[1].split("\n## ")[0]
     rows = {
         cells[0]: cells[1:]
@@ -498,7 +517,7 @@ def test_a_method_variant_carries_its_own_overrides(tmp_path):
     assert variant.cfg.server.method == "mira" and variant.cfg.server.step == 0.2
     assert variant.cfg.federation.rounds == 3
     label = "mira@server.step=0.2@federation.rounds=3"
-    assert variant.folder == tmp_path / "runs" / label / "seed-1"
+    assert variant.folder == ComparisonLayout(tmp_path).run(label, 1).dir
     with pytest.raises(CompareError, match="is chosen by mira compare"):
         parse_methods("mira@federation.seed=3")
     with pytest.raises(CompareError, match=r"is not a section\.key=value override"):
@@ -523,12 +542,11 @@ def test_paired_differences_get_a_students_t_interval(tmp_path: Path) -> None:
         write_fake_run(run_folder(root, "mira", seed), "mira", seed, seconds=1.0)
         folder = run_folder(root, "local", seed)
         write_fake_run(folder, "local", seed, seconds=1.0)
-        path = folder / "metrics.jsonl"
-        rows = [json.loads(line) for line in path.read_text().splitlines()]
-        for row in rows:
-            if row["kind"] == "client":
-                row["eval_loss"] += shift
-        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+        def shifted(row: ClientRow, shift: float = shift) -> None:
+            row.eval_loss = (row.eval_loss or 0.0) + shift
+
+        rewrite_client_rows(folder, shifted)
     differences = [2 / 3 + s for s in extra.values()]
     mean, std = float(np.mean(differences)), float(np.std(differences, ddof=1))
     half = float(stats.t.ppf(0.975, 2)) * std / math.sqrt(3)

@@ -41,6 +41,7 @@ import tomli_w
 from safetensors.numpy import load_file
 
 from mira.results.rundir import RunDirError, read_checkpoint, read_metrics
+from mira.results.schema import RunLayout
 
 pytestmark = pytest.mark.slow
 
@@ -407,7 +408,7 @@ def wait_exit(processes: Processes, name: str, timeout: float) -> int:
 
 
 def client_rows(out: Path) -> dict[tuple[int, str], dict]:
-    return {(r["round"], r["client"]): r for r in read_metrics(out) if r["kind"] == "client"}
+    return {(r.round, r.client): r for r in read_metrics(out).clients}
 
 
 # ---------------------------------------------------------------------------- tests
@@ -449,7 +450,7 @@ def test_one_round_with_tls_and_supernode_auth(tiny_config, federation, processe
     context = f"\n{processes.logs()}"
     assert cli.returncode == 0, f"flwr run exited with {cli.returncode}{context}"
     assert "Successfully started run" in cli_log, context
-    assert (out / "metrics.jsonl").is_file(), f"no metrics.jsonl in {out}{context}"
+    assert RunLayout(out).metrics.is_file(), f"no {RunLayout(out).metrics.name} in {out}{context}"
 
     # (a) SuperNodes without an authorised key are refused, and exit.
     for name, code in (("unregistered-key", "[code: 2004]"), ("no-key", "[code: 2001]")):
@@ -470,34 +471,34 @@ def test_one_round_with_tls_and_supernode_auth(tiny_config, federation, processe
     assert federation.node_status() == dict.fromkeys(registered, "online")
 
     # The run config reached the ServerApp: its config file, its overrides, its output folder.
-    written = tomllib.loads((out / "config.toml").read_text())
+    written = tomllib.loads(RunLayout(out).config.read_text())
     assert written["federation"]["rounds"] == 1
     assert written["model"]["name"] == "tiny-random-llama"
 
     rows = read_metrics(out)
-    clients = [r for r in rows if r["kind"] == "client"]
-    assert [r["round"] for r in clients] == [1, 1], context
-    assert [r["client"] for r in clients] == cfg.client_ids == ["polarity-0", "subject-0"]
-    assert [r["task"] for r in clients] == cfg.client_tasks
+    clients = rows.clients
+    assert [r.round for r in clients] == [1, 1], context
+    assert [r.client for r in clients] == cfg.client_ids == ["polarity-0", "subject-0"]
+    assert [r.task for r in clients] == cfg.client_tasks
     for row in clients:
-        assert row["sampled"] is True and row["status"] == "ok", row
-        assert math.isfinite(row["train_loss"]) and row["train_loss"] > 0, row
-        assert math.isfinite(row["eval_loss"]) and row["eval_loss"] > 0, row
+        assert row.sampled is True and row.status == "ok", row
+        assert math.isfinite(row.train_loss) and row.train_loss > 0, row
+        assert math.isfinite(row.eval_loss) and row.eval_loss > 0, row
         # Down: the adapter to train in round 1, then the pulled one to evaluate after it;
         # up: the trained adapter (the evaluation reply carries no arrays).
-        assert row["bytes_up"] > 0 and row["bytes_down"] == 2 * row["bytes_up"], row
-    round_rows = [r for r in rows if r["kind"] == "round"]
-    assert [r["round"] for r in round_rows] == [1]
-    assert round_rows[0]["personalised_eval_loss_mean"] == pytest.approx(
-        sum(r["eval_loss"] for r in clients) / len(clients)
+        assert row.bytes_up > 0 and row.bytes_down == 2 * row.bytes_up, row
+    round_rows = rows.rounds
+    assert [r.round for r in round_rows] == [1]
+    assert round_rows[0].personalised_eval_loss_mean == pytest.approx(
+        sum(r.eval_loss for r in clients) / len(clients)
     )
 
-    graph = json.loads((out / "graph.json").read_text())
+    graph = json.loads(RunLayout(out).graph.read_text())
     assert graph["clients"] == cfg.client_ids
     assert graph["tasks"] == cfg.client_tasks
 
     for client in cfg.client_ids:
-        weights = out / "adapters" / client / "adapter_model.safetensors"
+        weights = RunLayout(out).adapter(client).weights
         assert weights.is_file(), f"missing {weights}{context}"
         tensors = load_file(str(weights))
         assert tensors and all(np.isfinite(t).all() for t in tensors.values()), weights
@@ -579,30 +580,30 @@ def test_supernode_killed_mid_round_rejoins_and_a_duplicate_is_refused(
     cli_log = processes.log("flwr-run")
     context = f"\n{processes.logs()}"
     assert cli.returncode == 0, f"flwr run exited with {cli.returncode}{context}"
-    assert (out / "metrics.jsonl").is_file(), f"no metrics.jsonl in {out}{context}"
+    assert RunLayout(out).metrics.is_file(), f"no {RunLayout(out).metrics.name} in {out}{context}"
 
     rows = client_rows(out)
     assert sorted({r for r, _ in rows}) == [1, 2, 3], context
     # Round 2 completed without the victim: its row says so and names it.
     lost = rows[(2, victim_id)]
-    assert lost["status"] in ("timeout", "failed"), lost
-    assert victim_id in lost["reason"], lost
-    assert lost["train_loss"] is None, lost
+    assert lost.status in ("timeout", "failed"), lost
+    assert victim_id in lost.reason, lost
+    assert lost.train_loss is None, lost
     # Its replacement was adopted before round 3 and trained it.
     assert f"client {victim_id} rejoined on node" in cli_log, context
     back = rows[(3, victim_id)]
-    assert back["status"] == "ok", back
-    assert math.isfinite(back["train_loss"]) and back["train_loss"] > 0, back
-    assert math.isfinite(back["eval_loss"]) and back["eval_loss"] > 0, back
+    assert back.status == "ok", back
+    assert math.isfinite(back.train_loss) and back.train_loss > 0, back
+    assert math.isfinite(back.eval_loss) and back.eval_loss > 0, back
     for (server_round, client), row in rows.items():
         if client != victim_id or server_round == 1:
-            assert row["status"] == "ok", row
-            assert math.isfinite(row["train_loss"]), row
-        if row["status"] == "ok":
+            assert row.status == "ok", row
+            assert math.isfinite(row.train_loss), row
+        if row.status == "ok":
             # One message per client per round; the last round's row also counts the final
             # evaluation's (the adapter again, both ways of equal size).
             sent = 2 if server_round == cfg.federation.rounds else 1
-            assert row["bytes_down"] == sent * row["bytes_up"] > 0, row
+            assert row.bytes_down == sent * row.bytes_up > 0, row
     # The duplicate was asked who it is, never given work, and the run went on with the
     # holder keeping its client.
     assert processes.procs["duplicate"].poll() is None, "the refused SuperNode was stopped"
@@ -612,7 +613,7 @@ def test_supernode_killed_mid_round_rejoins_and_a_duplicate_is_refused(
     assert "Receiving: evaluate message" not in duplicate_log, duplicate_log
     reliability.record(
         "a SuperNode killed (SIGKILL) while round 2 trains (deployment, TLS + node auth)",
-        f"status {lost['status']} ({lost['reason']}); a replacement SuperNode with the same "
+        f"status {lost.status} ({lost.reason}); a replacement SuperNode with the same "
         "partition-id rejoined and trained round 3",
         "3 of 3",
         out,

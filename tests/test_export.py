@@ -30,6 +30,7 @@ from mira.client.model import SMOLLM2_HUB_ID, model_source, peft_lora_config
 from mira.config import Config
 from mira.results.card import CITATION, model_card
 from mira.results.rundir import RunWriter, read_metrics
+from mira.results.schema import AdapterFiles, ClientRow, RunLayout
 
 RANKS = [2, 4, 2, 4]
 PROMPT = "the film was good and the team won the match"
@@ -51,23 +52,22 @@ def random_adapters(cfg: Config, seed: int) -> dict[str, dict[str, np.ndarray]]:
     return adapters
 
 
-def rows_of(cfg: Config, rnd: int) -> list[dict]:
+def rows_of(cfg: Config, rnd: int) -> list[ClientRow]:
     return [
-        {
-            "round": rnd,
-            "client": client,
-            "task": task,
-            "method": cfg.server.method,
-            "rank": rank,
-            "sampled": True,
-            "train_loss": 3.0 - rnd,
-            "eval_loss": 2.5 - 0.25 * rnd + 0.01 * i,
-            "accuracy": 0.5 + 0.125 * i,
-            "bytes_up": 10,
-            "bytes_down": 10,
-            "mix_weight": 0.3,
-            "status": "ok",
-        }
+        ClientRow(
+            round=rnd,
+            client=client,
+            task=task,
+            method=cfg.server.method,
+            rank=rank,
+            sampled=True,
+            train_loss=3.0 - rnd,
+            eval_loss=2.5 - 0.25 * rnd + 0.01 * i,
+            bytes_up=10,
+            bytes_down=10,
+            mix_weight=0.3,
+            metrics={"accuracy": 0.5 + 0.125 * i},
+        )
         for i, (client, task, rank) in enumerate(
             zip(cfg.client_ids, cfg.client_tasks, cfg.lora.ranks, strict=True)
         )
@@ -116,20 +116,18 @@ def logits(model: torch.nn.Module, tokenizer) -> torch.Tensor:
 
 def card_of(folder: Path) -> tuple[dict, str]:
     """(YAML metadata, markdown body) of a model card."""
-    _, meta, body = (folder / "README.md").read_text().split("---\n", 2)
+    _, meta, body = AdapterFiles(folder).card.read_text().split("---\n", 2)
     return yaml.safe_load(meta), body
 
 
 # ------------------------------------------------------------------------------ adapters/<client>
 def test_each_adapter_folder_is_a_shareable_peft_repository(run) -> None:
     cfg, folder, adapters = run
-    last = {
-        r["client"]: r for r in read_metrics(folder) if r["kind"] == "client" and r["round"] == 2
-    }
+    last = {r.client: r for r in read_metrics(folder).clients_of(2)}
     tokenizer = AutoTokenizer.from_pretrained(model_source(cfg.model))
     for client, rank in zip(cfg.client_ids, RANKS, strict=True):
-        path = folder / "adapters" / client
-        settings = json.loads((path / "adapter_config.json").read_text())
+        path = RunLayout(folder).adapter(client).dir
+        settings = json.loads(AdapterFiles(path).config.read_text())
         # portable: the model's name, never this machine's cache path
         assert settings["base_model_name_or_path"] == "tiny-random-llama"
         assert settings["r"] == rank
@@ -152,14 +150,14 @@ def test_each_adapter_folder_is_a_shareable_peft_repository(run) -> None:
         assert "`mira export RUN_DIR CLIENT --out DIR` writes a folder that names its" in body
         row = last[client]
         assert f"after round 2 of {cfg.federation.rounds}" in body
-        assert f"| eval loss (mean over target tokens) | {row['eval_loss']:#.4g} |" in body
-        assert f"| accuracy | {row['accuracy']:#.4g} |" in body
+        assert f"| eval loss (mean over target tokens) | {row.eval_loss:#.4g} |" in body
+        assert f"| accuracy | {row.metrics['accuracy']:#.4g} |" in body
         assert (
             "own held-out split" in body
             and f"| LoRA | rank {rank}, alpha 8 (scale alpha / r)" in body
         )
         assert (
-            f"| task | `{row['task']}` |" in body
+            f"| task | `{row.task}` |" in body
             and "| server rule | mira, server.step = 0.3 |" in body
         )
         assert "| task graph | `tasks` |" in body and "built locally by mira" in body
@@ -195,12 +193,12 @@ def test_export_copies_the_adapter_folder_with_a_portable_config(run, tmp_path: 
     cfg, folder, _ = run
     client = cfg.client_ids[1]
     out = export_client(folder, client, tmp_path / "out")
-    source = folder / "adapters" / client
+    source = RunLayout(folder).adapter(client).dir
     assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in source.iterdir())
     assert not (out / "config.json").exists()  # it would make transformers skip the base
     # the base, on no hub, is named by its path relative to the exported folder
     cached = Path(model_source(cfg.model)).resolve()
-    reference = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    reference = json.loads(AdapterFiles(out).config.read_text())["base_model_name_or_path"]
     assert not Path(reference).is_absolute() and (out / reference).resolve() == cached
     meta, body = card_of(out)
     assert "base_model" not in meta
@@ -227,10 +225,10 @@ def test_exported_adapter_loads_with_automodel_when_the_base_is_a_local_folder(
     cfg = tiny_config(f"model.name='{named}'", f"lora.ranks={RANKS}")
     write_run(cfg, tmp_path / "run", rounds=1)
     # the run's own card: the folder as the config names it, no base_model
-    meta, body = card_of(tmp_path / "run" / "adapters" / cfg.client_ids[0])
+    meta, body = card_of(RunLayout(tmp_path / "run").adapter(cfg.client_ids[0]).dir)
     assert "base_model" not in meta and f"| base model | `{named}` (on no hub" in body
     out = export_client(tmp_path / "run", cfg.client_ids[0], tmp_path / "out")
-    reference = json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"]
+    reference = json.loads(AdapterFiles(out).config.read_text())["base_model_name_or_path"]
     assert reference == os.path.relpath(named, out.resolve())
     meta, body = card_of(out)
     assert "base_model" not in meta and "a local folder, exported from" in body
@@ -247,11 +245,11 @@ def test_merged_export_matches_base_plus_adapter(run, tmp_path: Path, client: in
     name = cfg.client_ids[client]
     assert main(["export", str(folder), name, "--out", str(tmp_path / "merged"), "--merge"]) == 0
     out = tmp_path / "merged"
-    assert (out / "config.json").is_file() and not (out / "adapter_config.json").exists()
+    assert (out / "config.json").is_file() and not AdapterFiles(out).config.exists()
     tokenizer = AutoTokenizer.from_pretrained(out)
     merged = logits(AutoModelForCausalLM.from_pretrained(out), tokenizer)
     adapted = logits(
-        PeftModel.from_pretrained(base(cfg), str(folder / "adapters" / name)), tokenizer
+        PeftModel.from_pretrained(base(cfg), str(RunLayout(folder).adapter(name).dir)), tokenizer
     )
     torch.testing.assert_close(merged, adapted, rtol=0, atol=1e-5)
     assert not torch.allclose(merged, logits(base(cfg), tokenizer), atol=1e-3)
@@ -276,7 +274,7 @@ def test_export_errors_name_the_problem_and_leave_nothing_behind(
         export_client(empty, cfg.client_ids[0], tmp_path / "a")
     moved = tmp_path / "moved-run"
     shutil.copytree(folder, moved)
-    config = moved / "config.toml"
+    config = RunLayout(moved).config
     config.write_text(config.read_text().replace('"tiny-random-llama"', f'"{tmp_path / "gone"}"'))
     with pytest.raises(ExportError, match=r"cannot load the run's base model .*gone.*--base"):
         export_client(moved, cfg.client_ids[0], tmp_path / "a", merge=True)
@@ -336,9 +334,9 @@ def test_exported_folders_load_offline_with_peft_and_transformers(run, tmp_path:
     )
     assert done.returncode == 0, done.stderr[-3000:]
     loaded = np.load(result)
-    tokenizer = AutoTokenizer.from_pretrained(folder / "adapters" / client)
+    tokenizer = AutoTokenizer.from_pretrained(RunLayout(folder).adapter(client).dir)
     expected = logits(
-        PeftModel.from_pretrained(base(cfg), str(folder / "adapters" / client)), tokenizer
+        PeftModel.from_pretrained(base(cfg), str(RunLayout(folder).adapter(client).dir)), tokenizer
     ).numpy()
     np.testing.assert_allclose(loaded["adapter"], expected, rtol=0, atol=1e-6)
     np.testing.assert_allclose(loaded["merged"], expected, rtol=0, atol=1e-5)

@@ -17,6 +17,7 @@ import faults
 from mira.federation import simulation
 from mira.federation.server import FederationError
 from mira.results.rundir import read_checkpoint, read_metrics
+from mira.results.schema import ClientRow, RunLayout
 
 pytestmark = pytest.mark.slow
 
@@ -37,8 +38,8 @@ def faulty(monkeypatch):
     return set_faults
 
 
-def rows_of(folder: Path) -> dict[tuple[int, str], dict]:
-    return {(r["round"], r["client"]): r for r in read_metrics(folder) if r["kind"] == "client"}
+def rows_of(folder: Path) -> dict[tuple[int, str], ClientRow]:
+    return {(r.round, r.client): r for r in read_metrics(folder).clients}
 
 
 def strict_json_lines(folder: Path) -> None:
@@ -47,19 +48,19 @@ def strict_json_lines(folder: Path) -> None:
     def refuse(token: str) -> None:
         raise AssertionError(f"metrics.jsonl holds {token}")
 
-    for line in (folder / "metrics.jsonl").read_text().splitlines():
+    for line in RunLayout(folder).metrics.read_text().splitlines():
         json.loads(line, parse_constant=refuse)
 
 
 def assert_kept_its_adapter(rows: dict, client: str, server_round: int) -> None:
     """A client that did not train in a round (and under MIRA is not pulled then) holds the
     same adapter after it as before: the same eval loss."""
-    assert rows[(server_round, client)]["train_loss"] is None
-    assert rows[(server_round, client)]["mix_weight"] == 0.0
-    before = rows[(server_round - 1, client)]["eval_loss"]
+    assert rows[(server_round, client)].train_loss is None
+    assert rows[(server_round, client)].mix_weight == 0.0
+    before = rows[(server_round - 1, client)].eval_loss
     if before is not None:  # else it travelled with the failed exchange and was lost
-        assert rows[(server_round, client)]["eval_loss"] == pytest.approx(before, abs=1e-6)
-    assert rows[(server_round, client)]["eval_loss"] is not None
+        assert rows[(server_round, client)].eval_loss == pytest.approx(before, abs=1e-6)
+    assert rows[(server_round, client)].eval_loss is not None
 
 
 @pytest.mark.parametrize(
@@ -81,27 +82,28 @@ def test_a_bad_client_costs_only_its_own_round(
     rows = rows_of(tmp_path)
     assert sorted(rows) == sorted((r, c) for r in (1, 2, 3) for c in cfg.client_ids)
     bad = rows[(2, "polarity-1")]
-    assert bad["status"] == status and "polarity-1" in bad["reason"] and reason in bad["reason"]
-    assert all(r["status"] == "ok" for key, r in rows.items() if key != (2, "polarity-1"))
+    assert bad.status == status and "polarity-1" in bad.reason and reason in bad.reason
+    assert all(r.status == "ok" for key, r in rows.items() if key != (2, "polarity-1"))
     assert_kept_its_adapter(rows, "polarity-1", 2)
     # A refused update still brought round 1's evaluation; a failed exchange lost it.
-    assert (rows[(1, "polarity-1")]["eval_loss"] is None) == (status == "failed")
-    assert rows[(3, "polarity-1")]["train_loss"] is not None  # asked again, trained again
+    assert (rows[(1, "polarity-1")].eval_loss is None) == (status == "failed")
+    assert rows[(3, "polarity-1")].train_loss is not None  # asked again, trained again
     # The round's mean train loss is the others' (finite), never blanked by the bad client.
-    aggregate = next(r for r in read_metrics(tmp_path) if r["kind"] == "round" and r["round"] == 2)
-    others = [rows[(2, c)]["train_loss"] for c in cfg.client_ids if c != "polarity-1"]
-    assert aggregate["train_loss_mean"] == pytest.approx(np.mean(others))
+    aggregate = read_metrics(tmp_path).round_row(2)
+    others = [rows[(2, c)].train_loss for c in cfg.client_ids if c != "polarity-1"]
+    assert aggregate is not None
+    assert aggregate.train_loss_mean == pytest.approx(np.mean(others))
     strict_json_lines(tmp_path)
     checkpoint = read_checkpoint(tmp_path)
     assert checkpoint is not None
     largest = max(float(np.abs(v).max()) for a in checkpoint.adapters.values() for v in a.values())
     assert math.isfinite(largest) and largest < 100.0
     for client in cfg.client_ids:
-        saved = load_file(str(tmp_path / "adapters" / client / "adapter_model.safetensors"))
+        saved = load_file(str(RunLayout(tmp_path).adapter(client).weights))
         assert all(np.all(np.isfinite(v)) for v in saved.values())
     reliability.record(
         FAULT_NAMES[kind],
-        f"status {status} ({bad['reason']}); the client kept its adapter, trained again in round 3",
+        f"status {status} ({bad.reason}); the client kept its adapter, trained again in round 3",
         "3 of 3",
         tmp_path,
     )
@@ -124,12 +126,13 @@ def test_a_non_finite_evaluation_is_a_failure_never_averaged(
     cfg = tiny_config("federation.rounds=3")
     simulation.run_simulation(cfg, tmp_path)
     rows = rows_of(tmp_path)
-    assert rows[(3, "subject-0")]["status"] == "failed"
-    assert "non-finite evaluation" in rows[(3, "subject-0")]["reason"]
-    assert rows[(2, "subject-0")]["eval_loss"] is None  # not measured, not NaN
-    aggregate = next(r for r in read_metrics(tmp_path) if r["kind"] == "round" and r["round"] == 2)
-    others = [rows[(2, c)]["eval_loss"] for c in cfg.client_ids if c != "subject-0"]
-    assert aggregate["personalised_eval_loss_mean"] == pytest.approx(np.mean(others))
+    assert rows[(3, "subject-0")].status == "failed"
+    assert "non-finite evaluation" in rows[(3, "subject-0")].reason
+    assert rows[(2, "subject-0")].eval_loss is None  # not measured, not NaN
+    aggregate = read_metrics(tmp_path).round_row(2)
+    others = [rows[(2, c)].eval_loss for c in cfg.client_ids if c != "subject-0"]
+    assert aggregate is not None
+    assert aggregate.personalised_eval_loss_mean == pytest.approx(np.mean(others))
     strict_json_lines(tmp_path)
     reliability.record(
         "a client reports a NaN eval loss",
@@ -148,9 +151,9 @@ def test_a_hung_client_times_out_and_the_run_ends_in_bounded_time(
     simulation.run_simulation(cfg, tmp_path)
     elapsed = time.monotonic() - started
     rows = rows_of(tmp_path)
-    assert rows[(2, "subject-1")]["status"] == "timeout"
-    assert "federation.round_timeout = 10s" in rows[(2, "subject-1")]["reason"]
-    assert rows[(3, "subject-1")]["status"] == "ok"
+    assert rows[(2, "subject-1")].status == "timeout"
+    assert "federation.round_timeout = 10s" in rows[(2, "subject-1")].reason
+    assert rows[(3, "subject-1")].status == "ok"
     assert_kept_its_adapter(rows, "subject-1", 2)
     assert elapsed < 110, f"the run waited for the hung client ({elapsed:.0f}s)"
     reliability.record(
@@ -176,14 +179,14 @@ def test_a_client_stuck_every_round_does_not_hold_up_the_clients_queued_behind_i
     rows = rows_of(tmp_path)
     assert sorted(rows) == sorted((r, c) for r in (1, 2, 3) for c in cfg.client_ids)
     for server_round in (1, 2, 3):
-        assert rows[(server_round, stuck)]["status"] == "timeout"
-        assert "federation.round_timeout = 15s" in rows[(server_round, stuck)]["reason"]
-        assert rows[(server_round, stuck)]["train_loss"] is None
+        assert rows[(server_round, stuck)].status == "timeout"
+        assert "federation.round_timeout = 15s" in rows[(server_round, stuck)].reason
+        assert rows[(server_round, stuck)].train_loss is None
         for client in cfg.client_ids:
             if client != stuck:
                 row = rows[(server_round, client)]
-                assert row["status"] == "ok", row
-                assert row["train_loss"] is not None and row["eval_loss"] is not None
+                assert row.status == "ok", row
+                assert row.train_loss is not None and row.eval_loss is not None
     reliability.record(
         "a client sleeps forever in every round, all clients on one worker (workers = 1, "
         "round_timeout 15 s)",
@@ -204,7 +207,7 @@ def test_first_contact_is_bounded_by_the_connect_timeout_not_the_round_timeout(
     simulation.run_simulation(cfg, tmp_path)
     rows = rows_of(tmp_path)
     assert sorted(rows) == [(1, c) for c in sorted(cfg.client_ids)]
-    assert all(r.get("status", "ok") == "ok" for r in rows.values())
+    assert all(r.status == "ok" for r in rows.values())
     reliability.record(
         "every client takes 8 s to answer first contact (round_timeout 6 s)",
         "all identified (first contact waits up to federation.timeout); round 1 ok",
@@ -226,10 +229,10 @@ def test_too_few_replies_stop_the_run_with_its_checkpoint_intact(
         simulation.run_simulation(cfg, tmp_path)
     checkpoint = read_checkpoint(tmp_path)
     assert checkpoint is not None and checkpoint.round == 1
-    assert not (tmp_path / "metrics.jsonl").exists()  # round 1 was not closed yet
+    assert not RunLayout(tmp_path).metrics.exists()  # round 1 was not closed yet
     faulty()  # the clients are back
     simulation.run_simulation(cfg, tmp_path, resume=True)
-    assert {r["round"] for r in read_metrics(tmp_path)} == {1, 2, 3}
+    assert {r.round for r in read_metrics(tmp_path).all()} == {1, 2, 3}
     reliability.record(
         "2 of 4 clients raise in round 2 (min_replies 0.75)",
         "the run stopped naming both clients, checkpoint of round 1 intact; --resume finished it",
@@ -251,7 +254,7 @@ def test_a_resumed_run_with_a_fault_equals_the_uninterrupted_one(
     simulation.run_simulation(tiny_config("federation.rounds=3"), parts, resume=True)
     found = run_differences(whole, parts)
     assert found.pairs == 12 and found.eval_loss == 0.0 and found.adapter == 0.0
-    assert rows_of(parts)[(2, "polarity-1")]["status"] == "failed"
+    assert rows_of(parts)[(2, "polarity-1")].status == "failed"
     reliability.record(
         "a fault, then the run stopped and resumed",
         "the resumed run equals the uninterrupted one (mira diff: 0 over 12 eval losses and "
@@ -279,8 +282,8 @@ def test_each_client_receives_only_its_own_task(tiny_config, tmp_path, monkeypat
     monkeypatch.setenv(faults.OTHER_TASKS, json.dumps(others))
     simulation.run_simulation(cfg, tmp_path)
     rows = rows_of(tmp_path)
-    assert len(rows) == 4 and all(r["status"] == "ok" for r in rows.values())
-    assert {r["client"]: r["rank"] for r in rows.values()} == dict(
+    assert len(rows) == 4 and all(r.status == "ok" for r in rows.values())
+    assert {r.client: r.rank for r in rows.values()} == dict(
         zip(cfg.client_ids, cfg.lora.ranks, strict=True)
     )
 

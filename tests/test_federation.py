@@ -15,6 +15,7 @@ from safetensors.numpy import load_file
 
 from mira.federation.simulation import run_simulation
 from mira.results.rundir import read_metrics
+from mira.results.schema import AdapterFiles, ClientRow, RunLayout
 from replay import replay
 
 pytestmark = pytest.mark.slow
@@ -61,8 +62,8 @@ def runs(tiny_config, tmp_path_factory):
 
 
 def adapters_of(folder: Path) -> dict[str, dict[str, np.ndarray]]:
-    root = folder / "adapters"
-    return {p.name: load_file(str(p / "adapter_model.safetensors")) for p in sorted(root.iterdir())}
+    root = RunLayout(folder).adapters
+    return {p.name: load_file(str(AdapterFiles(p).weights)) for p in sorted(root.iterdir())}
 
 
 def same(a: dict[str, np.ndarray], b: dict[str, np.ndarray], atol: float = 0.0) -> bool:
@@ -71,53 +72,44 @@ def same(a: dict[str, np.ndarray], b: dict[str, np.ndarray], atol: float = 0.0) 
 
 def test_outputs_layout(runs):
     cfg, folder = runs["mira"]
-    assert (folder / "config.toml").is_file()
-    graph = json.loads((folder / "graph.json").read_text())
+    assert RunLayout(folder).config.is_file()
+    graph = json.loads(RunLayout(folder).graph.read_text())
     assert graph["clients"] == cfg.client_ids
     assert graph["tasks"] == cfg.client_tasks
     adjacency = np.array(graph["adjacency"])
     assert adjacency.shape == (4, 4)
     np.testing.assert_allclose(adjacency, adjacency.T)
     rows = read_metrics(folder)
-    client_rows = [r for r in rows if r["kind"] == "client"]
+    client_rows = rows.clients
     assert len(client_rows) == cfg.num_clients * cfg.federation.rounds
     for row in client_rows:
-        for key in [
-            "round",
-            "client",
-            "task",
-            "method",
-            "train_loss",
-            "eval_loss",
-            "bytes_up",
-            "bytes_down",
-        ]:
-            assert key in row
-        assert row["method"] == "mira"
-        assert np.isfinite(row["eval_loss"]) and np.isfinite(row["train_loss"])
+        assert row.task == cfg.client_tasks[cfg.client_ids.index(row.client)]
+        assert row.method == "mira"
+        assert row.eval_loss is not None and row.train_loss is not None
+        assert np.isfinite(row.eval_loss) and np.isfinite(row.train_loss)
         # One exchange per client per round: the adapter goes down once; the last round adds
         # the final evaluation's message.
-        assert row["bytes_up"] > 0
-        final = row["round"] == cfg.federation.rounds
-        assert row["bytes_down"] == (2 if final else 1) * row["bytes_up"]
-        assert row["mix_weight"] == pytest.approx(cfg.server.step)  # step * degree 1
-    rounds = [r for r in rows if r["kind"] == "round"]
-    assert [r["round"] for r in rounds] == [1, 2]
-    last = [r["eval_loss"] for r in client_rows if r["round"] == 2]
-    assert rounds[-1]["personalised_eval_loss_mean"] == pytest.approx(np.mean(last))
-    assert rounds[-1]["personalised_eval_loss_worst"] == pytest.approx(max(last))
-    assert rounds[-1]["personalised_eval_loss_std"] == pytest.approx(np.std(last))
+        assert row.bytes_up > 0
+        final = row.round == cfg.federation.rounds
+        assert row.bytes_down == (2 if final else 1) * row.bytes_up
+        assert row.mix_weight == pytest.approx(cfg.server.step)  # step * degree 1
+    rounds = rows.rounds
+    assert [r.round for r in rounds] == [1, 2]
+    last = [r.eval_loss for r in rows.clients_of(2)]
+    assert rounds[-1].personalised_eval_loss_mean == pytest.approx(np.mean(last))
+    assert rounds[-1].personalised_eval_loss_worst == pytest.approx(max(last))
+    assert rounds[-1].personalised_eval_loss_std == pytest.approx(np.std(last))
 
 
 def test_task_metrics_follow_metrics_every_and_always_end_the_run(runs):
-    every_round = [r for r in read_metrics(runs["mira"][1]) if r["kind"] == "client"]
-    assert all("accuracy" in r for r in every_round)
+    every_round = read_metrics(runs["mira"][1]).clients
+    assert all("accuracy" in r.metrics for r in every_round)
     cfg, folder = runs["fedit"]
     assert cfg.federation.metrics_every == 2
-    rows = [r for r in read_metrics(folder) if r["kind"] == "client"]
-    assert all("eval_loss" in r for r in rows)
-    assert not any("accuracy" in r for r in rows if r["round"] == 1)
-    assert all("accuracy" in r for r in rows if r["round"] == cfg.federation.rounds)
+    rows = read_metrics(folder).clients
+    assert all(r.eval_loss is not None for r in rows)
+    assert not any("accuracy" in r.metrics for r in rows if r.round == 1)
+    assert all("accuracy" in r.metrics for r in rows if r.round == cfg.federation.rounds)
 
 
 def test_mira_gives_every_client_its_own_adapter(runs):
@@ -159,8 +151,7 @@ def test_simulation_equals_in_process_replay(runs, method):
     got = adapters_of(folder)
     for index, client in enumerate(cfg.client_ids):
         assert same(got[client], expected[index], atol=2e-5), client
-    final = [r for r in read_metrics(folder) if r["kind"] == "client" and r["round"] == 2]
-    losses = {r["client"]: r["eval_loss"] for r in final}
+    losses = {r.client: r.eval_loss for r in read_metrics(folder).clients_of(2)}
     for index, client in enumerate(cfg.client_ids):
         assert losses[client] == pytest.approx(expected_losses[index], abs=1e-4)
 
@@ -177,16 +168,14 @@ def assert_reloads_to_recorded_eval_loss(run: str, runs, partitions: tuple[int, 
 
     cfg, folder = runs[run]
     recorded = {
-        r["client"]: r["eval_loss"]
-        for r in read_metrics(folder)
-        if r["kind"] == "client" and r["round"] == cfg.federation.rounds
+        r.client: r.eval_loss for r in read_metrics(folder).clients_of(cfg.federation.rounds)
     }
     source = model_source(cfg.model)
     tokenizer = AutoTokenizer.from_pretrained(source)
     for partition in partitions:
         client = cfg.client_ids[partition]
         base = AutoModelForCausalLM.from_pretrained(source)
-        model = PeftModel.from_pretrained(base, str(folder / "adapters" / client))
+        model = PeftModel.from_pretrained(base, str(RunLayout(folder).adapter(client).dir))
         data = load_client_data(cfg, partition)
         encoded = [learner.encode(tokenizer, e, cfg.model.max_length) for e in data.eval]
         loss = learner.eval_loss(model, encoded, cfg.train.eval_batch_size, tokenizer.pad_token_id)
@@ -210,13 +199,13 @@ def product(adapter: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 def test_mixed_ranks_keep_each_clients_rank(runs, run):
     cfg, folder = runs[run]
     for client, rank in zip(cfg.client_ids, cfg.lora.ranks, strict=True):
-        settings = json.loads((folder / "adapters" / client / "adapter_config.json").read_text())
+        settings = json.loads(RunLayout(folder).adapter(client).config.read_text())
         assert settings["r"] == rank
         adapter = adapters_of(folder)[client]
         for key, value in adapter.items():
             assert rank in value.shape, key
-    rows = [r for r in read_metrics(folder) if r["kind"] == "client"]
-    assert {r["client"]: r["rank"] for r in rows} == dict(
+    rows = read_metrics(folder).clients
+    assert {r.client: r.rank for r in rows} == dict(
         zip(cfg.client_ids, cfg.lora.ranks, strict=True)
     )
 
@@ -245,7 +234,7 @@ def test_cluster_graph_from_fingerprints_is_written_with_k_and_ari(runs):
     from mira.graph.sources import cluster_graph
 
     _cfg, folder = runs["mira-clusters"]
-    graph = json.loads((folder / "graph.json").read_text())
+    graph = json.loads(RunLayout(folder).graph.read_text())
     clusters = graph["clusters"]
     assert graph["source"] == "clusters"
     assert graph["k"] == len(set(clusters)) >= 2
@@ -258,31 +247,31 @@ def test_cluster_graph_from_fingerprints_is_written_with_k_and_ari(runs):
     assert adjacency.sum(axis=1).max() <= 1.0 + 1e-12
     # graph_refresh = 1 with 2 rounds: fingerprints were taken again after round 1.
     assert graph["built_after_round"] == 1
-    assert (folder / "graph.png").stat().st_size > 1000
+    assert RunLayout(folder).graph_plot.stat().st_size > 1000
 
 
 def test_tensorboard_events_hold_the_metrics_scalars(runs):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     _cfg, folder = runs["mira"]
-    events = EventAccumulator(str(folder / "tensorboard"))
+    events = EventAccumulator(str(RunLayout(folder).tensorboard))
     events.Reload()
     rows = read_metrics(folder)
-    rounds = [r for r in rows if r["kind"] == "round"]
-    mean = events.Scalars("round/personalised_eval_loss_mean")
-    assert [e.step for e in mean] == [1, 2]
-    for event, row in zip(mean, rounds, strict=True):
-        assert event.value == pytest.approx(row["personalised_eval_loss_mean"], rel=1e-6)
-    client = next(r for r in rows if r["kind"] == "client" and r["round"] == 2)
-    last = events.Scalars(f"{client['client']}/eval_loss")[-1]
-    assert last.value == pytest.approx(client["eval_loss"], rel=1e-6)
+    for row in rows.rounds:  # every number of the round row, at its round
+        for key, value in row.scalars().items():
+            event = next(e for e in events.Scalars(f"round/{key}") if e.step == row.round)
+            assert event.value == pytest.approx(value, rel=1e-6), key
+    client = rows.clients_of(2)[0]
+    for key, value in client.scalars().items():
+        last = events.Scalars(f"{client.client}/{key}")[-1]
+        assert last.value == pytest.approx(value, rel=1e-6), key
 
 
 # ---------------------------------------------------------------------------------- auto
 
 
-def client_rows(folder: Path) -> list[dict]:
-    return [r for r in read_metrics(folder) if r["kind"] == "client"]
+def client_rows(folder: Path) -> list[ClientRow]:
+    return read_metrics(folder).clients
 
 
 def test_auto_choice_is_the_argmin_of_an_independent_replay(runs):
@@ -292,21 +281,21 @@ def test_auto_choice_is_the_argmin_of_an_independent_replay(runs):
     cfg, folder = runs["mira-auto"]
     trace: list[dict] = []
     expected, expected_losses = replay(cfg, trace)
-    rows = {(r["round"], r["client"]): r for r in client_rows(folder)}
+    rows = {(r.round, r.client): r for r in client_rows(folder)}
     for index, choice in enumerate(trace):
         server_round = index // cfg.num_clients + 1
         row = rows[(server_round, choice["client"])]
-        assert row["alpha_choice"] == pytest.approx(choice["choice"], abs=1e-12)
-        assert row["mix_weight"] == pytest.approx(choice["alpha"], abs=1e-12)
-        assert row["candidates"] == pytest.approx(sorted(choice["losses"]))
-        assert row["val_losses"] == pytest.approx(
+        assert row.alpha_choice == pytest.approx(choice["choice"], abs=1e-12)
+        assert row.mix_weight == pytest.approx(choice["alpha"], abs=1e-12)
+        assert row.candidates == pytest.approx(sorted(choice["losses"]))
+        assert row.val_losses == pytest.approx(
             [choice["losses"][a] for a in sorted(choice["losses"])], abs=1e-5
         )
-    assert {r["mix_weight"] for r in client_rows(folder)} - {0.0}, "auto never mixed"
+    assert {r.mix_weight for r in client_rows(folder)} - {0.0}, "auto never mixed"
     got = adapters_of(folder)
     for index, client in enumerate(cfg.client_ids):
         assert same(got[client], expected[index], atol=2e-5), client
-        assert rows[(cfg.federation.rounds, client)]["eval_loss"] == pytest.approx(
+        assert rows[(cfg.federation.rounds, client)].eval_loss == pytest.approx(
             expected_losses[index], abs=1e-4
         )
 
@@ -318,48 +307,48 @@ def test_auto_tolerance_choice_matches_an_independent_replay(runs):
     cfg, folder = runs["mira-auto-tolerant"]
     trace: list[dict] = []
     expected, expected_losses = replay(cfg, trace)
-    rows = {(r["round"], r["client"]): r for r in client_rows(folder)}
+    rows = {(r.round, r.client): r for r in client_rows(folder)}
     moved = 0
     for index, choice in enumerate(trace):
         row = rows[(index // cfg.num_clients + 1, choice["client"])]
         order = sorted(choice["losses"])
-        assert row["val_losses"] == pytest.approx([choice["losses"][a] for a in order], abs=1e-5)
-        assert row["val_standard_errors"] == pytest.approx(
+        assert row.val_losses == pytest.approx([choice["losses"][a] for a in order], abs=1e-5)
+        assert row.val_standard_errors == pytest.approx(
             [choice["errors"][a] for a in order], abs=1e-5
         )
-        assert row["anchor"] == pytest.approx(0.5)  # two clients per task: one neighbour
-        assert row["alpha_choice"] == pytest.approx(choice["choice"], abs=1e-12)
-        assert row["mix_weight"] == pytest.approx(choice["alpha"], abs=1e-12)
-        moved += row["alpha_choice"] != order[int(np.argmin(row["val_losses"]))]
+        assert row.anchor == pytest.approx(0.5)  # two clients per task: one neighbour
+        assert row.alpha_choice == pytest.approx(choice["choice"], abs=1e-12)
+        assert row.mix_weight == pytest.approx(choice["alpha"], abs=1e-12)
+        moved += row.alpha_choice != order[int(np.argmin(row.val_losses))]
     assert moved, "the tolerance never changed a choice: the test would not see it ignored"
     got = adapters_of(folder)
     for index, client in enumerate(cfg.client_ids):
         assert same(got[client], expected[index], atol=2e-5), client
-        assert rows[(cfg.federation.rounds, client)]["eval_loss"] == pytest.approx(
+        assert rows[(cfg.federation.rounds, client)].eval_loss == pytest.approx(
             expected_losses[index], abs=1e-4
         )
 
 
 def test_auto_with_only_zero_is_local_training_exactly(runs):
     auto, local = runs["auto-only-zero"][1], runs["local-val"][1]
-    assert all(r["mix_weight"] == 0.0 for r in client_rows(auto))
+    assert all(r.mix_weight == 0.0 for r in client_rows(auto))
     for name, adapter in adapters_of(local).items():
         assert same(adapters_of(auto)[name], adapter)
-    losses = {(r["round"], r["client"]): r["eval_loss"] for r in client_rows(local)}
+    losses = {(r.round, r.client): r.eval_loss for r in client_rows(local)}
     for row in client_rows(auto):
-        assert row["eval_loss"] == losses[(row["round"], row["client"])]
+        assert row.eval_loss == losses[(row.round, row.client)]
 
 
 def test_auto_with_only_the_equal_share_is_cluster_fedavg(runs):
     """Two clients per task: the equal share 1/2 = (n - 1) / n is the cluster average."""
     auto, cluster = runs["auto-only-equal-share"][1], runs["cluster-fedavg-val"][1]
-    assert all(r["mix_weight"] == 0.5 for r in client_rows(auto))
+    assert all(r.mix_weight == 0.5 for r in client_rows(auto))
     expected = adapters_of(cluster)
     for name, adapter in adapters_of(auto).items():
         assert same(adapter, expected[name], atol=1e-6), name
-    losses = {(r["round"], r["client"]): r["eval_loss"] for r in client_rows(cluster)}
+    losses = {(r.round, r.client): r.eval_loss for r in client_rows(cluster)}
     for row in client_rows(auto):
-        assert row["eval_loss"] == pytest.approx(losses[(row["round"], row["client"])], abs=1e-5)
+        assert row.eval_loss == pytest.approx(losses[(row.round, row.client)], abs=1e-5)
 
 
 def test_auto_with_mixed_ranks_keeps_ranks_and_reloads(runs):
@@ -367,9 +356,9 @@ def test_auto_with_mixed_ranks_keeps_ranks_and_reloads(runs):
     for client, rank in zip(cfg.client_ids, cfg.lora.ranks, strict=True):
         for key, value in adapters_of(folder)[client].items():
             assert rank in value.shape, key
-    assert all(0.0 <= r["mix_weight"] <= 1.0 for r in client_rows(folder))
+    assert all(0.0 <= r.mix_weight <= 1.0 for r in client_rows(folder))
     # Round 2's message also carried each client's neighbour mean: a stacked product of the
     # neighbour's rank, so it costs more than the adapter alone.
-    second = [r for r in client_rows(folder) if r["round"] == 2]
-    assert all(r["bytes_down"] > r["bytes_up"] for r in second)
+    second = [r for r in client_rows(folder) if r.round == 2]
+    assert all(r.bytes_down > r.bytes_up for r in second)
     assert_reloads_to_recorded_eval_loss("mira-auto-hetero", runs, (0, 1))

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from mira.results.schema import ReportFiles, RunLayout
 from test_compare import CLIENTS, make_comparison_dir, write_fake_run
 
 SCRIPT = """
@@ -39,23 +40,23 @@ def save_adapters(folder: Path, shift: float) -> None:
     from safetensors.numpy import save_file
 
     for index, (client, _) in enumerate(CLIENTS):
-        (folder / "adapters" / client).mkdir(parents=True)
+        RunLayout(folder).adapter(client).dir.mkdir(parents=True)
         tensors = {"lora_A": np.full((2, 3), index + shift, dtype=np.float32)}
-        save_file(tensors, str(folder / "adapters" / client / "adapter_model.safetensors"))
+        save_file(tensors, str(RunLayout(folder).adapter(client).weights))
 
 
 def test_report_of_a_run_imports_neither_torch_nor_flwr(tmp_path: Path) -> None:
     write_fake_run(tmp_path / "run", "mira", 1)
     code, _, heavy = run_fresh("report", str(tmp_path / "run"))
     assert code == 0 and heavy == []
-    assert (tmp_path / "run" / "report.html").stat().st_size > 10_000
+    assert ReportFiles(tmp_path / "run").report_html.stat().st_size > 10_000
 
 
 def test_report_of_a_comparison_imports_neither_torch_nor_flwr(tmp_path: Path) -> None:
     root = make_comparison_dir(tmp_path / "cmp")
     code, _, heavy = run_fresh("report", str(root))
     assert code == 0 and heavy == []
-    assert (root / "report.md").is_file()
+    assert ReportFiles(root).report_md.is_file()
 
 
 def test_diff_imports_neither_torch_nor_flwr(tmp_path: Path) -> None:

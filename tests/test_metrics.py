@@ -82,12 +82,12 @@ def test_summarise_mean_and_worst_client() -> None:
     summary = summarise(
         {
             "accuracy": [0.5, 0.9, 0.7],
-            "eval_loss": [1.2, 0.8, 2.0],
+            "loss": [1.2, 0.8, 2.0],
             "rouge_l": [math.nan, 0.3],
             "token_f1": [],
         }
     )
     assert summary["accuracy"] == {"mean": pytest.approx(0.7), "worst": 0.5, "worst_index": 0}
-    assert summary["eval_loss"] == {"mean": pytest.approx(4 / 3), "worst": 2.0, "worst_index": 2}
+    assert summary["loss"] == {"mean": pytest.approx(4 / 3), "worst": 2.0, "worst_index": 2}
     assert summary["rouge_l"] == {"mean": 0.3, "worst": 0.3, "worst_index": 1}
     assert "token_f1" not in summary

@@ -16,6 +16,7 @@ from scipy import optimize, stats
 from mira.client.privacy import privatise_update
 from mira.core import rules
 from mira.core.accounting import client_epsilon, noise_for_epsilon
+from mira.results.schema import RunLayout
 
 dp_accounting = pytest.importorskip("dp_accounting")
 
@@ -235,7 +236,7 @@ def test_the_benchmark_on_the_tiny_model(bench, tiny_config, tmp_path):
     # update plus noise of norm about z C sqrt(d) >> C: far from what the neighbour trained.
     assert noisy["exact_max"] < 1e-3, noisy
     assert noisy["error_last"] > 1.0, noisy
-    assert math.isfinite(noisy["eval_loss"]), noisy
+    assert math.isfinite(noisy["loss"]), noisy
 
 
 @pytest.mark.slow
@@ -248,10 +249,9 @@ def test_a_private_run_reports_each_clients_epsilon(tiny_config, tmp_path):
 
     cfg = tiny_config("privacy.clip_norm=0.05", "privacy.noise_multiplier=2.0")
     run_simulation(cfg, tmp_path)
-    rows = [r for r in read_metrics(tmp_path) if r["kind"] == "client"]
-    for row in rows:  # every client trains every round: one release per round so far
-        assert row["epsilon"] == pytest.approx(client_epsilon(2.0, row["round"], 1e-5))
-    info = json.loads((tmp_path / "run.json").read_text())
+    for row in read_metrics(tmp_path).clients:  # every client trains every round: one release
+        assert row.epsilon == pytest.approx(client_epsilon(2.0, row.round, 1e-5))
+    info = json.loads(RunLayout(tmp_path).run_info.read_text())
     assert info["privacy"]["epsilon_max"] == pytest.approx(client_epsilon(2.0, 2, 1e-5))
     assert set(info["privacy"]["epsilon"]) == set(cfg.client_ids)
     assert info["device"] == "cpu" and info["dtype"] == "float32"
@@ -288,7 +288,7 @@ def test_run_json_holds_strict_json_even_without_noise(tmp_path, capsys, noise):
     def refuse(token: str) -> None:
         raise AssertionError(f"run.json holds a bare {token}")
 
-    privacy = json.loads((tmp_path / "run.json").read_text(), parse_constant=refuse)["privacy"]
+    privacy = json.loads(RunLayout(tmp_path).run_info.read_text(), parse_constant=refuse)["privacy"]
     printed = capsys.readouterr().out
     if noise == 0.0:
         assert privacy["epsilon_max"] is None

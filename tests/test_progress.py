@@ -10,11 +10,7 @@ import pytest
 
 from mira.federation.progress import LiveProgress, Progress, plain_text, progress_for
 
-AGGREGATE = {
-    "train_loss_mean": 0.5,
-    "personalised_eval_loss_mean": 1.25,
-    "personalised_eval_loss_worst": 2.0,
-}
+AGGREGATE = (0.5, 1.25, 2.0)  # mean train loss, mean and worst personalised eval loss
 ROUND_LINE = "[round 1/2] train loss 0.5000, personalised eval loss mean 1.2500 worst 2.0000"
 
 
@@ -31,7 +27,7 @@ def drive(progress: Progress) -> None:
     progress.begin("round 1", 3)
     progress.advance(1, 3, 0.5)
     progress.end()
-    progress.round_done(1, AGGREGATE)
+    progress.round_done(1, *AGGREGATE)
     progress.note("client [bold]qa-0[/bold] failed: \x1b[31mCUDA out of memory\x1b[0m")
     progress.close()
 

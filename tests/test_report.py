@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import json
 import math
 import re
 import shutil
@@ -17,10 +16,12 @@ from mira.results.document import number_format
 from mira.results.errors import ReportError
 from mira.results.report import write_report
 from mira.results.runs import load_run, run_folder
+from mira.results.schema import ClientRow, ReportFiles, RunLayout
 from mira.results.stats import client_curves, mean_curves
-from test_compare import CLIENTS, make_comparison_dir, write_fake_run
+from test_compare import CLIENTS, make_comparison_dir, rewrite_client_rows, write_fake_run
 
-PLOT_NAMES = ["client_loss.png", "mean_loss.png", "task_graph.png", "per_task.png"]
+PLOT_NAMES = ["client_loss_plot", "mean_loss_plot", "task_graph_plot", "per_task_plot"]
+"""The plots every report has (ReportFiles attributes), when its runs recorded a graph."""
 
 
 def check_png(path: Path) -> None:
@@ -33,19 +34,23 @@ def check_png(path: Path) -> None:
 
 
 def check_links(out_dir: Path, names: list[str]) -> tuple[str, str]:
-    """report.md links every plot; report.html embeds the same PNGs (byte for byte, in the
-    same order) and links no file, so the page is self-contained."""
-    markdown = (out_dir / "report.md").read_text()
-    page = (out_dir / "report.html").read_text()
-    for name in names:
-        check_png(out_dir / "plots" / name)
-        assert f"](plots/{name})" in markdown
-    linked = re.findall(r"\]\((plots/[^)]+)\)", markdown)
-    assert set(linked) == {f"plots/{n}" for n in names}
+    """report.md links every plot (``names``: ReportFiles attributes) by its path relative to
+    the report; report.html embeds the same PNGs (byte for byte, in the same order) and
+    links no file, so the page is self-contained."""
+    files = ReportFiles(out_dir)
+    markdown = files.report_md.read_text()
+    page = files.report_html.read_text()
+    plots = [getattr(files, name) for name in names]
+    for path in plots:
+        check_png(path)
+        assert f"]({files.link(path)})" in markdown
+    folder = files.link(files.plots)
+    linked = re.findall(rf"\]\(({folder}/[^)]+)\)", markdown)
+    assert set(linked) == {files.link(path) for path in plots}
     embedded = re.findall(r'<img src="data:image/png;base64,([^"]+)"', page)
     assert [base64.b64decode(e) for e in embedded] == [(out_dir / p).read_bytes() for p in linked]
     assert page.count("<img ") == len(names)
-    assert 'src="plots/' not in page and 'href="plots/' not in page
+    assert f'src="{folder}/' not in page and f'href="{folder}/' not in page
     # every markdown table is a real HTML table, and nothing is preformatted text
     assert page.count("<table>") == markdown.count("\n| ---") + markdown.count("\n| :--")
     assert page.count("<table>") == page.count("</table>") > 0
@@ -59,7 +64,7 @@ def test_report_of_a_single_run(tmp_path: Path) -> None:
     run = tmp_path / "run"
     write_fake_run(run, "mira", 1)
     path = write_report(run)
-    assert path == run / "report.md"
+    assert path == ReportFiles(run).report_md
     markdown, page = check_links(run, PLOT_NAMES)
     # final round of the synthetic run: losses 1, 2, 4 -> mean 7/3, worst 4, spread std
     round_two = next(line for line in markdown.splitlines() if line.startswith("| 2 "))
@@ -74,9 +79,9 @@ def test_report_of_a_single_run(tmp_path: Path) -> None:
 def test_single_run_without_graph_has_no_heatmap(tmp_path: Path) -> None:
     run = tmp_path / "run"
     write_fake_run(run, "local", 1)
-    (run / "graph.json").unlink()
+    RunLayout(run).graph.unlink()
     write_report(run)
-    check_links(run, [n for n in PLOT_NAMES if n != "task_graph.png"])
+    check_links(run, [n for n in PLOT_NAMES if n != "task_graph_plot"])
 
 
 def test_report_of_a_comparison(tmp_path: Path) -> None:
@@ -98,9 +103,9 @@ def test_report_of_a_comparison(tmp_path: Path) -> None:
 def test_incomplete_runs_are_left_out_and_named(tmp_path: Path) -> None:
     root = make_comparison_dir(tmp_path / "cmp")
     folder = run_folder(root, "local", 2)
-    (folder / "DONE").unlink()
+    RunLayout(folder).done.unlink()
     write_report(root)
-    markdown = (root / "report.md").read_text()
+    markdown = ReportFiles(root).report_md.read_text()
     assert str(folder) in markdown
     assert "| local  |     1 |" in markdown  # one finished seed left for local
 
@@ -130,7 +135,7 @@ def test_a_folder_that_is_neither_is_refused(tmp_path: Path) -> None:
 def test_comparison_report_lists_each_seeds_mean_per_round(tmp_path: Path) -> None:
     root = make_comparison_dir(tmp_path / "cmp")
     write_report(root)
-    markdown = (root / "report.md").read_text()
+    markdown = ReportFiles(root).report_md.read_text()
     assert "Per round: mean personalised eval loss over clients, one value per seed" in markdown
     header = next(line for line in markdown.splitlines() if line.startswith("| round "))
     methods = [c.strip() for c in header.split("|")[2:-1]]
@@ -144,14 +149,12 @@ def test_comparison_report_lists_each_seeds_mean_per_round(tmp_path: Path) -> No
 # ------------------------------------------------------------------------------ mix weights
 def add_mix_weights(folder: Path, base: float) -> None:
     """Client i takes base + 0.1 i + 0.05 (round - 1) from its neighbours."""
-    path = folder / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
     names = [c for c, _ in CLIENTS]
-    for row in rows:
-        if row["kind"] == "client":
-            index = names.index(row["client"])
-            row["mix_weight"] = base + 0.1 * index + 0.05 * (row["round"] - 1)
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def mix(row: ClientRow) -> None:
+        row.mix_weight = base + 0.1 * names.index(row.client) + 0.05 * (row.round - 1)
+
+    rewrite_client_rows(folder, mix)
 
 
 def table_rows(markdown: str, title: str) -> dict[str, list[str]]:
@@ -170,7 +173,7 @@ def test_single_run_report_plots_and_tabulates_mix_weights(tmp_path: Path) -> No
     write_fake_run(run, "mira", 1)
     add_mix_weights(run, 0.2)
     write_report(run)
-    markdown, _ = check_links(run, [*PLOT_NAMES, "mix_weight.png"])
+    markdown, _ = check_links(run, [*PLOT_NAMES, "mix_weight_plot"])
     rounds = table_rows(markdown, "Per round: personalised eval loss over clients")
     # round 1: 0.2, 0.3, 0.4 -> 0.3; round 2: each + 0.05 -> 0.35
     assert rounds["1"][-1] == "0.3000" and rounds["2"][-1] == "0.3500"
@@ -189,7 +192,7 @@ def test_comparison_plots_mix_weights_of_the_mira_rule_only(tmp_path: Path) -> N
     write_fake_run(variant, "mira", 1, seconds=3.0)
     add_mix_weights(variant, 0.5)
     write_report(root)
-    markdown, _ = check_links(root, [*PLOT_NAMES, "mix_weight.png"])
+    markdown, _ = check_links(root, [*PLOT_NAMES, "mix_weight_plot"])
     mixing = table_rows(markdown, "Mix weight after the final round")
     assert set(mixing) == {"local", "mira@server.step=0.2"}
     assert mixing["mira@server.step=0.2"][0] == "0.6500"
@@ -199,7 +202,7 @@ def test_single_run_cost_uses_the_recorded_round_seconds(tmp_path: Path) -> None
     run = tmp_path / "run"
     write_fake_run(run, "mira", 1)  # no run.json: two rounds of 1.5 s
     write_report(run)
-    cost = table_rows((run / "report.md").read_text(), "Cost")
+    cost = table_rows(ReportFiles(run).report_md.read_text(), "Cost")
     assert cost["mira"][2] == "3.000"
 
 
@@ -207,10 +210,10 @@ def test_mean_loss_promises_a_band_only_with_several_seeds(tmp_path: Path) -> No
     run = tmp_path / "run"
     write_fake_run(run, "mira", 1)
     write_report(run)
-    assert "band:" not in (run / "report.md").read_text()
+    assert "band:" not in ReportFiles(run).report_md.read_text()
     root = make_comparison_dir(tmp_path / "cmp")
     write_report(root)
-    assert "band: min to max over seeds" in (root / "report.md").read_text()
+    assert "band: min to max over seeds" in ReportFiles(root).report_md.read_text()
 
 
 def test_per_task_panels_only_for_the_metrics_a_task_has(tmp_path: Path) -> None:
@@ -259,7 +262,7 @@ def test_single_round_run_has_one_loss_column(tmp_path: Path) -> None:
     run = tmp_path / "run"
     write_fake_run(run, "mira", 1, rounds=1)
     write_report(run)
-    markdown = (run / "report.md").read_text()
+    markdown = ReportFiles(run).report_md.read_text()
     section = markdown.split("## Personalised eval loss after round 1")[1].split("\n## ")[0]
     header = next(line for line in section.splitlines() if line.startswith("| client"))
     cells = [c.strip() for c in header.strip("|").split("|")]
@@ -270,18 +273,20 @@ def test_single_round_run_has_one_loss_column(tmp_path: Path) -> None:
     two = tmp_path / "two"
     write_fake_run(two, "mira", 1, rounds=2)
     write_report(two)
-    final = table_rows((two / "report.md").read_text(), "Personalised eval loss after round 2")
+    final = table_rows(
+        ReportFiles(two).report_md.read_text(), "Personalised eval loss after round 2"
+    )
     assert final["qa-0"][1:3] == ["4.500", "4.000"]  # round 1 is 0.5 higher
 
 
 def scale_losses(folder: Path, factor: float, clients: set[str]) -> None:
     """Multiply the eval losses of ``clients`` in a fake run by ``factor``."""
-    path = folder / "metrics.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
-    for row in rows:
-        if row["kind"] == "client" and row["client"] in clients:
-            row["eval_loss"] *= factor
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+    def scale(row: ClientRow) -> None:
+        if row.client in clients and row.eval_loss is not None:
+            row.eval_loss *= factor
+
+    rewrite_client_rows(folder, scale)
 
 
 def decimals(cell: str) -> set[int]:
@@ -296,7 +301,7 @@ def test_every_quantity_has_one_number_format(tmp_path: Path) -> None:
     for seed in (1, 2):
         scale_losses(run_folder(root, "mira", seed), 1e-5, {"sentiment-0", "sentiment-1"})
     write_report(root)
-    markdown = (root / "report.md").read_text()
+    markdown = ReportFiles(root).report_md.read_text()
     assert "e-0" not in markdown and "e+0" not in markdown
     per_task = table_rows(markdown, "Personalised eval loss per task")
     # largest loss 5.1: 3 decimals for the whole table; mira's sentiment loss prints as 0
@@ -335,7 +340,7 @@ def test_local_costs_what_it_exchanges_and_the_note_names_the_harness_traffic(
 ) -> None:
     root = make_comparison_dir(tmp_path / "cmp")
     write_report(root)
-    markdown = (root / "report.md").read_text()
+    markdown = ReportFiles(root).report_md.read_text()
     cost = table_rows(markdown, "Cost")
     # BYTES_UP 300 and 500, BYTES_DOWN 600 and 1000: 400 and 800 bytes a round
     assert cost["mira"][:2] == ["0.0004000 ± 0.0000000", "0.0008000 ± 0.0000000"]

@@ -23,6 +23,7 @@ import faults
 from mira.federation.simulation import run_simulation
 from mira.results.errors import RunDirError
 from mira.results.rundir import RunWriter, read_checkpoint, read_metrics
+from mira.results.schema import AdapterFiles, ReportFiles, RunLayout
 
 pytestmark = pytest.mark.slow
 
@@ -39,8 +40,8 @@ DRIVER = (
 
 def _adapters(folder: Path) -> dict[str, dict[str, np.ndarray]]:
     return {
-        p.name: load_file(str(p / "adapter_model.safetensors"))
-        for p in sorted((folder / "adapters").iterdir())
+        p.name: load_file(str(AdapterFiles(p).weights))
+        for p in sorted(RunLayout(folder).adapters.iterdir())
     }
 
 
@@ -119,7 +120,7 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted(tiny_config, tmp_pat
     assert not left, f"still running 30 s after mira was killed: {[_cmdline(p) for p in left]}"
     checkpoint = read_checkpoint(broken)
     assert checkpoint is not None and checkpoint.round == 2
-    assert {r["round"] for r in read_metrics(broken)} == {1}
+    assert {r.round for r in read_metrics(broken).all()} == {1}
 
     # A fresh run into the same directory is refused; --resume continues it.
     refused = subprocess.run(
@@ -137,19 +138,13 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted(tiny_config, tmp_pat
     for client in expected:
         for key, value in expected[client].items():
             np.testing.assert_allclose(got[client][key], value, rtol=0, atol=1e-6)
-    rows = [r for r in read_metrics(broken) if r["kind"] == "client"]
-    assert sorted((r["round"], r["client"]) for r in rows) == sorted(
+    rows = read_metrics(broken).clients
+    assert sorted((r.round, r.client) for r in rows) == sorted(
         (n, c) for n in (1, 2, 3) for c in cfg.client_ids
     )
-    whole_rows = {
-        (r["round"], r["client"]): r["eval_loss"]
-        for r in read_metrics(whole)
-        if r["kind"] == "client"
-    }
+    whole_rows = {(r.round, r.client): r.eval_loss for r in read_metrics(whole).clients}
     for row in rows:
-        assert row["eval_loss"] == pytest.approx(
-            whole_rows[(row["round"], row["client"])], abs=1e-5
-        )
+        assert row.eval_loss == pytest.approx(whole_rows[(row.round, row.client)], abs=1e-5)
     # The graph came from the checkpoint, not from new fingerprints.
     assert read_checkpoint(broken).clusters == read_checkpoint(whole).clusters  # type: ignore[union-attr]
     reliability.record(
@@ -177,16 +172,16 @@ def _stopped_run(cfg, folder: Path) -> None:
 
 
 def _scale_x50_without_hashes(folder: Path) -> None:
-    path = next((folder / "checkpoint").glob("adapters-r*.safetensors"))
+    path = RunLayout(folder).checkpoint_adapter_files()[0]
     save_file({k: v * 50 for k, v in load_file(str(path)).items()}, str(path), {"mira_round": "3"})
-    state_path = folder / "checkpoint" / "state.json"
+    state_path = RunLayout(folder).state
     state = json.loads(state_path.read_text())
     del state["adapters_sha256"], state["state_sha256"]
     state_path.write_text(json.dumps(state))
 
 
 def _edit_step(folder: Path) -> None:
-    path = folder / "config.toml"
+    path = RunLayout(folder).config
     path.write_text(path.read_text().replace("step = 0.3\n", "step = 0.9\n"))
 
 
@@ -242,7 +237,7 @@ def test_a_full_disk_mid_run_ends_in_one_line_with_the_checkpoint_intact(
     from mira.results import rundir
 
     _stopped_run(tiny_config(), tmp_path)
-    before = {p: p.read_bytes() for p in (tmp_path / "checkpoint").iterdir()}
+    before = {p: p.read_bytes() for p in RunLayout(tmp_path).checkpoint.iterdir()}
 
     def full(path, data):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
@@ -257,7 +252,7 @@ def test_a_full_disk_mid_run_ends_in_one_line_with_the_checkpoint_intact(
         "stopped. Its last checkpoint (after round 3) is intact: free some space and continue "
         f"with `mira run --resume {tmp_path}`"
     )
-    assert {p: p.read_bytes() for p in (tmp_path / "checkpoint").iterdir()} == before
+    assert {p: p.read_bytes() for p in RunLayout(tmp_path).checkpoint.iterdir()} == before
     monkeypatch.undo()
     checkpoint = read_checkpoint(tmp_path)
     assert checkpoint is not None and checkpoint.round == 3
@@ -278,7 +273,7 @@ def test_mira_run_prints_one_line_for_a_full_disk(tiny_config, tmp_path, monkeyp
     _stopped_run(tiny_config(), folder)
 
     def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", str(folder / "report.md"))
+        raise OSError(errno.ENOSPC, "No space left on device", str(ReportFiles(folder).report_md))
 
     monkeypatch.setattr(simulation, "run_simulation", full)
     assert main(["run", "--resume", str(folder)]) == 1

@@ -38,27 +38,34 @@ from mira.results.rundir import (
     truncate_metrics,
     write_checkpoint,
 )
+from mira.results.schema import (
+    AdapterFiles,
+    ClientRow,
+    RunLayout,
+    client_row,
+    encode_row,
+)
 
 CLIENTS = ["a-0", "a-1", "b-0"]
 
 
-def client_rows(rnd: int) -> list[dict]:
+def client_rows(rnd: int) -> list[ClientRow]:
     """Round ``rnd``: eval losses 1, 2, 4 (+ rnd), mix weights 0, 0.5, 1."""
     return [
-        {
-            "round": rnd,
-            "client": client,
-            "task": client[0],
-            "method": "mira",
-            "rank": 4,
-            "sampled": True,
-            "train_loss": 3.0,
-            "eval_loss": [1.0, 2.0, 4.0][i] + rnd,
-            "bytes_up": 10,
-            "bytes_down": 20,
-            "peak_memory_mb": 100.0 + i,
-            "mix_weight": [0.0, 0.5, 1.0][i],
-        }
+        ClientRow(
+            round=rnd,
+            client=client,
+            task=client[0],
+            method="mira",
+            rank=4,
+            sampled=True,
+            train_loss=3.0,
+            eval_loss=[1.0, 2.0, 4.0][i] + rnd,
+            bytes_up=10,
+            bytes_down=20,
+            peak_memory_mb=100.0 + i,
+            mix_weight=[0.0, 0.5, 1.0][i],
+        )
         for i, client in enumerate(CLIENTS)
     ]
 
@@ -110,22 +117,27 @@ def snapshot(folder: Path) -> dict[str, bytes]:
 # ------------------------------------------------------------------------------ metrics
 def test_round_aggregate_numbers_and_mix_weight_mean(cfg, tmp_path: Path) -> None:
     writer = write_run(tmp_path, cfg, 1)
-    aggregate = next(r for r in read_metrics(tmp_path) if r["kind"] == "round")
+    (aggregate,) = read_metrics(tmp_path).rounds
     # eval losses 2, 3, 5
-    assert aggregate["personalised_eval_loss_mean"] == pytest.approx(10 / 3)
-    assert aggregate["personalised_eval_loss_worst"] == 5.0
-    assert aggregate["personalised_eval_loss_std"] == pytest.approx(np.std([2.0, 3.0, 5.0]))
-    assert aggregate["mix_weight_mean"] == pytest.approx(0.5)
-    assert aggregate["bytes_up"] == 30 and aggregate["peak_memory_mb"] == 102.0
-    assert round_aggregate([{**client_rows(1)[0], "mix_weight": None}])["mix_weight_mean"] is None
+    assert aggregate.personalised_eval_loss_mean == pytest.approx(10 / 3)
+    assert aggregate.personalised_eval_loss_worst == 5.0
+    assert aggregate.personalised_eval_loss_std == pytest.approx(np.std([2.0, 3.0, 5.0]))
+    assert aggregate.mix_weight_mean == pytest.approx(0.5)
+    assert aggregate.bytes_up == 30 and aggregate.peak_memory_mb == 102.0
+    unmixed = client_rows(1)[0]
+    unmixed.mix_weight = None
+    assert round_aggregate(1, "mira", 1.0, [unmixed]).mix_weight_mean is None
     # auto rows carry lists; a non-finite value becomes null, never an invalid NaN token
     rows = client_rows(2)
-    rows[0].update(val_loss=math.nan, val_losses=[1.0, math.inf], candidates=[0.0, 0.5])
+    rows[0].val_loss, rows[0].val_losses = math.nan, [1.0, math.inf]
+    rows[0].candidates = [0.0, 0.5]
     writer.append_round(1.0, 2, rows)
-    text = (tmp_path / "metrics.jsonl").read_text()
+    text = RunLayout(tmp_path).metrics.read_text()
     assert "NaN" not in text and "Infinity" not in text
-    first = next(r for r in read_metrics(tmp_path) if r["round"] == 2)
-    assert first["val_losses"] == [1.0, None] and first["val_loss"] is None
+    first = read_metrics(tmp_path).clients_of(2)[0]
+    # a list keeps its null; an optional number present as null reads back as NaN
+    assert first.val_losses == [1.0, None] and math.isnan(first.val_loss or 0.0)
+    assert encode_row(first) == encode_row(rows[0])  # and writes the same line again
     writer.close()
 
 
@@ -138,10 +150,10 @@ def test_a_torn_last_line_is_ignored_and_resume_rewrites_the_file_without_it(
     cfg, tmp_path: Path, torn: bytes, reliability
 ) -> None:
     write_run(tmp_path, cfg, 2).close()
-    path = tmp_path / "metrics.jsonl"
+    path = RunLayout(tmp_path).metrics
     whole = path.read_bytes()
     expected = read_metrics(tmp_path)
-    assert len(expected) == 2 * (len(CLIENTS) + 1)
+    assert len(expected.all()) == 2 * (len(CLIENTS) + 1)
     path.write_bytes(whole + torn)
     assert read_metrics(tmp_path) == expected
     truncate_metrics(tmp_path, 2)
@@ -157,7 +169,7 @@ def test_a_bad_line_before_the_end_is_an_error_naming_the_file_and_line(
     cfg, tmp_path: Path
 ) -> None:
     write_run(tmp_path, cfg, 2).close()
-    path = tmp_path / "metrics.jsonl"
+    path = RunLayout(tmp_path).metrics
     lines = path.read_text().splitlines(keepends=True)
     lines[2] = lines[2][:20] + "\n"
     path.write_text("".join(lines))
@@ -174,11 +186,11 @@ def test_truncate_drops_rows_after_the_checkpoint_and_refuses_missing_rounds(
 ) -> None:
     write_run(tmp_path, cfg, 3).close()
     truncate_metrics(tmp_path, 2)
-    assert {r["round"] for r in read_metrics(tmp_path)} == {1, 2}
-    before = (tmp_path / "metrics.jsonl").read_bytes()
+    assert {r.round for r in read_metrics(tmp_path).all()} == {1, 2}
+    before = RunLayout(tmp_path).metrics.read_bytes()
     with pytest.raises(RunDirError, match=r"lacks the rows of round\(s\) 3.*lost rows"):
         truncate_metrics(tmp_path, 3)
-    assert (tmp_path / "metrics.jsonl").read_bytes() == before
+    assert RunLayout(tmp_path).metrics.read_bytes() == before
 
 
 # ------------------------------------------------------------------------------ the lock
@@ -263,9 +275,10 @@ def test_checkpoint_round_trip_records_hashes_and_the_metrics_round(cfg, tmp_pat
     write_run(tmp_path, cfg, 1).close()
     saved = checkpoint(2)
     write_checkpoint(tmp_path, saved)
-    state = json.loads((tmp_path / "checkpoint" / "state.json").read_text())
+    state = json.loads(RunLayout(tmp_path).state.read_text())
     assert state["metrics_round"] == 1 and len(state["adapters_sha256"]) == 64
-    assert state["adapters_file"] == f"adapters-r2-{state['adapters_sha256'][:16]}.safetensors"
+    named = RunLayout(tmp_path).checkpoint_adapters(2, state["adapters_sha256"])
+    assert state["adapters_file"] == named.name
     loaded = read_checkpoint(tmp_path)
     assert loaded is not None and loaded.round == 2 and loaded.clusters == [0, 0, 1]
     assert loaded.server == saved.server and loaded.graph_info == {"k": 2}
@@ -281,8 +294,8 @@ def test_a_checkpoint_rewritten_for_the_same_round_never_overwrites_the_committe
     write_run(tmp_path, cfg, 2).close()
     write_checkpoint(tmp_path, checkpoint(2))
     write_checkpoint(tmp_path, checkpoint(2, shift=10.0))  # the final evaluation's checkpoint
-    files = sorted(p.name for p in (tmp_path / "checkpoint").iterdir())
-    assert len(files) == 2 and "state.json" in files  # the older adapters file is gone
+    files = sorted(p.name for p in RunLayout(tmp_path).checkpoint.iterdir())
+    assert len(files) == 2 and RunLayout(tmp_path).state.name in files  # the older one is gone
     loaded = read_checkpoint(tmp_path)
     assert loaded is not None
     assert float(loaded.adapters["a-0"]["layer.lora_A"][0, 0]) == 10.0
@@ -294,34 +307,34 @@ def test_no_checkpoint_yet_is_none(cfg, tmp_path: Path) -> None:
 
 
 def _cut_adapters(folder: Path) -> None:
-    path = next((folder / "checkpoint").glob("adapters-r*.safetensors"))
+    path = RunLayout(folder).checkpoint_adapter_files()[0]
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
 def _remove_adapters(folder: Path) -> None:
-    next((folder / "checkpoint").glob("adapters-r*.safetensors")).unlink()
+    RunLayout(folder).checkpoint_adapter_files()[0].unlink()
 
 
 def _bad_json(folder: Path) -> None:
-    path = folder / "checkpoint" / "state.json"
+    path = RunLayout(folder).state
     path.write_text(path.read_text()[:-10])
 
 
 def _edit_round(folder: Path) -> None:
-    path = folder / "checkpoint" / "state.json"
+    path = RunLayout(folder).state
     state = json.loads(path.read_text())
     state["round"] += 1
     path.write_text(json.dumps(state))
 
 
 def _drop_metrics_round(folder: Path) -> None:
-    path = folder / "metrics.jsonl"
-    rows = [r for r in read_metrics(folder) if r["round"] == 1]
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = RunLayout(folder).metrics
+    rows = [r for r in read_metrics(folder).all() if r.round == 1]
+    path.write_text("".join(encode_row(r) + "\n" for r in rows))
 
 
 def _remove_state(folder: Path) -> None:
-    (folder / "checkpoint" / "state.json").unlink()
+    RunLayout(folder).state.unlink()
 
 
 @pytest.mark.parametrize(
@@ -370,7 +383,7 @@ def test_a_crash_after_the_rows_but_before_the_checkpoint_resumes_cleanly(
     loaded = read_checkpoint(tmp_path)
     assert loaded is not None and loaded.round == 2
     truncate_metrics(tmp_path, 1)
-    assert {r["round"] for r in read_metrics(tmp_path)} == {1}
+    assert {r.round for r in read_metrics(tmp_path).all()} == {1}
 
 
 def test_write_adapter_writes_a_peft_folder_atomically(cfg, tmp_path: Path) -> None:
@@ -386,7 +399,7 @@ def test_write_adapter_writes_a_peft_folder_atomically(cfg, tmp_path: Path) -> N
         "adapter_model.safetensors",
     ]
     np.testing.assert_array_equal(
-        load_file(str(path / "adapter_model.safetensors"))["base_model.model.layer.lora_A.weight"],
+        load_file(str(AdapterFiles(path).weights))["base_model.model.layer.lora_A.weight"],
         adapter["base_model.model.layer.lora_A.weight"],
     )
     config = LoraConfig.from_pretrained(str(path))
@@ -404,16 +417,16 @@ def test_graph_json_and_png_are_written(cfg, tmp_path: Path) -> None:
     )
     writer.write_graph(clients, graph, 0.3, built_after=0)
     writer.close()
-    payload = json.loads((tmp_path / "graph.json").read_text())
+    payload = json.loads(RunLayout(tmp_path).graph.read_text())
     assert payload["degree"] == [0.5, 0.5, 0.0] and payload["k"] == 2
-    assert (tmp_path / "graph.png").stat().st_size > 1000
+    assert RunLayout(tmp_path).graph_plot.stat().st_size > 1000
 
 
 def test_the_writer_records_the_last_round_it_appended_or_finds(cfg, tmp_path: Path) -> None:
     writer = write_run(tmp_path, cfg, 2)
     writer.write_checkpoint(checkpoint(3))
     writer.close()
-    state_path = tmp_path / "checkpoint" / "state.json"
+    state_path = RunLayout(tmp_path).state
     assert json.loads(state_path.read_text())["metrics_round"] == 2
     resumed = RunWriter(tmp_path, cfg)  # appends nothing before its first checkpoint
     resumed.write_checkpoint(checkpoint(3, shift=1.0))
@@ -429,7 +442,7 @@ def _recompute_state_hash(state: dict) -> None:
 
 
 def _edit_state(folder: Path, change) -> None:
-    path = folder / "checkpoint" / "state.json"
+    path = RunLayout(folder).state
     state = json.loads(path.read_text())
     change(state)
     path.write_text(json.dumps(state))
@@ -438,7 +451,7 @@ def _edit_state(folder: Path, change) -> None:
 def _scale_adapters(folder: Path, factor: float) -> None:
     from safetensors.numpy import load_file, save_file
 
-    path = next((folder / "checkpoint").glob("adapters-r*.safetensors"))
+    path = RunLayout(folder).checkpoint_adapter_files()[0]
     tensors = {k: v * factor for k, v in load_file(str(path)).items()}
     save_file(tensors, str(path), metadata={"mira_round": "3"})
 
@@ -516,7 +529,7 @@ def _edited_config(folder: Path, section: str, key: str, value) -> bytes:
 
     import tomli_w
 
-    path = folder / "config.toml"
+    path = RunLayout(folder).config
     raw = tomllib.loads(path.read_text())
     raw[section][key] = value
     path.write_text(tomli_w.dumps(raw))
@@ -584,7 +597,9 @@ def test_every_json_the_run_writes_is_strict(cfg, tmp_path: Path) -> None:
     """No bare NaN or Infinity anywhere: a non-finite number is written as null."""
     writer = write_run(tmp_path, cfg, 1)
     saved = checkpoint(2)
-    saved.server["open_rows"] = [{"epsilon": math.inf, "val_losses": [1.0, math.nan]}]
+    row = client_rows(2)[0]
+    row.epsilon, row.val_losses = math.inf, [1.0, math.nan]
+    saved.server["open_rows"] = [row.to_dict()]
     saved.graph_info["silhouette"] = math.nan
     writer.write_checkpoint(saved)
     clients = [SimpleNamespace(client_id=c, task=c[0]) for c in CLIENTS]
@@ -597,16 +612,18 @@ def test_every_json_the_run_writes_is_strict(cfg, tmp_path: Path) -> None:
     def refuse(token: str) -> None:
         raise AssertionError(f"bare {token}")
 
-    for path in [tmp_path / "graph.json", tmp_path / "checkpoint" / "state.json"]:
+    for path in [RunLayout(tmp_path).graph, RunLayout(tmp_path).state]:
         json.loads(path.read_text(), parse_constant=refuse)
-    for line in (tmp_path / "metrics.jsonl").read_text().splitlines():
+    for line in RunLayout(tmp_path).metrics.read_text().splitlines():
         json.loads(line, parse_constant=refuse)
     loaded = read_checkpoint(tmp_path)
     assert loaded is not None
-    assert loaded.server["open_rows"] == [{"epsilon": None, "val_losses": [1.0, None]}]
+    (restored,) = [client_row(r) for r in loaded.server["open_rows"]]
+    assert math.isnan(restored.epsilon or 0.0) and restored.val_losses == [1.0, None]
+    assert encode_row(restored) == encode_row(row)  # a restored open row writes the same line
     assert loaded.graph_info["silhouette"] is None
     with pytest.raises(ValueError, match="Out of range float"):
-        write_json(tmp_path / "run.json", {"epsilon": math.inf})
+        write_json(RunLayout(tmp_path).run_info, {"epsilon": math.inf})
 
 
 # ------------------------------------------------------------------------------ a live run
@@ -615,7 +632,7 @@ def test_a_new_run_into_a_folder_a_live_run_writes_is_told_a_run_is_in_progress(
 ) -> None:
     folder = tmp_path / "live"
     folder.mkdir()
-    (folder / "config.toml").write_text("# written by the live run before its first round\n")
+    RunLayout(folder).config.write_text("# written by the live run before its first round\n")
     holder = subprocess.Popen(
         [
             sys.executable,
@@ -660,7 +677,7 @@ def test_a_new_run_into_a_folder_a_live_run_writes_is_told_a_run_is_in_progress(
 def test_a_full_disk_is_one_line_saying_the_checkpoint_is_intact(cfg, tmp_path: Path) -> None:
     write_run(tmp_path, cfg, 2).close()
     write_checkpoint(tmp_path, checkpoint(3))
-    full = OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "metrics.jsonl"))
+    full = OSError(errno.ENOSPC, "No space left on device", str(RunLayout(tmp_path).metrics))
     error = disk_full_error(tmp_path, full)
     assert error is not None
     assert str(error) == (

@@ -4,6 +4,7 @@ ServerApp's progress and outcome back to `mira run`."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ from mira.federation.relay import CALLS, RelayProgress, RelayReader
 from mira.federation.server import FederationError
 from mira.federation.server_app import WRAPPER_KEYS, as_override, read_run_config
 from mira.results.errors import RunExistsError
+from mira.results.schema import RunLayout
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -140,7 +142,7 @@ def test_the_relay_replays_progress_and_raises_the_servers_exception(tmp_path):
     reader.poll()
     sent.advance(2, 4, None)
     sent.end()
-    sent.round_done(2, {"train_loss_mean": 0.25, "personalised_eval_loss_mean": float("nan")})
+    sent.round_done(2, 0.25, float("nan"), None, 1)
     sent.note("a note")
     sent.detail("a detail")
     sent.finish(FederationError("only 2 of 4 clients replied usably"))
@@ -157,8 +159,9 @@ def test_the_relay_replays_progress_and_raises_the_servers_exception(tmp_path):
         "detail",
     ]
     assert recorder.calls[2] == ("advance", (1, 4, 0.5))
-    server_round, aggregate = recorder.calls[5][1]
-    assert server_round == 2 and aggregate["train_loss_mean"] == 0.25
+    server_round, train_loss, eval_mean, eval_worst, failed = recorder.calls[5][1]
+    assert (server_round, train_loss, eval_worst, failed) == (2, 0.25, None, 1)
+    assert math.isnan(eval_mean)
     assert not reader.done
     assert isinstance(reader.error, FederationError)
     assert str(reader.error) == "only 2 of 4 clients replied usably"
@@ -189,7 +192,7 @@ def test_a_resumed_run_keeps_its_config_but_what_resuming_may_change(tmp_path):
 
     out = tmp_path / "run"
     out.mkdir()
-    (out / "config.toml").write_text(to_toml(load_config()))
+    RunLayout(out).config.write_text(to_toml(load_config()))
     longer = RunRequest(None, ("federation.rounds=7",), out, resume=True).load()
     assert longer.federation.rounds == 7
     with pytest.raises(ConfigError, match="a resumed run keeps its config; only"):

@@ -9,7 +9,6 @@ import subprocess
 import tomllib
 import warnings
 from pathlib import Path
-from typing import Any
 
 import pytest
 import tomli_w
@@ -17,6 +16,7 @@ import tomli_w
 from mira.federation.progress import Progress
 from mira.federation.simulation import CONNECTION, LocalSuperLink, run_simulation
 from mira.results.rundir import read_metrics
+from mira.results.schema import ReportFiles, RunLayout
 
 pytestmark = pytest.mark.slow
 
@@ -31,11 +31,18 @@ class RoundsSeen(Progress):
 
     def __init__(self) -> None:
         super().__init__(verbose=True)
-        self.rounds: dict[int, dict[str, Any]] = {}
+        self.rounds: dict[int, tuple[float | None, float | None]] = {}
 
-    def round_done(self, server_round: int, aggregate: dict[str, Any]) -> None:
-        super().round_done(server_round, aggregate)
-        self.rounds[server_round] = aggregate
+    def round_done(
+        self,
+        server_round: int,
+        train_loss: float | None,
+        eval_loss_mean: float | None,
+        eval_loss_worst: float | None,
+        failed: int = 0,
+    ) -> None:
+        super().round_done(server_round, train_loss, eval_loss_mean, eval_loss_worst, failed)
+        self.rounds[server_round] = (eval_loss_mean, train_loss)
 
 
 def test_mira_run_emits_no_flower_deprecation_and_relays_every_round(
@@ -66,11 +73,12 @@ def test_mira_run_emits_no_flower_deprecation_and_relays_every_round(
     from_flower = [w for w in caught if "flwr" in w.filename or "Flower" in str(w.message)]
     assert not from_flower, [str(w.message) for w in from_flower]
     # The rounds shown here are the rounds written there.
-    rows = {r["round"]: r for r in read_metrics(tmp_path) if r["kind"] == "round"}
+    rows = {r.round: r for r in read_metrics(tmp_path).rounds}
     assert sorted(seen.rounds) == sorted(rows) == [1, 2]
-    for server_round, aggregate in seen.rounds.items():
-        for key in ("personalised_eval_loss_mean", "train_loss_mean"):
-            assert aggregate[key] == pytest.approx(rows[server_round][key], rel=1e-12)
+    for server_round, shown in seen.rounds.items():
+        row = rows[server_round]
+        recorded = (row.personalised_eval_loss_mean, row.train_loss_mean)
+        assert shown == pytest.approx(recorded, rel=1e-12)
 
 
 def _flwr_run(link: LocalSuperLink, run_config: str, cwd: Path) -> str:
@@ -102,18 +110,19 @@ def test_flwr_run_takes_dotted_keys_and_writes_the_report(tiny_config, tmp_path)
     (tmp_path / "link").mkdir()
     with LocalSuperLink(tmp_path / "link") as link:
         stream = _flwr_run(link, run_config, tmp_path)
-        written = tomllib.loads((out / "config.toml").read_text())
+        written = tomllib.loads(RunLayout(out).config.read_text())
         assert (written["federation"]["rounds"], written["server"]["method"]) == (1, "fedit")
-        assert (out / "report.md").is_file() and (out / "report.html").is_file()
-        assert f"report: {out / 'report.md'} and {out / 'report.html'}" in stream
+        assert ReportFiles(out).report_md.is_file() and ReportFiles(out).report_html.is_file()
+        report = ReportFiles(out)
+        assert f"report: {report.report_md} and {report.report_html}" in stream
         assert "Personalised eval loss after round 1" in stream
-        clients = [r for r in read_metrics(out) if r["kind"] == "client"]
-        assert {r["round"] for r in clients} == {1} and len(clients) == 4
+        clients = read_metrics(out).clients
+        assert {r.round for r in clients} == {1} and len(clients) == 4
         for row in clients:  # the final table shows each client's loss
-            assert re.search(rf"\| {row['client']} .*{row['eval_loss']:.3f}", stream), row
+            assert re.search(rf"\| {row.client} .*{row.eval_loss:.3f}", stream), row
 
         # The same folder again: refused, nothing written over.
-        before = (out / "metrics.jsonl").read_text()
+        before = RunLayout(out).metrics.read_text()
         again = _flwr_run(link, run_config, tmp_path)
         assert "already holds a run" in again, again[-3000:]
-        assert (out / "metrics.jsonl").read_text() == before
+        assert RunLayout(out).metrics.read_text() == before

@@ -91,12 +91,10 @@ def test_a_round_is_written_one_exchange_after_its_training() -> None:
     closed = state.close_round(replies, sent)
     assert closed is not None and closed.round == 1 and closed.seconds == 2.0
     for row, instruction in zip(closed.rows, instructions, strict=True):
-        assert row["round"] == 1 and row["mix_weight"] == 0.5
-        assert (
-            row["eval_loss"] == replies[state.index(instruction.client_id)].evaluation["eval_loss"]
-        )
-        assert row["bytes_down"] == 100 and row["bytes_up"] == 48
-        assert row["accuracy"] == 0.5  # federation.metrics_every = 1: due every round
+        assert row.round == 1 and row.mix_weight == 0.5
+        assert row.eval_loss == replies[state.index(instruction.client_id)].evaluation["eval_loss"]
+        assert row.bytes_down == 100 and row.bytes_up == 48
+        assert row.metrics["accuracy"] == 0.5  # federation.metrics_every = 1: due every round
 
 
 def test_final_exchange_only_evaluates_and_carries_the_task_metrics() -> None:
@@ -109,7 +107,7 @@ def test_final_exchange_only_evaluates_and_carries_the_task_metrics() -> None:
     assert all(i.evaluate and not i.train and i.task_metrics for i in instructions)
     closed = state.close_round(replies, sent, seconds=0.5)
     assert closed is not None and closed.round == 3 and closed.seconds == 1.5
-    assert all(r["accuracy"] == 0.5 and r["bytes_down"] == 200 for r in closed.rows)
+    assert all(r.metrics["accuracy"] == 0.5 and r.bytes_down == 200 for r in closed.rows)
     assert not state.open_rows
 
 
@@ -117,7 +115,7 @@ def test_unsampled_unchanged_clients_are_not_contacted_and_keep_their_evaluation
     state = make_state("federation.fraction=0.5", "server.method=local")
     _, replies, sent = run_exchange(state, 1)
     state.apply_rule(1, replies, sent, seconds=1.0)
-    first = {i for i, r in state.open_rows.items() if r["sampled"]}
+    first = {i for i, r in state.open_rows.items() if r.sampled}
     instructions, replies, sent = run_exchange(state, 2)
     contacted = {state.index(i.client_id) for i in instructions}
     second = {state.index(i.client_id) for i in instructions if i.train}
@@ -131,7 +129,7 @@ def test_unsampled_unchanged_clients_are_not_contacted_and_keep_their_evaluation
     sampled_now = {state.index(i.client_id) for i in instructions if i.train}
     assert contacted == second | sampled_now  # the rest kept their adapter and evaluation
     closed = state.close_round(replies, sent)
-    assert closed is not None and all(r["eval_loss"] is not None for r in closed.rows)
+    assert closed is not None and all(r.eval_loss is not None for r in closed.rows)
 
 
 def test_auto_sends_the_mean_checks_the_choice_and_mixes_like_the_client() -> None:
@@ -144,7 +142,7 @@ def test_auto_sends_the_mean_checks_the_choice_and_mixes_like_the_client() -> No
     assert all(i.candidates == [0.0, 0.25, 0.5, 1.0] for i in instructions)  # 1/2: equal share
     closed = state.close_round(replies, sent)
     assert closed is not None
-    assert all(r["mix_weight"] == 0.5 for r in closed.rows)
+    assert all(r.mix_weight == 0.5 for r in closed.rows)
     expected = rules.mix_toward(trained[0], trained[1], 0.5, "factor", 2.0)
     np.testing.assert_allclose(closed.adapters[0]["m.lora_A.weight"], expected["m.lora_A.weight"])
     state.apply_rule(2, replies, sent, seconds=1.0)
@@ -169,8 +167,8 @@ def test_auto_tolerance_sends_the_anchor_and_rechecks_the_tolerant_choice() -> N
         reply.alpha = 0.5
     closed = state.close_round(replies, sent)
     assert closed is not None
-    assert all(r["alpha_choice"] == 0.5 and r["anchor"] == 0.5 for r in closed.rows)
-    assert all(r["val_standard_errors"] == [0.0, 0.2, 0.2] for r in closed.rows)
+    assert all(r.alpha_choice == 0.5 and r.anchor == 0.5 for r in closed.rows)
+    assert all(r.val_standard_errors == [0.0, 0.2, 0.2] for r in closed.rows)
     saved, _ = state.snapshot_state()
     assert all(c["anchor"] == 0.5 for c in saved["clients"])
     state.apply_rule(2, replies, sent, seconds=1.0)
@@ -211,7 +209,7 @@ def test_rules_without_a_step_ignore_an_auto_step(method: str) -> None:
     _, replies, sent = run_exchange(state, 1)
     state.apply_rule(1, replies, sent, seconds=1.0)
     assert not any(c.mean is not None for c in state.clients)
-    weights = {r["mix_weight"] for r in state.open_rows.values()}
+    weights = {r.mix_weight for r in state.open_rows.values()}
     assert weights == ({0.0} if method == "local" else weights - {0.0})
 
 
@@ -236,8 +234,8 @@ def test_auto_smoothing_applies_the_moving_average_of_the_choices() -> None:
             reply.alpha = rules.smoothed_mix(float(prefer_one), prior, 0.5)
         closed = state.close_round(replies, sent)
         if closed is not None:
-            applied.append(closed.rows[0]["mix_weight"])
-            assert closed.rows[0]["alpha_choice"] == float(prefer_one)
+            applied.append(closed.rows[0].mix_weight)
+            assert closed.rows[0].alpha_choice == float(prefer_one)
         if server_round <= 3:
             state.apply_rule(server_round, replies, sent, seconds=1.0)
     assert applied == [1.0, 0.5, 0.75]
@@ -261,10 +259,11 @@ def test_a_non_finite_train_loss_refuses_the_update_and_keeps_the_mean_finite() 
     before = dict(state.clients[2].adapter)
     state.apply_rule(1, replies, sent, seconds=1.0, outcomes=outcomes)
     row = state.open_rows[2]
-    assert row["status"] == "rejected" and row["train_loss"] is None
-    assert row["reason"] == "client b-0 reported a non-finite train_loss (nan)"
+    assert row.status == REJECTED and row.train_loss is None
+    assert row.reason == "client b-0 reported a non-finite train_loss (nan)"
     rows = [state.open_rows[i] for i in range(4)]
-    assert round_aggregate(rows)["train_loss_mean"] == pytest.approx(np.mean([2.1, 2.2, 2.4]))
+    aggregate = round_aggregate(1, "mira", 1.0, rows)
+    assert aggregate.train_loss_mean == pytest.approx(np.mean([2.1, 2.2, 2.4]))
     # b-0 keeps its adapter; its neighbour b-1 is pulled toward that, not toward a NaN one
     assert all(np.all(np.isfinite(v)) for c in state.clients for v in c.adapter.values())
     np.testing.assert_array_equal(

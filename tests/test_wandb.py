@@ -11,7 +11,6 @@ metrics.jsonl, not from the code that logged them.
 from __future__ import annotations
 
 import json
-import math
 import struct
 import sys
 import time
@@ -21,8 +20,9 @@ from typing import Any
 
 import pytest
 
-from mira.config import TASK_METRICS, ConfigError, load_config
+from mira.config import ConfigError, load_config
 from mira.results.rundir import RunWriter, read_metrics
+from mira.results.schema import ClientRow, RunLayout
 
 HEADER, BLOCK = 7, 32768
 FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
@@ -72,7 +72,7 @@ def run_files(folder: Path, count: int, timeout: float = 60.0) -> list[Path]:
     """
     deadline = time.monotonic() + timeout
     while True:
-        paths = sorted((folder / "wandb").glob("offline-run-*/run-*.wandb"))
+        paths = sorted(RunLayout(folder).wandb.glob("offline-run-*/run-*.wandb"))
         kinds = [[r.WhichOneof("record_type") for r in wandb_records(p)] for p in paths]
         if len(paths) == count and all(k and k[-1] == "exit" for k in kinds):
             return paths
@@ -109,37 +109,33 @@ def expected_scalars(folder: Path) -> dict[int, dict[str, float]]:
     """What metrics.jsonl holds, as W&B should have it: ``round/<key>`` for the numbers of
     each round row, ``<client>/<key>`` for each client's losses, mix weight and metrics."""
     out: dict[int, dict[str, float]] = {}
-    for row in read_metrics(folder):
-        scalars = out.setdefault(row["round"], {})
-        if row["kind"] == "round":
-            for key, value in row.items():
-                number = isinstance(value, int | float) and not isinstance(value, bool)
-                if number and key != "round":
-                    scalars[f"round/{key}"] = value
-            continue
-        for key in ("train_loss", "eval_loss", "mix_weight", *TASK_METRICS):
-            if isinstance(row.get(key), float) and math.isfinite(row[key]):
-                scalars[f"{row['client']}/{key}"] = row[key]
+    recorded = read_metrics(folder)
+    for round_row in recorded.rounds:
+        scalars = out.setdefault(round_row.round, {})
+        scalars.update({f"round/{key}": value for key, value in round_row.scalars().items()})
+    for row in recorded.clients:
+        scalars = out.setdefault(row.round, {})
+        scalars.update({f"{row.client}/{key}": value for key, value in row.scalars().items()})
     return out
 
 
-def rows(rnd: int) -> list[dict]:
+def rows(rnd: int) -> list[ClientRow]:
     """Round ``rnd`` of three clients; b-0 has no eval loss, only a-0 a task metric."""
     return [
-        {
-            "round": rnd,
-            "client": client,
-            "task": client[0],
-            "method": "mira",
-            "rank": 4,
-            "sampled": True,
-            "train_loss": 3.0 / rnd + i,
-            "eval_loss": None if client == "b-0" else 2.0 / rnd + 0.125 * i,
-            "bytes_up": 10 * rnd,
-            "bytes_down": 20,
-            "mix_weight": [0.0, 0.25, 0.5][i],
-            **({"accuracy": 0.5 + 0.125 * rnd} if client == "a-0" else {}),
-        }
+        ClientRow(
+            round=rnd,
+            client=client,
+            task=client[0],
+            method="mira",
+            rank=4,
+            sampled=True,
+            train_loss=3.0 / rnd + i,
+            eval_loss=None if client == "b-0" else 2.0 / rnd + 0.125 * i,
+            bytes_up=10 * rnd,
+            bytes_down=20,
+            mix_weight=[0.0, 0.25, 0.5][i],
+            metrics={"accuracy": 0.5 + 0.125 * rnd} if client == "a-0" else {},
+        )
         for i, client in enumerate(["a-0", "a-1", "b-0"])
     ]
 
@@ -154,7 +150,7 @@ def test_offline_run_holds_the_metrics_scalars_and_the_config_and_resumes(tmp_pa
     with RunWriter(tmp_path, cfg) as writer:
         writer.append_round(0.5, 3, rows(3))
     history, config, ids = logged(tmp_path, count=2)
-    assert ids == {(tmp_path / "wandb" / "mira-run-id").read_text().strip()}
+    assert ids == {RunLayout(tmp_path).wandb_run_id.read_text().strip()}
     expected = expected_scalars(tmp_path)
     assert sorted(history) == [1, 2, 3]
     for step, scalars in expected.items():
@@ -207,9 +203,8 @@ def test_a_simulated_run_logs_every_round_to_wandb_and_cards_its_adapters(tiny_c
         assert history[step] == pytest.approx(scalars, rel=1e-12)
     assert config["model"]["name"] == "tiny-random-llama"
     last = cfg.federation.rounds
-    for row in read_metrics(tmp_path):
-        if row["kind"] == "client" and row["round"] == last:
-            card = (tmp_path / "adapters" / row["client"] / "README.md").read_text()
-            assert f"after round {last} of {last}" in card
-            assert f"| eval loss (mean over target tokens) | {row['eval_loss']:#.4g} |" in card
-            assert f"| accuracy | {row['accuracy']:#.4g} |" in card
+    for row in read_metrics(tmp_path).clients_of(last):
+        card = RunLayout(tmp_path).adapter(row.client).card.read_text()
+        assert f"after round {last} of {last}" in card
+        assert f"| eval loss (mean over target tokens) | {row.eval_loss:#.4g} |" in card
+        assert f"| accuracy | {row.metrics['accuracy']:#.4g} |" in card

@@ -23,6 +23,7 @@ from mira.config import (
 from mira.data.sources import DataError
 from mira.errors import MiraError
 from mira.results.errors import RunExistsError
+from mira.results.schema import ComparisonLayout, ReportFiles, RunLayout
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -40,7 +41,7 @@ def _run(args: argparse.Namespace) -> int:
         out_dir = Path(args.resume)
         check_not_in_use(out_dir)
         read_checkpoint(out_dir)  # damage or an edited config.toml: one error before anything
-        cfg = load_resumed(out_dir / "config.toml", args.set)
+        cfg = load_resumed(RunLayout(out_dir).config, args.set)
     else:
         cfg = load_config(args.config, args.set)
         out_dir = Path(args.out) if args.out else default_run_dir()
@@ -99,9 +100,9 @@ def _compare(args: argparse.Namespace) -> int:
     )
     table = short_summary_table(summarise_comparison(out)[0])
     print(f"\n{table.title}\n{markdown_table(table)}")
-    print(f"\nall tables: {out / 'comparison.md'}")
+    print(f"\nall tables: {ComparisonLayout(out).summary_md}")
     report = write_report(out)
-    print(f"report: {report} and {report.with_suffix('.html')}")
+    print(f"report: {report} and {ComparisonLayout(out).report_html}")
     return 0
 
 
@@ -146,7 +147,7 @@ def _report(args: argparse.Namespace) -> int:
     from mira.results.report import write_report
 
     path = write_report(Path(args.dir))
-    print(f"wrote {path} and {path.with_suffix('.html')} (self-contained)")
+    print(f"wrote {path} and {ReportFiles(Path(args.dir)).report_html} (self-contained)")
     return 0
 
 

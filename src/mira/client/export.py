@@ -44,15 +44,8 @@ from mira.config import Config, ConfigError, load_config
 from mira.errors import MiraError
 from mira.results.card import hub_id, model_card
 from mira.results.errors import RunDirError
-from mira.results.rundir import (
-    ADAPTER_CONFIG,
-    ADAPTER_FILE,
-    ADAPTERS,
-    CONFIG,
-    MODEL_CARD,
-    graph_description,
-    read_metrics,
-)
+from mira.results.rundir import graph_description, read_metrics
+from mira.results.schema import AdapterFiles, RunLayout
 
 SOURCE_NOTE = "mira-source.json"  # written beside a converted packaged model: where it came from
 
@@ -97,8 +90,9 @@ def tokenizer_files(source: str) -> dict[str, bytes]:
     with tempfile.TemporaryDirectory() as scratch:
         tokenizer.save_pretrained(scratch)
         files = {p.name: p.read_bytes() for p in sorted(Path(scratch).iterdir()) if p.is_file()}
-    last = files.pop("tokenizer_config.json", None)
-    return files if last is None else {**files, "tokenizer_config.json": last}
+    name = AdapterFiles(Path()).tokenizer_config.name
+    last = files.pop(name, None)
+    return files if last is None else {**files, name: last}
 
 
 def exported_base(cfg: Config, base: str | None, out: Path) -> tuple[str, str, bool]:
@@ -171,9 +165,9 @@ def export_client(
 
 
 def _run_config(run_dir: Path) -> Config:
-    path = run_dir / CONFIG
+    path = RunLayout(run_dir).config
     if not path.is_file():
-        raise ExportError(f"{run_dir} is not a run directory: it has no {CONFIG}")
+        raise ExportError(f"{run_dir} is not a run directory: it has no {path.name}")
     try:
         return load_config(path)
     except ConfigError as err:
@@ -185,19 +179,20 @@ def _adapter_folder(run_dir: Path, cfg: Config, client: str) -> Path:
         raise ExportError(
             f"{run_dir} has no client {client!r}; its clients are: {', '.join(cfg.client_ids)}"
         )
-    saved = sorted(p.parent.name for p in (run_dir / ADAPTERS).glob(f"*/{ADAPTER_FILE}"))
+    layout = RunLayout(run_dir)
+    saved = layout.saved_adapters()
     if not saved:
         raise ExportError(
-            f"{run_dir} holds no adapters ({run_dir / ADAPTERS} is empty or missing): its run "
+            f"{run_dir} holds no adapters ({layout.adapters} is empty or missing): its run "
             "completed no round; continue it with `mira run --resume` first"
         )
-    folder = run_dir / ADAPTERS / client
-    if not (folder / ADAPTER_FILE).is_file() or not (folder / ADAPTER_CONFIG).is_file():
+    files = layout.adapter(client)
+    if not files.weights.is_file() or not files.config.is_file():
         raise ExportError(
-            f"{folder} lacks {ADAPTER_FILE} or {ADAPTER_CONFIG}; clients with adapters: "
-            f"{', '.join(saved)}"
+            f"{files.dir} lacks {files.weights.name} or {files.config.name}; clients with "
+            f"adapters: {', '.join(saved)}"
         )
-    return folder
+    return files.dir
 
 
 def _base_source(cfg: Config, base: str | None) -> str:
@@ -219,7 +214,7 @@ def _missing_base(name: str, err: BaseException) -> ExportError:
 
 def _adapter_settings(cfg: Config, adapter: Path) -> dict[str, Any]:
     """adapter_config.json with the portable base name (older runs recorded a local path)."""
-    settings = json.loads((adapter / ADAPTER_CONFIG).read_text())
+    settings = json.loads(AdapterFiles(adapter).config.read_text())
     settings["base_model_name_or_path"] = base_identity(cfg.model.name, "")[0]
     return settings
 
@@ -235,7 +230,7 @@ def _card(
 ) -> str | None:
     """The card of the client's last recorded round (None when metrics.jsonl has none)."""
     try:
-        rows = [r for r in read_metrics(run_dir) if r["kind"] == "client" and r["client"] == client]
+        rows = [r for r in read_metrics(run_dir).clients if r.client == client]
     except RunDirError:
         return None
     if not rows:
@@ -247,13 +242,13 @@ def _card(
 def _write_tokenizer(
     cfg: Config, adapter: Path, folder: Path, base: str | None, source: str | None = None
 ) -> None:
-    not_tokenizer = (ADAPTER_FILE, ADAPTER_CONFIG, MODEL_CARD)
+    saved = AdapterFiles(adapter)
     names = [
         p.name
         for p in adapter.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.name not in not_tokenizer
+        if p.is_file() and not p.name.startswith(".") and p not in saved.own_files()
     ]
-    if "tokenizer_config.json" in names:  # written by the run: copy as it is
+    if saved.tokenizer_config.is_file():  # written by the run: copy as it is
         for name in names:
             shutil.copyfile(adapter / name, folder / name)
         return
@@ -281,13 +276,14 @@ def _write_adapter_copy(
     settings = _adapter_settings(cfg, adapter)
     name, note, relative = exported_base(cfg, base, out)
     settings["base_model_name_or_path"] = name
-    shutil.copyfile(adapter / ADAPTER_FILE, folder / ADAPTER_FILE)
-    (folder / ADAPTER_CONFIG).write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
+    source, target = AdapterFiles(adapter), AdapterFiles(folder)
+    shutil.copyfile(source.weights, target.weights)
+    target.config.write_text(json.dumps(settings, indent=2, sort_keys=True) + "\n")
     card = _card(cfg, run_dir, client, settings, note, False, relative)
     if card is not None:
-        (folder / MODEL_CARD).write_text(card)
-    elif (adapter / MODEL_CARD).is_file():
-        shutil.copyfile(adapter / MODEL_CARD, folder / MODEL_CARD)
+        target.card.write_text(card)
+    elif source.card.is_file():
+        shutil.copyfile(source.card, target.card)
     _write_tokenizer(cfg, adapter, folder, base)
 
 
@@ -314,4 +310,4 @@ def _write_merged(
     settings = _adapter_settings(cfg, adapter)
     card = _card(cfg, run_dir, client, settings, base_identity(cfg.model.name, source)[1], True)
     if card is not None:
-        (folder / MODEL_CARD).write_text(card)
+        AdapterFiles(folder).card.write_text(card)

@@ -36,8 +36,9 @@ from mira.config import (
 from mira.errors import MiraError
 from mira.results.files import write_atomic, write_json
 from mira.results.report import write_comparison
-from mira.results.rundir import CONFIG, METRICS, read_metrics, recorded_rounds
-from mira.results.runs import DONE, MANIFEST, read_manifest, run_folder, update_run_info
+from mira.results.rundir import read_metrics
+from mira.results.runs import read_manifest, run_folder, update_run_info
+from mira.results.schema import ComparisonLayout, RunLayout
 from mira.results.stats import unique
 
 # Set by --methods and --seeds; an override of either would silently lose to them.
@@ -170,22 +171,22 @@ def config_differences(folder: Path, cfg: Config) -> list[str]:
 
     A folder without config.toml has nothing to compare and counts as the same run.
     """
-    path = folder / CONFIG
+    path = RunLayout(folder).config
     if not path.is_file():
         return []
     try:
         stored = load_run_config(path).to_dict()
     except ConfigError as err:
-        return [f"config.toml unreadable ({err})"]
+        return [f"{path.name} unreadable ({err})"]
     old, new = _comparable(stored), _comparable(cfg.to_dict())
     return [f"{key}: {a!r} -> {b!r}" for key, a, b in differing_keys(old, new)]
 
 
 def has_final_round(folder: Path, rounds: int) -> bool:
     """metrics.jsonl holds the aggregate ("round") row of round ``rounds``."""
-    if not (folder / METRICS).is_file():
+    if not RunLayout(folder).metrics.is_file():
         return False
-    return rounds in recorded_rounds(read_metrics(folder))
+    return rounds in read_metrics(folder).recorded_rounds()
 
 
 def is_complete(folder: Path, rounds: int) -> bool:
@@ -194,7 +195,7 @@ def is_complete(folder: Path, rounds: int) -> bool:
     Both are needed: the marker alone could outlive a metrics file rewritten by hand, and the
     final round alone could belong to a runner that crashed before returning.
     """
-    return (folder / DONE).is_file() and has_final_round(folder, rounds)
+    return RunLayout(folder).done.is_file() and has_final_round(folder, rounds)
 
 
 def _now() -> str:
@@ -225,7 +226,7 @@ def _update_manifest(out_dir: Path, entry: dict[str, Any]) -> None:
     manifest["methods"] = unique([*manifest["methods"], *entry["methods"]])
     manifest["seeds"] = unique([*manifest["seeds"], *entry["seeds"]])
     manifest["commands"] = [*manifest["commands"], entry]
-    write_json(out_dir / MANIFEST, manifest)
+    write_json(ComparisonLayout(out_dir).manifest, manifest)
 
 
 def _execute(
@@ -236,15 +237,16 @@ def _execute(
     resuming = resume is not None and run.folder.exists()
     if run.folder.exists() and not resuming:
         shutil.rmtree(run.folder)  # incomplete and no resume hook: start again from nothing
+    layout = RunLayout(run.folder)
     run.folder.mkdir(parents=True, exist_ok=True)
-    (run.folder / DONE).unlink(missing_ok=True)
+    layout.done.unlink(missing_ok=True)
     log(f"{where}: {'resuming' if resuming else 'running'} -> {run.folder}")
     started_at, started = _now(), time.monotonic()
     (resume if resume is not None and resuming else runner)(run.cfg, run.folder)
     seconds = time.monotonic() - started
     if not has_final_round(run.folder, rounds):
         raise CompareError(
-            f"{where}: the run returned without recording round {rounds} in {run.folder / METRICS}"
+            f"{where}: the run returned without recording round {rounds} in {layout.metrics}"
         )
     update_run_info(
         run.folder,
@@ -257,7 +259,7 @@ def _execute(
             "resumed": resuming,
         },
     )
-    write_atomic(run.folder / DONE, _now() + "\n")
+    write_atomic(layout.done, _now() + "\n")
     log(f"{where}: done in {seconds:.0f}s")
 
 

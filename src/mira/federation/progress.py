@@ -106,19 +106,27 @@ class Progress:
             self._exchange = None
         self._stop_heartbeat()
 
-    def round_done(self, server_round: int, aggregate: dict[str, Any]) -> None:
+    def round_done(
+        self,
+        server_round: int,
+        train_loss: float | None,
+        eval_loss_mean: float | None,
+        eval_loss_worst: float | None,
+        failed: int = 0,
+    ) -> None:
+        """Round ``server_round``'s rows are written: its mean train loss, the mean and worst
+        personalised eval loss over clients, and how many clients failed."""
         elapsed = self._clock() - self._started
         left = ""
         done = server_round - getattr(self, "_first", 1) + 1
         remaining = self._rounds - server_round
         if done > 0 and remaining > 0:
             left = f", about {_duration(elapsed / done * remaining)} left"
-        failed = aggregate.get("clients_failed") or 0
         self.note(
             f"[round {server_round}/{self._rounds}] train loss "
-            f"{_fmt(aggregate.get('train_loss_mean'))}, personalised eval loss mean "
-            f"{_fmt(aggregate.get('personalised_eval_loss_mean'))} worst "
-            f"{_fmt(aggregate.get('personalised_eval_loss_worst'))}"
+            f"{_fmt(train_loss)}, personalised eval loss mean "
+            f"{_fmt(eval_loss_mean)} worst "
+            f"{_fmt(eval_loss_worst)}"
             + (f", {failed} client(s) failed" if failed else "")
             + f" ({_duration(elapsed)} so far{left})"
         )
@@ -234,8 +242,15 @@ class LiveProgress(Progress):
             self._bars.remove_task(self._bar)
             self._bar = None
 
-    def round_done(self, server_round: int, aggregate: dict[str, Any]) -> None:
-        super().round_done(server_round, aggregate)
+    def round_done(
+        self,
+        server_round: int,
+        train_loss: float | None,
+        eval_loss_mean: float | None,
+        eval_loss_worst: float | None,
+        failed: int = 0,
+    ) -> None:
+        super().round_done(server_round, train_loss, eval_loss_mean, eval_loss_worst, failed)
         if self._run_bar is not None:
             self._bars.update(self._run_bar, completed=server_round)
 

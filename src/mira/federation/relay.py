@@ -51,8 +51,15 @@ class RelayProgress(Progress):
     def end(self) -> None:
         self._call("end")
 
-    def round_done(self, server_round: int, aggregate: dict[str, Any]) -> None:
-        self._call("round_done", server_round, aggregate)
+    def round_done(
+        self,
+        server_round: int,
+        train_loss: float | None,
+        eval_loss_mean: float | None,
+        eval_loss_worst: float | None,
+        failed: int = 0,
+    ) -> None:
+        self._call("round_done", server_round, train_loss, eval_loss_mean, eval_loss_worst, failed)
 
     def note(self, text: str) -> None:
         self._call("note", text)

@@ -31,9 +31,6 @@ from mira.federation import protocol
 from mira.federation.progress import Progress
 from mira.federation.protocol import Instruction, Reply
 from mira.federation.state import (
-    FAILED,
-    REJECTED,
-    TIMEOUT,
     ClientState,
     ClosedRound,
     Outcome,
@@ -57,6 +54,7 @@ from mira.results.rundir import (
     truncate_metrics,
 )
 from mira.results.runs import update_run_info
+from mira.results.schema import FAILED, OK, REJECTED, TIMEOUT, RunLayout
 
 
 class FederationError(MiraError, RuntimeError):
@@ -544,7 +542,7 @@ def record_privacy(state: ServerState, out_dir: Path, progress: Progress) -> Non
         record["epsilon_max"] = None
         record["epsilon"] = {k: v if math.isfinite(v) else None for k, v in spent.items()}
         note = (
-            f"no guarantee: epsilon is infinite (null in run.json) for "
+            f"no guarantee: epsilon is infinite (null in {RunLayout(out_dir).run_info.name}) for "
             f"{', '.join(unbounded)} ({settings}; updates were clipped but not noised)"
         )
         record["note"] = note
@@ -576,8 +574,14 @@ def _write_closed(
     for client, adapter in zip(state.clients, closed.adapters, strict=True):
         writer.write_adapter(client.client_id, adapter, client.rank, base)
     aggregate = writer.append_round(closed.seconds, closed.round, closed.rows)
-    aggregate.setdefault("clients_failed", sum(r.get("status", "ok") != "ok" for r in closed.rows))
-    progress.round_done(closed.round, aggregate)
+    failed = sum(r.status != OK for r in closed.rows)
+    progress.round_done(
+        closed.round,
+        aggregate.train_loss_mean,
+        aggregate.personalised_eval_loss_mean,
+        aggregate.personalised_eval_loss_worst,
+        failed,
+    )
 
 
 def run_federation(
@@ -598,13 +602,14 @@ def run_federation(
     if resume and checkpoint is None:
         raise FederationError(f"{out_dir} has no checkpoint to resume from")
     progress = progress or Progress()
+    layout = RunLayout(out_dir)
     if checkpoint is not None and checkpoint.config is not None:
-        where = f"the config {out_dir / 'checkpoint'} was computed with"
+        where = f"the config {layout.checkpoint} was computed with"
         check_resumable(run_config_from_dict(checkpoint.config), cfg, where)
     elif checkpoint is not None:
         progress.note(
-            f"{out_dir / 'checkpoint'} was written before mira recorded the run's config in it: "
-            "config.toml cannot be checked against it"
+            f"{layout.checkpoint} was written before mira recorded the run's config in it: "
+            f"{layout.config.name} cannot be checked against it"
         )
     try:
         with RunWriter(out_dir, cfg) as writer:  # holds the run directory's lock until the end
@@ -657,7 +662,9 @@ def _serve(
             raise FederationError(str(err)) from err
         last_written = state.trained_round - 1 if state.open_rows else state.trained_round
         truncate_metrics(out_dir, last_written)
-        progress.note(f"resuming after round {state.trained_round} from {out_dir / 'checkpoint'}")
+        progress.note(
+            f"resuming after round {state.trained_round} from {RunLayout(out_dir).checkpoint}"
+        )
         first = state.trained_round + 1
     else:
         writer.write_graph(state.clients, graph, cfg.server.step, built_after=0)

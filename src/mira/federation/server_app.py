@@ -44,6 +44,7 @@ from mira.federation.server import run_federation
 from mira.graph.build import static_graph
 from mira.results.report import write_report
 from mira.results.rundir import check_new_run_dir, final_table
+from mira.results.schema import RunLayout
 
 # Run-config keys that are not mira config keys (those are all 'section.key').
 WRAPPER_KEYS = ("config", "overrides", "out", "resume", "relay")
@@ -66,7 +67,7 @@ class RunRequest:
         the run's own config.toml with only what a resumed run may change."""
         if not self.resume:
             return load_config(self.config, self.overrides)
-        stored = self.out_dir / "config.toml"
+        stored = RunLayout(self.out_dir).config
         if self.config is None:
             return load_resumed(stored, self.overrides)
         cfg = load_config(self.config, self.overrides)  # mira run --resume passes it resolved
@@ -151,7 +152,7 @@ def report(out_dir: Path) -> None:
     """What ``mira run`` shows after a run: the final table, then report.md and report.html."""
     print(f"\n{final_table(out_dir)}", flush=True)
     path = write_report(out_dir)
-    print(f"\nreport: {path} and {path.with_suffix('.html')}", flush=True)
+    print(f"\nreport: {path} and {RunLayout(out_dir).report_html}", flush=True)
 
 
 @app.main()

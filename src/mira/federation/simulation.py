@@ -52,7 +52,7 @@ from mira.federation.relay import RelayReader
 from mira.federation.server import FederationError
 from mira.federation.server_app import server_preflight
 from mira.federation.watchdog import guard
-from mira.results.rundir import METRICS
+from mira.results.schema import RunLayout
 
 SERVER_APP = "mira.federation.server_app:app"
 CONNECTION = "mira-run"  # the SuperLink connection in the temporary FLWR_HOME
@@ -414,5 +414,5 @@ def run_simulation(
             "Flower's simulation stopped before the ServerApp finished; its last lines:\n"
             + flower_tail
         )
-    if not (out_dir / METRICS).is_file():
+    if not RunLayout(out_dir).metrics.is_file():
         raise FederationError("the simulation ended before the first round completed")

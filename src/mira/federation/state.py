@@ -29,6 +29,7 @@ from mira.core.mixing import mix_weights
 from mira.errors import MiraError
 from mira.federation.protocol import Instruction, Reply, task_of
 from mira.graph.build import TaskGraph
+from mira.results.schema import OK, REJECTED, ClientRow, client_row
 
 
 class ServerStateError(MiraError, ValueError):
@@ -42,10 +43,6 @@ def sample_clients(num_clients: int, fraction: float, seed: int, server_round: i
         return list(range(num_clients))
     rng = np.random.default_rng([seed, server_round])
     return sorted(int(i) for i in rng.choice(num_clients, size=count, replace=False))
-
-
-OK, FAILED, TIMEOUT, REJECTED = "ok", "failed", "timeout", "rejected"
-"""What became of a client in an exchange (the ``status`` of its metrics row)."""
 
 
 @dataclass(frozen=True)
@@ -137,7 +134,7 @@ class ClosedRound:
     """A round whose rows are complete: write them, and the adapters the clients hold."""
 
     round: int
-    rows: list[dict[str, Any]]
+    rows: list[ClientRow]
     seconds: float
     adapters: list[Adapter]
 
@@ -153,7 +150,7 @@ class ServerState:
         self.space = rules.resolve_pull_space(cfg.server.pull_space, ranks)
         self.scales = [lora_scale(cfg.lora.alpha, c.rank, cfg.lora.rslora) for c in clients]
         self.trained_round = 0  # the last round whose rule was applied
-        self.open_rows: dict[int, dict[str, Any]] = {}  # rows of trained_round, not yet written
+        self.open_rows: dict[int, ClientRow] = {}  # rows of trained_round, not yet written
         self.open_seconds = 0.0
         self.accepted_norms: list[float] = []  # update norms accepted in the last exchange
         self.releases = [0] * len(clients)  # rounds each client was asked to train (for DP)
@@ -268,24 +265,24 @@ class ServerState:
             reply = replies.get(i)
             instruction = self._contacted.get(i)
             if instruction is not None and not instruction.train:
-                row["bytes_down"] += sent.get(i, 0)
+                row.bytes_down += sent.get(i, 0)
                 if i in outcomes:
-                    row["status"], row["reason"] = outcomes[i].status, outcomes[i].reason
+                    row.status, row.reason = outcomes[i].status, outcomes[i].reason
             if reply is not None and client.mean is not None and reply.alpha is not None:
                 self._resolve_choice(i, reply, row)
             if reply is not None and reply.evaluation is not None:
                 client.evaluation = dict(reply.evaluation)
                 client.evaluated_task_metrics = bool(instruction and instruction.task_metrics)
             evaluation = client.evaluation or {}
-            row["eval_loss"] = evaluation.get("eval_loss")
+            row.eval_loss = evaluation.get("eval_loss")
             if "peak_memory_mb" in evaluation:
-                row["peak_memory_mb"] = max(
-                    float(row.get("peak_memory_mb") or 0.0), evaluation["peak_memory_mb"]
+                row.peak_memory_mb = max(
+                    float(row.peak_memory_mb or 0.0), evaluation["peak_memory_mb"]
                 )
             if metrics_due:
                 for name in TASK_METRICS:
                     if name in evaluation:
-                        row[name] = evaluation[name]
+                        row.metrics[name] = evaluation[name]
         closed = ClosedRound(
             round=self.trained_round,
             rows=[self.open_rows[i] for i in range(len(self.clients))],
@@ -296,7 +293,7 @@ class ServerState:
         self.open_seconds = 0.0
         return closed
 
-    def _resolve_choice(self, index: int, reply: Reply, row: dict[str, Any]) -> None:
+    def _resolve_choice(self, index: int, reply: Reply, row: ClientRow) -> None:
         client = self.clients[index]
         assert client.mean is not None and reply.alpha is not None
         losses = reply.val_losses or []
@@ -328,14 +325,14 @@ class ServerState:
         )
         client.mean = None
         client.prior_alpha = alpha
-        row["mix_weight"] = alpha
-        row["alpha_choice"] = client.candidates[chosen]
-        row["val_loss"] = float(losses[chosen])
-        row["val_losses"] = [float(v) for v in losses]
-        row["candidates"] = list(client.candidates)
+        row.mix_weight = alpha
+        row.alpha_choice = client.candidates[chosen]
+        row.val_loss = float(losses[chosen])
+        row.val_losses = [float(v) for v in losses]
+        row.candidates = list(client.candidates)
         if tolerance > 0:
-            row["val_standard_errors"] = [float(v) for v in reply.val_standard_errors or []]
-            row["anchor"] = client.anchor
+            row.val_standard_errors = [float(v) for v in reply.val_standard_errors or []]
+            row.anchor = client.anchor
 
     def screen_norms(self, replies: dict[int, Reply]) -> dict[int, Outcome]:
         """Refuse trained updates far larger than the round's others
@@ -401,29 +398,27 @@ class ServerState:
             reply = replies.get(i)
             train_loss = reply.train_loss if reply is not None and i in trained else None
             instruction = self._contacted.get(i)
-            rows[i] = {
-                "round": server_round,
-                "client": client.client_id,
-                "task": client.task,
-                "method": self.cfg.server.method,
-                "rank": client.rank,
-                "sampled": bool(instruction is not None and instruction.train),
-                "train_loss": train_loss,
-                "eval_loss": None,
-                "bytes_up": reply.bytes_up if reply is not None else 0,
-                "bytes_down": sent.get(i, 0)
-                if instruction is not None and instruction.train
-                else 0,
-                "mix_weight": 0.0,
-                "status": OK,
-            }
+            rows[i] = ClientRow(
+                round=server_round,
+                client=client.client_id,
+                task=client.task,
+                method=self.cfg.server.method,
+                rank=client.rank,
+                sampled=bool(instruction is not None and instruction.train),
+                train_loss=train_loss,
+                eval_loss=None,
+                bytes_up=reply.bytes_up if reply is not None else 0,
+                bytes_down=sent.get(i, 0) if instruction is not None and instruction.train else 0,
+                mix_weight=0.0,
+                status=OK,
+            )
             if i in outcomes and instruction is not None and instruction.train:
-                rows[i]["status"], rows[i]["reason"] = outcomes[i].status, outcomes[i].reason
+                rows[i].status, rows[i].reason = outcomes[i].status, outcomes[i].reason
             if instruction is not None and instruction.train:
                 # Counted even when the round failed: the client may have uploaded.
                 self.releases[i] += 1
             if self.cfg.privacy.clip_norm > 0:
-                rows[i]["epsilon"] = self.epsilon(i)
+                rows[i].epsilon = self.epsilon(i)
         if self.auto:
             self._open_choices(snapshot, active, trained)
         else:
@@ -443,7 +438,7 @@ class ServerState:
                     client.evaluation = None
                     client.evaluated_task_metrics = False
                 client.adapter = updated[i]
-                rows[i]["mix_weight"] = float(weights[i])
+                rows[i].mix_weight = float(weights[i])
         self.trained_round = server_round
         self.open_rows = rows
         self.open_seconds = seconds
@@ -493,7 +488,7 @@ class ServerState:
             )
         state = {
             "trained_round": self.trained_round,
-            "open_rows": [self.open_rows[i] for i in sorted(self.open_rows)],
+            "open_rows": [self.open_rows[i].to_dict() for i in sorted(self.open_rows)],
             "open_seconds": self.open_seconds,
             "accepted_norms": self.accepted_norms,
             "releases": self.releases,
@@ -529,7 +524,7 @@ class ServerState:
             client.evaluation = entry["evaluation"]
             client.evaluated_task_metrics = bool(entry["evaluated_task_metrics"])
         self.trained_round = int(state["trained_round"])
-        self.open_rows = dict(enumerate(state["open_rows"]))
+        self.open_rows = dict(enumerate(client_row(row) for row in state["open_rows"]))
         self.open_seconds = float(state["open_seconds"])
         self.accepted_norms = [float(n) for n in state.get("accepted_norms", [])]
         self.releases = [int(n) for n in state.get("releases", [0] * len(self.clients))]

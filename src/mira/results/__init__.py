@@ -3,7 +3,9 @@
 Modules, each importing only those above it:
 
 * ``errors``   -- ResultsError and its kinds, all MiraErrors (one line for the user)
-* ``files``    -- write_atomic: the one way a results file reaches the disk
+* ``files``    -- write_atomic: the one way a results file reaches the disk; strict JSON
+* ``schema``   -- the rows of metrics.jsonl (ClientRow, RoundRow) and their codec; the file
+  names of a run and a comparison directory (RunLayout, ComparisonLayout)
 * ``document`` -- the table model and blocks; markdown and self-contained HTML renderings
 * ``stats``    -- numbers from metric rows: per round, per run, over seeds, curves
 * ``plots``    -- matplotlib figures from numbers

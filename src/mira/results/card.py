@@ -15,12 +15,14 @@ of the exported folder.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from mira.config import TASK_METRICS, Config
 from mira.results.document import fmt
+from mira.results.schema import OK, AdapterFiles, ClientRow
 
 LOCALLY_BUILT = "tiny-random-"
 """Names of the models mira builds itself from a seed (``mira.client.model.TINY_RANDOM``):
@@ -38,8 +40,8 @@ CITATION = """\
   year    = {2025}
 }"""
 
+EVAL_LOSS_NAME = "eval loss (mean over target tokens)"
 METRIC_NAMES = {
-    "eval_loss": "eval loss (mean over target tokens)",
     "accuracy": "accuracy",
     "rouge_l": "ROUGE-L",
     "exact_match": "exact match",
@@ -114,14 +116,14 @@ def card_data(base: str | None, merged: bool) -> Any:
 
 def model_card(
     cfg: Config,
-    row: Mapping[str, Any],
+    row: ClientRow,
     adapter_config: Mapping[str, Any],
     graph_source: str,
     base_note: str = "",
     merged: bool = False,
     relative_base: bool = False,
 ) -> str:
-    """README.md for one client's adapter after round ``row["round"]``.
+    """README.md for one client's adapter after round ``row.round``.
 
     ``row`` is the client's metrics.jsonl row of that round; ``adapter_config`` the adapter's
     peft ``adapter_config.json`` (its ``base_model_name_or_path`` is the portable name of the
@@ -133,8 +135,8 @@ def model_card(
     """
     base = str(adapter_config.get("base_model_name_or_path") or cfg.model.name)
     on_hub = hub_id(base)
-    client, task, server_round = str(row["client"]), str(row["task"]), int(row["round"])
-    rank = int(adapter_config.get("r", row.get("rank", 0)))
+    client, task, server_round = row.client, row.task, row.round
+    rank = int(adapter_config.get("r", row.rank))
     if merged:
         what = (
             f"The personalised model of client `{client}` (its LoRA adapter merged into the base)"
@@ -185,22 +187,23 @@ def model_card(
         "| metric | personalised value |",
         "| --- | --- |",
     ]
-    measured = [m for m in ("eval_loss", *TASK_METRICS) if row.get(m) is not None]
-    lines += [f"| {METRIC_NAMES[m]} | {fmt(row[m])} |" for m in measured]
-    if row.get("mix_weight") is not None:
-        lines.append(f"| mix weight (share taken from its neighbours) | {fmt(row['mix_weight'])} |")
-    if not any(m in measured for m in TASK_METRICS):
+    measured = [(EVAL_LOSS_NAME, _finite(row.eval_loss))]
+    measured += [(METRIC_NAMES[m], _finite(row.metrics.get(m))) for m in TASK_METRICS]
+    lines += [f"| {name} | {fmt(value)} |" for name, value in measured if value is not None]
+    if _finite(row.mix_weight) is not None:
+        lines.append(f"| mix weight (share taken from its neighbours) | {fmt(row.mix_weight)} |")
+    if all(value is None for _, value in measured[1:]):
         lines += [
             "",
             f"Task metrics were not measured in round {server_round}: mira measures them every "
             f"{cfg.federation.metrics_every} rounds (federation.metrics_every) and after the "
             "last.",
         ]
-    if row.get("status", "ok") != "ok":
+    if row.status != OK:
         lines += [
             "",
-            f"In round {server_round} this client's update was not used ({row['status']}: "
-            f"{row.get('reason', '')}); it kept its adapter.",
+            f"In round {server_round} this client's update was not used ({row.status}: "
+            f"{row.reason or ''}); it kept its adapter.",
         ]
     lines += ["", "## How to load", "", *_how_to_load(base, on_hub, merged, relative_base)]
     lines += [
@@ -258,15 +261,16 @@ def _how_to_load(base: str, on_hub: str | None, merged: bool, relative_base: boo
         "To load the exact base the run trained on (mira's cached copy), or to get one "
         "standalone model, use `mira export RUN_DIR CLIENT --out DIR [--merge]`."
     )
+    settings = AdapterFiles(Path()).config.name
     if on_hub:
         auto = (
             f"`AutoModelForCausalLM.from_pretrained({folder})` also works: transformers reads "
-            "`base_model_name_or_path` from `adapter_config.json`, loads that base and adds the "
+            f"`base_model_name_or_path` from `{settings}`, loads that base and adds the "
             f"adapter. {exact}"
         )
     elif relative_base:
         auto = (
-            "`adapter_config.json` names the base by the same relative path, and transformers "
+            f"`{settings}` names the base by the same relative path, and transformers "
             'resolves it from the current directory: `AutoModelForCausalLM.from_pretrained(".")` '
             "run inside this folder loads the base and adds the adapter. Moved elsewhere, set "
             "`base_model_name_or_path` to where the base is, or load it as above."
@@ -285,3 +289,8 @@ def _how_to_load(base: str, on_hub: str | None, merged: bool, relative_base: boo
             f"{folder})` loads the base and adds the adapter where that path resolves. {exact}"
         )
     return [*code, auto, ""]
+
+
+def _finite(value: float | None) -> float | None:
+    """A number the card shows: None for one not measured, or not finite (written as null)."""
+    return value if value is not None and math.isfinite(value) else None

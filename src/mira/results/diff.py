@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from mira.results.errors import DiffError
-from mira.results.rundir import ADAPTER_FILE, ADAPTERS, METRICS, read_metrics
+from mira.results.rundir import read_metrics
+from mira.results.schema import RunLayout
 
 
 @dataclass(frozen=True)
@@ -56,14 +57,12 @@ class RunDifferences:
 
 
 def _client_losses(folder: Path) -> dict[tuple[int, str], float]:
-    if not (folder / METRICS).is_file():
-        raise DiffError(f"{folder} is not a run directory: it has no {METRICS}")
+    metrics = RunLayout(folder).metrics
+    if not metrics.is_file():
+        raise DiffError(f"{folder} is not a run directory: it has no {metrics.name}")
     return {
-        (int(r["round"]), str(r["client"])): (
-            math.nan if r.get("eval_loss") is None else float(r["eval_loss"])
-        )
-        for r in read_metrics(folder)
-        if r.get("kind") == "client" and "eval_loss" in r
+        (r.round, r.client): math.nan if r.eval_loss is None else float(r.eval_loss)
+        for r in read_metrics(folder).clients
     }
 
 
@@ -99,8 +98,8 @@ def run_differences(first: Path, second: Path) -> RunDifferences:
         gap = _gap(losses_a[key], losses_b[key])
         if gap > eval_loss or eval_at is None:
             eval_loss, eval_at, eval_values = gap, key, (losses_a[key], losses_b[key])
-    clients_a = {p.parent.name for p in (first / ADAPTERS).glob(f"*/{ADAPTER_FILE}")}
-    clients_b = {p.parent.name for p in (second / ADAPTERS).glob(f"*/{ADAPTER_FILE}")}
+    layout_a, layout_b = RunLayout(first), RunLayout(second)
+    clients_a, clients_b = set(layout_a.saved_adapters()), set(layout_b.saved_adapters())
     if not clients_a or not clients_b:
         return RunDifferences(len(losses_a), eval_loss, 0, None, eval_at, eval_values)
     if clients_a != clients_b:
@@ -109,8 +108,8 @@ def run_differences(first: Path, second: Path) -> RunDifferences:
         )
     worst, worst_at = 0.0, None
     for client in sorted(clients_a):
-        a = load_file(str(first / ADAPTERS / client / ADAPTER_FILE))
-        b = load_file(str(second / ADAPTERS / client / ADAPTER_FILE))
+        a = load_file(str(layout_a.adapter(client).weights))
+        b = load_file(str(layout_b.adapter(client).weights))
         if a.keys() != b.keys() or any(a[k].shape != b[k].shape for k in a):
             raise DiffError(f"client {client}: the two adapters hold different tensors")
         for tensor in sorted(a):

@@ -13,6 +13,7 @@ import csv
 import hashlib
 import io
 import json
+import math
 import os
 import uuid
 from collections.abc import Sequence
@@ -70,6 +71,22 @@ def write_atomic(path: Path, data: str | bytes) -> Path:
         raise
     fsync_dir(path.parent)
     return path
+
+
+def plain(value: Any) -> Any:
+    """JSON-safe: non-finite floats become None (null), also inside lists and dicts."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value
+
+
+def strict_json(value: Any, **options: Any) -> str:
+    """Strict JSON of ``value``, non-finite numbers as null: every JSON a run writes."""
+    return json.dumps(plain(value), allow_nan=False, **options)
 
 
 def write_json(path: Path, payload: Any) -> Path:

@@ -47,15 +47,17 @@ from mira.results.document import (
 )
 from mira.results.errors import ReportError
 from mira.results.files import write_atomic, write_csv
-from mira.results.rundir import ADAPTERS, GRAPH, METRICS
-from mira.results.runs import RUNS, RunRecord, collect_runs, load_run, read_manifest, rule_of
+from mira.results.runs import RunRecord, collect_runs, load_run, read_manifest, rule_of
+from mira.results.schema import ComparisonLayout, ReportFiles, RunLayout
 from mira.results.stats import (
     client_curves,
-    final_client_rows,
+    eval_loss,
     mean_curves,
     metric_names,
+    mix_weight,
     per_task_values,
     summarise_runs,
+    summary_metric_names,
     unique,
     value,
 )
@@ -68,18 +70,17 @@ from mira.results.tables import (
     summary_tables,
 )
 
-PLOTS = "plots"
 MIX_RULE = "mira"
 """Runs of this rule (and its variants) get the mix weight plot in a comparison."""
 
 
 # ------------------------------------------------------------------------------ plots
 def _task_of(runs: Sequence[RunRecord]) -> dict[str, str]:
-    return {r["client"]: r["task"] for run in runs for r in run.rows if r.get("kind") == "client"}
+    return {r.client: r.task for run in runs for r in run.rows.clients}
 
 
 def _graph_source(runs: Sequence[RunRecord]) -> RunRecord | None:
-    with_graph = [r for r in runs if (r.folder / GRAPH).is_file()]
+    with_graph = [r for r in runs if RunLayout(r.folder).graph.is_file()]
     preferred = [r for r in with_graph if rule_of(r.method) == MIX_RULE]
     candidates = preferred or with_graph
     return candidates[0] if candidates else None
@@ -91,7 +92,7 @@ def _comparison_dots(rows: Sequence[dict[str, Any]]) -> list[tuple[str, list[plo
     colours = plots.method_colours(methods)
     by_task: dict[str, list[plots.DotPanel]] = {}
     panels = [("personalised_loss", "personalised eval loss", True)]
-    panels += [(m, f"personalised {m}", False) for m in metric_names(rows)]
+    panels += [(m, f"personalised {m}", False) for m in summary_metric_names(rows)]
     for prefix, title, lower in panels:
         tasks, values = per_task_values(rows, prefix)
         for k, task in enumerate(tasks):
@@ -113,24 +114,26 @@ def _comparison_dots(rows: Sequence[dict[str, Any]]) -> list[tuple[str, list[plo
 
 def _single_run_dots(run: RunRecord) -> list[tuple[str, list[plots.DotPanel]]]:
     """Per task: a panel per metric it has, one dot per client, dashed at the task's mean."""
-    final = final_client_rows(run.rows)
-    tasks = unique(r["task"] for r in final)
+    final = run.rows.final_clients()
+    tasks = unique(r.task for r in final)
     colour = plots.palette(tasks)
     out = []
     for task in tasks:
-        mine = [r for r in final if r["task"] == task]
+        mine = [r for r in final if r.task == task]
         panels = []
-        keys = [("eval_loss", "personalised eval loss", True)]
-        keys += [(m, f"personalised {m}", False) for m in metric_names(mine)]
-        for key, title, lower in keys:
-            values = [value(r, key) for r in mine]
+        measured = [("personalised eval loss", True, [eval_loss(r) for r in mine])]
+        measured += [
+            (f"personalised {m}", False, [value(r.metrics.get(m)) for r in mine])
+            for m in metric_names(mine)
+        ]
+        for title, lower, values in measured:
             finite = [v for v in values if math.isfinite(v)]
             if not finite:
                 continue
             panels.append(
                 plots.DotPanel(
                     title,
-                    [str(r["client"]) for r in mine],
+                    [str(r.client) for r in mine],
                     values,
                     [math.nan] * len(mine),
                     [colour[task]] * len(mine),
@@ -143,11 +146,13 @@ def _single_run_dots(run: RunRecord) -> list[tuple[str, list[plots.DotPanel]]]:
     return out
 
 
-def _mix_weight_figure(runs: Sequence[RunRecord], out_dir: Path, single: bool) -> Figure | None:
-    path = out_dir / PLOTS / "mix_weight.png"
+def _mix_weight_figure(
+    runs: Sequence[RunRecord], files: ReportFiles, single: bool
+) -> Figure | None:
+    path = files.mix_weight_plot
     task_of = _task_of(runs)
     if single:
-        curves = client_curves(runs, "mix_weight")
+        curves = client_curves(runs, mix_weight)
         if not curves:
             return None
         mine = next(iter(curves.values()))
@@ -167,12 +172,12 @@ def _mix_weight_figure(runs: Sequence[RunRecord], out_dir: Path, single: bool) -
         )
         return Figure(
             path,
-            f"{PLOTS}/mix_weight.png",
+            files.link(path),
             "Mix weight alpha of every client per round: the share of its neighbours' adapters "
             "it took after local training (one panel per task, one line per client).",
         )
     mixing = [r for r in runs if rule_of(r.method) == MIX_RULE]
-    curves = client_curves(mixing, "mix_weight")
+    curves = client_curves(mixing, mix_weight)
     if not curves:
         return None
     plots.plot_client_lines(
@@ -186,7 +191,7 @@ def _mix_weight_figure(runs: Sequence[RunRecord], out_dir: Path, single: bool) -
     )
     return Figure(
         path,
-        f"{PLOTS}/mix_weight.png",
+        files.link(path),
         f"Mix weight alpha of every client per round in the runs of rule {MIX_RULE} and its "
         "variants: the share of its neighbours' adapters it took (one panel per method, "
         "colour = task, mean over seeds).",
@@ -196,46 +201,46 @@ def _mix_weight_figure(runs: Sequence[RunRecord], out_dir: Path, single: bool) -
 def _figures(
     runs: Sequence[RunRecord], rows: Sequence[dict[str, Any]], out_dir: Path, single: bool
 ) -> list[Figure]:
-    folder = out_dir / PLOTS
+    files = ReportFiles(out_dir)
     task_of = _task_of(runs)
     figures = []
     plots.plot_client_lines(
         client_curves(runs),
         task_of,
-        folder / "client_loss.png",
+        files.client_loss_plot,
         ylabel="personalised eval loss",
         title="Personalised eval loss of each client (own adapter, own held-out split)",
     )
     figures.append(
         Figure(
-            folder / "client_loss.png",
-            f"{PLOTS}/client_loss.png",
+            files.client_loss_plot,
+            files.link(files.client_loss_plot),
             "Personalised eval loss of every client per round (one panel per method, colour = "
             "task" + (")." if single else ", mean over seeds)."),
         )
     )
     curves = mean_curves(runs)
-    plots.plot_mean_curves(curves, folder / "mean_loss.png")
+    plots.plot_mean_curves(curves, files.mean_loss_plot)
     several = any(matrix.shape[0] > 1 for _, _, matrix in curves.values())
     figures.append(
         Figure(
-            folder / "mean_loss.png",
-            f"{PLOTS}/mean_loss.png",
+            files.mean_loss_plot,
+            files.link(files.mean_loss_plot),
             "Mean personalised eval loss over clients per round"
             + (" (line: mean over seeds; band: min to max over seeds)." if several else "."),
         )
     )
-    mixing = _mix_weight_figure(runs, out_dir, single)
+    mixing = _mix_weight_figure(runs, files, single)
     if mixing is not None:
         figures.append(mixing)
     source = _graph_source(runs)
     if source is not None:
-        plots.plot_adjacency(*_graph(source.folder / GRAPH), folder / "task_graph.png")
+        plots.plot_adjacency(*_graph(RunLayout(source.folder).graph), files.task_graph_plot)
         where = "this run" if source.folder == out_dir else source.folder.relative_to(out_dir)
         figures.append(
             Figure(
-                folder / "task_graph.png",
-                f"{PLOTS}/task_graph.png",
+                files.task_graph_plot,
+                files.link(files.task_graph_plot),
                 f"Task graph a_kl used by the server (from {where}), clients ordered by cluster.",
             )
         )
@@ -243,7 +248,7 @@ def _figures(
     if dots:
         plots.plot_dot_grid(
             dots,
-            folder / "per_task.png",
+            files.per_task_plot,
             "Final round, personalised, per task: "
             + (
                 "one dot per client, dashed line at the task's mean"
@@ -253,8 +258,8 @@ def _figures(
         )
         figures.append(
             Figure(
-                folder / "per_task.png",
-                f"{PLOTS}/per_task.png",
+                files.per_task_plot,
+                files.link(files.per_task_plot),
                 "Final personalised eval loss and task metrics per task "
                 + (
                     "for every client (dashed: the task's mean). "
@@ -330,25 +335,27 @@ def comparison_blocks(
 def write_comparison(out_dir: Path) -> Path:
     """Write comparison.csv, comparison_clients.csv and comparison.md; return the .md path."""
     out_dir = Path(out_dir)
+    layout = ComparisonLayout(out_dir)
     complete, incomplete = collect_runs(out_dir)
     rows, per_client = summarise_runs(complete)
-    write_csv(out_dir / "comparison.csv", rows)
-    write_csv(out_dir / "comparison_clients.csv", per_client)
+    write_csv(layout.summary_csv, rows)
+    write_csv(layout.clients_csv, per_client)
     title = f"Comparison: {', '.join(r['method'] for r in rows) or 'no finished runs'}"
-    path = out_dir / "comparison.md"
+    path = layout.summary_md
     write_atomic(path, render_markdown(comparison_blocks(title, complete, incomplete, out_dir)))
     return path
 
 
 def _single_run_blocks(out_dir: Path) -> list[Block]:
     run = load_run(out_dir)
-    clients = [r for r in run.rows if r.get("kind") == "client"]
+    layout = RunLayout(out_dir)
+    clients = run.rows.clients
     if not clients:
-        raise ReportError(f"{out_dir / METRICS} holds no completed round")
+        raise ReportError(f"{layout.metrics} holds no completed round")
     rows, _ = summarise_runs([run])
-    rounds = max(r["round"] for r in clients)
-    names = unique(r["client"] for r in clients)
-    has_adapters = all((out_dir / ADAPTERS / name).is_dir() for name in names)
+    rounds = max(r.round for r in clients)
+    names = unique(r.client for r in clients)
+    has_adapters = all(layout.adapter(name).dir.is_dir() for name in names)
     return [
         Heading(f"mira report: {out_dir.name}", 1),
         Paragraph(
@@ -357,7 +364,9 @@ def _single_run_blocks(out_dir: Path) -> list[Block]:
             + f": {len(names)} clients, {rounds} rounds recorded. Directory: `{out_dir}`."
         ),
         Paragraph(PERSONALISED_NOTE),
-        final_client_table(run.rows, Path(ADAPTERS) if has_adapters else None),
+        final_client_table(
+            run.rows, layout.adapters.relative_to(out_dir) if has_adapters else None
+        ),
         round_table(run),
         *summary_tables(rows, []),
         Heading("Plots"),
@@ -368,7 +377,8 @@ def _single_run_blocks(out_dir: Path) -> list[Block]:
 def _comparison_report_blocks(out_dir: Path) -> list[Block]:
     runs, incomplete = collect_runs(out_dir)
     if not runs:
-        raise ReportError(f"{out_dir} holds no finished run under {RUNS}/<method>/seed-<s>/")
+        where = ComparisonLayout(out_dir).run_pattern
+        raise ReportError(f"{out_dir} holds no finished run under {where}/")
     rows, _ = summarise_runs(runs)
     return [
         *comparison_blocks(f"mira report: comparison {out_dir.name}", runs, incomplete, out_dir),
@@ -384,15 +394,18 @@ def write_report(out_dir: Path) -> Path:
     ``out_dir`` is one run (metrics.jsonl at the top) or a comparison (runs/ at the top).
     """
     out_dir = Path(out_dir)
-    if (out_dir / METRICS).is_file():
+    run, comparison = RunLayout(out_dir), ComparisonLayout(out_dir)
+    if run.metrics.is_file():
         blocks = _single_run_blocks(out_dir)
-    elif (out_dir / RUNS).is_dir():
+    elif comparison.runs.is_dir():
         blocks = _comparison_report_blocks(out_dir)
     else:
         raise ReportError(
-            f"{out_dir} is neither a run directory ({METRICS}) nor a comparison ({RUNS}/)"
+            f"{out_dir} is neither a run directory ({run.metrics.name}) nor a comparison "
+            f"({comparison.runs.name}/)"
         )
     title = next(b.text for b in blocks if isinstance(b, Heading))
-    markdown = write_atomic(out_dir / "report.md", render_markdown(blocks))
-    write_atomic(out_dir / "report.html", render_html(blocks, title))
+    files = ReportFiles(out_dir)
+    markdown = write_atomic(files.report_md, render_markdown(blocks))
+    write_atomic(files.report_html, render_html(blocks, title))
     return markdown

@@ -15,6 +15,10 @@ Layout of ``DIR``::
     tensorboard/        with output.tensorboard: the metrics.jsonl scalars as TensorBoard events
     wandb/              with output.wandb: the same scalars and the config as a W&B run
 
+The names of these files are :class:`mira.results.schema.RunLayout`'s, and the rows of
+metrics.jsonl are :mod:`mira.results.schema`'s :class:`~mira.results.schema.ClientRow` and
+:class:`~mira.results.schema.RoundRow`, encoded and decoded there.
+
 Rules every writer and reader here keeps:
 
 * Every file is written with :func:`mira.results.files.write_atomic` (temporary name, fsync,
@@ -33,7 +37,8 @@ Rules every writer and reader here keeps:
   like a mismatch, naming the file and what to do, and nothing is deleted. The hashes catch
   damage and edits, not a forger who rewrites the hashes too: nothing here is signed.
 * Every JSON file and line is written with ``allow_nan=False``: a non-finite number becomes
-  null (:func:`_plain`), never a bare NaN or Infinity that strict JSON readers refuse.
+  null (:func:`mira.results.files.plain`), never a bare NaN or Infinity that strict JSON
+  readers refuse.
 * The adapters in ``adapters/`` are not checked against the checkpoint: a crash between
   writing them and writing the next checkpoint legitimately leaves them one round ahead, and
   a resumed run rewrites every one of them when it closes its first round.
@@ -76,31 +81,30 @@ from mira.results.errors import ResultsError, RunDirError, RunExistsError, RunIn
 from mira.results.files import (
     commit,
     fsync_dir,
+    plain,
     sha256_file,
+    strict_json,
     temporary_path,
     write_atomic,
     write_json,
 )
 from mira.results.plots import plot_adjacency
+from mira.results.schema import (
+    AdapterFiles,
+    ClientRow,
+    MetricSummary,
+    RoundRow,
+    RunLayout,
+    RunRows,
+    decode_line,
+    encode_row,
+)
 
 try:
     import fcntl
 except ImportError:  # Windows has no flock: runs are not guarded against a second writer there
     fcntl = None  # type: ignore[assignment]
 
-LOCK = "run.lock"
-CONFIG = "config.toml"
-METRICS = "metrics.jsonl"
-GRAPH = "graph.json"
-GRAPH_PLOT = "graph.png"
-ADAPTERS = "adapters"
-ADAPTER_FILE = "adapter_model.safetensors"
-ADAPTER_CONFIG = "adapter_config.json"
-MODEL_CARD = "README.md"
-WANDB = "wandb"
-WANDB_RUN_ID = "mira-run-id"  # in DIR/wandb: a resumed run logs on under the same W&B run
-CHECKPOINT = "checkpoint"
-STATE = "state.json"
 ROUND_METADATA = "mira_round"  # safetensors metadata key of the checkpoint's round
 # state.json's layout: 2 records the run's config; 1 (no "format" entry) did not.
 CHECKPOINT_FORMAT = 2
@@ -119,19 +123,20 @@ def default_run_dir(root: Path = Path("runs")) -> Path:
 def check_new_run_dir(out_dir: Path) -> None:
     """Refuse to start a fresh run in a folder that already holds one (or anything else)."""
     out_dir = Path(out_dir)
+    layout = RunLayout(out_dir)
     if not out_dir.exists():
         return
     if not out_dir.is_dir():
         raise RunExistsError(f"--out {out_dir} is a file, not a folder; choose another --out")
-    if (out_dir / LOCK).is_file():
+    if layout.lock.is_file():
         check_not_in_use(out_dir)  # a run writing there now is not one that stopped
-    if (out_dir / METRICS).exists() or (out_dir / CHECKPOINT / STATE).exists():
+    if layout.metrics.exists() or layout.state.exists():
         raise RunExistsError(
             f"{out_dir} already holds a run; continue it with `mira run --resume {out_dir}` "
             "or choose another --out"
         )
-    entries = sorted(p.name for p in out_dir.iterdir() if p.name != LOCK)
-    if CONFIG in entries:
+    entries = sorted(p.name for p in out_dir.iterdir() if p != layout.lock)
+    if layout.config.name in entries:
         raise RunExistsError(
             f"{out_dir} holds a run that stopped before completing its first round (nothing "
             "to resume); delete that folder or choose another --out"
@@ -152,7 +157,7 @@ class RunLock:
     """
 
     def __init__(self, folder: Path):
-        self.path = Path(folder) / LOCK
+        self.path = RunLayout(folder).lock
         self._handle: IO[str] | None = None
         if fcntl is None:
             return
@@ -189,49 +194,41 @@ def _now() -> str:
 
 
 # ------------------------------------------------------------------------------ writing
-def _plain(value: Any) -> Any:
-    """JSON-safe: non-finite floats become None (null), also inside lists and dicts."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    return value
-
-
-def _json(value: Any, **options: Any) -> str:
-    """Strict JSON of ``value`` (non-finite numbers as null): every JSON the run dir holds."""
-    return json.dumps(_plain(value), allow_nan=False, **options)
-
-
-def round_aggregate(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Mean, worst and std over clients of the personalised eval loss (and train loss), the
-    mean mix weight, bytes and memory, and the mean and worst client of each task metric."""
-    eval_losses = [r["eval_loss"] for r in rows if r.get("eval_loss") is not None]
-    train_losses = [r["train_loss"] for r in rows if r.get("train_loss") is not None]
-    mix_weights = [r["mix_weight"] for r in rows if r.get("mix_weight") is not None]
-    out: dict[str, Any] = {
-        "personalised_eval_loss_mean": float(np.mean(eval_losses)) if eval_losses else None,
-        "personalised_eval_loss_worst": float(np.max(eval_losses)) if eval_losses else None,
-        "personalised_eval_loss_std": float(np.std(eval_losses)) if eval_losses else None,
-        "train_loss_mean": float(np.mean(train_losses)) if train_losses else None,
-        "mix_weight_mean": float(np.mean(mix_weights)) if mix_weights else None,
-        "clients_trained": len(train_losses),
-        "bytes_up": int(sum(r["bytes_up"] for r in rows)),
-        "bytes_down": int(sum(r["bytes_down"] for r in rows)),
-        "peak_memory_mb": max((r.get("peak_memory_mb") or 0.0) for r in rows),
-    }
-    per_metric = {
-        name: [math.nan if r.get(name) is None else r[name] for r in rows]
+def round_aggregate(
+    server_round: int, method: str, seconds: float, rows: Sequence[ClientRow]
+) -> RoundRow:
+    """The round row of ``rows``: mean, worst and std over clients of the personalised eval
+    loss (and the mean train loss), the mean mix weight, bytes and memory, and the mean and
+    worst client of each task metric."""
+    eval_losses = [r.eval_loss for r in rows if r.eval_loss is not None]
+    train_losses = [r.train_loss for r in rows if r.train_loss is not None]
+    mix_weights = [r.mix_weight for r in rows if r.mix_weight is not None]
+    per_metric: dict[str, list[float]] = {
+        name: [math.nan if (v := r.metrics.get(name)) is None else v for r in rows]
         for name in TASK_METRICS
-        if any(name in r for r in rows)
+        if any(name in r.metrics for r in rows)
     }
-    for name, summary in stats.summarise(per_metric).items():
-        out[f"{name}_mean"] = summary["mean"]
-        out[f"{name}_worst"] = summary["worst"]
-        out[f"{name}_worst_client"] = rows[int(summary["worst_index"])]["client"]
-    return out
+    metrics = {
+        name: MetricSummary(
+            summary["mean"], summary["worst"], rows[int(summary["worst_index"])].client
+        )
+        for name, summary in stats.summarise(per_metric).items()
+    }
+    return RoundRow(
+        round=server_round,
+        method=method,
+        seconds=round(seconds, 3),
+        personalised_eval_loss_mean=float(np.mean(eval_losses)) if eval_losses else None,
+        personalised_eval_loss_worst=float(np.max(eval_losses)) if eval_losses else None,
+        personalised_eval_loss_std=float(np.std(eval_losses)) if eval_losses else None,
+        train_loss_mean=float(np.mean(train_losses)) if train_losses else None,
+        mix_weight_mean=float(np.mean(mix_weights)) if mix_weights else None,
+        clients_trained=len(train_losses),
+        bytes_up=int(sum(r.bytes_up for r in rows)),
+        bytes_down=int(sum(r.bytes_down for r in rows)),
+        peak_memory_mb=max((r.peak_memory_mb or 0.0) for r in rows),
+        metrics=metrics,
+    )
 
 
 class SharedBase(NamedTuple):
@@ -243,26 +240,20 @@ class SharedBase(NamedTuple):
     tokenizer: dict[str, bytes]  # its tokenizer files, by name
 
 
-def round_scalars(rows: Sequence[dict[str, Any]], aggregate: dict[str, Any]) -> dict[str, float]:
+def round_scalars(rows: Sequence[ClientRow], aggregate: RoundRow) -> dict[str, float]:
     """The scalars of one round that TensorBoard and W&B get: ``round/<key>`` for every number
-    of the round aggregate, ``<client>/<key>`` for each client's finite losses, mix weight
-    and task metrics, exactly as metrics.jsonl holds them."""
-    scalars: dict[str, float] = {}
-    for key, value in aggregate.items():
-        if isinstance(value, int | float) and not isinstance(value, bool) and key != "round":
-            scalars[f"round/{key}"] = value
+    of the round row, ``<client>/<key>`` for each client's finite losses, mix weight and task
+    metrics, under the keys metrics.jsonl holds them by."""
+    scalars = {f"round/{key}": value for key, value in aggregate.scalars().items()}
     for row in rows:
-        for key in ("train_loss", "eval_loss", "mix_weight", *TASK_METRICS):
-            value = row.get(key)
-            if isinstance(value, float) and math.isfinite(value):
-                scalars[f"{row['client']}/{key}"] = value
+        scalars.update({f"{row.client}/{key}": value for key, value in row.scalars().items()})
     return scalars
 
 
 def graph_description(out_dir: Path, cfg: Config) -> str:
     """The task graph of a run in a few words: graph.json's source (and k, silhouette for
     fingerprint clusters), else the configured ``server.graph``."""
-    path = Path(out_dir) / GRAPH
+    path = RunLayout(out_dir).graph
     if not path.is_file():
         return cfg.server.graph
     graph = json.loads(path.read_text())
@@ -282,11 +273,12 @@ class RunWriter:
 
     def __init__(self, out_dir: Path, cfg: Config):
         self.out = Path(out_dir)
+        self.layout = RunLayout(self.out)
         self.cfg = cfg
         self.out.mkdir(parents=True, exist_ok=True)
         self._lock = RunLock(self.out)
-        (self.out / ADAPTERS).mkdir(exist_ok=True)
-        self.metrics_path = self.out / METRICS
+        self.layout.adapters.mkdir(exist_ok=True)
+        self.metrics_path = self.layout.metrics
         self._metrics_round: int | None = None  # last round appended (None: not known yet)
         self._tensorboard: Any = None
         if cfg.output.tensorboard:
@@ -298,7 +290,7 @@ class RunWriter:
                     "output.tensorboard = true needs the tensorboard package: "
                     "pip install 'mira[tensorboard]'"
                 ) from err
-            self._tensorboard = SummaryWriter(str(self.out / "tensorboard"))
+            self._tensorboard = SummaryWriter(str(self.layout.tensorboard))
         self._shared: SharedBase | None = None  # set by write_adapter
         self._wandb: Any = None
         if cfg.output.wandb:
@@ -323,7 +315,7 @@ class RunWriter:
         self.close()
 
     def write_config(self) -> None:
-        write_atomic(self.out / CONFIG, to_toml(self.cfg))
+        write_atomic(self.layout.config, to_toml(self.cfg))
 
     def write_graph(self, clients: Sequence[Any], graph: Any, step: Any, built_after: int) -> None:
         """graph.json and graph.png: the task graph the rule uses from round ``built_after`` + 1.
@@ -344,8 +336,8 @@ class RunWriter:
             **graph.info,
             "built_after_round": built_after,
         }
-        write_json(self.out / GRAPH, _plain(payload))
-        plot_adjacency(adjacency, ids, list(graph.clusters), self.out / GRAPH_PLOT)
+        write_json(self.layout.graph, plain(payload))
+        plot_adjacency(adjacency, ids, list(graph.clusters), self.layout.graph_plot)
 
     def write_checkpoint(self, checkpoint: Checkpoint) -> None:
         """Write ``checkpoint``, recording this run's config with it."""
@@ -355,19 +347,10 @@ class RunWriter:
             checkpoint = dataclasses.replace(checkpoint, config=self.cfg.to_dict())
         write_checkpoint(self.out, checkpoint, self._metrics_round)
 
-    def append_round(
-        self, seconds: float, server_round: int, rows: list[dict[str, Any]]
-    ) -> dict[str, Any]:
-        """Append the per-client rows and the round aggregate; return the aggregate."""
-        aggregate = {
-            "kind": "round",
-            "round": server_round,
-            "method": self.cfg.server.method,
-            "seconds": round(seconds, 3),
-            **round_aggregate(rows),
-        }
-        lines = [_json({"kind": "client", **row}) for row in rows]
-        lines.append(_json(aggregate))
+    def append_round(self, seconds: float, server_round: int, rows: list[ClientRow]) -> RoundRow:
+        """Append the client rows and the round's row; return the round's row."""
+        aggregate = round_aggregate(server_round, self.cfg.server.method, seconds, rows)
+        lines = [*(encode_row(row) for row in rows), encode_row(aggregate)]
         # One write of whole lines, then fsync: a crash leaves at most a torn last line.
         created = not self.metrics_path.exists()
         with self.metrics_path.open("a") as handle:
@@ -386,7 +369,7 @@ class RunWriter:
         return aggregate
 
     def _write_tensorboard(
-        self, server_round: int, rows: list[dict[str, Any]], aggregate: dict[str, Any]
+        self, server_round: int, rows: list[ClientRow], aggregate: RoundRow
     ) -> None:
         """The same scalars as metrics.jsonl: the round aggregate and every client's row."""
         for tag, value in round_scalars(rows, aggregate).items():
@@ -407,9 +390,9 @@ class RunWriter:
             raise ConfigError(
                 "output.wandb = true needs the wandb package: pip install 'mira[wandb]'"
             ) from err
-        folder = self.out / WANDB
+        folder = self.layout.wandb
         folder.mkdir(exist_ok=True)
-        id_path = folder / WANDB_RUN_ID
+        id_path = self.layout.wandb_run_id
         run_id = id_path.read_text().strip() if id_path.is_file() else uuid.uuid4().hex[:12]
         write_atomic(id_path, run_id + "\n")
         try:
@@ -439,7 +422,7 @@ class RunWriter:
 
     # -------------------------------------------------------------------------- adapters
     def adapter_dir(self, client_id: str) -> Path:
-        return self.out / ADAPTERS / client_id
+        return self.layout.adapter(client_id).dir
 
     def write_adapter(self, client_id: str, adapter: Adapter, rank: int, base_source: str) -> Path:
         """That client's PEFT adapter folder, shareable as it is.
@@ -460,25 +443,26 @@ class RunWriter:
             name, note = base_identity(self.cfg.model.name, base_source)
             tokenizer = tokenizer_files(base_source) if base_source else {}  # '': not known
             self._shared = SharedBase(base_source, name, note, tokenizer)
-        path = self.adapter_dir(client_id)
+        files = self.layout.adapter(client_id)
+        path = files.dir
         path.mkdir(parents=True, exist_ok=True)
         for stale in path.glob(".*.partial"):  # left by a crash mid-write; the lock is ours
             stale.unlink()
-        tmp = temporary_path(path / ADAPTER_FILE)
+        tmp = temporary_path(files.weights)
         save_file({k: np.ascontiguousarray(v) for k, v in adapter.items()}, str(tmp))
-        commit(tmp, path / ADAPTER_FILE)
+        commit(tmp, files.weights)
         settings = peft_lora_config(self.cfg.lora, rank, base_source)
         settings.base_model_name_or_path = self._shared.name
         with tempfile.TemporaryDirectory() as scratch:
             settings.save_pretrained(scratch)
-            text = (Path(scratch) / ADAPTER_CONFIG).read_text()
-        write_atomic(path / ADAPTER_CONFIG, text)
+            text = AdapterFiles(Path(scratch)).config.read_text()
+        write_atomic(files.config, text)
         for file_name, data in self._shared.tokenizer.items():  # the same each round: once
             if not (path / file_name).is_file():
                 write_atomic(path / file_name, data)
         return path
 
-    def _write_cards(self, rows: list[dict[str, Any]]) -> None:
+    def _write_cards(self, rows: list[ClientRow]) -> None:
         """README.md, the model card (:func:`mira.results.card.model_card`), of every client
         whose adapter folder this round's rows describe."""
         from mira.results.card import model_card
@@ -486,17 +470,18 @@ class RunWriter:
         assert self._shared is not None
         graph = graph_description(self.out, self.cfg)
         for row in rows:
-            path = self.adapter_dir(str(row["client"]))
-            if not (path / ADAPTER_CONFIG).is_file():
+            files = self.layout.adapter(row.client)
+            if not files.config.is_file():
                 continue
-            settings = json.loads((path / ADAPTER_CONFIG).read_text())
-            card = model_card(self.cfg, _plain(row), settings, graph, self._shared.note)
-            write_atomic(path / MODEL_CARD, card)
+            settings = json.loads(files.config.read_text())
+            card = model_card(self.cfg, row, settings, graph, self._shared.note)
+            write_atomic(files.card, card)
 
 
 # ------------------------------------------------------------------------------ metrics
-def _parse_metrics(path: Path) -> tuple[list[dict[str, Any]], bool]:
-    """(rows, whether a torn last line was ignored). See the module docstring for the rule."""
+def _parse_metrics(path: Path) -> tuple[list[tuple[bytes, ClientRow | RoundRow]], bool]:
+    """([(line, row)], whether a torn last line was ignored). See the module docstring for the
+    rule."""
     lines = path.read_bytes().split(b"\n")
     tail = lines.pop()  # b"" when the file ends with a newline; else a line cut short
     torn = bool(tail.strip())
@@ -505,11 +490,7 @@ def _parse_metrics(path: Path) -> tuple[list[dict[str, Any]], bool]:
         if not raw.strip():
             continue
         try:
-            row = json.loads(raw)
-            if not isinstance(row, dict) or row.get("kind") not in ("client", "round"):
-                raise ValueError("not a client or round row")
-            if not isinstance(row.get("round"), int):
-                raise ValueError("no integer round")
+            row = decode_line(raw)
         except ValueError as err:  # also JSONDecodeError and UnicodeDecodeError
             if number == len(lines) and not torn:
                 torn = True  # the last line, cut by a crash mid-append: ignored
@@ -519,24 +500,26 @@ def _parse_metrics(path: Path) -> tuple[list[dict[str, Any]], bool]:
                 "skipped; a bad line before the end means the file was damaged or edited. "
                 "Restore it from a copy, or delete that line by hand if you know why it is there"
             ) from None
-        rows.append(row)
+        rows.append((raw, row))
     return rows, torn
 
 
-def read_metrics(out_dir: Path) -> list[dict[str, Any]]:
+def _rows(parsed: Sequence[tuple[bytes, ClientRow | RoundRow]]) -> RunRows:
+    rows = RunRows()
+    for _, row in parsed:
+        rows.add(row)
+    return rows
+
+
+def read_metrics(out_dir: Path) -> RunRows:
     """Every complete row of ``DIR/metrics.jsonl`` in file order (a torn last line ignored)."""
-    path = Path(out_dir) / METRICS
+    path = RunLayout(out_dir).metrics
     if not path.is_file():
         raise RunDirError(
             f"{path} does not exist: {out_dir} is not a run directory, or its run has not "
             "completed a round yet"
         )
-    return _parse_metrics(path)[0]
-
-
-def recorded_rounds(rows: Sequence[dict[str, Any]]) -> set[int]:
-    """Rounds whose aggregate row is present (a round's rows end with it)."""
-    return {int(r["round"]) for r in rows if r.get("kind") == "round"}
+    return _rows(_parse_metrics(path)[0])
 
 
 def truncate_metrics(out_dir: Path, last_round: int) -> None:
@@ -546,7 +529,7 @@ def truncate_metrics(out_dir: Path, last_round: int) -> None:
     Rows of later rounds were written before a crash but after the checkpoint: the resumed
     run computes them again. metrics.jsonl missing a round the checkpoint covers is damage.
     """
-    path = Path(out_dir) / METRICS
+    path = RunLayout(out_dir).metrics
     if not path.is_file():
         if last_round > 0:
             raise RunDirError(
@@ -554,15 +537,15 @@ def truncate_metrics(out_dir: Path, last_round: int) -> None:
                 f"recorded; restore it from a copy, or start again with another --out"
             )
         return
-    rows, torn = _parse_metrics(path)
-    _check_covers(path, rows, last_round)
-    keep = [row for row in rows if row["round"] <= last_round]
-    if torn or len(keep) != len(rows):
-        write_atomic(path, "".join(_json(row) + "\n" for row in keep))
+    parsed, torn = _parse_metrics(path)
+    _check_covers(path, _rows(parsed), last_round)
+    keep = [line for line, row in parsed if row.round <= last_round]
+    if torn or len(keep) != len(parsed):
+        write_atomic(path, b"".join(line + b"\n" for line in keep))
 
 
-def _check_covers(path: Path, rows: Sequence[dict[str, Any]], last_round: int) -> None:
-    missing = sorted(set(range(1, last_round + 1)) - recorded_rounds(rows))
+def _check_covers(path: Path, rows: RunRows, last_round: int) -> None:
+    missing = sorted(set(range(1, last_round + 1)) - rows.recorded_rounds())
     if missing:
         raise RunDirError(
             f"{path} lacks the rows of round(s) {', '.join(map(str, missing[:10]))}, but the "
@@ -573,10 +556,10 @@ def _check_covers(path: Path, rows: Sequence[dict[str, Any]], last_round: int) -
 
 def _last_recorded_round(out_dir: Path) -> int:
     """The last round whose aggregate row metrics.jsonl holds (0: none, or no file yet)."""
-    path = Path(out_dir) / METRICS
+    path = RunLayout(out_dir).metrics
     if not path.is_file():
         return 0
-    return max(recorded_rounds(_parse_metrics(path)[0]), default=0)
+    return max(_rows(_parse_metrics(path)[0]).recorded_rounds(), default=0)
 
 
 # ------------------------------------------------------------------------------ checkpoint
@@ -605,7 +588,7 @@ class Checkpoint:
 
 
 def _state_digest(state: dict[str, Any]) -> str:
-    return hashlib.sha256(_json(state, sort_keys=True).encode()).hexdigest()
+    return hashlib.sha256(strict_json(state, sort_keys=True).encode()).hexdigest()
 
 
 def write_checkpoint(
@@ -625,17 +608,18 @@ def write_checkpoint(
     if checkpoint.config is None:
         raise ValueError("a checkpoint records the config its run computes with")
 
-    folder = Path(out_dir) / CHECKPOINT
+    layout = RunLayout(out_dir)
+    folder = layout.checkpoint
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {
         f"{owner}/{key}": np.ascontiguousarray(value)
         for owner, adapter in checkpoint.adapters.items()
         for key, value in adapter.items()
     }
-    tmp = temporary_path(folder / "adapters.safetensors")
+    tmp = temporary_path(layout.checkpoint_scratch)
     save_file(tensors, str(tmp), metadata={ROUND_METADATA: str(checkpoint.round)})
     digest = sha256_file(tmp)
-    name = f"adapters-r{checkpoint.round}-{digest[:16]}.safetensors"
+    name = layout.checkpoint_adapters(checkpoint.round, digest).name
     commit(tmp, folder / name)
     state: dict[str, Any] = {
         "format": CHECKPOINT_FORMAT,
@@ -656,22 +640,21 @@ def write_checkpoint(
         "random_state": "stateless: numpy default_rng([seed, round]) for sampling, "
         "SeedSequence([seed, client, round]) for local training",
     }
-    state = _plain(state)  # what is hashed is what a reader gets back
+    state = plain(state)  # what is hashed is what a reader gets back
     state["state_sha256"] = _state_digest(state)
-    write_atomic(folder / STATE, _json(state))
-    for old in folder.glob("adapters-r*.safetensors"):
+    write_atomic(layout.state, strict_json(state))
+    for old in layout.checkpoint_adapter_files():
         if old.name != name:
             old.unlink()
     for stale in folder.glob(".*.partial"):  # left by a crash mid-write; the lock is ours
         stale.unlink()
 
 
-def _damaged(path: Path, what: str) -> RunDirError:
-    folder = path.parent if path.parent.name == CHECKPOINT else path.parent / CHECKPOINT
+def _damaged(layout: RunLayout, path: Path, what: str) -> RunDirError:
     return RunDirError(
         f"{path} {what}. The checkpoint cannot be trusted, so the run cannot resume from it; "
-        f"nothing was deleted. The completed rounds in {folder.parent / METRICS} and "
-        f"{folder.parent / ADAPTERS} are kept; restore {folder} from a copy, or train again "
+        f"nothing was deleted. The completed rounds in {layout.metrics} and "
+        f"{layout.adapters} are kept; restore {layout.checkpoint} from a copy, or train again "
         "with another --out"
     )
 
@@ -684,25 +667,32 @@ def read_checkpoint(out_dir: Path) -> Checkpoint | None:
     from safetensors.numpy import load_file
 
     out_dir = Path(out_dir)
-    folder = out_dir / CHECKPOINT
-    state_path = folder / STATE
+    layout = RunLayout(out_dir)
+    folder = layout.checkpoint
+    state_path = layout.state
     if not state_path.is_file():
         # Round 1's rows are written after the first checkpoint: rows without one mean it
         # was removed, not that the run never got that far.
         if _last_recorded_round(out_dir) > 0:
-            raise _damaged(state_path, "is missing although metrics.jsonl holds completed rounds")
+            raise _damaged(
+                layout,
+                state_path,
+                f"is missing although {layout.metrics.name} holds completed rounds",
+            )
         return None
     try:
         state = json.loads(state_path.read_bytes())
         if not isinstance(state, dict):
             raise ValueError("not a JSON object")
     except ValueError as err:
-        raise _damaged(state_path, f"is not valid JSON ({err})") from None
+        raise _damaged(layout, state_path, f"is not valid JSON ({err})") from None
     recorded = state.pop("state_sha256", None)
     if recorded is None:
-        raise _damaged(state_path, _lacks("state_sha256", "the sha256 of its own content"))
+        raise _damaged(layout, state_path, _lacks("state_sha256", "the sha256 of its own content"))
     if recorded != _state_digest(state):
-        raise _damaged(state_path, "was changed after mira wrote it (its sha256 does not match)")
+        raise _damaged(
+            layout, state_path, "was changed after mira wrote it (its sha256 does not match)"
+        )
     try:
         checkpoint_round = int(state["round"])
         adapters_path = folder / str(state["adapters_file"])
@@ -713,41 +703,52 @@ def read_checkpoint(out_dir: Path) -> Checkpoint | None:
         graph_source, graph_info = str(state["graph_source"]), dict(state["graph_info"])
         server = dict(state["server"])
     except (KeyError, TypeError, ValueError) as err:
-        raise _damaged(state_path, f"lacks or garbles the entry {err}") from None
+        raise _damaged(layout, state_path, f"lacks or garbles the entry {err}") from None
     expected_sha = state.get("adapters_sha256")
     if not isinstance(expected_sha, str):
-        raise _damaged(state_path, _lacks("adapters_sha256", "the sha256 of its adapters file"))
+        raise _damaged(
+            layout, state_path, _lacks("adapters_sha256", "the sha256 of its adapters file")
+        )
     metrics_round = state.get("metrics_round")
     if not isinstance(metrics_round, int):
-        raise _damaged(state_path, _lacks("metrics_round", "the last round metrics.jsonl held"))
-    config = _recorded_config(out_dir, state_path, state)
+        held = f"the last round {layout.metrics.name} held"
+        raise _damaged(layout, state_path, _lacks("metrics_round", held))
+    config = _recorded_config(layout, state)
     if not adapters_path.is_file():
-        raise _damaged(adapters_path, "is missing (checkpoint/state.json names it)")
+        raise _damaged(layout, adapters_path, f"is missing ({state_path} names it)")
     if sha256_file(adapters_path) != expected_sha:
-        raise _damaged(adapters_path, "does not match the sha256 in state.json (cut or changed)")
+        raise _damaged(
+            layout,
+            adapters_path,
+            f"does not match the sha256 in {state_path.name} (cut or changed)",
+        )
     try:
         with safe_open(str(adapters_path), framework="numpy") as handle:
             stored_round = (handle.metadata() or {}).get(ROUND_METADATA)
         tensors = load_file(str(adapters_path))
     except Exception as err:  # safetensors raises its own error types for a damaged file
-        raise _damaged(adapters_path, f"cannot be read ({err})") from None
+        raise _damaged(layout, adapters_path, f"cannot be read ({err})") from None
     if stored_round is None:
-        raise _damaged(adapters_path, f"has no {ROUND_METADATA!r} metadata (mira writes it)")
+        raise _damaged(
+            layout, adapters_path, f"has no {ROUND_METADATA!r} metadata (mira writes it)"
+        )
     if stored_round != str(checkpoint_round):
         raise _damaged(
+            layout,
             state_path,
             f"says round {checkpoint_round} but its adapters are of round {stored_round}",
         )
     if not checkpoint_round - 1 <= metrics_round <= checkpoint_round:
         raise _damaged(
+            layout,
             state_path,
             f"says round {checkpoint_round} but rows up to round {metrics_round} recorded",
         )
-    metrics_path = out_dir / METRICS
+    metrics_path = layout.metrics
     if metrics_round > 0:
         if not metrics_path.is_file():
-            raise _damaged(metrics_path, "is missing")
-        _check_covers(metrics_path, _parse_metrics(metrics_path)[0], metrics_round)
+            raise _damaged(layout, metrics_path, "is missing")
+        _check_covers(metrics_path, _rows(_parse_metrics(metrics_path)[0]), metrics_round)
     adapters: dict[str, Adapter] = {}
     for name, value in tensors.items():
         owner, key = name.split("/", 1)
@@ -773,9 +774,7 @@ def _lacks(key: str, what: str) -> str:
     )
 
 
-def _recorded_config(
-    out_dir: Path, state_path: Path, state: dict[str, Any]
-) -> dict[str, Any] | None:
+def _recorded_config(layout: RunLayout, state: dict[str, Any]) -> dict[str, Any] | None:
     """The config state.json records, after checking config.toml still says the same except
     in what a resumed run may change (:data:`mira.config.RESUME_KEYS`). None for a checkpoint
     written before mira recorded it (format 1)."""
@@ -783,22 +782,24 @@ def _recorded_config(
         return None
     recorded = state.get("config")
     if not isinstance(recorded, dict):
-        raise _damaged(state_path, _lacks("config", "the config the run computed with"))
+        raise _damaged(layout, layout.state, _lacks("config", "the config the run computed with"))
     try:
         stored = run_config_from_dict(recorded)
     except ConfigError as err:
-        raise _damaged(state_path, f"records a config this mira cannot read ({err})") from None
-    path = out_dir / CONFIG
+        raise _damaged(
+            layout, layout.state, f"records a config this mira cannot read ({err})"
+        ) from None
+    path = layout.config
     if not path.is_file():
-        raise _damaged(path, "is missing (the checkpoint records the config it held)")
+        raise _damaged(layout, path, "is missing (the checkpoint records the config it held)")
     try:
         current = load_run_config(path)
     except ConfigError as err:
-        raise _changed_config(path, f"no longer reads as a config ({err})") from None
+        raise _changed_config(layout, f"no longer reads as a config ({err})") from None
     changes = resume_changes(stored, current)
     if changes:
         raise _changed_config(
-            path,
+            layout,
             f"differs from the config its checkpoint was computed with in "
             f"{', '.join(c[0] for c in changes)} ({describe_changes(changes)}); a resumed run "
             f"may change only {', '.join(RESUME_KEYS)}",
@@ -806,10 +807,10 @@ def _recorded_config(
     return recorded
 
 
-def _changed_config(path: Path, what: str) -> RunDirError:
+def _changed_config(layout: RunLayout, what: str) -> RunDirError:
     return RunDirError(
-        f"{path} {what}. Nothing was deleted; to continue the run, put back the values it "
-        f'computed with ({path.parent / CHECKPOINT / STATE} records them under "config"), '
+        f"{layout.config} {what}. Nothing was deleted; to continue the run, put back the "
+        f'values it computed with ({layout.state} records them under "config"), '
         "or start a new run with another --out"
     )
 
@@ -842,16 +843,16 @@ def disk_full_error(out_dir: Path, err: OSError) -> RunDirError | None:
 
 
 # ------------------------------------------------------------------------------ final table
-def final_client_table(rows: Sequence[dict[str, Any]], adapters: Path | None) -> Table:
+def final_client_table(rows: RunRows, adapters: Path | None) -> Table:
     """Each client's personalised eval loss after the first and the last round, its task
     metrics and mix weight after the last, and (with ``adapters``) its adapter's folder."""
-    clients = [r for r in rows if r.get("kind") == "client"]
-    last = max(r["round"] for r in clients)
-    start = min(r["round"] for r in clients)
-    final = [r for r in clients if r["round"] == last]
-    first = {r["client"]: r for r in clients if r["round"] == start}
-    metrics = [m for m in TASK_METRICS if any(r.get(m) is not None for r in final)]
-    mixing = any(r.get("mix_weight") is not None for r in final)
+    clients = rows.clients
+    last = max(r.round for r in clients)
+    start = min(r.round for r in clients)
+    final = rows.clients_of(last)
+    first = {r.client: r for r in rows.clients_of(start)}
+    metrics = [m for m in TASK_METRICS if any(r.metrics.get(m) is not None for r in final)]
+    mixing = any(r.mix_weight is not None for r in final)
     header = ["client", "task"]
     if adapters is not None:
         header.append("adapter")
@@ -860,13 +861,13 @@ def final_client_table(rows: Sequence[dict[str, Any]], adapters: Path | None) ->
         header.append("mix weight")
     body = []
     for r in final:
-        cells = [str(r["client"]), str(r["task"])]
+        cells = [str(r.client), str(r.task)]
         if adapters is not None:
-            cells.append(str(adapters / r["client"]))
-        cells += [fmt(first[r["client"]].get("eval_loss")), fmt(r.get("eval_loss"))]
-        cells += [fmt(r.get(m)) for m in metrics]
+            cells.append(str(adapters / r.client))
+        cells += [fmt(first[r.client].eval_loss), fmt(r.eval_loss)]
+        cells += [fmt(r.metrics.get(m)) for m in metrics]
         if mixing:
-            cells.append(fmt(r.get("mix_weight")))
+            cells.append(fmt(r.mix_weight))
         body.append(cells)
     return Table(
         f"Personalised eval loss after round {last} "
@@ -887,22 +888,20 @@ def final_table(out_dir: Path) -> str:
     """Per-client personalised eval loss of the last round and where the adapters are, as
     aligned text for the terminal."""
     rows = read_metrics(out_dir)
-    if not any(r["kind"] == "client" for r in rows):
+    last = rows.last_round()
+    if last is None:
         return "no rounds completed"
     table = final_client_table(rows, None)
-    last = max(r["round"] for r in rows if r["kind"] == "client")
-    aggregate = next(
-        (r for r in rows if r["kind"] == "round" and r["round"] == last), {"method": "?"}
-    )
+    aggregate = rows.round_row(last)
     return "\n".join(
         [
             table.title,
             markdown_table(table),
-            f"mean {fmt(aggregate.get('personalised_eval_loss_mean'))}  "
-            f"worst {fmt(aggregate.get('personalised_eval_loss_worst'))}  "
-            f"std {fmt(aggregate.get('personalised_eval_loss_std'))}  "
-            f"(method {aggregate['method']})",
-            f"each client's adapter: {Path(out_dir) / ADAPTERS}/<client>/ "
+            f"mean {fmt(aggregate and aggregate.personalised_eval_loss_mean)}  "
+            f"worst {fmt(aggregate and aggregate.personalised_eval_loss_worst)}  "
+            f"std {fmt(aggregate and aggregate.personalised_eval_loss_std)}  "
+            f"(method {aggregate.method if aggregate else '?'})",
+            f"each client's adapter: {RunLayout(out_dir).adapters}/<client>/ "
             "(peft.PeftModel.from_pretrained(base, path) loads it)",
         ]
     )

@@ -1,6 +1,7 @@
 """Reading finished runs back: one run directory, or every run of a comparison directory.
 
-Layout of a comparison directory ``DIR`` (written by :mod:`mira.experiments.compare`)::
+Layout of a comparison directory ``DIR`` (written by :mod:`mira.experiments.compare`; the
+names are :class:`mira.results.schema.ComparisonLayout`'s)::
 
     comparison.json             what was asked: command lines, config source, methods, seeds
     runs/<method>/seed-<s>/     one ordinary run directory (see mira.results.rundir), plus
@@ -26,13 +27,9 @@ from typing import Any
 from mira.config import METHODS
 from mira.results.errors import ResultsError, RunDirError
 from mira.results.files import write_json
-from mira.results.rundir import CONFIG, METRICS, read_metrics
+from mira.results.rundir import read_metrics
+from mira.results.schema import ComparisonLayout, RunLayout, RunRows
 from mira.results.stats import summarise_runs
-
-RUNS = "runs"
-DONE = "DONE"
-RUN_INFO = "run.json"
-MANIFEST = "comparison.json"
 
 
 @dataclass(frozen=True)
@@ -42,13 +39,13 @@ class RunRecord:
     method: str
     seed: int | None
     folder: Path
-    rows: list[dict[str, Any]]
+    rows: RunRows
     info: dict[str, Any] = field(default_factory=dict)
 
 
 def run_folder(out_dir: Path, method: str, seed: int) -> Path:
     """Where the run of ``method`` with ``seed`` lives in a comparison directory."""
-    return Path(out_dir) / RUNS / method / f"seed-{seed}"
+    return ComparisonLayout(out_dir).run(method, seed).dir
 
 
 def rule_of(method: str) -> str:
@@ -68,7 +65,7 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 def read_manifest(out_dir: Path) -> dict[str, Any]:
     """comparison.json (what was asked), or an empty manifest when there is none."""
-    path = Path(out_dir) / MANIFEST
+    path = ComparisonLayout(out_dir).manifest
     manifest: dict[str, Any] = {"methods": [], "seeds": [], "commands": []}
     if path.is_file():
         manifest.update(_read_json(path))
@@ -78,7 +75,7 @@ def read_manifest(out_dir: Path) -> dict[str, Any]:
 def update_run_info(folder: Path, fields: dict[str, Any]) -> Path:
     """Merge ``fields`` into the run's run.json (what ran where: the device and dtype the
     clients train on, the privacy spent; a comparison adds its start, end and seconds)."""
-    path = Path(folder) / RUN_INFO
+    path = RunLayout(folder).run_info
     info = _read_json(path) if path.is_file() else {}
     info.update(fields)
     return write_json(path, info)
@@ -87,13 +84,14 @@ def update_run_info(folder: Path, fields: dict[str, Any]) -> Path:
 def load_run(folder: Path, method: str | None = None, seed: int | None = None) -> RunRecord:
     """Read one run directory; method and seed default to what the run recorded."""
     folder = Path(folder)
+    layout = RunLayout(folder)
     rows = read_metrics(folder)
-    info_path = folder / RUN_INFO
-    info = _read_json(info_path) if info_path.is_file() else {}
+    info = _read_json(layout.run_info) if layout.run_info.is_file() else {}
     if method is None:
-        method = next((str(r["method"]) for r in rows if "method" in r), "run")
-    if seed is None and (folder / CONFIG).is_file():
-        stored = tomllib.loads((folder / CONFIG).read_text())
+        recorded = [r.method for r in rows.all() if r.method]
+        method = recorded[0] if recorded else "run"
+    if seed is None and layout.config.is_file():
+        stored = tomllib.loads(layout.config.read_text())
         seed = stored.get("federation", {}).get("seed")
     return RunRecord(method, seed, folder, rows, info)
 
@@ -115,24 +113,21 @@ def collect_runs(out_dir: Path) -> tuple[list[RunRecord], list[Path]]:
     """Finished runs of a comparison directory (method order as asked, seeds ascending),
     and the folders of runs that are not finished (left out of every table)."""
     out_dir = Path(out_dir)
-    root = out_dir / RUNS
-    if not root.is_dir():
-        raise ResultsError(f"{out_dir} holds no {RUNS}/ folder; is it a comparison directory?")
-    by_method: dict[str, list[tuple[int, Path]]] = {}
-    for method_dir in root.iterdir():
-        if not method_dir.is_dir():
-            continue
-        for seed_dir in method_dir.iterdir():
-            name = seed_dir.name
-            if seed_dir.is_dir() and name.startswith("seed-") and name[5:].isdigit():
-                by_method.setdefault(method_dir.name, []).append((int(name[5:]), seed_dir))
+    layout = ComparisonLayout(out_dir)
+    if not layout.runs.is_dir():
+        raise ResultsError(
+            f"{out_dir} holds no {layout.runs.name}/ folder; is it a comparison directory?"
+        )
+    by_method: dict[str, list[tuple[int, RunLayout]]] = {}
+    for method, seed, run in layout.run_folders():
+        by_method.setdefault(method, []).append((seed, run))
     complete, incomplete = [], []
     for method in _method_order(out_dir, by_method):
-        for seed, folder in sorted(by_method[method]):
-            if (folder / DONE).is_file() and (folder / METRICS).is_file():
-                complete.append(load_run(folder, method, seed))
+        for seed, run in sorted(by_method[method], key=lambda found: found[0]):
+            if run.done.is_file() and run.metrics.is_file():
+                complete.append(load_run(run.dir, method, seed))
             else:
-                incomplete.append(folder)
+                incomplete.append(run.dir)
     return complete, incomplete
 
 

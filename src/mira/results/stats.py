@@ -8,13 +8,14 @@ Reads nothing and imports neither torch nor flwr: rows in, numbers out. Runs com
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 from scipy import stats as scipy_stats
 
 from mira.config import TASK_METRICS
+from mira.results.schema import MIX_WEIGHT, ClientRow, RunRows
 
 if TYPE_CHECKING:
     from mira.results.runs import RunRecord
@@ -64,31 +65,47 @@ def summarise(values: Mapping[str, Sequence[float]]) -> dict[str, dict[str, floa
 
 
 # ------------------------------------------------------------------------------ one run
-def value(row: dict[str, Any], key: str) -> float:
+def value(recorded: float | None) -> float:
     """A recorded number, NaN when absent or null (a diverged client stays visible as NaN)."""
-    recorded = row.get(key)
     return math.nan if recorded is None else float(recorded)
 
 
-def final_client_rows(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The client rows of the last recorded round."""
-    clients = [r for r in rows if r.get("kind") == "client"]
-    if not clients:
-        return []
-    last = max(r["round"] for r in clients)
-    return [r for r in clients if r["round"] == last]
+def eval_loss(row: ClientRow) -> float:
+    """A client row's personalised eval loss, NaN when not recorded."""
+    return value(row.eval_loss)
 
 
-def metric_names(rows: Iterable[dict[str, Any]]) -> list[str]:
+def mix_weight(row: ClientRow) -> float | None:
+    """A client row's mix weight (None: not recorded)."""
+    return row.mix_weight
+
+
+def metric_names(rows: Iterable[ClientRow]) -> list[str]:
     """Task metrics present in any row, in the canonical order."""
+    present = {name for r in rows for name in r.metrics}
+    return [m for m in TASK_METRICS if m in present]
+
+
+def summary_metric_names(rows: Iterable[Mapping[str, Any]]) -> list[str]:
+    """Task metrics with a column in any summary row, in the canonical order."""
     present = {k for r in rows for k in r}
     return [m for m in TASK_METRICS if m in present]
 
 
-def rule_of_rows(rows: Sequence[dict[str, Any]], label: str) -> str:
+def client_numbers(rows: Sequence[ClientRow]) -> dict[str, list[float | None]]:
+    """Each task metric any row records, then the mix weight: one value per row (None where
+    that row records none), by the name summaries give them."""
+    numbers: dict[str, list[float | None]] = {
+        name: [r.metrics.get(name) for r in rows] for name in metric_names(rows)
+    }
+    numbers[MIX_WEIGHT] = [r.mix_weight for r in rows]
+    return numbers
+
+
+def rule_of_rows(rows: RunRows, label: str) -> str:
     """The server rule a run's rows record (``server.method``), else its label's rule
     (``'mira@server.step=0.1'`` -> ``'mira'``)."""
-    recorded = next((str(r["method"]) for r in rows if r.get("method") is not None), label)
+    recorded = next((r.method for r in rows.all() if r.method), label)
     return recorded.split("@", 1)[0]
 
 
@@ -97,7 +114,7 @@ def wall_seconds(run: RunRecord) -> Stat:
     the seconds its round rows recorded (a single run)."""
     if run.info.get("seconds") is not None:
         return float(run.info["seconds"])
-    seconds = [float(r["seconds"]) for r in run.rows if r.get("kind") == "round" and "seconds" in r]
+    seconds = [float(r.seconds) for r in run.rows.rounds]
     return float(sum(seconds)) if seconds else None
 
 
@@ -115,30 +132,32 @@ def run_statistics(run: RunRecord) -> dict[str, Stat]:
     adapter to the server, which keeps client state between rounds, and back);
     ``peak_memory_mb``: max over rounds; ``wall_seconds``: :func:`wall_seconds`.
     """
-    final = final_client_rows(run.rows)
-    rounds = [r for r in run.rows if r.get("kind") == "round"]
-    losses = np.array([value(r, "eval_loss") for r in final])
+    final = run.rows.final_clients()
+    rounds = run.rows.rounds
+    losses = np.array([eval_loss(r) for r in final])
     stats: dict[str, Stat] = {
         "personalised_loss_mean": float(np.mean(losses)) if losses.size else None,
         "personalised_loss_worst": float(np.max(losses)) if losses.size else None,
         "personalised_loss_spread": float(np.std(losses)) if losses.size else None,
     }
-    tasks = unique(r["task"] for r in final)
+    tasks = unique(r.task for r in final)
     for task in tasks:
-        of_task = [value(r, "eval_loss") for r in final if r["task"] == task]
+        of_task = [eval_loss(r) for r in final if r.task == task]
         stats[f"personalised_loss[{task}]"] = float(np.mean(of_task))
-    for name in [*metric_names(final), "mix_weight"]:
-        present = [r[name] for r in final if r.get(name) is not None]
+    for name, numbers in client_numbers(final).items():
+        present = [v for v in numbers if v is not None]
         if not present:
             continue
         stats[name] = float(np.mean(present))
         for task in tasks:
-            values = [r[name] for r in final if r["task"] == task and r.get(name) is not None]
+            values = [
+                v for r, v in zip(final, numbers, strict=True) if r.task == task and v is not None
+            ]
             if values:
                 stats[f"{name}[{task}]"] = float(np.mean(values))
-    up = [float(r["bytes_up"]) for r in rounds if r.get("bytes_up") is not None]
-    down = [float(r["bytes_down"]) for r in rounds if r.get("bytes_down") is not None]
-    memory = [float(r["peak_memory_mb"]) for r in rounds if r.get("peak_memory_mb") is not None]
+    up = [float(r.bytes_up) for r in rounds]
+    down = [float(r.bytes_down) for r in rounds]
+    memory = [float(r.peak_memory_mb) for r in rounds if r.peak_memory_mb is not None]
     stats["bytes_up_per_round"] = float(np.mean(up)) if up else None
     stats["bytes_down_per_round"] = float(np.mean(down)) if down else None
     silent = rule_of_rows(run.rows, run.method) in SILENT_RULES
@@ -202,20 +221,20 @@ def summarise_runs(
         for name in unique(k for s in stats for k in s):
             row[name], row[f"{name}_std"] = mean_std([s.get(name) for s in stats])
         rows.append(row)
-        finals = [final_client_rows(r.rows) for r in mine]
-        for client in unique(c["client"] for final in finals for c in final):
-            seen = [c for final in finals for c in final if c["client"] == client]
+        finals = [r.rows.final_clients() for r in mine]
+        for client in unique(c.client for final in finals for c in final):
+            seen = [c for final in finals for c in final if c.client == client]
             entry: dict[str, Any] = {
                 "method": method,
                 "client": client,
-                "task": seen[0]["task"],
+                "task": seen[0].task,
                 "seeds": len(seen),
             }
-            losses: list[Stat] = [value(c, "eval_loss") for c in seen]
+            losses: list[Stat] = [eval_loss(c) for c in seen]
             entry["personalised_loss"], entry["personalised_loss_std"] = mean_std(losses)
-            for name in [*metric_names(seen), "mix_weight"]:
-                if any(c.get(name) is not None for c in seen):
-                    entry[name], entry[f"{name}_std"] = mean_std([c.get(name) for c in seen])
+            for name, numbers in client_numbers(seen).items():
+                if any(v is not None for v in numbers):
+                    entry[name], entry[f"{name}_std"] = mean_std(numbers)
             per_client.append(entry)
     return rows, per_client
 
@@ -245,22 +264,28 @@ def per_task_values(
 
 
 # ------------------------------------------------------------------------------ curves
-def _client_values(run: RunRecord, key: str) -> dict[tuple[str, int], float]:
+Measure = Callable[[ClientRow], float | None]
+"""What a curve follows in each client row (None: the row does not record it)."""
+
+
+def _client_values(run: RunRecord, measure: Measure) -> dict[tuple[str, int], float]:
     return {
-        (r["client"], int(r["round"])): value(r, key)
-        for r in run.rows
-        if r.get("kind") == "client" and key in r
+        (r.client, r.round): recorded
+        for r in run.rows.clients
+        if (recorded := measure(r)) is not None
     }
 
 
-def client_curves(runs: Sequence[RunRecord], key: str = "eval_loss") -> dict[str, dict[str, Curve]]:
-    """method -> client -> ``key`` (default: personalised eval loss) per round, mean over the
-    method's seeds. Clients that never recorded ``key`` are left out."""
+def client_curves(
+    runs: Sequence[RunRecord], measure: Measure = eval_loss
+) -> dict[str, dict[str, Curve]]:
+    """method -> client -> ``measure`` (default: personalised eval loss) per round, mean over
+    the method's seeds. Clients that never recorded it are left out."""
     out: dict[str, dict[str, Curve]] = {}
     for method in unique(r.method for r in runs):
         samples: dict[tuple[str, int], list[float]] = {}
         for run in (r for r in runs if r.method == method):
-            for point, recorded in _client_values(run, key).items():
+            for point, recorded in _client_values(run, measure).items():
                 samples.setdefault(point, []).append(recorded)
         curves: dict[str, Curve] = {}
         for client in unique(c for c, _ in samples):
@@ -283,7 +308,7 @@ def mean_curves(runs: Sequence[RunRecord]) -> dict[str, tuple[np.ndarray, np.nda
         per_seed = []
         for run in (r for r in runs if r.method == method):
             by_round: dict[int, list[float]] = {}
-            for (_, rnd), loss in _client_values(run, "eval_loss").items():
+            for (_, rnd), loss in _client_values(run, eval_loss).items():
                 by_round.setdefault(rnd, []).append(loss)
             per_seed.append({rnd: float(np.mean(v)) for rnd, v in by_round.items()})
         rounds = np.array(sorted({rnd for seed in per_seed for rnd in seed}))

@@ -19,12 +19,13 @@ import numpy as np
 from mira.config import TASK_METRICS
 from mira.results.document import NumberFormat, Table, number_format
 from mira.results.runs import RunRecord
+from mira.results.schema import MIX_WEIGHT, ReportFiles, RoundRow, RunLayout, RunRows
 from mira.results.stats import (
     CONFIDENCE,
     mean_curves,
     mean_std,
-    metric_names,
     run_statistics,
+    summary_metric_names,
     t_interval,
     unique,
 )
@@ -96,7 +97,7 @@ def summary_tables(
                 [[r["method"], *_cells(r, task_losses, _format(rows, task_losses))] for r in rows],
             )
         )
-    metric_columns = [c for m in metric_names(rows) for c in [m, *_task_columns(rows, m)]]
+    metric_columns = [c for m in summary_metric_names(rows) for c in [m, *_task_columns(rows, m)]]
     if metric_columns:
         tables.append(
             Table(
@@ -109,14 +110,14 @@ def summary_tables(
                 ],
             )
         )
-    mixing = [r for r in rows if r.get("mix_weight") is not None]
+    mixing = [r for r in rows if r.get(MIX_WEIGHT) is not None]
     if mixing:
-        columns = ["mix_weight", *_task_columns(mixing, "mix_weight")]
+        columns = [MIX_WEIGHT, *_task_columns(mixing, MIX_WEIGHT)]
         tables.append(
             Table(
                 "Mix weight after the final round: the share of its neighbours' adapters "
                 "each client took",
-                ["method", "all clients", *(c[len("mix_weight[") : -1] for c in columns[1:])],
+                ["method", "all clients", *(c[len(MIX_WEIGHT) + 1 : -1] for c in columns[1:])],
                 [[r["method"], *_cells(r, columns, _format(mixing, columns))] for r in mixing],
                 note="Mean over clients (and per task, over the task's clients). 0 keeps the "
                 "client's own adapter; 1 replaces it by its neighbours' weighted mean.",
@@ -174,7 +175,8 @@ def cost_table(rows: Sequence[dict[str, Any]]) -> Table:
                 "not counted above."
             )
     note += (
-        " Wall time is the run's start to end where a comparison recorded it (run.json), else "
+        " Wall time is the run's start to end where a comparison recorded it "
+        f"({RunLayout(Path()).run_info.name}), else "
         "the sum of its rounds' recorded seconds. Peak memory is the largest client process "
         "peak of the run."
     )
@@ -259,7 +261,7 @@ def per_client_tables(per_client: Sequence[dict[str, Any]]) -> list[Table]:
     for name, title in [
         ("personalised_loss", "Per client: final personalised eval loss, mean over seeds"),
         *((m, f"Per client: final personalised {m}, mean over seeds") for m in TASK_METRICS),
-        ("mix_weight", "Per client: mix weight in the final round, mean over seeds"),
+        (MIX_WEIGHT, "Per client: mix weight in the final round, mean over seeds"),
     ]:
         shown = [c for c in clients if any(name in cell.get((m, c), {}) for m in methods)]
         if not shown:
@@ -280,21 +282,21 @@ def per_client_tables(per_client: Sequence[dict[str, Any]]) -> list[Table]:
 
 
 # ------------------------------------------------------------------------------ one run
-def final_client_table(rows: Sequence[dict[str, Any]], adapters: Path | None) -> Table:
+def final_client_table(rows: RunRows, adapters: Path | None) -> Table:
     """Each client's personalised eval loss after the first and the last round (one column
     when they are the same round), its task metrics and mix weight after the last, and (with
     ``adapters``) its adapter's folder. Losses share one format, task metrics another."""
-    clients = [r for r in rows if r.get("kind") == "client"]
-    last = max(r["round"] for r in clients)
-    start = min(r["round"] for r in clients)
-    final = [r for r in clients if r["round"] == last]
-    first = {r["client"]: r for r in clients if r["round"] == start}
-    metrics = [m for m in TASK_METRICS if any(r.get(m) is not None for r in final)]
-    mixing = any(r.get("mix_weight") is not None for r in final)
+    clients = rows.clients
+    last = max(r.round for r in clients)
+    start = min(r.round for r in clients)
+    final = rows.clients_of(last)
+    first = {r.client: r for r in rows.clients_of(start)}
+    metrics = [m for m in TASK_METRICS if any(r.metrics.get(m) is not None for r in final)]
+    mixing = any(r.mix_weight is not None for r in final)
     rounds = [start, last] if start != last else [last]
-    losses = number_format(r.get("eval_loss") for r in clients if r["round"] in rounds)
-    scores = _format(final, metrics)
-    mix = _format(final, ["mix_weight"])
+    losses = number_format(r.eval_loss for r in clients if r.round in rounds)
+    scores = number_format(r.metrics.get(m) for r in final for m in metrics)
+    mix = number_format(r.mix_weight for r in final)
     header = ["client", "task"]
     if adapters is not None:
         header.append("adapter")
@@ -304,15 +306,15 @@ def final_client_table(rows: Sequence[dict[str, Any]], adapters: Path | None) ->
         header.append("mix weight")
     body = []
     for r in final:
-        cells = [str(r["client"]), str(r["task"])]
+        cells = [str(r.client), str(r.task)]
         if adapters is not None:
-            cells.append(str(adapters / r["client"]))
+            cells.append(str(adapters / r.client))
         if start != last:
-            cells.append(losses(first[r["client"]].get("eval_loss")))
-        cells.append(losses(r.get("eval_loss")))
-        cells += [scores(r.get(m)) for m in metrics]
+            cells.append(losses(first[r.client].eval_loss))
+        cells.append(losses(r.eval_loss))
+        cells += [scores(r.metrics.get(m)) for m in metrics]
         if mixing:
-            cells.append(mix(r.get("mix_weight")))
+            cells.append(mix(r.mix_weight))
         body.append(cells)
     return Table(
         f"Personalised eval loss after round {last} "
@@ -332,35 +334,34 @@ def final_client_table(rows: Sequence[dict[str, Any]], adapters: Path | None) ->
 # ------------------------------------------------------------------------------ per round
 def round_table(run: RunRecord) -> Table:
     """One run, per round: the personalised eval loss over clients, train loss, mix weight."""
-    rounds = [r for r in run.rows if r.get("kind") == "round"]
-    clients = [r for r in run.rows if r.get("kind") == "client"]
-    mixing = any(r.get("mix_weight") is not None for r in clients)
+    rounds = run.rows.rounds
+    clients = run.rows.clients
+    mixing = any(r.mix_weight is not None for r in clients)
 
     def mean_mix(number: int) -> float | None:
-        values = [
-            r["mix_weight"]
-            for r in clients
-            if r["round"] == number and r.get("mix_weight") is not None
-        ]
+        values = [r.mix_weight for r in clients if r.round == number and r.mix_weight is not None]
         return float(np.mean(values)) if values else None
 
-    loss_keys = [
-        "personalised_eval_loss_mean",
-        "personalised_eval_loss_worst",
-        "personalised_eval_loss_std",
-        "train_loss_mean",
-    ]
-    losses, seconds = _format(rounds, loss_keys), _format(rounds, ["seconds"])
-    mixes = {int(r["round"]): mean_mix(int(r["round"])) for r in rounds}
+    def round_losses(row: RoundRow) -> list[float | None]:
+        return [
+            row.personalised_eval_loss_mean,
+            row.personalised_eval_loss_worst,
+            row.personalised_eval_loss_std,
+            row.train_loss_mean,
+        ]
+
+    losses = number_format(v for r in rounds for v in round_losses(r))
+    seconds = number_format(r.seconds for r in rounds)
+    mixes = {r.round: mean_mix(r.round) for r in rounds}
     mix = number_format(mixes.values())
     header = ["round", "mean", "worst", "spread (std)", "train loss", "seconds"]
     if mixing:
         header.append("mix weight (mean)")
     body = []
     for r in rounds:
-        cells = [str(r["round"]), *(losses(r.get(k)) for k in loss_keys), seconds(r.get("seconds"))]
+        cells = [str(r.round), *(losses(v) for v in round_losses(r)), seconds(r.seconds)]
         if mixing:
-            cells.append(mix(mixes[int(r["round"])]))
+            cells.append(mix(mixes[r.round]))
         body.append(cells)
     return Table(
         "Per round: personalised eval loss over clients, and mean train loss",
@@ -393,5 +394,6 @@ def mean_curve_table(runs: Sequence[RunRecord]) -> Table:
         "Per round: mean personalised eval loss over clients, one value per seed",
         ["round", *curves],
         rows,
-        note=f"Seeds in each cell, in order: {seed_lists}. These are the lines of mean_loss.png.",
+        note=f"Seeds in each cell, in order: {seed_lists}. These are the lines of "
+        f"{ReportFiles(Path()).mean_loss_plot.name}.",
     )
