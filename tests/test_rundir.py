@@ -390,14 +390,14 @@ def test_write_adapter_writes_a_peft_folder_atomically(cfg, tmp_path: Path) -> N
     from peft import LoraConfig
     from safetensors.numpy import load_file
 
-    writer = RunWriter(tmp_path, cfg)
+    from mira.client.sharing import PeftAdapterWriter
+
+    writer = RunWriter(tmp_path, cfg, PeftAdapterWriter(cfg.model.name, cfg.lora, ""))
     adapter = {"base_model.model.layer.lora_A.weight": np.ones((4, 8), dtype=np.float32)}
-    path = writer.write_adapter("a-0", adapter, 4, "")
+    path = writer.write_adapter("a-0", adapter, 4)
     writer.close()
-    assert sorted(p.name for p in path.iterdir()) == [
-        "adapter_config.json",
-        "adapter_model.safetensors",
-    ]
+    files = AdapterFiles(path)
+    assert sorted(p.name for p in path.iterdir()) == sorted([files.config.name, files.weights.name])
     np.testing.assert_array_equal(
         load_file(str(AdapterFiles(path).weights))["base_model.model.layer.lora_A.weight"],
         adapter["base_model.model.layer.lora_A.weight"],

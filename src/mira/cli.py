@@ -152,7 +152,7 @@ def _report(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from mira.client.export import export_client  # torch, peft and transformers: only now
+    from mira.export import export_client  # torch, peft and transformers: only now
 
     out = export_client(
         Path(args.run), args.client, Path(args.out), merge=args.merge, base=args.base

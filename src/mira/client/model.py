@@ -59,6 +59,7 @@ PACKAGED_SMOLLM2 = "smollm2-135m-instruct"
 TINY_RANDOM = "tiny-random-"
 TINY_RANDOM_LLAMA = "tiny-random-llama"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+SOURCE_NOTE = "mira-source.json"  # beside a converted packaged model: where it came from
 
 TORCH_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -301,7 +302,7 @@ def _converted_smollm2(root: Path, cache_dir: str) -> Path:
         tmp = Path(tempfile.mkdtemp(dir=root, prefix=".smollm2-"))
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-    (tmp / "mira-source.json").write_text(
+    (tmp / SOURCE_NOTE).write_text(
         json.dumps({"package": f"{SMOLLM2.name}=={SMOLLM2.version}", "file": SMOLLM2_GGUF})
     )
     _publish(tmp, final)

@@ -569,10 +569,10 @@ def _checkpoint(writer: RunWriter, state: ServerState) -> None:
 
 
 def _write_closed(
-    writer: RunWriter, state: ServerState, closed: ClosedRound, progress: Progress, base: str
+    writer: RunWriter, state: ServerState, closed: ClosedRound, progress: Progress
 ) -> None:
     for client, adapter in zip(state.clients, closed.adapters, strict=True):
-        writer.write_adapter(client.client_id, adapter, client.rank, base)
+        writer.write_adapter(client.client_id, adapter, client.rank)
     aggregate = writer.append_round(closed.seconds, closed.round, closed.rows)
     failed = sum(r.status != OK for r in closed.rows)
     progress.round_done(
@@ -612,8 +612,11 @@ def run_federation(
             f"{layout.config.name} cannot be checked against it"
         )
     try:
-        with RunWriter(out_dir, cfg) as writer:  # holds the run directory's lock until the end
-            _serve(grid, cfg, out_dir, base_source, writer, checkpoint, progress)
+        from mira.client.sharing import PeftAdapterWriter  # peft and torch: only now
+
+        adapters = PeftAdapterWriter(cfg.model.name, cfg.lora, base_source)
+        with RunWriter(out_dir, cfg, adapters) as writer:  # holds the run directory's lock
+            _serve(grid, cfg, out_dir, writer, checkpoint, progress)
     except OSError as err:  # a full disk ends the run in one line: what stopped, how to go on
         full = disk_full_error(out_dir, err)
         if full is None:
@@ -625,7 +628,6 @@ def _serve(
     grid: Grid,
     cfg: Config,
     out_dir: Path,
-    base_source: str,
     writer: RunWriter,
     checkpoint: Checkpoint | None,
     progress: Progress,
@@ -693,7 +695,7 @@ def _serve(
             progress.note(f"  {what}: {outcome.status}: {outcome.reason}; it keeps its adapter")
         lost = {i for i, o in outcomes.items() if o.status in (FAILED, TIMEOUT)}
         if closed is not None:
-            _write_closed(writer, state, closed, progress, base_source)
+            _write_closed(writer, state, closed, progress)
         if final:
             _checkpoint(writer, state)
             record_privacy(state, out_dir, progress)

@@ -47,8 +47,8 @@ from mira.results.document import (
 )
 from mira.results.errors import ReportError
 from mira.results.files import write_atomic, write_csv
-from mira.results.runs import RunRecord, collect_runs, load_run, read_manifest, rule_of
-from mira.results.schema import ComparisonLayout, ReportFiles, RunLayout
+from mira.results.runs import collect_runs, load_run, read_manifest, rule_of
+from mira.results.schema import ComparisonLayout, ReportFiles, RunLayout, RunRecord
 from mira.results.stats import (
     client_curves,
     eval_loss,

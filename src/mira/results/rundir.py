@@ -54,12 +54,11 @@ import json
 import math
 import os
 import socket
-import tempfile
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, NamedTuple, cast
+from typing import IO, Any, Protocol, cast
 
 import numpy as np
 
@@ -90,7 +89,6 @@ from mira.results.files import (
 )
 from mira.results.plots import plot_adjacency
 from mira.results.schema import (
-    AdapterFiles,
     ClientRow,
     MetricSummary,
     RoundRow,
@@ -231,13 +229,23 @@ def round_aggregate(
     )
 
 
-class SharedBase(NamedTuple):
-    """What every shared adapter folder of a run says about its base model."""
+class AdapterWriter(Protocol):
+    """What a shareable adapter folder holds besides its weights and its card: the part that
+    needs peft and transformers, which this package never imports. The server hands one to
+    its :class:`RunWriter` (:class:`mira.client.sharing.PeftAdapterWriter`)."""
 
-    source: str  # where this process loads it from (mira's cache, a path, a hub id)
-    name: str  # the portable name adapter_config.json records
-    note: str  # where its weights came from, for the model card ('' when simply ``name``'s)
-    tokenizer: dict[str, bytes]  # its tokenizer files, by name
+    @property
+    def note(self) -> str:
+        """Where the base weights came from, for the model card ('' when simply its name's)."""
+        ...
+
+    def adapter_config(self, rank: int) -> str:
+        """``adapter_config.json`` of a rank-``rank`` adapter, its base named portably."""
+        ...
+
+    def tokenizer_files(self) -> dict[str, bytes]:
+        """The base's tokenizer files, by name."""
+        ...
 
 
 def round_scalars(rows: Sequence[ClientRow], aggregate: RoundRow) -> dict[str, float]:
@@ -268,10 +276,11 @@ class RunWriter:
     """Owns the output directory of one run while it is written (holds its lock).
 
     The lock is released by :meth:`close`, when the writer is garbage-collected, or when the
-    process ends.
+    process ends. ``adapters`` makes the adapter folders shareable (:meth:`write_adapter`);
+    without it the writer writes no adapters.
     """
 
-    def __init__(self, out_dir: Path, cfg: Config):
+    def __init__(self, out_dir: Path, cfg: Config, adapters: AdapterWriter | None = None):
         self.out = Path(out_dir)
         self.layout = RunLayout(self.out)
         self.cfg = cfg
@@ -291,7 +300,8 @@ class RunWriter:
                     "pip install 'mira[tensorboard]'"
                 ) from err
             self._tensorboard = SummaryWriter(str(self.layout.tensorboard))
-        self._shared: SharedBase | None = None  # set by write_adapter
+        self._adapters = adapters
+        self._adapters_written = False  # a card goes with every adapter folder once written
         self._wandb: Any = None
         if cfg.output.wandb:
             try:
@@ -364,7 +374,7 @@ class RunWriter:
             self._write_tensorboard(server_round, rows, aggregate)
         if self._wandb is not None:
             self._wandb.log(round_scalars(rows, aggregate), step=server_round)
-        if self._shared is not None:
+        if self._adapters_written:
             self._write_cards(rows)
         return aggregate
 
@@ -424,25 +434,19 @@ class RunWriter:
     def adapter_dir(self, client_id: str) -> Path:
         return self.layout.adapter(client_id).dir
 
-    def write_adapter(self, client_id: str, adapter: Adapter, rank: int, base_source: str) -> Path:
+    def write_adapter(self, client_id: str, adapter: Adapter, rank: int) -> Path:
         """That client's PEFT adapter folder, shareable as it is.
 
-        ``adapter_model.safetensors``; ``adapter_config.json`` whose ``base_model_name_or_path``
-        is the base's portable name (:func:`mira.client.export.base_identity`: its hub id,
-        never ``base_source``, this machine's cache path); and the base's tokenizer files.
-        ``PeftModel.from_pretrained(base, path)`` loads it whatever ``base`` was loaded from;
-        :meth:`append_round` adds the model card of the round (README.md).
+        ``adapter_model.safetensors``, and what the writer's :class:`AdapterWriter` gives:
+        ``adapter_config.json`` naming the base portably (its hub id, never this machine's
+        cache path) and the base's tokenizer files. ``PeftModel.from_pretrained(base, path)``
+        loads it whatever ``base`` was loaded from; :meth:`append_round` adds the model card
+        of the round (README.md).
         """
         from safetensors.numpy import save_file
 
-        # peft, transformers (and torch) only here: the server writes adapters, readers never do.
-        from mira.client.export import base_identity, tokenizer_files
-        from mira.client.model import peft_lora_config
-
-        if self._shared is None or self._shared.source != base_source:
-            name, note = base_identity(self.cfg.model.name, base_source)
-            tokenizer = tokenizer_files(base_source) if base_source else {}  # '': not known
-            self._shared = SharedBase(base_source, name, note, tokenizer)
+        if self._adapters is None:
+            raise ValueError("this run writer was given no adapter writer")
         files = self.layout.adapter(client_id)
         path = files.dir
         path.mkdir(parents=True, exist_ok=True)
@@ -451,15 +455,11 @@ class RunWriter:
         tmp = temporary_path(files.weights)
         save_file({k: np.ascontiguousarray(v) for k, v in adapter.items()}, str(tmp))
         commit(tmp, files.weights)
-        settings = peft_lora_config(self.cfg.lora, rank, base_source)
-        settings.base_model_name_or_path = self._shared.name
-        with tempfile.TemporaryDirectory() as scratch:
-            settings.save_pretrained(scratch)
-            text = AdapterFiles(Path(scratch)).config.read_text()
-        write_atomic(files.config, text)
-        for file_name, data in self._shared.tokenizer.items():  # the same each round: once
+        write_atomic(files.config, self._adapters.adapter_config(rank))
+        for file_name, data in self._adapters.tokenizer_files().items():  # the same each round
             if not (path / file_name).is_file():
                 write_atomic(path / file_name, data)
+        self._adapters_written = True
         return path
 
     def _write_cards(self, rows: list[ClientRow]) -> None:
@@ -467,14 +467,14 @@ class RunWriter:
         whose adapter folder this round's rows describe."""
         from mira.results.card import model_card
 
-        assert self._shared is not None
+        assert self._adapters is not None
         graph = graph_description(self.out, self.cfg)
         for row in rows:
             files = self.layout.adapter(row.client)
             if not files.config.is_file():
                 continue
             settings = json.loads(files.config.read_text())
-            card = model_card(self.cfg, row, settings, graph, self._shared.note)
+            card = model_card(self.cfg, row, settings, graph, self._adapters.note)
             write_atomic(files.card, card)
 
 

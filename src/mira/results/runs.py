@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import tomllib
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,19 +27,8 @@ from mira.config import METHODS
 from mira.results.errors import ResultsError, RunDirError
 from mira.results.files import write_json
 from mira.results.rundir import read_metrics
-from mira.results.schema import ComparisonLayout, RunLayout, RunRows
+from mira.results.schema import ComparisonLayout, RunLayout, RunRecord
 from mira.results.stats import summarise_runs
-
-
-@dataclass(frozen=True)
-class RunRecord:
-    """One finished run as read back from disk."""
-
-    method: str
-    seed: int | None
-    folder: Path
-    rows: RunRows
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 def run_folder(out_dir: Path, method: str, seed: int) -> Path:

@@ -175,6 +175,18 @@ class RunRows:
         return next((row for row in self.rounds if row.round == server_round), None)
 
 
+@dataclass(frozen=True)
+class RunRecord:
+    """One finished run as read back from disk (:func:`mira.results.runs.load_run`): its
+    method label, seed, folder, rows and run.json."""
+
+    method: str
+    seed: int | None
+    folder: Path
+    rows: RunRows
+    info: dict[str, Any] = field(default_factory=dict)
+
+
 # ------------------------------------------------------------------------------ the codec
 def _entries(row: Row) -> dict[str, Any]:
     """A row's keys and values in their order on disk, ``kind`` aside."""

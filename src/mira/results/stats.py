@@ -2,23 +2,20 @@
 round, means and stds over seeds, and the per-round curves the plots draw.
 
 Reads nothing and imports neither torch nor flwr: rows in, numbers out. Runs come in as
-:class:`mira.results.runs.RunRecord` (method, seed, folder, metric rows, run.json).
+:class:`mira.results.schema.RunRecord` (method, seed, folder, metric rows, run.json).
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 from scipy import stats as scipy_stats
 
 from mira.config import TASK_METRICS
-from mira.results.schema import MIX_WEIGHT, ClientRow, RunRows
-
-if TYPE_CHECKING:
-    from mira.results.runs import RunRecord
+from mira.results.schema import MIX_WEIGHT, ClientRow, RunRecord, RunRows
 
 Stat = float | None
 Curve = tuple[np.ndarray, np.ndarray]

@@ -18,8 +18,7 @@ import numpy as np
 
 from mira.config import TASK_METRICS
 from mira.results.document import NumberFormat, Table, number_format
-from mira.results.runs import RunRecord
-from mira.results.schema import MIX_WEIGHT, ReportFiles, RoundRow, RunLayout, RunRows
+from mira.results.schema import MIX_WEIGHT, ReportFiles, RoundRow, RunLayout, RunRecord, RunRows
 from mira.results.stats import (
     CONFIDENCE,
     mean_curves,

