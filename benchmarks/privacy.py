@@ -92,27 +92,24 @@ def _save(folder: Path, name: str, adapter: Adapter) -> None:
 def audit(msg, context, call_next):
     """Record what a client was sent, trained and uploaded; apply DP to the upload when the
     audit asks for it (as the client app does with ``privacy.clip_norm`` > 0)."""
-    from flwr.app import ArrayRecord
-
     from mira.client.privacy import privatise_update
-    from mira.federation import protocol
+    from mira.federation import codec
 
     settings = os.environ.get(AUDIT)
     if settings is None or msg.metadata.message_type == "query":
         return call_next(msg, context)
     audit_cfg = json.loads(settings)
-    record = msg.content.config_records[protocol.SETTINGS]
-    client, exchange = str(record[protocol.CLIENT]), int(str(record[protocol.ROUND]))
+    instruction, _ = codec.decode_instruction(msg)
+    client, exchange = instruction.client_id, instruction.round
     folder = Path(audit_cfg["dir"]) / f"{exchange:03d}" / client
-    sent = protocol.from_record(msg.content.array_records[protocol.ADAPTER])
+    sent = instruction.adapter
     reply = call_next(msg, context)
     if reply.has_error():
         return reply
     _save(folder, f"{SENT}.safetensors", sent)
-    arrays = reply.content.array_records
-    if protocol.ADAPTER not in arrays:
+    trained = codec.decode_reply(reply).trained
+    if trained is None:
         return reply
-    trained = protocol.from_record(arrays[protocol.ADAPTER])
     uploaded = trained
     if audit_cfg["clip_norm"] > 0:
         partition = int(context.node_config.get("partition-id", 0))
@@ -120,8 +117,7 @@ def audit(msg, context, call_next):
         uploaded, _ = privatise_update(
             sent, trained, audit_cfg["clip_norm"], audit_cfg["noise_multiplier"], rng
         )
-        arrays[protocol.ADAPTER] = protocol.to_record(uploaded)
-        assert isinstance(arrays[protocol.ADAPTER], ArrayRecord)
+        reply = codec.rewrite_reply(reply, lambda r: setattr(r, "trained", uploaded))
     _save(folder, f"{TRAINED}.safetensors", trained)
     _save(folder, f"{UPLOADED}.safetensors", uploaded)
     return reply

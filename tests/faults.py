@@ -20,32 +20,57 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
-from mira.federation import client_app, protocol
+from mira.federation import client_app, codec
+from mira.federation.messages import Reply
 
 FAULTS = "MIRA_TEST_FAULTS"
 
 
 def _fault_for(msg: Message) -> dict | None:
-    settings = msg.content.config_records[protocol.SETTINGS]
     if msg.metadata.message_type == "query":
         # Round 0 is first contact: the identify query that sends a client its config view.
-        if protocol.CONFIG_JSON not in settings:
+        if codec.decode_identify(msg) is None:
             return None
         first = [f for f in json.loads(os.environ.get(FAULTS, "[]")) if f["round"] == 0]
         return first[0] if first else None
-    client, server_round = str(settings[protocol.CLIENT]), int(str(settings[protocol.ROUND]))
+    instruction, _ = codec.decode_instruction(msg)
     for fault in json.loads(os.environ.get(FAULTS, "[]")):
-        if fault["client"] == client and fault["round"] == server_round:
+        if fault["client"] == instruction.client_id and fault["round"] == instruction.round:
             return fault
     return None
 
 
-def _mapped(record: ArrayRecord, change: Callable[[np.ndarray], np.ndarray]) -> ArrayRecord:
-    changed = {k: Array(np.ascontiguousarray(change(v.numpy()))) for k, v in record.items()}
-    return ArrayRecord(changed)
+def _mapped(reply: Reply, change: Callable[[np.ndarray], np.ndarray]) -> None:
+    if reply.trained is not None:
+        reply.trained = {k: np.ascontiguousarray(change(v)) for k, v in reply.trained.items()}
+
+
+def _shape(reply: Reply) -> None:
+    if reply.trained is not None:
+        first = sorted(reply.trained)[0]
+        reply.trained[first] = reply.trained[first][1:]
+
+
+def _nan_loss(reply: Reply) -> None:
+    if reply.trained is not None:
+        reply.train_loss = float("nan")
+
+
+def _nan_eval(reply: Reply) -> None:
+    if reply.evaluation is not None:
+        reply.evaluation.eval_loss = float("nan")
+
+
+CHANGES: dict[str, Callable[[Reply], None]] = {
+    "nan": lambda reply: _mapped(reply, lambda v: v * np.nan),
+    "huge": lambda reply: _mapped(reply, lambda v: v * 1e30),
+    "shape": _shape,
+    "nan_loss": _nan_loss,
+    "nan_eval": _nan_eval,
+}
 
 
 def inject(msg: Message, context: Context, call_next) -> Message:
@@ -59,25 +84,9 @@ def inject(msg: Message, context: Context, call_next) -> Message:
         time.sleep(float(fault["seconds"]))
         return call_next(msg, context)
     reply = call_next(msg, context)
-    arrays = reply.content.array_records
-    if kind == "nan" and protocol.ADAPTER in arrays:
-        arrays[protocol.ADAPTER] = _mapped(arrays[protocol.ADAPTER], lambda v: v * np.nan)
-    elif kind == "huge" and protocol.ADAPTER in arrays:
-        arrays[protocol.ADAPTER] = _mapped(arrays[protocol.ADAPTER], lambda v: v * 1e30)
-    elif kind == "shape" and protocol.ADAPTER in arrays:
-        first = sorted(arrays[protocol.ADAPTER])[0]
-        values = {k: v.numpy() for k, v in arrays[protocol.ADAPTER].items()}
-        values[first] = values[first][1:]
-        arrays[protocol.ADAPTER] = ArrayRecord({k: Array(v) for k, v in values.items()})
-    elif kind == "nan_loss" and protocol.TRAINING in reply.content.metric_records:
-        metrics = dict(reply.content.metric_records[protocol.TRAINING])
-        metrics["train_loss"] = float("nan")
-        reply.content.metric_records[protocol.TRAINING] = MetricRecord(metrics)
-    elif kind == "nan_eval" and protocol.EVALUATION in reply.content.metric_records:
-        metrics = dict(reply.content.metric_records[protocol.EVALUATION])
-        metrics["eval_loss"] = float("nan")
-        reply.content.metric_records[protocol.EVALUATION] = MetricRecord(metrics)
-    return reply
+    if reply.has_error() or kind not in CHANGES:
+        return reply
+    return codec.rewrite_reply(reply, CHANGES[kind])
 
 
 faulty_app = ClientApp(mods=[client_app.deadline_mod, inject])
@@ -88,14 +97,13 @@ faulty_app.evaluate()(client_app.evaluate)
 
 def own_task_only(msg: Message, context: Context, call_next) -> Message:
     """Fail the client if anything the server sent it names another client's task or path."""
-    settings = msg.content.config_records[protocol.SETTINGS]
-    if protocol.CONFIG_JSON in settings:
-        view = json.loads(str(settings[protocol.CONFIG_JSON]))
-        own = int(str(settings[protocol.PARTITION]))
+    sent = codec.request_view(msg)
+    if sent is not None:
+        text, own = sent
+        view = json.loads(text)
         if len(view["tasks"]) != 1 or view["lora"]["ranks"]:
             raise RuntimeError(f"client {own} was sent {len(view['tasks'])} tasks")
         others = json.loads(os.environ[OTHER_TASKS])[str(own)]
-        text = str(settings[protocol.CONFIG_JSON])
         leaked = [word for word in others if word in text]
         if leaked:
             raise RuntimeError(f"client {own} was sent other clients' settings: {leaked}")

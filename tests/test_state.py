@@ -8,7 +8,7 @@ import pytest
 
 from mira.config import apply_overrides, config_from_dict
 from mira.core import rules
-from mira.federation.protocol import Instruction, Reply
+from mira.federation.messages import Evaluation, Instruction, Reply
 from mira.federation.state import (
     REJECTED,
     ClientState,
@@ -44,9 +44,9 @@ def trained_reply(state: ServerState, instruction: Instruction, shift: float) ->
     """A client's reply: its adapter moved by ``shift``, an evaluation if asked."""
     reply = Reply(instruction.client_id, instruction.node_id)
     if instruction.evaluate:
-        reply.evaluation = {"eval_loss": 1.0 + shift, "peak_memory_mb": 10.0}
+        reply.evaluation = Evaluation(eval_loss=1.0 + shift, peak_memory_mb=10.0)
         if instruction.task_metrics:
-            reply.evaluation["accuracy"] = 0.5
+            reply.evaluation.metrics["accuracy"] = 0.5
     if instruction.train:
         reply.trained = {k: v + shift for k, v in instruction.adapter.items()}
         reply.train_loss = 2.0 + shift
@@ -92,7 +92,7 @@ def test_a_round_is_written_one_exchange_after_its_training() -> None:
     assert closed is not None and closed.round == 1 and closed.seconds == 2.0
     for row, instruction in zip(closed.rows, instructions, strict=True):
         assert row.round == 1 and row.mix_weight == 0.5
-        assert row.eval_loss == replies[state.index(instruction.client_id)].evaluation["eval_loss"]
+        assert row.eval_loss == replies[state.index(instruction.client_id)].evaluation.eval_loss
         assert row.bytes_down == 100 and row.bytes_up == 48
         assert row.metrics["accuracy"] == 0.5  # federation.metrics_every = 1: due every round
 

@@ -1,1 +1,2 @@
-"""Federation glue on Flower: the protocol, the server state, the ServerApp and ClientApp."""
+"""Federation glue on Flower: the messages and their codec, the server state, the ServerApp and
+ClientApp."""

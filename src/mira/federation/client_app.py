@@ -5,7 +5,7 @@ from its node config's ``partition-id`` (Flower node ids are not stable identiti
 
 - ``query`` (identify): its identity (client id, task, rank, split sizes), the shared LoRA
   init and, on request, its fingerprint;
-- ``train`` / ``evaluate`` (one exchange of a round, :mod:`mira.federation.protocol`): from the
+- ``train`` / ``evaluate`` (one exchange of a round, :mod:`mira.federation.messages`): from the
   adapter it was sent, (auto) choose its mix with its neighbours' mean on its validation
   split, evaluate the result on its eval split, compute a fingerprint if asked, then train
   ``federation.local_steps`` AdamW steps if asked; send back what it did.
@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MessageType, RecordDict
+from flwr.app import Context, Message, MessageType
 from flwr.clientapp import ClientApp
 
 from mira.client import learner
@@ -41,12 +41,10 @@ from mira.config import Config, config_from_dict
 from mira.core import rules
 from mira.core.adapters import Adapter, lora_scale
 from mira.data import ClientData, load_client_data
-from mira.federation import protocol
-from mira.federation.protocol import Instruction, Reply
+from mira.federation import codec
+from mira.federation.messages import Evaluation, IdentifyRequest, Identity, Instruction, Reply
 from mira.graph import fingerprint
 
-# Timed out by deadline_mod: the error code Flower uses for a ClientApp that raised.
-DEADLINE_ERROR_CODE = 2
 # One piece of client work at a time in a process: a handler abandoned by deadline_mod may
 # still be running, and the base model and its adapters are shared.
 _WORK = threading.Lock()
@@ -135,10 +133,10 @@ def deadline_mod(
     to the client's next message (one piece of work at a time). Without this, a hung client
     would hold a worker of the Simulation Engine forever and the run could never end.
     """
-    settings = msg.content.config_records.get(protocol.SETTINGS)
-    if settings is None or protocol.CONFIG_JSON not in settings:
+    view = codec.request_view(msg)
+    if view is None:
         return call_next(msg, context)
-    federation = _config(str(settings[protocol.CONFIG_JSON])).federation
+    federation = _config(view[0]).federation
     key, limit = (
         ("federation.timeout", federation.timeout)
         if msg.metadata.message_type == MessageType.QUERY
@@ -146,8 +144,7 @@ def deadline_mod(
     )
     job = _run_on_worker(lambda: call_next(msg, context), limit)
     if not job.done.is_set():
-        reason = f"no answer within {key} = {limit:g}s; abandoned"
-        return Message(Error(code=DEADLINE_ERROR_CODE, reason=reason), reply_to=msg)
+        return codec.encode_abandoned(msg, f"no answer within {key} = {limit:g}s; abandoned")
     if job.error is not None:
         raise job.error
     assert job.reply is not None
@@ -243,14 +240,13 @@ def _check_partition(context: Context, partition: int) -> None:
         )
 
 
-def _identity(view: Config, shard: int) -> ConfigRecord:
+def _identity(view: Config, shard: int, node_id: int) -> Identity:
     """Who this client is, from its view of the config (its own task only)."""
-    return ConfigRecord(
-        {
-            protocol.ID_CLIENT: view.client_ids[shard],
-            protocol.ID_TASK: view.client_tasks[shard],
-            protocol.ID_RANK: client_rank(view, shard),
-        }
+    return Identity(
+        client_id=view.client_ids[shard],
+        node_id=node_id,
+        task=view.client_tasks[shard],
+        rank=client_rank(view, shard),
     )
 
 
@@ -287,35 +283,28 @@ def client_fingerprint(
 def identify(msg: Message, context: Context) -> Message:
     """Say which partition-id this node holds; given its client's view of the config, send
     its identity and the shared LoRA init and, on request, its fingerprint."""
-    settings = msg.content.config_records[protocol.SETTINGS]
-    if protocol.CONFIG_JSON not in settings:
-        who = ConfigRecord({protocol.ID_PARTITION: _node_partition(context)})
-        return Message(RecordDict({protocol.IDENTITY: who}), reply_to=msg)
+    request = codec.decode_identify(msg)
+    if request is None:
+        return codec.encode_who_reply(msg, _node_partition(context))
     with _WORK:
         _check_not_cancelled()
-        return _identify(msg, context)
+        return codec.encode_identity(msg, _identify(request, context))
 
 
-def _identify(msg: Message, context: Context) -> Message:
-    settings = msg.content.config_records[protocol.SETTINGS]
-    config_json = str(settings[protocol.CONFIG_JSON])
-    cfg = _config(config_json)  # this client's view: its own task only
-    partition = int(str(settings[protocol.PARTITION]))
-    shard = int(str(settings[protocol.SHARD]))
+def _identify(request: IdentifyRequest, context: Context) -> Identity:
+    cfg = _config(request.config_json)  # this client's view: its own task only
+    partition, shard = request.partition, request.shard
     _check_partition(context, partition)
-    encoded = _client_data(config_json, shard)
+    encoded = _client_data(request.config_json, shard)
     rank = client_rank(cfg, shard)
     model = _lora_model(cfg)
-    identity = _identity(cfg, shard)
-    identity[protocol.ID_NUM_TRAIN] = len(encoded.data.train)
-    identity[protocol.ID_NUM_EVAL] = len(encoded.data.eval)
-    content = RecordDict({protocol.IDENTITY: identity})
-    init = model.shared_init(cfg.lora, rank, cfg.federation.seed)
-    content.array_records[protocol.INIT] = protocol.to_record(init)
-    if bool(settings.get(protocol.WANT_FINGERPRINT, False)):
-        vector = client_fingerprint(cfg, partition, model, encoded.train, None)
-        content.array_records[protocol.FINGERPRINT] = ArrayRecord([vector.astype(np.float64)])
-    return Message(content, reply_to=msg)
+    identity = _identity(cfg, shard, context.node_id)
+    identity.num_train = len(encoded.data.train)
+    identity.num_eval = len(encoded.data.eval)
+    identity.init = model.shared_init(cfg.lora, rank, cfg.federation.seed)
+    if request.fingerprint:
+        identity.fingerprint = client_fingerprint(cfg, partition, model, encoded.train, None)
+    return identity
 
 
 def choose_mix(
@@ -367,7 +356,7 @@ def choose_mix(
 
 def evaluate_adapter(
     cfg: Config, model: LoraModel, encoded: Encoded, task_metrics: bool
-) -> dict[str, float]:
+) -> Evaluation:
     """Eval loss (and, when due, the task metrics) of the active adapter on the eval split."""
     loss = learner.eval_loss(
         model.peft, encoded.eval, cfg.train.eval_batch_size, model.tokenizer.pad_token_id
@@ -381,12 +370,12 @@ def evaluate_adapter(
         raise FloatingPointError(
             f"client {encoded.data.client_id}: the eval loss of its adapter is {loss}"
         )
-    return {
-        "eval_loss": loss,
-        "num_examples": float(len(encoded.data.eval)),
-        "peak_memory_mb": peak_memory_mb(),
-        **scores,
-    }
+    return Evaluation(
+        eval_loss=loss,
+        num_examples=float(len(encoded.data.eval)),
+        peak_memory_mb=peak_memory_mb(),
+        metrics=dict(scores),
+    )
 
 
 @app.train()
@@ -407,7 +396,7 @@ def _round_step(msg: Message, context: Context) -> Message:
 
 def _round_work(msg: Message, context: Context) -> Message:
     """One exchange: choose (auto), evaluate, fingerprint and train, as instructed."""
-    instruction, config_json = protocol.decode_instruction(msg)
+    instruction, config_json = codec.decode_instruction(msg)
     cfg = _config(config_json)  # this client's view: its own task only
     partition, shard = instruction.partition, instruction.shard
     _check_partition(context, partition)
@@ -453,4 +442,4 @@ def _round_work(msg: Message, context: Context) -> Message:
                 cfg.privacy.noise_multiplier,
                 np.random.default_rng(),
             )
-    return protocol.encode_reply(reply, msg, _identity(cfg, shard))
+    return codec.encode_reply(reply, msg, _identity(cfg, shard, instruction.node_id))

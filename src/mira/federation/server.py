@@ -2,7 +2,7 @@
 
 The round logic lives in :class:`mira.federation.state.ServerState` (no Flower types); this
 module is the plumbing around it: it turns instructions into Flower messages
-(:mod:`mira.federation.protocol`), pushes them through the Grid, pulls the replies within
+(:mod:`mira.federation.codec`), pushes them through the Grid, pulls the replies within
 ``federation.timeout``, and hands the run directory what to write
 (:mod:`mira.results.rundir`). ``mira run`` (Simulation Engine) and ``flwr run`` (Simulation or
 Deployment Engine) both call :func:`run_federation`.
@@ -27,9 +27,16 @@ from mira.config import Config, ConfigError, check_resumable, run_config_from_di
 from mira.core import rules
 from mira.core.adapters import Adapter
 from mira.errors import MiraError
-from mira.federation import protocol
+from mira.federation import codec
+from mira.federation.messages import (
+    IdentifyRequest,
+    Identity,
+    Instruction,
+    Reply,
+    client_view,
+    task_of,
+)
 from mira.federation.progress import Progress
-from mira.federation.protocol import Instruction, Reply
 from mira.federation.state import (
     ClientState,
     ClosedRound,
@@ -61,22 +68,12 @@ class FederationError(MiraError, RuntimeError):
     """A client failed, sent something unusable, or did not answer in time."""
 
 
-def _train_loss(reply: Message) -> float | None:
-    """The reply's train loss for the live display (None when absent or not finite)."""
-    if reply.has_error() or protocol.TRAINING not in reply.content.metric_records:
-        return None
-    loss = float(reply.content.metric_records[protocol.TRAINING]["train_loss"])  # type: ignore[arg-type]
-    return loss if math.isfinite(loss) else None
-
-
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 # Seconds the server waits beyond a client's deadline: the ClientApp's deadline_mod answers at
 # the deadline itself, counted from when the client started, and that answer (which frees a
 # shared Simulation Engine worker) must arrive before the server gives up on the client.
 REPLY_GRACE = 5.0
-# How the error reply of a client abandoned at its deadline by deadline_mod ends.
-ABANDONED = "; abandoned"
 
 
 def short_reason(reason: str) -> str:
@@ -100,11 +97,11 @@ class Link:
         self.progress = progress
         self.names: dict[int, str] = {}  # node id -> client id, once known
         self.seen: set[int] = set()  # every node ever asked who it is
-        self.claims: dict[int, protocol.Identity] = {}  # newcomers and whom they claim
+        self.claims: dict[int, Identity] = {}  # newcomers and whom they claim
         self.refused: set[int] = set()  # newcomers refused as duplicates (logged once)
         self.inits: dict[int, Adapter] = {}  # the shared LoRA initialisation of each rank
 
-    def refuse(self, identity: protocol.Identity, holder: int) -> None:
+    def refuse(self, identity: Identity, holder: int) -> None:
         """A node claims a client another node holds: the first keeps it, the run goes on."""
         node = identity.node_id
         if node not in self.refused:
@@ -164,13 +161,13 @@ class Link:
                 deadline = time.monotonic() + timeout + REPLY_GRACE  # the next one starts now
                 node = node_of[mid]  # the node we asked, whatever the reply claims
                 if reply.has_error():
-                    reason = short_reason(str(reply.error.reason))
-                    status = TIMEOUT if reason.endswith(ABANDONED) else FAILED
+                    reason = short_reason(codec.error_reason(reply))
+                    status = TIMEOUT if codec.was_abandoned(reply) else FAILED
                     problems[node] = Outcome(status, f"{self.who(node)}: {reason}")
                 else:
                     replies[node] = reply
                 self.progress.advance(
-                    len(replies) + len(problems), len(messages), _train_loss(reply)
+                    len(replies) + len(problems), len(messages), codec.train_loss_of(reply)
                 )
             if pending:
                 if time.monotonic() > deadline:
@@ -221,7 +218,7 @@ def expected_identity(cfg: Config) -> dict[str, tuple[str, int, int]]:
     }
 
 
-def identity_problem(identity: protocol.Identity, expected: tuple[str, int, int]) -> str | None:
+def identity_problem(identity: Identity, expected: tuple[str, int, int]) -> str | None:
     """Why the server refuses a node's account of itself, or None.
 
     The server trusts the config, not the client: the task, the LoRA rank and the number of
@@ -240,41 +237,42 @@ def identity_problem(identity: protocol.Identity, expected: tuple[str, int, int]
 
 
 @functools.lru_cache(maxsize=4096)
-def client_view(cfg: Config, partition: int) -> str:
+def view_of(cfg: Config, partition: int) -> str:
     """The config JSON client ``partition`` receives: shared settings and its own task only."""
-    return protocol.client_view(cfg, partition)
+    return client_view(cfg, partition)
 
 
 def identify(
     link: Link, cfg: Config, nodes: list[int], fingerprints: bool, what: str
-) -> tuple[dict[int, protocol.Identity], dict[int, Outcome]]:
+) -> tuple[dict[int, Identity], dict[int, Outcome]]:
     """Ask ``nodes`` who they are: {node id: Identity} of those that answered, and failures.
 
     Two steps, so that a node learns only its own client's settings: which partition-id do you
     hold (nothing of the config is sent), then, to each node holding one of the config's
-    clients, that client's view of the config (:func:`mira.federation.protocol.client_view`),
+    clients, that client's view of the config (:func:`mira.federation.messages.client_view`),
     for its identity, the shared LoRA init and, on request, its fingerprint. A node holding no
     client of the config is answered with an empty identity.
     """
     asked, problems = link.exchange(
-        [protocol.encode_who(node) for node in nodes],
+        [codec.encode_who(node) for node in nodes],
         what,
         cfg.federation.timeout,
         "federation.timeout",
     )
-    found: dict[int, protocol.Identity] = {}
+    found: dict[int, Identity] = {}
     setups = []
     for node, message in asked.items():
-        partition = protocol.decode_who(message)
+        partition = codec.decode_who(message)
         if not 0 <= partition < cfg.num_clients:
-            found[node] = protocol.Identity(client_id="", node_id=node)
+            found[node] = Identity(client_id="", node_id=node)
             continue
-        shard = protocol.task_of(cfg, partition)[1]
-        view = client_view(cfg, partition)
-        setups.append(protocol.encode_identify(node, view, partition, shard, fingerprints))
+        request = IdentifyRequest(
+            view_of(cfg, partition), partition, task_of(cfg, partition)[1], fingerprints
+        )
+        setups.append(codec.encode_identify(node, request))
     replies, failed = link.exchange(setups, what, cfg.federation.timeout, "federation.timeout")
     problems.update(failed)
-    found.update({node: protocol.decode_identity(m) for node, m in replies.items()})
+    found.update({node: codec.decode_identity(m) for node, m in replies.items()})
     return found, problems
 
 
@@ -295,7 +293,7 @@ def discover(link: Link, cfg: Config, fingerprints: bool) -> tuple[list[ClientSt
     )
     found, problems = identify(link, cfg, nodes, fingerprints, what)
     expected = expected_identity(cfg)
-    chosen: dict[str, protocol.Identity] = {}
+    chosen: dict[str, Identity] = {}
     idle = 0
     for node in sorted(found):
         identity = found[node]
@@ -444,8 +442,8 @@ def _exchange(
     """
     messages, sent, index_of = [], {}, {}
     for instruction in instructions:
-        view = client_view(state.cfg, instruction.partition)
-        message, size = protocol.encode_instruction(instruction, view)
+        view = view_of(state.cfg, instruction.partition)
+        message, size = codec.encode_instruction(instruction, view)
         messages.append(message)
         index = state.index(instruction.client_id)
         sent[index] = size
@@ -459,7 +457,7 @@ def _exchange(
         index = index_of[node]
         client = state.clients[index]
         try:
-            reply = protocol.decode_reply(message)
+            reply = codec.decode_reply(message)
         except (KeyError, TypeError, ValueError) as err:
             outcomes[index] = Outcome(FAILED, f"client {client.client_id}: unreadable reply: {err}")
             continue
@@ -470,7 +468,7 @@ def _exchange(
             )
             continue
         if reply.evaluation is not None:
-            bad = {k: v for k, v in reply.evaluation.items() if not np.isfinite(v)}
+            bad = {k: v for k, v in reply.evaluation.as_dict().items() if not np.isfinite(v)}
             if bad:
                 outcomes[index] = Outcome(
                     FAILED, f"client {client.client_id}: non-finite evaluation {bad}"

@@ -27,7 +27,7 @@ from mira.core import rules
 from mira.core.adapters import Adapter, lora_scale
 from mira.core.mixing import mix_weights
 from mira.errors import MiraError
-from mira.federation.protocol import Instruction, Reply, task_of
+from mira.federation.messages import Evaluation, Instruction, Reply, task_of
 from mira.graph.build import TaskGraph
 from mira.results.schema import OK, REJECTED, ClientRow, client_row
 
@@ -125,7 +125,7 @@ class ClientState:
     candidates: list[float] = field(default_factory=list)  # auto: mix weights it tries
     prior_alpha: float | None = None  # auto: the mix weight it applied when it last chose
     anchor: float = 0.0  # auto: its equal-share point, which a tolerant choice leans toward
-    evaluation: dict[str, float] | None = None  # of ``adapter``, once known
+    evaluation: Evaluation | None = None  # of ``adapter``, once known
     evaluated_task_metrics: bool = False  # whether ``evaluation`` includes the task metrics
 
 
@@ -271,18 +271,18 @@ class ServerState:
             if reply is not None and client.mean is not None and reply.alpha is not None:
                 self._resolve_choice(i, reply, row)
             if reply is not None and reply.evaluation is not None:
-                client.evaluation = dict(reply.evaluation)
+                client.evaluation = reply.evaluation
                 client.evaluated_task_metrics = bool(instruction and instruction.task_metrics)
-            evaluation = client.evaluation or {}
-            row.eval_loss = evaluation.get("eval_loss")
-            if "peak_memory_mb" in evaluation:
+            evaluation = client.evaluation or Evaluation(eval_loss=None)
+            row.eval_loss = evaluation.eval_loss
+            if evaluation.peak_memory_mb is not None:
                 row.peak_memory_mb = max(
-                    float(row.peak_memory_mb or 0.0), evaluation["peak_memory_mb"]
+                    float(row.peak_memory_mb or 0.0), evaluation.peak_memory_mb
                 )
             if metrics_due:
                 for name in TASK_METRICS:
-                    if name in evaluation:
-                        row.metrics[name] = evaluation[name]
+                    if name in evaluation.metrics:
+                        row.metrics[name] = evaluation.metrics[name]
         closed = ClosedRound(
             round=self.trained_round,
             rows=[self.open_rows[i] for i in range(len(self.clients))],
@@ -481,7 +481,9 @@ class ServerState:
                     "candidates": client.candidates,
                     "prior_alpha": client.prior_alpha,
                     "anchor": client.anchor,
-                    "evaluation": client.evaluation,
+                    "evaluation": None
+                    if client.evaluation is None
+                    else client.evaluation.as_dict(),
                     "evaluated_task_metrics": client.evaluated_task_metrics,
                     "has_mean": client.mean is not None,
                 }
@@ -521,7 +523,8 @@ class ServerState:
             client.candidates = [float(a) for a in entry["candidates"]]
             client.prior_alpha = entry.get("prior_alpha")
             client.anchor = float(entry.get("anchor", 0.0))
-            client.evaluation = entry["evaluation"]
+            stored = entry["evaluation"]
+            client.evaluation = None if stored is None else Evaluation.from_dict(stored)
             client.evaluated_task_metrics = bool(entry["evaluated_task_metrics"])
         self.trained_round = int(state["trained_round"])
         self.open_rows = dict(enumerate(client_row(row) for row in state["open_rows"]))
