@@ -14,7 +14,7 @@ from matplotlib.image import imread
 
 from mira.results.document import number_format
 from mira.results.errors import ReportError
-from mira.results.report import write_report
+from mira.results.report import final_table, write_report
 from mira.results.runs import load_run, run_folder
 from mira.results.schema import ClientRow, ReportFiles, RunLayout
 from mira.results.stats import client_curves, mean_curves
@@ -277,6 +277,23 @@ def test_single_round_run_has_one_loss_column(tmp_path: Path) -> None:
         ReportFiles(two).report_md.read_text(), "Personalised eval loss after round 2"
     )
     assert final["qa-0"][1:3] == ["4.500", "4.000"]  # round 1 is 0.5 higher
+
+
+def test_the_table_mira_run_prints_is_the_reports_table(tmp_path: Path) -> None:
+    """What ``mira run`` prints at its end: the final table of report.md, one loss column
+    for a one-round run, then the round's mean, worst and spread."""
+    run = tmp_path / "run"
+    write_fake_run(run, "mira", 1, rounds=1)
+    write_report(run)
+    printed = final_table(run)
+    lines = printed.splitlines()
+    assert lines[0].startswith("Personalised eval loss after round 1 (each client's own")
+    cells = [c.strip() for c in lines[1].strip("|").split("|")]
+    assert cells == ["client", "task", "loss, round 1", "accuracy", "token_f1"]
+    assert "| qa-0 " in printed and "4.000" in printed
+    assert "mean 2.333  worst 4.000  std 1.247  (method mira)" in printed
+    section = ReportFiles(run).report_md.read_text().split("after round 1")[1]
+    assert all(line in section for line in lines[1:6])  # the rows of report.md's table
 
 
 def scale_losses(folder: Path, factor: float, clients: set[str]) -> None:

@@ -42,8 +42,8 @@ from mira.federation.progress import Progress
 from mira.federation.relay import RelayProgress
 from mira.federation.server import run_federation
 from mira.graph.build import static_graph
-from mira.results.report import write_report
-from mira.results.rundir import check_new_run_dir, final_table
+from mira.results.report import final_table, write_report
+from mira.results.rundir import check_new_run_dir
 from mira.results.schema import RunLayout
 
 # Run-config keys that are not mira config keys (those are all 'section.key').

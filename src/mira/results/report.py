@@ -42,11 +42,14 @@ from mira.results.document import (
     Heading,
     Paragraph,
     Table,
+    fmt,
+    markdown_table,
     render_html,
     render_markdown,
 )
 from mira.results.errors import ReportError
 from mira.results.files import write_atomic, write_csv
+from mira.results.rundir import read_metrics
 from mira.results.runs import collect_runs, load_run, read_manifest, rule_of
 from mira.results.schema import ComparisonLayout, ReportFiles, RunLayout, RunRecord
 from mira.results.stats import (
@@ -386,6 +389,30 @@ def _comparison_report_blocks(out_dir: Path) -> list[Block]:
         Heading("Plots"),
         *_figures(runs, rows, out_dir, single=False),
     ]
+
+
+def final_table(out_dir: Path) -> str:
+    """What ``mira run`` prints at its end: each client's personalised eval loss after the
+    first and the last round (:func:`mira.results.tables.final_client_table`), the round's
+    mean, worst and spread, and where the adapters are, as aligned text for the terminal."""
+    rows = read_metrics(out_dir)
+    last = rows.last_round()
+    if last is None:
+        return "no rounds completed"
+    table = final_client_table(rows, None)
+    aggregate = rows.round_row(last)
+    return "\n".join(
+        [
+            table.title,
+            markdown_table(table),
+            f"mean {fmt(aggregate and aggregate.personalised_eval_loss_mean)}  "
+            f"worst {fmt(aggregate and aggregate.personalised_eval_loss_worst)}  "
+            f"std {fmt(aggregate and aggregate.personalised_eval_loss_std)}  "
+            f"(method {aggregate.method if aggregate else '?'})",
+            f"each client's adapter: {RunLayout(out_dir).adapters}/<client>/ "
+            "(peft.PeftModel.from_pretrained(base, path) loads it)",
+        ]
+    )
 
 
 def write_report(out_dir: Path) -> Path:

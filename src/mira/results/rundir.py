@@ -75,7 +75,7 @@ from mira.config import (
 )
 from mira.core.adapters import Adapter
 from mira.results import stats
-from mira.results.document import Table, fmt, markdown_table
+from mira.results.document import fmt
 from mira.results.errors import ResultsError, RunDirError, RunExistsError, RunInUseError
 from mira.results.files import (
     commit,
@@ -839,69 +839,4 @@ def disk_full_error(out_dir: Path, err: OSError) -> RunDirError | None:
     return RunDirError(
         f"{head} Its last checkpoint (after round {checkpoint.round}) is intact: free some "
         f"space and continue with `mira run --resume {out_dir}`"
-    )
-
-
-# ------------------------------------------------------------------------------ final table
-def final_client_table(rows: RunRows, adapters: Path | None) -> Table:
-    """Each client's personalised eval loss after the first and the last round, its task
-    metrics and mix weight after the last, and (with ``adapters``) its adapter's folder."""
-    clients = rows.clients
-    last = max(r.round for r in clients)
-    start = min(r.round for r in clients)
-    final = rows.clients_of(last)
-    first = {r.client: r for r in rows.clients_of(start)}
-    metrics = [m for m in TASK_METRICS if any(r.metrics.get(m) is not None for r in final)]
-    mixing = any(r.mix_weight is not None for r in final)
-    header = ["client", "task"]
-    if adapters is not None:
-        header.append("adapter")
-    header += [f"loss, round {start}", f"loss, round {last}", *metrics]
-    if mixing:
-        header.append("mix weight")
-    body = []
-    for r in final:
-        cells = [str(r.client), str(r.task)]
-        if adapters is not None:
-            cells.append(str(adapters / r.client))
-        cells += [fmt(first[r.client].eval_loss), fmt(r.eval_loss)]
-        cells += [fmt(r.metrics.get(m)) for m in metrics]
-        if mixing:
-            cells.append(fmt(r.mix_weight))
-        body.append(cells)
-    return Table(
-        f"Personalised eval loss after round {last} "
-        "(each client's own adapter on its own held-out split)",
-        header,
-        body,
-        note="Task metrics are personalised too ('-': not a metric of that client's task)."
-        + (
-            " Mix weight: the share of its neighbours' adapters the client took in the last round."
-            if mixing
-            else ""
-        ),
-        numeric_from=3 if adapters is not None else 2,
-    )
-
-
-def final_table(out_dir: Path) -> str:
-    """Per-client personalised eval loss of the last round and where the adapters are, as
-    aligned text for the terminal."""
-    rows = read_metrics(out_dir)
-    last = rows.last_round()
-    if last is None:
-        return "no rounds completed"
-    table = final_client_table(rows, None)
-    aggregate = rows.round_row(last)
-    return "\n".join(
-        [
-            table.title,
-            markdown_table(table),
-            f"mean {fmt(aggregate and aggregate.personalised_eval_loss_mean)}  "
-            f"worst {fmt(aggregate and aggregate.personalised_eval_loss_worst)}  "
-            f"std {fmt(aggregate and aggregate.personalised_eval_loss_std)}  "
-            f"(method {aggregate.method if aggregate else '?'})",
-            f"each client's adapter: {RunLayout(out_dir).adapters}/<client>/ "
-            "(peft.PeftModel.from_pretrained(base, path) loads it)",
-        ]
     )
