@@ -356,6 +356,34 @@ def test_export_prints_only_mira_lines(run, tmp_path: Path, capfd, merge: bool) 
     assert len(out.splitlines()) == 1 and err == ""
 
 
+@pytest.mark.parametrize("flags", [[], ["-v"], ["--verbose", "--merge"]])
+def test_export_passes_verbose_and_says_how_the_folder_loads(
+    tmp_path: Path, monkeypatch, capsys, flags: list[str]
+) -> None:
+    """``-v`` reaches export_client; an adapter export points at PeftModel and its card (the
+    base may be on no hub, which AutoModelForCausalLM cannot resolve)."""
+    seen = {}
+
+    def fake(run_dir, client, out, merge=False, base=None, verbose=False):
+        seen.update(merge=merge, verbose=verbose)
+        return out
+
+    monkeypatch.setattr("mira.export.export_client", fake)
+    out = tmp_path / "out"
+    assert main(["export", str(tmp_path), "a-0", "--out", str(out), *flags]) == 0
+    assert seen == {"merge": "--merge" in flags, "verbose": bool(flags)}
+    printed = capsys.readouterr().out.strip()
+    if "--merge" in flags:
+        assert (
+            printed == f"wrote {out}: AutoModelForCausalLM.from_pretrained({str(out)!r}) loads it"
+        )
+    else:
+        assert printed == (
+            f"wrote {out}: PeftModel.from_pretrained(base, {str(out)!r}) loads it; its "
+            f"{AdapterFiles(out).card.name} says how to load the base"
+        )
+
+
 def test_library_output_is_restored_and_verbose_shows_everything() -> None:
     import warnings
 

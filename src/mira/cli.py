@@ -23,7 +23,7 @@ from mira.config import (
 from mira.data.sources import DataError
 from mira.errors import MiraError
 from mira.results.errors import RunExistsError
-from mira.results.schema import ComparisonLayout, ReportFiles, RunLayout
+from mira.results.schema import AdapterFiles, ComparisonLayout, ReportFiles, RunLayout
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -155,14 +155,20 @@ def _export(args: argparse.Namespace) -> int:
     from mira.export import export_client  # torch, peft and transformers: only now
 
     out = export_client(
-        Path(args.run), args.client, Path(args.out), merge=args.merge, base=args.base
+        Path(args.run),
+        args.client,
+        Path(args.out),
+        merge=args.merge,
+        base=args.base,
+        verbose=args.verbose,
     )
     if args.merge:
         print(f"wrote {out}: AutoModelForCausalLM.from_pretrained({str(out)!r}) loads it")
-    else:
+    else:  # a base on no hub is named by a path, which AutoModelForCausalLM may not resolve
+        card = AdapterFiles(out).card.name
         print(
-            f"wrote {out}: PeftModel.from_pretrained(base, {str(out)!r}) or "
-            f"AutoModelForCausalLM.from_pretrained({str(out)!r}) loads it"
+            f"wrote {out}: PeftModel.from_pretrained(base, {str(out)!r}) loads it; its {card} "
+            "says how to load the base"
         )
     return 0
 
@@ -335,6 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         metavar="SOURCE",
         help="load the base model from this local folder or hub id instead of the run's",
+    )
+    export.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="show the libraries' progress bars and warnings while loading and saving",
     )
     export.set_defaults(func=_export)
 
