@@ -1,6 +1,6 @@
 """Plan and run the method x seed grid of ``mira compare``.
 
-``mira compare`` is the harness behind the claims in DESIGN.md: every method (mira, fedit,
+``mira compare`` is the harness behind the claims in docs/design.md: every method (mira, fedit,
 cluster-fedavg, cluster-merge, local) runs from the SAME config, so clients, data splits, the
 shared LoRA initialisation and the data order are identical; they are all functions of the
 config and ``federation.seed``. Only ``server.method``, ``federation.seed`` and a variant's own
