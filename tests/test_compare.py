@@ -24,7 +24,14 @@ from mira.results.document import Table, markdown_table
 from mira.results.report import write_comparison
 from mira.results.rundir import read_metrics
 from mira.results.runs import run_folder, summarise_comparison
-from mira.results.schema import ClientRow, ComparisonLayout, RoundRow, RunLayout, encode_row
+from mira.results.schema import (
+    ClientRow,
+    ComparisonLayout,
+    ReportFiles,
+    RoundRow,
+    RunLayout,
+    encode_row,
+)
 
 CLIENTS = [("sentiment-0", "sentiment"), ("sentiment-1", "sentiment"), ("qa-0", "qa")]
 # Final-round personalised eval loss of each client (order of CLIENTS) at seed 1; every seed
@@ -441,7 +448,7 @@ def test_real_comparison_of_mira_and_local_on_the_tiny_model(tiny_config, tmp_pa
     from mira.results.report import write_report
 
     write_report(out)
-    assert (out / "plots" / "task_graph.png").is_file()
+    assert ReportFiles(out).task_graph_plot.is_file()
 
 
 def _save_adapters(folder: Path, shift: float) -> None:
@@ -561,8 +568,8 @@ def test_paired_differences_get_a_students_t_interval(tmp_path: Path) -> None:
     assert expected[2] == "0.444 to 1.189"
     write_comparison(root)
     write_report(root)
-    for name in ("comparison.md", "report.md"):
-        text = (root / name).read_text()
+    for path in (ComparisonLayout(root).summary_md, ComparisonLayout(root).report_md):
+        text = path.read_text()
         section = text.split("## Paired by seed")[1].split("\n## ")[0]
         header = next(row for row in section.splitlines() if row.startswith("| method "))
         assert [c.strip() for c in header.strip("|").split("|")][2:4] == [

@@ -16,7 +16,7 @@ from mira.results.document import number_format
 from mira.results.errors import ReportError
 from mira.results.report import final_table, write_report
 from mira.results.runs import load_run, run_folder
-from mira.results.schema import ClientRow, ReportFiles, RunLayout
+from mira.results.schema import ClientRow, ComparisonLayout, ReportFiles, RunLayout
 from mira.results.stats import client_curves, mean_curves
 from test_compare import CLIENTS, make_comparison_dir, rewrite_client_rows, write_fake_run
 
@@ -126,10 +126,10 @@ def test_curves_average_seeds(tmp_path: Path) -> None:
 def test_a_folder_that_is_neither_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ReportError, match="neither"):
         write_report(tmp_path)
-    (tmp_path / "runs").mkdir()
+    ComparisonLayout(tmp_path).runs.mkdir()
     with pytest.raises(ReportError, match="no finished run"):
         write_report(tmp_path)
-    shutil.rmtree(tmp_path / "runs")
+    shutil.rmtree(ComparisonLayout(tmp_path).runs)
 
 
 def test_comparison_report_lists_each_seeds_mean_per_round(tmp_path: Path) -> None:

@@ -248,7 +248,7 @@ def test_a_full_disk_mid_run_ends_in_one_line_with_the_checkpoint_intact(
     text = str(caught.value)
     assert "\n" not in text and caught.value.__cause__ is None
     assert text == (
-        f"{tmp_path}: No space left on device writing {tmp_path / 'config.toml'}; the run "
+        f"{tmp_path}: No space left on device writing {RunLayout(tmp_path).config}; the run "
         "stopped. Its last checkpoint (after round 3) is intact: free some space and continue "
         f"with `mira run --resume {tmp_path}`"
     )

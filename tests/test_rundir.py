@@ -545,7 +545,7 @@ def test_an_edited_config_toml_is_refused_naming_the_keys(cfg, tmp_path: Path, r
     with pytest.raises(RunDirError) as caught:
         read_checkpoint(tmp_path)
     text = str(caught.value)
-    assert text.startswith(f"{tmp_path / 'config.toml'} differs from the config its checkpoint")
+    assert text.startswith(f"{RunLayout(tmp_path).config} differs from the config its checkpoint")
     assert "in server.step, train.learning_rate (" in text
     assert f"server.step 0.3 -> 0.9, train.learning_rate {cfg.train.learning_rate!r} -> 0.5" in (
         text
@@ -681,7 +681,7 @@ def test_a_full_disk_is_one_line_saying_the_checkpoint_is_intact(cfg, tmp_path: 
     error = disk_full_error(tmp_path, full)
     assert error is not None
     assert str(error) == (
-        f"{tmp_path}: No space left on device writing {tmp_path / 'metrics.jsonl'}; the run "
+        f"{tmp_path}: No space left on device writing {RunLayout(tmp_path).metrics}; the run "
         "stopped. Its last checkpoint (after round 3) is intact: free some space and continue "
         f"with `mira run --resume {tmp_path}`"
     )

@@ -22,11 +22,13 @@ from mira.results.schema import (
 )
 
 ARCHIVE = Path(__file__).resolve().parents[1] / "docs" / "results" / "archive"
-LINES = [
-    line
-    for path in sorted(ARCHIVE.glob("*/runs/*/seed-*/metrics.jsonl"))
-    for line in path.read_bytes().splitlines()
-]
+RUNS = sorted(
+    run.metrics
+    for folder in sorted(ARCHIVE.iterdir())
+    for _, _, run in ComparisonLayout(folder).run_folders()
+    if run.metrics.is_file()
+)
+LINES = [line for path in RUNS for line in path.read_bytes().splitlines()]
 
 
 def test_the_archive_is_there() -> None:
