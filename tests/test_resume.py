@@ -206,12 +206,17 @@ def test_resume_refuses_a_tampered_run_before_starting_anything(
     _stopped_run(tiny_config(), folder)
     assert read_checkpoint(folder) is not None
     tamper(folder)
-    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    lock = RunLayout(folder).lock  # rewritten by the refused resume (holder pid and time)
+
+    def files() -> dict[Path, bytes]:
+        return {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p != lock}
+
+    before = files()
     assert main(["run", "--resume", str(folder)]) == 1
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and expected in err and "nothing was deleted" in err.lower()
     assert "mira run:" not in capsys.readouterr().out  # it never started
-    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+    assert files() == before
 
 
 def test_the_server_refuses_to_resume_with_a_config_its_checkpoint_was_not_computed_with(
