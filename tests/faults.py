@@ -9,7 +9,9 @@ process, so the Simulation Engine's workers see what the test set.
 Kinds: ``raise`` (the client's code raises), ``hang`` (it sleeps ``seconds`` before working),
 ``nan`` / ``huge`` (its trained adapter is NaN / multiplied by 1e30), ``shape`` (a tensor of
 its trained adapter loses a row), ``nan_eval`` (its evaluation reports a NaN loss),
-``nan_loss`` (it reports a NaN train loss with a finite adapter).
+``nan_loss`` (it reports a NaN train loss with a finite adapter), ``flip`` (its update, the
+trained adapter minus the one it started training from, is multiplied by ``factor``, -9 unless
+given: a sign-flipped update inside the norm screen's bound).
 """
 
 from __future__ import annotations
@@ -20,13 +22,35 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+import torch
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from mira.client import learner
 from mira.federation import client_app, codec
 from mira.federation.messages import Reply
 
 FAULTS = "MIRA_TEST_FAULTS"
+FLIP_FACTOR = -9.0
+
+# The factor of the ``flip`` fault for the client whose message is being handled (None: none).
+_flip_factor: float | None = None
+_train_steps = learner.train_steps
+
+
+def _flipping_train_steps(model, parameters, *args, **kwargs) -> float:
+    """learner.train_steps, then (under a ``flip`` fault) start + factor * (trained - start)."""
+    parameters = list(parameters)
+    start = [p.detach().clone() for p in parameters]
+    loss = _train_steps(model, parameters, *args, **kwargs)
+    if _flip_factor is not None:
+        with torch.no_grad():
+            for p, s in zip(parameters, start, strict=True):
+                p.copy_(s + _flip_factor * (p - s))
+    return loss
+
+
+learner.train_steps = _flipping_train_steps  # the ClientApp calls learner.train_steps
 
 
 def _fault_for(msg: Message) -> dict | None:
@@ -83,6 +107,13 @@ def inject(msg: Message, context: Context, call_next) -> Message:
     if kind == "hang":
         time.sleep(float(fault["seconds"]))
         return call_next(msg, context)
+    if kind == "flip":
+        global _flip_factor
+        _flip_factor = float(fault.get("factor", FLIP_FACTOR))
+        try:
+            return call_next(msg, context)
+        finally:
+            _flip_factor = None
     reply = call_next(msg, context)
     if reply.has_error() or kind not in CHANGES:
         return reply
