@@ -157,6 +157,52 @@ def test_sigkill_mid_round_then_resume_equals_uninterrupted(tiny_config, tmp_pat
     )
 
 
+def test_auto_stopped_with_choices_pending_resumes_to_the_uninterrupted_run(
+    tiny_config, tmp_path, monkeypatch
+):
+    """server.step = "auto" keeps no correctness in the clients: one forgets the adapter its
+    node kept (a restarted process) and is sent it again; the run then stops with every
+    client's choice pending, and the resumed run sends the adapters again and equals the
+    uninterrupted one (eval losses and adapters exactly)."""
+    from mira.federation import simulation
+    from mira.federation.server import FederationError
+    from mira.results.diff import run_differences
+
+    monkeypatch.setattr(simulation, "client_app", faults.faulty_app)
+    monkeypatch.setenv(
+        "PYTHONPATH", os.pathsep.join([str(TESTS), os.environ.get("PYTHONPATH", "")])
+    )
+    monkeypatch.setenv(faults.FAULTS, "[]")
+    cfg = tiny_config("server.step='auto'", "data.val_size=3")
+    whole = tmp_path / "whole"
+    run_simulation(cfg, whole)
+    # Exchange 3 is the final evaluation, where round 2's choices are made: all fail it.
+    forget = {"client": "polarity-1", "round": 2, "kind": "forget"}
+    stop = [{"client": client, "round": 3, "kind": "raise"} for client in cfg.client_ids]
+    monkeypatch.setenv(faults.FAULTS, json.dumps([forget, *stop]))
+    parts = tmp_path / "parts"
+    with pytest.raises(FederationError, match="replied usably"):
+        run_simulation(cfg, parts)
+    checkpoint = read_checkpoint(parts)
+    assert checkpoint is not None and checkpoint.round == 2
+    assert all(client["has_mean"] for client in checkpoint.server["clients"])
+    monkeypatch.setenv(faults.FAULTS, "[]")
+    run_simulation(cfg, parts, resume=True)
+    found = run_differences(whole, parts)
+    assert found.pairs == 8 and found.eval_loss == 0.0 and found.adapter == 0.0
+    # What travelled, in adapters: the uninterrupted run one per exchange (the neighbours'
+    # mean after round 1); the forgetful client its adapter again in exchange 2, and every
+    # client its adapter beside the mean in the first exchange after the resume.
+    adapters = {
+        run: {(r.round, r.client): r.bytes_down / r.bytes_up for r in read_metrics(run).clients}
+        for run in (whole, parts)
+    }
+    for client in cfg.client_ids:
+        assert adapters[whole][(1, client)] == adapters[parts][(1, client)] == 1
+        assert adapters[whole][(2, client)] == 2
+        assert adapters[parts][(2, client)] == (5 if client == "polarity-1" else 3)
+
+
 # ------------------------------------------------------------------------------ integrity
 def _stopped_run(cfg, folder: Path) -> None:
     """What a run stopped after exchange 3 leaves: config.toml, rows of rounds 1 and 2, and
@@ -286,3 +332,47 @@ def test_mira_run_prints_one_line_for_a_full_disk(tiny_config, tmp_path, monkeyp
     assert err.count("\n") == 1 and "Traceback" not in err
     assert err.startswith(f"mira: {folder}: No space left on device writing ")
     assert f"intact: free some space and continue with `mira run --resume {folder}`" in err
+
+
+def test_resume_of_a_finished_run_returns_at_once_without_the_engine(
+    tiny_config, tmp_path, capsys, monkeypatch
+):
+    from mira.cli import main
+    from mira.federation import simulation
+    from test_rundir import checkpoint, client_rows
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the engine was started")
+
+    monkeypatch.setattr(simulation, "run_simulation", refuse)
+    monkeypatch.setattr(simulation.LocalSuperLink, "launch", refuse)
+    folder = tmp_path / "run"
+    cfg = tiny_config()  # 2 rounds
+    writer = RunWriter(folder, cfg)
+    writer.write_config()
+    for rnd in (1, 2):
+        writer.append_round(1.0, rnd, client_rows(rnd))
+    writer.write_checkpoint(dataclasses.replace(checkpoint(2), config=None))  # after round 2
+    writer.close()
+    lock = RunLayout(folder).lock
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p != lock}
+
+    assert main(["run", "--resume", str(folder)]) == 0
+    out = capsys.readouterr().out
+    assert f"{folder} finished all 2 rounds; nothing to resume" in out
+    assert "--set federation.rounds=3" in out
+    assert "Personalised eval loss after round 2" in out  # its final table
+    files = ReportFiles(folder)
+    assert files.report_md.is_file()  # it had none: written now
+    after = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file() and p != lock}
+    assert {p: after[p] for p in before} == before  # nothing of the run changed
+
+    # Once it has its report, a resume only prints.
+    report = files.report_md.read_bytes()
+    assert main(["run", "--resume", str(folder)]) == 0
+    assert "report:" not in capsys.readouterr().out
+    assert files.report_md.read_bytes() == report
+
+    # More rounds than it ran: it is not finished, so the engine is asked for.
+    with pytest.raises(AssertionError, match="the engine was started"):
+        main(["run", "--resume", str(folder), "--set", "federation.rounds=3"])

@@ -40,8 +40,11 @@ def _run(args: argparse.Namespace) -> int:
             raise ConfigError("give either a CONFIG or --resume DIR, not both")
         out_dir = Path(args.resume)
         check_not_in_use(out_dir)
-        read_checkpoint(out_dir)  # damage or an edited config.toml: one error before anything
+        # Damage or an edited config.toml: one error before anything.
+        checkpoint = read_checkpoint(out_dir)
         cfg = load_resumed(RunLayout(out_dir).config, args.set)
+        if checkpoint is not None and _finished(checkpoint.round, checkpoint.server, cfg):
+            return _already_finished(cfg, out_dir)
     else:
         cfg = load_config(args.config, args.set)
         out_dir = Path(args.out) if args.out else default_run_dir()
@@ -55,28 +58,59 @@ def _run(args: argparse.Namespace) -> int:
         raise full from None
 
 
-def _run_into(args: argparse.Namespace, cfg: Config, out_dir: Path) -> int:
-    from mira.federation.server_app import report  # torch and flwr: only now
-    from mira.federation.simulation import run_simulation
+def _finished(trained_round: int, server: dict, cfg: Config) -> bool:
+    """A checkpoint after the final evaluation of ``cfg``'s last round: nothing left to run."""
+    return trained_round >= cfg.federation.rounds and not server.get("open_rows")
 
-    started = time.monotonic()
+
+def _already_finished(cfg: Config, out_dir: Path) -> int:
+    """``mira run --resume`` of a finished run: its final table, and its report if it has
+    none yet; the engine is not started."""
+    from mira.results.report import final_table, write_report
+
+    rounds = cfg.federation.rounds
+    print(
+        f"mira run: {out_dir} finished all {rounds} rounds; nothing to resume (to train "
+        f"further, raise federation.rounds: --set federation.rounds={rounds + 1})"
+    )
+    print(f"\n{final_table(out_dir)}")
+    files = ReportFiles(out_dir)
+    if not files.report_md.is_file():
+        write_report(out_dir)
+        print(f"\nreport: {files.report_md} and {files.report_html}")
+    return 0
+
+
+def _process_start() -> float:
+    """When this process started, on the monotonic clock (the run's clock starts there: the
+    imports are part of what a user waits for)."""
+    import psutil
+
+    return time.monotonic() - max(0.0, time.time() - psutil.Process().create_time())
+
+
+def _run_into(args: argparse.Namespace, cfg: Config, out_dir: Path) -> int:
+    from mira.federation.progress import describe_startup, progress_for, startup_record
+    from mira.results.runs import update_run_info
+
+    progress = progress_for(args.verbose, started=_process_start())
     print(
         f"mira run: {cfg.num_clients} clients ({', '.join(t.name for t in cfg.tasks)}), "
         f"model {cfg.model.name}, method {cfg.server.method}, {cfg.federation.rounds} rounds "
         f"-> {out_dir}",
         flush=True,
     )
-    from mira.federation.progress import progress_for
+    from mira.federation.server_app import report  # torch and flwr: only now
+    from mira.federation.simulation import run_simulation
 
-    run_simulation(
-        cfg,
-        out_dir,
-        verbose=args.verbose,
-        resume=bool(args.resume),
-        progress=progress_for(args.verbose),
-    )
+    run_simulation(cfg, out_dir, verbose=args.verbose, resume=bool(args.resume), progress=progress)
+    progress.phase("report")
     report(out_dir)  # the final table and report.md/html, as the ServerApp of `flwr run` does
-    print(f"\nfinished in {time.monotonic() - started:.0f}s; outputs in {out_dir}")
+    startup = startup_record(progress.timeline.seconds())
+    update_run_info(out_dir, {"startup": startup})
+    if args.verbose:
+        print("\n" + "\n".join(describe_startup(startup)))
+    print(f"\nfinished in {startup['total']:.0f}s; outputs in {out_dir}")
     return 0
 
 

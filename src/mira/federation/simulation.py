@@ -5,16 +5,22 @@ it, and the SuperLink starts ``flwr-simulation``, the process that runs the Serv
 through Ray, the ClientApps (the in-process ``flwr.simulation.run_simulation`` is deprecated
 since flwr 1.41). :func:`run_simulation` does that for one run and cleans up after it:
 
-1. it checks the config and everything that can fail before training, here (:func:`preflight`);
-2. it starts a SuperLink of its own (:class:`LocalSuperLink`: a free loopback port, a
-   temporary FLWR_HOME, no runtime dependency installation, no update check);
+1. it starts a SuperLink of its own (:class:`LocalSuperLink`: a free loopback port, a
+   temporary FLWR_HOME, no runtime dependency installation, no update check), and while that
+   process starts it checks the config and everything that can fail before training, here
+   (:func:`preflight`); nothing is submitted before the checks pass;
 3. it writes a minimal Flower app (a pyproject.toml naming mira's ServerApp, the ClientApp and
    this run's resolved config) and submits it with ``flwr run APP --stream``;
 4. the ServerApp reports its progress and its outcome through a relay file
    (:mod:`mira.federation.relay`): the progress is shown here, and an exception the ServerApp
    raised is raised here, with its type and message;
-5. it stops the SuperLink and everything it started; a watchdog does the same if this process
-   dies, even by SIGKILL (:mod:`mira.federation.watchdog`).
+5. once the ServerApp has written its outcome, it stops the SuperLink and everything it
+   started (nothing of the run is left to do there: Flower's own orderly stop of Ray would
+   only add seconds); a watchdog does the same if this process dies, even by SIGKILL
+   (:mod:`mira.federation.watchdog`).
+
+Each step is marked on the run's :class:`~mira.federation.progress.Progress` (its
+``Timeline``), so ``mira run`` can say where the fixed seconds went.
 
 This process and the ServerApp never touch a GPU (no CUDA context: ``resolve_device`` asks
 NVML). Each client process (a Ray actor) loads the model on ``model.device``;
@@ -45,7 +51,6 @@ import tomli_w
 from mira.client.model import resolve_device
 from mira.config import Config, ConfigError, to_toml
 from mira.data import load_client_data
-from mira.federation.client_app import app as client_app
 from mira.federation.preflight import check_lengths, check_model
 from mira.federation.progress import Progress
 from mira.federation.relay import RelayReader
@@ -55,6 +60,9 @@ from mira.federation.watchdog import guard
 from mira.results.schema import RunLayout
 
 SERVER_APP = "mira.federation.server_app:app"
+# mira's ClientApp, by name: Flower's processes import it, this one never needs to (tests put
+# another ClientApp here).
+client_app: Any = "mira.federation.client_app:app"
 CONNECTION = "mira-run"  # the SuperLink connection in the temporary FLWR_HOME
 STARTUP_TIMEOUT = 60.0  # seconds for the SuperLink to accept connections
 STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL when stopping it
@@ -280,8 +288,13 @@ class LocalSuperLink:
 
     def start(self) -> None:
         """Start the SuperLink and wait until it accepts connections."""
+        self.launch()
+        self.wait_ready()
+
+    def launch(self) -> None:
+        """Start the SuperLink's process; :meth:`wait_ready` waits for it to listen."""
         self.home.mkdir(parents=True, exist_ok=True)
-        port = _free_port()
+        self.port = port = _free_port()
         connection = {"address": f"127.0.0.1:{port}", "insecure": True}
         config = {"superlink": {"default": CONNECTION, CONNECTION: connection}}
         (self.home / "config.toml").write_text(tomli_w.dumps(config))
@@ -300,8 +313,14 @@ class LocalSuperLink:
                 env=self.env,
                 start_new_session=True,  # this run stops it, not a Ctrl-C to the terminal
             )
-        deadline = time.monotonic() + STARTUP_TIMEOUT
-        while not _listening(port):
+        self.launched = time.monotonic()
+
+    def wait_ready(self) -> None:
+        """Wait until the launched SuperLink accepts connections (``STARTUP_TIMEOUT`` after
+        its launch at most)."""
+        assert self.process is not None, "launch() first"
+        deadline = self.launched + STARTUP_TIMEOUT
+        while not _listening(self.port):
             code = self.process.poll()
             if code is not None or time.monotonic() > deadline:
                 state = f"exited with code {code}" if code is not None else "did not start"
@@ -314,7 +333,9 @@ class LocalSuperLink:
     def run(
         self, app_dir: Path, federation: dict[str, Any], relay: RelayReader, verbose: bool
     ) -> str:
-        """Submit the app with ``flwr run --stream`` and replay the relay until the run ends.
+        """Submit the app with ``flwr run --stream`` and replay the relay until the run ends:
+        the ServerApp wrote its outcome (then ``flwr run`` is stopped at once, and the
+        display's ``shutdown`` phase begins), or Flower's run ended without one.
 
         Flower's stream (its logs, the ServerApp's and, with ``verbose``, Ray's and the
         clients') goes to the terminal with ``verbose``; otherwise its last lines are kept.
@@ -340,11 +361,14 @@ class LocalSuperLink:
         reader = threading.Thread(target=_read_stream, args=(cli.stdout, tail, verbose))
         reader.start()
         try:
-            while cli.poll() is None:
+            while cli.poll() is None and not relay.ended:
                 relay.poll()
                 time.sleep(POLL_SECONDS)
-            reader.join()
             relay.poll()
+            if relay.ended:
+                relay.progress.phase("shutdown")
+            else:
+                reader.join()
         finally:
             if cli.poll() is None:
                 end_process_tree(cli.pid)
@@ -382,28 +406,36 @@ def run_simulation(
     (a ClientApp at the top level of an importable module, or its ``module:attribute``; tests
     inject faults this way). An exception the ServerApp raised is raised here.
     """
+    progress = progress or Progress(verbose)
+    progress.phase("preflight")
     if not verbose:
         quiet_libraries()
-    preflight(cfg)
     # A client with no GPU share still sees the machine's GPUs (model.device decides), as
     # this process does when it reports the device; Ray would otherwise hide them.
     os.environ["RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO"] = "0"
     clientapp = app_reference(clients if clients is not None else client_app)
-    progress = progress or Progress(verbose)
-    progress.note(
-        f"starting the Simulation Engine: {client_workers(cfg)} client process(es) for "
-        f"{cfg.num_clients} clients, each loading {cfg.model.name}"
-    )
     watchdog = guard()
     try:
         with tempfile.TemporaryDirectory(prefix="mira-run-", ignore_cleanup_errors=True) as tmp:
             folder = Path(tmp)
-            relay = RelayReader(folder / "relay.jsonl", progress)
-            app_dir = write_app(folder, cfg, out_dir, resume, clientapp, relay.path)
-            with LocalSuperLink(folder) as superlink:
+            superlink = LocalSuperLink(folder)
+            # Its start (seconds of imports in a process of its own) overlaps the checks.
+            superlink.launch()
+            try:
+                preflight(cfg)
+                progress.phase("engine")
+                progress.note(
+                    f"starting the Simulation Engine: {client_workers(cfg)} client process(es) "
+                    f"for {cfg.num_clients} clients, each loading {cfg.model.name}"
+                )
+                superlink.wait_ready()
+                relay = RelayReader(folder / "relay.jsonl", progress)
+                app_dir = write_app(folder, cfg, out_dir, resume, clientapp, relay.path)
                 flower_tail = superlink.run(
                     app_dir, federation_config(cfg, verbose), relay, verbose
                 )
+            finally:
+                superlink.stop()
     finally:
         progress.close()
         watchdog.close()
