@@ -1,8 +1,9 @@
 """docs/reliability.md: every fault and bad input mira is tested against, and what happened.
 
 Runs the fault tests (tests/test_faults.py, tests/test_rundir.py, tests/test_preflight.py,
-tests/test_data.py, the SIGKILL-and-resume test and the deployment test of a SuperNode killed
-mid-round) with MIRA_RELIABILITY_LOG set: each test records the fault it injected, what the
+tests/test_data.py, the SIGKILL-and-resume test and the deployment tests: refused SuperNodes, a
+registered SuperNode claiming another node's partition-id against a client table, a SuperNode
+killed mid-round) with MIRA_RELIABILITY_LOG set: each test records the fault it injected, what the
 run did, how many rounds it completed and how many clients' adapters were lost (missing,
 unreadable or not finite). This script writes those records as a table. A test that fails
 writes no record, and the script says so and exits 1.

@@ -239,6 +239,7 @@ def test_resume_and_operational_keys_come_from_the_roles_in_the_schema():
         "federation.timeout",
         "federation.round_timeout",
         "federation.min_replies",
+        "federation.node_keys",
     )
     assert RESUME_KEYS[0] == "federation.rounds"
     assert RESUME_KEYS[1:] == OPERATIONAL_KEYS
@@ -248,6 +249,7 @@ def test_resume_and_operational_keys_come_from_the_roles_in_the_schema():
         ("federation", "timeout", "operational"),
         ("federation", "round_timeout", "operational"),
         ("federation", "min_replies", "operational"),
+        ("federation", "node_keys", "operational"),
     ]
 
 

@@ -10,7 +10,9 @@ the CLI's ``$FLWR_HOME/config.toml``, and the ServerApp resolves the relative ``
 ``out`` paths in the folder the SuperLink was started from.
 
 - One round of the tiny config with two SuperNodes, while a SuperNode with an unregistered key,
-  one with no key, and a plaintext SuperNode and CLI are refused.
+  one with no key, and a plaintext SuperNode and CLI are refused; with a client table
+  (``federation.node_keys``), a SuperNode with a registered key of its own that claims another
+  node's partition-id is refused and is sent nothing but the "who" query.
 - A SuperNode killed (SIGKILL) while round 2 trains: the round completes without it, its
   replacement (same partition-id, a newly registered key) rejoins for round 3, and a second
   SuperNode claiming a partition-id already held is refused while the run goes on.
@@ -48,7 +50,7 @@ pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 STARTUP_TIMEOUT = 60.0  # seconds for the SuperLink to accept connections
-RUN_TIMEOUT = 300.0  # seconds for `flwr run --stream` of one round (60-90 s on 2 cores)
+RUN_TIMEOUT = 900.0  # seconds for `flwr run --stream` of one round (60-90 s on 2 idle cores)
 FAULT_RUN_TIMEOUT = 900.0  # seconds for the 3-round, 4-client run with a fault
 REFUSED_TIMEOUT = 120.0  # seconds for a refused SuperNode to give up and exit
 STOP_TIMEOUT = 10.0  # seconds between SIGTERM and SIGKILL at teardown
@@ -407,6 +409,19 @@ def wait_exit(processes: Processes, name: str, timeout: float) -> int:
         pytest.fail(f"{name} still runs after {timeout}s\n{processes.logs()}")
 
 
+def wait_online(federation: Federation, nodes: list[int], timeout: float) -> None:
+    """Until the SuperLink lists every one of ``nodes`` online (each SuperNode connected)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = federation.node_status()
+        if all(status.get(node) == "online" for node in nodes):
+            return
+        assert time.monotonic() < deadline, (
+            f"nodes not online after {timeout}s: {status}\n{federation.processes.logs()}"
+        )
+        time.sleep(1.0)
+
+
 def client_rows(out: Path) -> dict[tuple[int, str], dict]:
     return {(r.round, r.client): r for r in read_metrics(out).clients}
 
@@ -417,13 +432,20 @@ def client_rows(out: Path) -> dict[tuple[int, str], dict]:
 def test_one_round_with_tls_and_supernode_auth(tiny_config, federation, processes, reliability):
     # federation.timeout bounds the ServerApp's wait for clients and replies; the run config's
     # `overrides` (below) brings the tiny config's 2 rounds down to 1.
-    cfg = tiny_config("federation.timeout=120", clients=1)
+    cfg = tiny_config("federation.timeout=240", clients=1)
     assert cfg.federation.rounds == 2 and cfg.num_clients == 2
     federation.start_superlink()
 
     keys = [make_node_key(federation.keys, f"supernode-{i}") for i in range(cfg.num_clients)]
     registered = [federation.register(key) for key in keys]
     intruder = make_node_key(federation.keys, "intruder")  # made, never registered
+    # A third machine with a registered key of its own whose SuperNode says it holds client 0.
+    # The client table binds partition-id 0 to supernode-0's key (its .pub file, relative to
+    # the table) and 1 to supernode-1's (the key's text).
+    impostor = make_node_key(federation.keys, "impostor")
+    impostor_id = federation.register(impostor)
+    table = {"0": "../keys/supernode-0.pub", "1": Path(f"{keys[1]}.pub").read_text().strip()}
+    (federation.server_dir / "node_keys.toml").write_text(tomli_w.dumps(table))
 
     # Refused: an unregistered key, no key (self-registration is off), no TLS.
     refused = {
@@ -438,10 +460,15 @@ def test_one_round_with_tls_and_supernode_auth(tiny_config, federation, processe
 
     for partition, key in enumerate(keys):
         federation.start_supernode(f"supernode-{partition}", partition, cfg.num_clients, key)
+    federation.start_supernode("impostor", 0, cfg.num_clients, impostor)
+    # All connected before the run starts, so the server asks every one of them who it is.
+    wait_online(federation, [*registered, impostor_id], STARTUP_TIMEOUT)
     out = federation.start_run(
-        cfg.to_dict(), 'config="tiny.toml" overrides="federation.rounds=1" out="runs/deployed"'
+        cfg.to_dict(),
+        'config="tiny.toml" overrides="federation.rounds=1" out="runs/deployed" '
+        'federation.node_keys="node_keys.toml"',
     )
-    servers = ["superlink", *(f"supernode-{i}" for i in range(cfg.num_clients))]
+    servers = ["superlink", "impostor", *(f"supernode-{i}" for i in range(cfg.num_clients))]
     seconds = federation.wait_run(servers, RUN_TIMEOUT)
     print(f"flwr run finished in {seconds:.1f}s")
 
@@ -468,7 +495,20 @@ def test_one_round_with_tls_and_supernode_auth(tiny_config, federation, processe
         plaintext_cli.stdout
     )
     # The SuperLink knows the registered nodes and no one else.
-    assert federation.node_status() == dict.fromkeys(registered, "online")
+    assert federation.node_status() == dict.fromkeys([*registered, impostor_id], "online")
+    # (c) The impostor's key is registered but not bound to the client it claims: the server
+    # names it and refuses it, and it is sent the "who" query only (no config view, no
+    # adapter); supernode-0 keeps client 0.
+    refusal = (
+        f"node {impostor_id} claims partition-id 0 (client polarity-0), but its key is not in "
+        "node_keys.toml; refused: it gets no config and no adapter"
+    )
+    assert refusal in cli_log, cli_log[-3000:]
+    assert "not bound to SuperNode keys" not in cli_log, cli_log[-3000:]
+    impostor_log = processes.log("impostor")
+    assert impostor_log.count("Receiving: query message") == 1, impostor_log
+    assert "Receiving: train message" not in impostor_log, impostor_log
+    assert "Receiving: evaluate message" not in impostor_log, impostor_log
 
     # The run config reached the ServerApp: its config file, its overrides, its output folder.
     written = tomllib.loads(RunLayout(out).config.read_text())
@@ -505,6 +545,15 @@ def test_one_round_with_tls_and_supernode_auth(tiny_config, federation, processe
     reliability.record(
         "SuperNodes with an unregistered key, with no key, and without TLS (deployment)",
         "each refused at connection (exit code 305); the run went on with the registered ones",
+        "1 of 1",
+        out,
+    )
+    reliability.record(
+        "a SuperNode with a registered key of its own claims another node's partition-id, with "
+        "a client table (deployment)",
+        "refused before it was sent any config (the server names the node and the id it "
+        "claimed); it received the 'who' query only; the holder kept its client and the run "
+        "went on",
         "1 of 1",
         out,
     )

@@ -380,6 +380,16 @@ class FederationConfig:
             bounds="> 0",
         ),
     )
+    node_keys: str = field(
+        default="",
+        metadata=_meta(
+            "Deployment Engine: a TOML file (a path on the server) binding each client to its "
+            "SuperNode's key, partition-id = the public key file registered with `flwr "
+            "supernode register` (or its text); a node claiming a partition-id its key is not "
+            "bound to is refused before it is sent anything. '' = identities are not bound.",
+            role=OPERATIONAL,
+        ),
+    )
 
 
 @dataclass(frozen=True)

@@ -41,6 +41,7 @@ def client_view(cfg: Config, partition: int) -> str:
     raw["lora"]["ranks"] = []
     if raw["server"]["graph"] not in GRAPH_SOURCES:
         raw["server"]["graph"] = "tasks"
+    raw["federation"]["node_keys"] = ""  # the client table is a path on the server too
     return json.dumps(raw, sort_keys=True)
 
 

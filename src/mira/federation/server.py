@@ -28,6 +28,13 @@ from mira.core import rules
 from mira.core.adapters import Adapter
 from mira.errors import MiraError
 from mira.federation import codec
+from mira.federation.identity import (
+    HOW_TO_BIND,
+    ClientTable,
+    client_table,
+    node_has_key,
+    read_client_table,
+)
 from mira.federation.messages import (
     IdentifyRequest,
     Identity,
@@ -91,10 +98,14 @@ def short_reason(reason: str) -> str:
 class Link:
     """Pushes messages to nodes through the Grid and pulls their replies within the timeout."""
 
-    def __init__(self, grid: Grid, cfg: Config, progress: Progress):
+    def __init__(
+        self, grid: Grid, cfg: Config, progress: Progress, table: ClientTable | None = None
+    ):
         self.grid = grid
         self.cfg = cfg
         self.progress = progress
+        self.table = table  # federation.node_keys: which node key may hold which client
+        self.warned_unbound = False
         self.names: dict[int, str] = {}  # node id -> client id, once known
         self.seen: set[int] = set()  # every node ever asked who it is
         self.claims: dict[int, Identity] = {}  # newcomers and whom they claim
@@ -112,6 +123,55 @@ class Link:
                 "leaves."
             )
         self.claims[node] = identity
+
+    def bound_claims(self, claims: dict[int, int]) -> tuple[dict[int, int], dict[int, Outcome]]:
+        """The claims {node id: partition-id} the client table allows, and a refusal for each
+        other one (docs/design.md, "Faults and trust").
+
+        A claim to hold one of the config's clients stands when the SuperLink knows the node
+        by the public key the table gives for that partition-id; a refused node is named in
+        the run's output and is sent nothing more (no config view, no adapter). The table is
+        read again each time, so a replacement SuperNode's key can be put in while the run
+        goes on (a table that no longer reads leaves the last good one in force). Without a
+        table, every claim stands; on the Deployment Engine (nodes known by a key) the run
+        says once that identities are not bound to keys.
+        """
+        claimed = {n: p for n, p in claims.items() if 0 <= p < self.cfg.num_clients}
+        if not claimed:
+            return claims, {}
+        keys = {int(info.node_id): bytes(info.public_key) for info in self.grid.get_nodes()}
+        if self.table is None:
+            if not self.warned_unbound and any(node_has_key(keys.get(n, b"")) for n in claimed):
+                self.warned_unbound = True
+                self.progress.note(
+                    "warning: client identities are not bound to SuperNode keys (any "
+                    "registered SuperNode may claim any partition-id); " + HOW_TO_BIND
+                )
+            return claims, {}
+        try:
+            self.table = read_client_table(self.table.source, self.cfg.num_clients)
+        except ConfigError as err:
+            self.progress.note(f"{err}; the client table read before stays in force")
+        if not any(node_has_key(key) for key in keys.values()):
+            raise ConfigError(
+                f"federation.node_keys = {str(self.table.source)!r} binds clients to SuperNode "
+                "keys, but the SuperLink knows no node by a key (the Simulation Engine's nodes "
+                "have none): leave federation.node_keys empty in simulation"
+            )
+        allowed, refused = dict(claims), {}
+        for node, partition in sorted(claimed.items()):
+            problem = self.table.claim_problem(partition, keys.get(node, b""))
+            if problem is None:
+                continue
+            del allowed[node]
+            client = self.cfg.client_ids[partition]
+            reason = (
+                f"node {node} claims partition-id {partition} (client {client}), but {problem}; "
+                "refused: it gets no config and no adapter"
+            )
+            self.progress.note(reason)
+            refused[node] = Outcome(REJECTED, reason)
+        return allowed, refused
 
     def who(self, node_id: int) -> str:
         if node_id in self.names:
@@ -249,9 +309,10 @@ def identify(
 
     Two steps, so that a node learns only its own client's settings: which partition-id do you
     hold (nothing of the config is sent), then, to each node holding one of the config's
-    clients, that client's view of the config (:func:`mira.federation.messages.client_view`),
-    for its identity, the shared LoRA init and, on request, its fingerprint. A node holding no
-    client of the config is answered with an empty identity.
+    clients whose claim the client table allows (:meth:`Link.bound_claims`), that client's
+    view of the config (:func:`mira.federation.messages.client_view`), for its identity, the
+    shared LoRA init and, on request, its fingerprint. A node holding no client of the config
+    is answered with an empty identity; a refused node is sent nothing more.
     """
     asked, problems = link.exchange(
         [codec.encode_who(node) for node in nodes],
@@ -259,10 +320,13 @@ def identify(
         cfg.federation.timeout,
         "federation.timeout",
     )
+    claims, refused = link.bound_claims(
+        {node: codec.decode_who(message) for node, message in asked.items()}
+    )
+    problems.update(refused)
     found: dict[int, Identity] = {}
     setups = []
-    for node, message in asked.items():
-        partition = codec.decode_who(message)
+    for node, partition in claims.items():
         if not 0 <= partition < cfg.num_clients:
             found[node] = Identity(client_id="", node_id=node)
             continue
@@ -637,7 +701,7 @@ def _serve(
     )
     writer.write_config()
     describe_devices(cfg, out_dir, progress)
-    link = Link(grid, cfg, progress)
+    link = Link(grid, cfg, progress, client_table(cfg))
     fingerprints = needs_fingerprints(cfg) and checkpoint is None
     clients, vectors = discover(link, cfg, fingerprints)
     graph = static_graph(cfg)

@@ -38,6 +38,7 @@ from mira.config import (
     load_run_config,
 )
 from mira.core import rules
+from mira.federation.identity import client_table
 from mira.federation.progress import Progress
 from mira.federation.relay import RelayProgress
 from mira.federation.server import run_federation
@@ -125,7 +126,9 @@ def read_run_config(run_config: Mapping[str, Any]) -> RunRequest:
 def server_preflight(cfg: Config) -> str:
     """What the server can check before it contacts any client: the graph against the step,
     the base model (built or converted once, here), the LoRA target modules, every client's
-    rank and the pull space. Returns the base model's local source."""
+    rank and the pull space, and the client table of ``federation.node_keys``. Returns the base
+    model's local source."""
+    client_table(cfg)
     static_graph(cfg)
     base_source = prepare_model(cfg.model)
     check_target_modules(cfg.model, cfg.lora)
