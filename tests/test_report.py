@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import base64
+import itertools
+import json
 import math
 import re
 import shutil
@@ -367,3 +369,157 @@ def test_local_costs_what_it_exchanges_and_the_note_names_the_harness_traffic(
     assert "local exchanges nothing" in note
     assert "0.0004000 MB up and 0.0008000 MB down measured" in note
     assert "mira exchanges nothing" not in note and "fedit exchanges" not in note
+
+
+# ------------------------------------------------------------------------------ many clients
+def write_many_clients_run(folder: Path, per_task: int, rounds: int = 2) -> None:
+    """A run of two tasks with ``per_task`` clients each: client i of a task ends with the
+    personalised eval loss 1 + 0.01 i (0.5 higher in earlier rounds) and mix weight i / 100;
+    the graph links the clients of a task."""
+    from mira.results.rundir import round_aggregate
+    from mira.results.schema import encode_row
+
+    folder.mkdir(parents=True, exist_ok=True)
+    clients = [(f"{task}-{i}", task, i) for task in ("sentiment", "qa") for i in range(per_task)]
+    lines = []
+    for rnd in range(1, rounds + 1):
+        rows = [
+            ClientRow(
+                round=rnd,
+                client=client,
+                task=task,
+                method="mira",
+                rank=8,
+                sampled=i % 4 == 0,
+                train_loss=2.0,
+                eval_loss=1.0 + 0.01 * i + 0.5 * (rounds - rnd),
+                bytes_up=100,
+                bytes_down=200,
+                mix_weight=i / 100,
+                metrics={"accuracy": 0.5} if task == "sentiment" else {"token_f1": 0.25},
+            )
+            for client, task, i in clients
+        ]
+        lines += [*(encode_row(r) for r in rows), encode_row(round_aggregate(rnd, "mira", 1, rows))]
+    RunLayout(folder).metrics.write_text("\n".join(lines) + "\n")
+    labels = [0 if task == "sentiment" else 1 for _, task, _ in clients]
+    adjacency = [
+        [1.0 / (per_task - 1) if a == b and k != j else 0.0 for j, b in enumerate(labels)]
+        for k, a in enumerate(labels)
+    ]
+    graph = {
+        "source": "tasks",
+        "clients": [c for c, _, _ in clients],
+        "tasks": [t for _, t, _ in clients],
+        "clusters": labels,
+        "adjacency": adjacency,
+    }
+    RunLayout(folder).graph.write_text(json.dumps(graph))
+
+
+def test_a_run_of_many_clients_is_summarised_not_drawn_client_by_client(tmp_path: Path) -> None:
+    """96 clients, 48 a task: the per-task plot shows each task's quantiles (its height no
+    longer grows with the clients), the line plots each task's median and range, and the
+    captions say so."""
+    from mira.results.report import MAX_DOTS, QUANTILE_LABELS, _single_run_dots
+
+    run = tmp_path / "run"
+    write_many_clients_run(run, 48)
+    write_report(run)
+    markdown, _ = check_links(run, [*PLOT_NAMES, "mix_weight_plot"])
+    files = ReportFiles(run)
+    assert imread(files.per_task_plot).shape[0] < 1200  # five dots a task, not 48
+    assert imread(files.task_graph_plot).shape[:2] == (900, 1020)  # 9 x 10.2 in: no names
+    assert f"a task of more than {MAX_DOTS} clients: the quantiles of its clients" in markdown
+    assert "the median client's line and the band from the lowest to the highest" in markdown
+    groups = dict(_single_run_dots(load_run(run)))
+    loss, accuracy = groups["sentiment (48 clients)"]
+    assert loss.labels == QUANTILE_LABELS == accuracy.labels
+    # losses 1.00, 1.01, ..., 1.47: numpy's linear percentiles at 35.25 and 11.75 of 47
+    np.testing.assert_allclose(loss.values, [1.47, 1.3525, 1.235, 1.1175, 1.0])
+    assert loss.reference == pytest.approx(1.235)
+    assert accuracy.values == [0.5] * 5
+
+
+def test_twenty_clients_a_panel_keep_one_dot_and_one_line_each(tmp_path: Path) -> None:
+    """20 clients a task is the most drawn one by one: the per-task dots and the mix weight
+    (a panel per task) show every client; the loss plot's one panel holds all 40 and
+    summarises them."""
+    from mira.results.report import _single_run_dots
+
+    run = tmp_path / "run"
+    write_many_clients_run(run, 20)
+    write_report(run)
+    markdown = ReportFiles(run).report_md.read_text()
+    assert "quantiles" not in markdown
+    assert "(one panel per task, one line per client)." in markdown
+    assert "colour = task; one line per client; a panel of more than 20 clients" in markdown
+    loss = dict(_single_run_dots(load_run(run)))["qa"][0]
+    assert loss.labels == [f"qa-{i}" for i in range(20)]
+    np.testing.assert_allclose(loss.values, 1.0 + 0.01 * np.arange(20))
+
+
+def test_task_spread_is_each_tasks_median_and_range_per_round() -> None:
+    from mira.results.plots import task_spread
+
+    curves = {
+        "a-0": (np.array([1, 2, 3]), np.array([1.0, 2.0, 3.0])),
+        "a-1": (np.array([1, 2, 3]), np.array([3.0, 4.0, 5.0])),
+        "a-2": (np.array([1, 3]), np.array([2.0, 10.0])),  # no row in round 2
+        "b-0": (np.array([2, 3]), np.array([7.0, math.nan])),
+    }
+    spread = task_spread(curves, {c: c[0] for c in curves})
+    rounds, median, low, high = spread["a"]
+    np.testing.assert_array_equal(rounds, [1, 2, 3])
+    np.testing.assert_allclose(median, [2.0, 3.0, 5.0])
+    np.testing.assert_allclose(low, [1.0, 2.0, 3.0])
+    np.testing.assert_allclose(high, [3.0, 4.0, 10.0])
+    rounds, median, low, high = spread["b"]  # round 3 has no value: left out
+    np.testing.assert_array_equal(rounds, [2])
+    assert (median[0], low[0], high[0]) == (7.0, 7.0, 7.0)
+
+
+def test_a_task_graph_names_clients_up_to_forty_then_its_clusters(tmp_path: Path) -> None:
+    from mira.results.plots import MAX_LABELLED, plot_adjacency
+
+    def graph(num: int) -> tuple[np.ndarray, list[str], list[int]]:
+        labels = [k % 2 for k in range(num)]
+        adjacency = np.array(
+            [[float(a == b and k != j) for j, b in enumerate(labels)] for k, a in enumerate(labels)]
+        )
+        return adjacency, [f"client-{k}" for k in range(num)], labels
+
+    named = plot_adjacency(*graph(MAX_LABELLED), tmp_path / "named.png")
+    assert imread(named).shape[:2] == (1650, 1770)  # 0.35 in a client + 2.5 in (+ 1.2 in)
+    clustered = plot_adjacency(*graph(MAX_LABELLED + 1), tmp_path / "clusters.png")
+    assert imread(clustered).shape[:2] == (900, 1020)
+
+
+def printed_rows(text: str, title: str) -> dict[str, list[str]]:
+    """The rows of the table that follows the line starting with ``title`` in the terminal
+    text, by first cell (header and rule left out)."""
+    after = ("\n" + text).split("\n" + title, 1)[1].splitlines()[1:]
+    table = [line for line in itertools.takewhile(lambda line: line.startswith("|"), after)]
+    rows = [[c.strip() for c in line.strip("|").split("|")] for line in table[2:]]
+    return {cells[0]: cells[1:] for cells in rows}
+
+
+def test_mira_run_prints_each_task_and_the_worst_clients_of_a_large_run(tmp_path: Path) -> None:
+    """More than 24 clients: the per-task table and the ten clients of the highest loss,
+    not a screenful of rows; report.md keeps every client."""
+    run = tmp_path / "run"
+    write_many_clients_run(run, 30)
+    write_report(run)
+    printed = final_table(run)
+    assert len(printed.splitlines()) < 30
+    tasks = printed_rows(printed, "Per task after round 2")
+    # a task's losses 1.00 ... 1.29: mean 1.145, worst 1.29 (its client 29)
+    assert tasks["sentiment"][:4] == ["sentiment-29", "30", "1.145", "1.290"]
+    assert tasks["qa"][:4] == ["qa-29", "30", "1.145", "1.290"]
+    worst = printed_rows(printed, "Personalised eval loss after round 2")
+    assert list(worst)[:2] == ["sentiment-29", "qa-29"]  # highest first
+    assert set(worst) == {f"{task}-{i}" for task in ("sentiment", "qa") for i in range(25, 30)}
+    assert "the 10 clients of the highest loss" in printed
+    assert f"every one of the 60 clients: {ReportFiles(run).report_md}" in printed
+    markdown = ReportFiles(run).report_md.read_text()
+    assert all(f"| qa-{i} " in markdown for i in range(30))

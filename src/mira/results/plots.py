@@ -7,7 +7,10 @@ Agg canvas, never through pyplot, so plots can be made from any thread or a long
 Conventions: a method has the same colour in every plot; clients are coloured by task; rounds
 are whole numbers; legends sit outside the axes, so they never hide data; a comparison of
 close numbers is a dot plot on an axis zoomed to the values (never bars from 0), spanning at
-least 2% of them, so that equal methods do not look far apart.
+least 2% of them, so that equal methods do not look far apart. Beyond a few dozen clients a
+plot summarises instead of drawing each client: a panel of more than :data:`MAX_LINES`
+clients draws each task's median client and the band from its lowest to its highest, and a
+task graph of more than :data:`MAX_LABELLED` clients names its clusters, not every client.
 """
 
 from __future__ import annotations
@@ -29,6 +32,12 @@ from mira.results.files import write_atomic
 
 Labels = Sequence[int] | np.ndarray
 Curve = tuple[np.ndarray, np.ndarray]
+
+MAX_LINES = 20
+"""A panel draws one line per client up to this many clients (as many as tab20 has distinct
+colours), else each task's median and range."""
+MAX_LABELLED = 40
+"""A task graph names every client up to this many clients, else its clusters."""
 
 
 def _figure(width: float, height: float) -> Any:
@@ -87,7 +96,8 @@ def plot_adjacency(
     """Write a PNG heatmap of the graph, clients ordered by cluster, boundaries drawn.
 
     adjacency: K x K task graph.
-    client_ids: tick label of every client.
+    client_ids: tick label of every client (up to :data:`MAX_LABELLED` clients; beyond, the
+        ticks name the clusters and their sizes).
     labels: cluster of every client (None = one group, client order kept).
     path: output file; parent folders are created.
     """
@@ -101,19 +111,33 @@ def plot_adjacency(
     order = np.argsort(label_array, kind="stable")
     ordered = matrix[np.ix_(order, order)]
     names = [str(client_ids[i]) for i in order]
+    sorted_labels = label_array[order]
+    boundaries = np.flatnonzero(sorted_labels[1:] != sorted_labels[:-1]) + 0.5
 
-    side = float(min(20.0, max(4.0, 0.35 * num + 2.5)))
+    labelled = num <= MAX_LABELLED
+    side = float(max(4.0, 0.35 * num + 2.5)) if labelled else 9.0
     figure = _figure(side + 1.2, side)
     axes = figure.add_subplot()
     image = axes.imshow(ordered, cmap="viridis", vmin=0.0, interpolation="nearest")
     figure.colorbar(image, ax=axes, label="a_kl")
-    axes.set_xticks(range(num), names, rotation=90, fontsize=8)
-    axes.set_yticks(range(num), names, fontsize=8)
-    sorted_labels = label_array[order]
-    for boundary in np.flatnonzero(sorted_labels[1:] != sorted_labels[:-1]) + 0.5:
+    if labelled:
+        axes.set_xticks(range(num), names, rotation=90, fontsize=8)
+        axes.set_yticks(range(num), names, fontsize=8)
+        title = f"Task graph ({num} clients, ordered by cluster)"
+    else:  # one tick per cluster, at the middle of its block
+        clusters, starts, sizes = np.unique(sorted_labels, return_index=True, return_counts=True)
+        middles = starts + (sizes - 1) / 2
+        if labels is None:
+            ticks = [f"all clients ({num})"]
+        else:
+            ticks = [f"cluster {c} ({n})" for c, n in zip(clusters, sizes, strict=True)]
+        axes.set_xticks(middles, ticks, rotation=90, fontsize=8)
+        axes.set_yticks(middles, ticks, fontsize=8)
+        title = f"Task graph ({num} clients, ordered by cluster; ticks name the clusters)"
+    for boundary in boundaries:
         axes.axhline(boundary, color="white", linewidth=1.5)
         axes.axvline(boundary, color="white", linewidth=1.5)
-    axes.set_title(f"Task graph ({num} clients, ordered by cluster)")
+    axes.set_title(_wrap(title, figure))
     return _save(figure, path)
 
 
@@ -132,7 +156,10 @@ def plot_client_lines(
 
     Clients are coloured by task with a task legend beside the figure; with
     ``colour_clients`` (panels that each hold one task's clients) every client gets its own
-    colour and each panel a legend of its clients below it.
+    colour and each panel a legend of its clients below it. A panel of more than
+    :data:`MAX_LINES` clients draws, per task, the median client's line and the band from
+    the lowest to the highest client instead (:func:`task_spread`), and says so in its
+    legend; :func:`summarised` tells whether any panel does.
     """
     from matplotlib.lines import Line2D
 
@@ -140,30 +167,45 @@ def plot_client_lines(
     cols = min(3, len(names))
     rows = math.ceil(len(names) / cols)
     largest = max(len(c) for c in panels.values())
-    legend_rows = math.ceil(largest / 3) if colour_clients else 0
+    legend_rows = 0
+    if colour_clients:
+        legend_rows = 1 if largest > MAX_LINES else math.ceil(largest / 3)
     figure = _figure(max(6.5, 4.6 * cols + 1.3), (3.3 + 0.22 * legend_rows) * rows + 0.8)
     tasks = list(dict.fromkeys(task_of.values()))
     task_colour = palette(tasks)
-    alpha = 0.85 if largest <= 20 else max(0.15, 20 / largest)
+    alpha = 0.85 if largest <= MAX_LINES else max(0.15, MAX_LINES / largest)
     axes = figure.subplots(rows, cols, squeeze=False, sharey=True)
     for index, name in enumerate(names):
         ax = axes[index // cols][index % cols]
-        colours = palette(list(panels[name])) if colour_clients else {}
-        for client, (rounds, values) in panels[name].items():
-            colour = colours.get(client, task_colour.get(task_of.get(client, ""), "0.3"))
-            ax.plot(rounds, values, color=colour, alpha=alpha, marker=".", label=client)
+        clients = panels[name]
+        if len(clients) > MAX_LINES:
+            for task, (rounds, median, low, high) in task_spread(clients, task_of).items():
+                colour = task_colour.get(task, "0.3")
+                ax.fill_between(rounds, low, high, color=colour, alpha=0.2, linewidth=0)
+                ax.plot(rounds, median, color=colour, marker=".")
+        else:
+            colours = palette(list(clients)) if colour_clients else {}
+            for client, (rounds, values) in clients.items():
+                colour = colours.get(client, task_colour.get(task_of.get(client, ""), "0.3"))
+                ax.plot(rounds, values, color=colour, alpha=alpha, marker=".", label=client)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel("round")
-        _integer_rounds(ax, sorted({int(r) for c in panels[name].values() for r in c[0]}))
+        _integer_rounds(ax, sorted({int(r) for c in clients.values() for r in c[0]}))
         ax.grid(alpha=0.3)
         if ylim is not None:
             ax.set_ylim(*ylim)
         if index % cols == 0:
             ax.set_ylabel(ylabel)
-        if colour_clients:
-            ax.legend(
-                loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3, fontsize=7, frameon=False
-            )
+        below = {"loc": "upper center", "bbox_to_anchor": (0.5, -0.2), "frameon": False}
+        if len(clients) > MAX_LINES:
+            spread = [
+                Line2D([], [], color="0.3", marker=".", label="median client"),
+                Line2D([], [], color="0.3", alpha=0.3, linewidth=6, label="lowest to highest"),
+            ]
+            title = f"{len(clients)} clients" + ("" if colour_clients else ", per task")
+            ax.legend(handles=spread, ncol=2, fontsize=7, title=title, title_fontsize=7, **below)
+        elif colour_clients:
+            ax.legend(ncol=3, fontsize=7, **below)
     for index in range(len(names), rows * cols):
         axes[index // cols][index % cols].set_visible(False)
     if not colour_clients:
@@ -173,6 +215,37 @@ def plot_client_lines(
         )
     figure.suptitle(_wrap(title, figure))
     return _save(figure, path)
+
+
+def summarised(panels: Mapping[str, Mapping[str, Curve]]) -> bool:
+    """Whether :func:`plot_client_lines` draws a summary instead of a line per client in
+    some panel of ``panels``."""
+    return any(len(clients) > MAX_LINES for clients in panels.values())
+
+
+def task_spread(
+    clients: Mapping[str, Curve], task_of: Mapping[str, str]
+) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Per task (in order of first appearance): the rounds any of its clients has, and per
+    round the median, lowest and highest value over the clients that have it."""
+    groups: dict[str, list[Curve]] = {}
+    for client, curve in clients.items():
+        groups.setdefault(task_of.get(client, ""), []).append(curve)
+    out = {}
+    for task, curves in groups.items():
+        rounds = np.array(sorted({float(r) for c, _ in curves for r in c}))
+        table = np.full((len(curves), len(rounds)), np.nan)
+        for row, (those, values) in zip(table, curves, strict=True):
+            row[np.searchsorted(rounds, np.asarray(those, dtype=float))] = values
+        present = ~np.all(np.isnan(table), axis=0)  # a round where every value is NaN
+        table, rounds = table[:, present], rounds[present]
+        out[task] = (
+            rounds,
+            np.nanmedian(table, axis=0),
+            np.nanmin(table, axis=0),
+            np.nanmax(table, axis=0),
+        )
+    return out
 
 
 def plot_mean_curves(

@@ -20,6 +20,12 @@ Plots (``plots/``):
   zoomed to the values (a comparison: one dot per method, ± std over seeds; a single run: one
   dot per client, dashed line at the task's mean). A task only gets panels for its metrics.
 
+Many clients: a panel of more than 20 clients draws each task's median client and the band
+from its lowest to its highest client (:func:`mira.results.plots.plot_client_lines`); a task
+of more than 20 clients shows the quantiles of its clients in ``per_task.png``; the task graph
+of more than 40 clients names its clusters; ``mira run``'s closing table of more than 24
+clients shows each task and the 10 clients of the highest loss (report.md lists every client).
+
 Every loss and metric is personalised (each client's own adapter on its own held-out split),
 and the report says so; under fedit and cluster-merge that adapter is the shared global model.
 """
@@ -71,7 +77,13 @@ from mira.results.tables import (
     paired_table,
     round_table,
     summary_tables,
+    task_table,
 )
+
+MAX_PRINTED = 24
+"""``mira run``'s closing table lists every client up to this many (:func:`final_table`)."""
+WORST_PRINTED = 10
+"""Beyond, it lists this many: the clients of the highest loss."""
 
 MIX_RULE = "mira"
 """Runs of this rule (and its variants) get the mix weight plot in a comparison."""
@@ -115,14 +127,32 @@ def _comparison_dots(rows: Sequence[dict[str, Any]]) -> list[tuple[str, list[plo
     return list(by_task.items())
 
 
+MAX_DOTS = 20
+"""A task of a single run's per-task plot shows one dot per client up to this many clients,
+else the quantiles of its clients (:data:`QUANTILES`)."""
+QUANTILES = (
+    ("highest", 100.0),
+    ("75th percentile", 75.0),
+    ("median", 50.0),
+    ("25th percentile", 25.0),
+    ("lowest", 0.0),
+)
+"""The dots of a task of more than :data:`MAX_DOTS` clients, top to bottom."""
+QUANTILE_LABELS = [label for label, _ in QUANTILES]
+
+
 def _single_run_dots(run: RunRecord) -> list[tuple[str, list[plots.DotPanel]]]:
-    """Per task: a panel per metric it has, one dot per client, dashed at the task's mean."""
+    """Per task: a panel per metric it has, one dot per client, dashed at the task's mean; a
+    task of more than :data:`MAX_DOTS` clients gets the quantiles of its clients instead, so
+    the figure keeps its size whatever the number of clients."""
     final = run.rows.final_clients()
     tasks = unique(r.task for r in final)
     colour = plots.palette(tasks)
     out = []
     for task in tasks:
         mine = [r for r in final if r.task == task]
+        many = len(mine) > MAX_DOTS
+        labels = QUANTILE_LABELS if many else [str(r.client) for r in mine]
         panels = []
         measured = [("personalised eval loss", True, [eval_loss(r) for r in mine])]
         measured += [
@@ -133,20 +163,32 @@ def _single_run_dots(run: RunRecord) -> list[tuple[str, list[plots.DotPanel]]]:
             finite = [v for v in values if math.isfinite(v)]
             if not finite:
                 continue
+            if many:
+                values = [float(np.percentile(finite, q)) for _, q in QUANTILES]
             panels.append(
                 plots.DotPanel(
                     title,
-                    [str(r.client) for r in mine],
+                    labels,
                     values,
-                    [math.nan] * len(mine),
-                    [colour[task]] * len(mine),
+                    [math.nan] * len(labels),
+                    [colour[task]] * len(labels),
                     lower,
                     reference=float(np.mean(finite)),
                 )
             )
         if panels:
-            out.append((task, panels))
+            out.append((f"{task} ({len(mine)} clients)" if many else task, panels))
     return out
+
+
+def _lines(panels: Any) -> str:
+    """How :func:`plots.plot_client_lines` draws the clients of ``panels``, for a caption."""
+    if not plots.summarised(panels):
+        return "one line per client"
+    return (
+        f"one line per client; a panel of more than {plots.MAX_LINES} clients draws, per task, "
+        "the median client's line and the band from the lowest to the highest client"
+    )
 
 
 def _mix_weight_figure(
@@ -177,7 +219,7 @@ def _mix_weight_figure(
             path,
             files.link(path),
             "Mix weight alpha of every client per round: the share of its neighbours' adapters "
-            "it took after local training (one panel per task, one line per client).",
+            f"it took after local training (one panel per task, {_lines(panels)}).",
         )
     mixing = [r for r in runs if rule_of(r.method) == MIX_RULE]
     curves = client_curves(mixing, mix_weight)
@@ -197,7 +239,7 @@ def _mix_weight_figure(
         files.link(path),
         f"Mix weight alpha of every client per round in the runs of rule {MIX_RULE} and its "
         "variants: the share of its neighbours' adapters it took (one panel per method, "
-        "colour = task, mean over seeds).",
+        f"colour = task, mean over seeds; {_lines(curves)}).",
     )
 
 
@@ -207,8 +249,9 @@ def _figures(
     files = ReportFiles(out_dir)
     task_of = _task_of(runs)
     figures = []
+    losses = client_curves(runs)
     plots.plot_client_lines(
-        client_curves(runs),
+        losses,
         task_of,
         files.client_loss_plot,
         ylabel="personalised eval loss",
@@ -219,7 +262,8 @@ def _figures(
             files.client_loss_plot,
             files.link(files.client_loss_plot),
             "Personalised eval loss of every client per round (one panel per method, colour = "
-            "task" + (")." if single else ", mean over seeds)."),
+            "task" + ("" if single else ", mean over seeds") + "; "
+            f"{_lines(losses)}).",
         )
     )
     curves = mean_curves(runs)
@@ -249,12 +293,17 @@ def _figures(
         )
     dots = _single_run_dots(runs[0]) if single else _comparison_dots(rows)
     if dots:
+        quantiles = (
+            f"; a task of more than {MAX_DOTS} clients: the quantiles of its clients"
+            if single and any(panels[0].labels == QUANTILE_LABELS for _, panels in dots)
+            else ""
+        )
         plots.plot_dot_grid(
             dots,
             files.per_task_plot,
             "Final round, personalised, per task: "
             + (
-                "one dot per client, dashed line at the task's mean"
+                f"one dot per client, dashed line at the task's mean{quantiles}"
                 if single
                 else "mean over the task's clients, one dot per method (bar: ± std over seeds)"
             ),
@@ -265,7 +314,7 @@ def _figures(
                 files.link(files.per_task_plot),
                 "Final personalised eval loss and task metrics per task "
                 + (
-                    "for every client (dashed: the task's mean). "
+                    f"for every client (dashed: the task's mean{quantiles}). "
                     if single
                     else "and method (error bars: ± std over seeds). "
                 )
@@ -394,17 +443,28 @@ def _comparison_report_blocks(out_dir: Path) -> list[Block]:
 def final_table(out_dir: Path) -> str:
     """What ``mira run`` prints at its end: each client's personalised eval loss after the
     first and the last round (:func:`mira.results.tables.final_client_table`), the round's
-    mean, worst and spread, and where the adapters are, as aligned text for the terminal."""
+    mean, worst and spread, and where the adapters are, as aligned text for the terminal.
+
+    A run of more than :data:`MAX_PRINTED` clients prints the per-task table
+    (:func:`mira.results.tables.task_table`) and its :data:`WORST_PRINTED` clients of the
+    highest loss instead; report.md has every client."""
     rows = read_metrics(out_dir)
     last = rows.last_round()
     if last is None:
         return "no rounds completed"
-    table = final_client_table(rows, None)
+    count = len(rows.clients_of(last))
+    if count <= MAX_PRINTED:
+        table = final_client_table(rows, None)
+        lines = [table.title, markdown_table(table)]
+    else:
+        by_task = task_table(rows)
+        worst = final_client_table(rows, None, worst=WORST_PRINTED)
+        lines = [by_task.title, markdown_table(by_task), "", worst.title, markdown_table(worst)]
+        lines.append(f"every one of the {count} clients: {ReportFiles(out_dir).report_md}")
     aggregate = rows.round_row(last)
     return "\n".join(
         [
-            table.title,
-            markdown_table(table),
+            *lines,
             f"mean {fmt(aggregate and aggregate.personalised_eval_loss_mean)}  "
             f"worst {fmt(aggregate and aggregate.personalised_eval_loss_worst)}  "
             f"std {fmt(aggregate and aggregate.personalised_eval_loss_std)}  "

@@ -281,14 +281,19 @@ def per_client_tables(per_client: Sequence[dict[str, Any]]) -> list[Table]:
 
 
 # ------------------------------------------------------------------------------ one run
-def final_client_table(rows: RunRows, adapters: Path | None) -> Table:
+def final_client_table(rows: RunRows, adapters: Path | None, worst: int | None = None) -> Table:
     """Each client's personalised eval loss after the first and the last round (one column
     when they are the same round), its task metrics and mix weight after the last, and (with
-    ``adapters``) its adapter's folder. Losses share one format, task metrics another."""
+    ``adapters``) its adapter's folder. Losses share one format, task metrics another.
+
+    ``worst``: only that many clients, those of the highest final loss, highest first.
+    """
     clients = rows.clients
     last = max(r.round for r in clients)
     start = min(r.round for r in clients)
     final = rows.clients_of(last)
+    if worst is not None:
+        final = sorted(final, key=lambda r: -_loss(r.eval_loss))[:worst]
     first = {r.client: r for r in rows.clients_of(start)}
     metrics = [m for m in TASK_METRICS if any(r.metrics.get(m) is not None for r in final)]
     mixing = any(r.mix_weight is not None for r in final)
@@ -317,7 +322,8 @@ def final_client_table(rows: RunRows, adapters: Path | None) -> Table:
         body.append(cells)
     return Table(
         f"Personalised eval loss after round {last} "
-        "(each client's own adapter on its own held-out split)",
+        "(each client's own adapter on its own held-out split)"
+        + ("" if worst is None else f": the {len(final)} clients of the highest loss"),
         header,
         body,
         note="Task metrics are personalised too ('-': not a metric of that client's task)."
@@ -327,6 +333,61 @@ def final_client_table(rows: RunRows, adapters: Path | None) -> Table:
             else ""
         ),
         numeric_from=3 if adapters is not None else 2,
+    )
+
+
+def _loss(loss: float | None) -> float:
+    """A loss for ranking clients: a missing or NaN one ranks as the lowest."""
+    return -math.inf if loss is None or math.isnan(loss) else loss
+
+
+def task_table(rows: RunRows) -> Table:
+    """Per task after the last round: its clients, the mean and the worst client of their
+    personalised eval loss, the mean of each task metric, and the mean mix weight."""
+    final = rows.final_clients()
+    tasks = unique(r.task for r in final)
+    metrics = [m for m in TASK_METRICS if any(r.metrics.get(m) is not None for r in final)]
+    mixing = any(r.mix_weight is not None for r in final)
+
+    def mean(values: Iterable[float | None]) -> float | None:
+        finite = [v for v in values if v is not None and math.isfinite(v)]
+        return float(np.mean(finite)) if finite else None
+
+    found = []
+    for task in tasks:
+        mine = [r for r in final if r.task == task]
+        worst = max(mine, key=lambda r: _loss(r.eval_loss))
+        found.append(
+            (
+                task,
+                len(mine),
+                mean(r.eval_loss for r in mine),
+                worst,
+                [mean(r.metrics.get(m) for r in mine) for m in metrics],
+                mean(r.mix_weight for r in mine),
+            )
+        )
+    losses = number_format(v for f in found for v in (f[2], f[3].eval_loss))
+    scores = number_format(v for f in found for v in f[4])
+    mix = number_format(f[5] for f in found)
+    header = ["task", "worst client", "clients", "mean loss", "worst loss", *metrics]
+    if mixing:
+        header.append("mix weight (mean)")
+    body = []
+    for task, count, loss, worst, means, weight in found:
+        cells = [task, str(worst.client), str(count), losses(loss), losses(worst.eval_loss)]
+        cells += [scores(v) for v in means]
+        if mixing:
+            cells.append(mix(weight))
+        body.append(cells)
+    last = max(r.round for r in final) if final else 0
+    return Table(
+        f"Per task after round {last}: personalised eval loss and task metrics over its clients",
+        header,
+        body,
+        note="Means over the task's clients of each client's own adapter on its own held-out "
+        "split; the worst client is the one of the highest loss.",
+        numeric_from=2,
     )
 
 
