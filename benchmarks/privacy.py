@@ -307,12 +307,12 @@ def run_one(cfg, out: Path, level: Level, seed: int) -> dict[str, Any]:
 
 
 def build_config(model: str, tasks: list[str], clients: int, overrides: list[str]):
-    from mira.config import apply_overrides, config_from_dict
+    from mira.config import LearnedMix, apply_overrides, config_from_dict
 
     raw: dict[str, Any] = {"tasks": [{"name": t, "clients": clients} for t in tasks]}
     settings = [*DEFAULT_OVERRIDES, f"model.name={model}", *overrides]
     cfg = config_from_dict(apply_overrides(raw, settings))
-    if cfg.server.auto_step or cfg.federation.fraction < 1.0:
+    if isinstance(cfg.server.policy, LearnedMix) or cfg.federation.fraction < 1.0:
         raise SystemExit("the attack needs a fixed server.step and federation.fraction = 1")
     return cfg
 

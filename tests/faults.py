@@ -11,7 +11,8 @@ Kinds: ``raise`` (the client's code raises), ``hang`` (it sleeps ``seconds`` bef
 its trained adapter loses a row), ``nan_eval`` (its evaluation reports a NaN loss),
 ``nan_loss`` (it reports a NaN train loss with a finite adapter), ``flip`` (its update, the
 trained adapter minus the one it started training from, is multiplied by ``factor``, -9 unless
-given: a sign-flipped update inside the norm screen's bound).
+given: a sign-flipped update inside the norm screen's bound), ``forget`` (what its node kept in
+its Context.state is gone, as after a restarted client process).
 """
 
 from __future__ import annotations
@@ -106,6 +107,9 @@ def inject(msg: Message, context: Context, call_next) -> Message:
         raise RuntimeError("injected fault: the client's code raised")
     if kind == "hang":
         time.sleep(float(fault["seconds"]))
+        return call_next(msg, context)
+    if kind == "forget":
+        context.state.array_records.clear()
         return call_next(msg, context)
     if kind == "flip":
         global _flip_factor

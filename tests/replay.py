@@ -11,7 +11,7 @@ import torch
 
 from mira.client import learner
 from mira.client.model import Adapter, lora_model
-from mira.config import Config
+from mira.config import Config, LearnedMix
 from mira.data import load_client_data
 from mira.federation.client_app import training_seed
 
@@ -93,7 +93,7 @@ def _tolerant_choice(
     tolerance: float,
     anchor: float,
 ) -> tuple[float, dict[float, float]]:
-    """server.auto_tolerance written out: the standard error of each candidate's loss minus the
+    """server.auto.tolerance written out: the standard error of each candidate's loss minus the
     best one's from the paired per-example differences, and the candidate nearest ``anchor``
     among those within ``tolerance`` standard errors of the best (ties to the smaller)."""
     best = min(sorted(losses), key=lambda a: losses[a])
@@ -123,25 +123,34 @@ def _auto_rule(
     applies s * (what it applied last time) + (1 - s) * best (``priors`` keeps the former)."""
     tasks = cfg.client_tasks
     tok = model.tokenizer
+    auto = cfg.server.auto
     chosen = []
     for k in range(len(trained)):
         mean = _same_task_mean(tasks, trained, k)
         neighbours = tasks.count(tasks[k]) - 1
-        candidates = set(cfg.server.auto_grid)
-        if cfg.server.auto_equal_share:
-            candidates.add(neighbours / (neighbours + 1))
+        anchor = neighbours / (neighbours + 1)
+        candidates = set(auto.grid)
+        if auto.equal_share:
+            candidates.add(anchor)
+        order = sorted(candidates)
+        measured = order
+        if 0 < auto.evaluations < len(order):  # the ends, the one nearest the anchor, ...
+            measured = [order[0], order[-1], min(order[1:-1], key=lambda a: (abs(a - anchor), a))]
+            while len(measured) < auto.evaluations:  # ... then the farthest from those
+                rest = [a for a in order if a not in measured]
+                measured.append(max(rest, key=lambda a: (min(abs(a - m) for m in measured), -a)))
+            measured.sort()
         losses = {}
         per_example = {}
-        mixed = {}
-        for alpha in sorted(candidates):
-            mixed[alpha] = {
+        for alpha in measured:
+            mixed = {
                 key: (
                     (1 - alpha) * trained[k][key].astype(float) + alpha * mean[key].astype(float)
                 ).astype(np.float32)
                 for key in trained[k]
             }
-            model.set_adapter(name, mixed[alpha])
-            if cfg.server.auto_tolerance > 0:
+            model.set_adapter(name, mixed)
+            if auto.tolerance > 0:
                 per_example[alpha] = _one_by_one(model, val[k], tok.pad_token_id)
                 nll, tokens = per_example[alpha]
                 losses[alpha] = float(sum(nll) / sum(tokens))
@@ -149,13 +158,27 @@ def _auto_rule(
                 losses[alpha] = learner.eval_loss(
                     model.peft, val[k], cfg.train.eval_batch_size, tok.pad_token_id
                 )
+        for alpha in [a for a in order if a not in measured]:  # Lagrange, in log space
+            w = {m: np.prod([(alpha - o) / (m - o) for o in measured if o != m]) for m in measured}
+            if auto.tolerance > 0:  # example by example
+                tokens = per_example[measured[0]][1]
+                nll = [
+                    float(
+                        np.exp(
+                            sum(w[m] * np.log(max(per_example[m][0][i], 1e-6)) for m in measured)
+                        )
+                    )
+                    for i in range(len(tokens))
+                ]
+                per_example[alpha] = (nll, tokens)
+                losses[alpha] = float(sum(nll) / sum(tokens))
+            else:
+                losses[alpha] = float(np.exp(sum(w[m] * np.log(losses[m]) for m in measured)))
         best = min(sorted(losses), key=lambda a: losses[a])
         errors = {}
-        if cfg.server.auto_tolerance > 0:
-            best, errors = _tolerant_choice(
-                losses, per_example, cfg.server.auto_tolerance, neighbours / (neighbours + 1)
-            )
-        s = cfg.server.auto_smoothing
+        if auto.tolerance > 0:
+            best, errors = _tolerant_choice(losses, per_example, auto.tolerance, anchor)
+        s = auto.smoothing
         applied = best if k not in priors else s * priors[k] + (1 - s) * best
         priors[k] = applied
         trace.append(
@@ -206,7 +229,7 @@ def replay(cfg: Config, trace: list[dict] | None = None) -> tuple[list[Adapter],
                 seed=training_seed(cfg.federation.seed, p, server_round),
             )
             trained.append(model.get_adapter(name))
-        if cfg.server.method == "mira" and cfg.server.step == "auto":
+        if isinstance(cfg.server.policy, LearnedMix):
             adapters = _auto_rule(
                 cfg, trained, model, name, val, trace if trace is not None else [], priors
             )

@@ -410,7 +410,7 @@ def test_auto_keys_matter_only_to_an_auto_run(tmp_path: Path, config_file: Path)
     run_comparison(str(config_file), smoother, methods[:2], [1], out, runner=runner, log=print)
     assert runner.calls == []
     # ... an auto run does, so it is not.
-    with pytest.raises(CompareError, match=r"server\.auto_smoothing: 0\.5 -> 0\.25"):
+    with pytest.raises(CompareError, match=r"server\.auto\.smoothing: 0\.5 -> 0\.25"):
         run_comparison(str(config_file), smoother, methods, [1], out, runner=runner, log=print)
 
 

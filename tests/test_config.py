@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import typing
+from pathlib import Path
 
 import pytest
+import tomli_w
 
 from mira.config import (
     OPERATIONAL_KEYS,
@@ -14,13 +16,19 @@ from mira.config import (
     TASK_KINDS,
     TASK_METRICS,
     ConfigError,
+    FixedStep,
+    LearnedMix,
     TaskConfig,
     apply_overrides,
     config_from_dict,
     describe,
     load_config,
+    load_run_config,
+    to_toml,
 )
 from mira.config.schema import Bounds
+
+ROOT = Path(__file__).parents[1]
 
 
 def _raw(**sections):
@@ -83,9 +91,21 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
             r"choose one of: mira, fedit, cluster-fedavg, cluster-merge, local",
         ),
         (_raw(server={"step": -0.1}), r"server\.step must be >= 0"),
-        (_raw(server={"auto_grid": [0.5, 1.5]}), r"server\.auto_grid\[1\] = 1\.5 must be in"),
-        (_raw(server={"auto_smoothing": 1.0}), r"server\.auto_smoothing must be in \[0, 1\)"),
-        (_raw(server={"auto_tolerance": -1.0}), r"server\.auto_tolerance must be a finite"),
+        (
+            _raw(server={"auto": {"grid": [0.5, 1.5]}}),
+            r"server\.auto\.grid\[1\] = 1\.5 must be in",
+        ),
+        (_raw(server={"auto_smoothing": 1.0}), r"server\.auto\.smoothing must be in \[0, 1\)"),
+        (_raw(server={"auto": {"tolerance": -1.0}}), r"server\.auto\.tolerance must be a finite"),
+        (_raw(server={"auto": {"gird": [0.5]}}), r"unknown key server\.auto\.gird; .*auto\.grid\?"),
+        (
+            _raw(server={"auto": {"evaluations": 2}}),
+            r"server\.auto\.evaluations must be 0 \(every candidate\) or at least 3, got 2",
+        ),
+        (
+            _raw(server={"auto_tolerance": 0.0, "auto": {"tolerance": 1.0}}),
+            r"server\.auto_tolerance and server\.auto\.tolerance are both given",
+        ),
         (_raw(federation={"metrics_every": 0}), r"federation\.metrics_every must be"),
         (_raw(server={"graph": "nope"}), r"server\.graph = 'nope' is not allowed"),
         (_raw(server={"pull_space": "dense"}), r"server\.pull_space = 'dense' is not allowed"),
@@ -113,6 +133,35 @@ def test_int_is_accepted_for_float_but_not_the_reverse():
 def test_bad_values_name_the_key_and_what_is_allowed(raw, message):
     with pytest.raises(ConfigError, match=message):
         config_from_dict(raw)
+
+
+def test_server_step_is_parsed_once_into_a_policy():
+    assert config_from_dict(_raw(server={"step": 0.2})).server.policy == FixedStep(0.2)
+    auto = config_from_dict(_raw(server={"step": "auto"}, data={"val_size": 2}))
+    assert auto.server.policy == LearnedMix() == auto.server.auto
+    # Rules without a step run unchanged from a config that says 'auto' (mira compare).
+    fedit = config_from_dict(_raw(server={"step": "auto", "method": "fedit"}))
+    assert fedit.server.policy == FixedStep(0.0)
+
+
+def test_old_flat_auto_keys_load_into_the_server_auto_table(tmp_path):
+    """Configs, overrides and run directories written before [server.auto] still load."""
+    flat = {"auto_grid": [0.0, 1.0], "auto_equal_share": False, "auto_smoothing": 0.25}
+    old = _raw(server={"step": "auto", **flat, "auto_tolerance": 0.0}, data={"val_size": 2})
+    expected = LearnedMix(grid=(0.0, 1.0), equal_share=False, smoothing=0.25, tolerance=0.0)
+    assert config_from_dict(old).server.policy == expected
+    # An override in the old spelling lands in the table too (mira compare's variant names).
+    changed = config_from_dict(apply_overrides(old, ["server.auto_tolerance=2"]))
+    assert changed.server.policy == dataclasses.replace(expected, tolerance=2.0)
+    # A run's config.toml written before the table computed with every candidate evaluated.
+    path = tmp_path / "config.toml"
+    path.write_text(tomli_w.dumps(old))
+    stored = load_run_config(path)
+    assert stored.server.policy == dataclasses.replace(expected, evaluations=0)
+    path.write_text(to_toml(stored))  # written back in the new form, it reads the same
+    assert load_run_config(path) == stored
+    archived = ROOT / "docs/results/archive/auto-iid/runs/mira/seed-1/config.toml"
+    assert load_run_config(archived).server.policy == LearnedMix(evaluations=0)
 
 
 def test_bad_override_and_missing_file(tmp_path):
@@ -183,22 +232,34 @@ def test_bounds_are_written_as_the_error_says_them(text, inside, outside):
         Bounds.parse("positive")
 
 
-def _keys_with(rule):
-    """(section, field name, type, the rule) of every key whose metadata declares ``rule``."""
+def _keys_with(rule, sections=None):
+    """(section, field name, type, the rule) of every key whose metadata declares ``rule``; a
+    table within a section ([server.auto]) is a section of its own ('server.auto')."""
     found = []
-    for section, cls in [*SECTIONS.items(), ("tasks", TaskConfig)]:
+    for section, cls in sections or [*SECTIONS.items(), ("tasks", TaskConfig)]:
         hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
-            if rule in f.metadata:
+            if dataclasses.is_dataclass(hints[f.name]):
+                found += _keys_with(rule, [(f"{section}.{f.name}", hints[f.name])])
+            elif rule in f.metadata:
                 found.append((section, f.name, hints[f.name], f.metadata[rule]))
     return found
+
+
+def _class_of(section):
+    """The dataclass of a section name of :func:`_keys_with` ('server.auto' included)."""
+    first, *inner = section.split(".")
+    cls = TaskConfig if first == "tasks" else SECTIONS[first]
+    for name in inner:
+        cls = typing.get_type_hints(cls)[name]
+    return cls
 
 
 def test_every_declared_bound_is_enforced_with_one_message_form():
     """Each key's bounds, declared in its field metadata, refuse a value outside them with one
     message form: '{key} must be {bounds}, got {value}', or '{key}[i] = {value} must be ...'."""
     declared = _keys_with("bounds")
-    assert len(declared) == 44
+    assert len(declared) == 45
     for section, name, annotation, bounds in declared:
         whole = int in (annotation, *typing.get_args(annotation))
         bad = next(
@@ -213,7 +274,10 @@ def test_every_declared_bound_is_enforced_with_one_message_form():
             raw["tasks"][0][name] = bad
             key = f"tasks[0].{name}"
         else:
-            raw[section] = {name: [bad] if listed else bad}
+            table = {name: [bad] if listed else bad}
+            for part in reversed(section.split(".")[1:]):
+                table = {part: table}
+            raw[section.split(".")[0]] = table
             key = f"{section}.{name}"
         expected = (
             f"{key}[0] = {bad!r} must be {bounds.text}"
@@ -227,8 +291,7 @@ def test_every_declared_bound_is_enforced_with_one_message_form():
 
 def test_every_default_lies_within_its_bounds():
     for section, name, _annotation, bounds in _keys_with("bounds"):
-        cls = TaskConfig if section == "tasks" else SECTIONS[section]
-        default = getattr(cls(), name)
+        default = getattr(_class_of(section)(), name)
         values = default if isinstance(default, tuple) else (default,)
         assert all(bounds.allows(v) for v in values), f"{section}.{name} = {default!r}"
 

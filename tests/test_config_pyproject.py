@@ -19,9 +19,10 @@ def test_pyproject_holds_the_generated_table():
 def test_the_table_declares_every_config_key_empty_and_the_server_app_keys():
     declared = tomllib.loads(table())["tool"]["flwr"]["app"]["config"]
     dotted = {
-        f"{section}.{key}": value
+        f"{section}.{key}{'.' + inner if inner else ''}": value
         for section in SECTIONS
-        for key, value in declared[section].items()
+        for key, table in declared[section].items()
+        for inner, value in (table.items() if isinstance(table, dict) else [("", table)])
     }
     assert list(dotted) == [key for key, _, _ in describe() if not key.startswith("tasks[]")]
     assert set(dotted.values()) == {""}

@@ -30,23 +30,30 @@ RUNS = {
     "fedit-hetero": ["server.method=fedit", "lora.ranks=[2, 4, 2, 4]"],
     "mira-clusters": ["server.graph=clusters", "server.graph_refresh=1", "lora.ranks=[2, 4, 2, 4]"],
     # server.step = "auto" (tests at the end of this file)
-    "mira-auto": ["server.step='auto'", "data.val_size=3", "server.auto_tolerance=0"],
+    "mira-auto": [
+        "server.step='auto'",
+        "data.val_size=3",
+        "server.auto.tolerance=0",
+        "server.auto.evaluations=0",
+    ],
     "mira-auto-hetero": ["server.step='auto'", "data.val_size=3", "lora.ranks=[2, 4, 2, 4]"],
     "auto-only-zero": [
         "server.step='auto'",
         "data.val_size=3",
-        "server.auto_grid=[0.0]",
-        "server.auto_equal_share=false",
+        "server.auto.grid=[0.0]",
+        "server.auto.equal_share=false",
     ],
     "local-val": ["server.method=local", "data.val_size=3"],
     "auto-only-equal-share": [
         "server.step='auto'",
         "data.val_size=3",
-        "server.auto_grid=[]",
-        "server.auto_equal_share=true",
+        "server.auto.grid=[]",
+        "server.auto.equal_share=true",
     ],
     "cluster-fedavg-val": ["server.method=cluster-fedavg", "data.val_size=3"],
-    "mira-auto-tolerant": ["server.step='auto'", "data.val_size=3", "server.auto_tolerance=1"],
+    # the defaults: a tolerance of 1, four candidates evaluated, the fifth read off the curve
+    "mira-auto-tolerant": ["server.step='auto'", "data.val_size=3"],
+    "mira-auto-pooled": ["server.step='auto'", "data.val_size=3", "server.auto.pool='cluster'"],
 }
 
 
@@ -276,8 +283,9 @@ def client_rows(folder: Path) -> list[ClientRow]:
 
 def test_auto_choice_is_the_argmin_of_an_independent_replay(runs):
     """Every round, every client's choice is the argmin over its candidates of the validation
-    loss, and the alpha it applies the moving average of its choices (server.auto_smoothing),
-    recomputed here without Flower or mira.core; adapters match too."""
+    loss (every candidate evaluated: server.auto.evaluations = 0), and the alpha it applies the
+    moving average of its choices (server.auto.smoothing), recomputed here without Flower or
+    mira.core; adapters match too."""
     cfg, folder = runs["mira-auto"]
     trace: list[dict] = []
     expected, expected_losses = replay(cfg, trace)
@@ -301,9 +309,11 @@ def test_auto_choice_is_the_argmin_of_an_independent_replay(runs):
 
 
 def test_auto_tolerance_choice_matches_an_independent_replay(runs):
-    """server.auto_tolerance = 1: every recorded standard error, choice and applied alpha is
-    what a replay computes from per-example losses (one forward pass per example), and the
-    tolerance does move choices away from the argmin toward the equal-share point."""
+    """The defaults (server.auto.tolerance = 1, 4 evaluations): every recorded validation
+    loss, standard error, choice and applied alpha is what a replay computes from per-example
+    losses (one forward pass per example, at 0, 1/4, 1/2 and 1; 3/4 from the cubic through
+    their logarithms, written out), and the tolerance does move choices away from the argmin
+    toward the equal-share point."""
     cfg, folder = runs["mira-auto-tolerant"]
     trace: list[dict] = []
     expected, expected_losses = replay(cfg, trace)
@@ -327,6 +337,21 @@ def test_auto_tolerance_choice_matches_an_independent_replay(runs):
         assert rows[(cfg.federation.rounds, client)].eval_loss == pytest.approx(
             expected_losses[index], abs=1e-4
         )
+
+
+def test_auto_pooled_by_cluster_gives_a_cluster_one_weight_one_round_late(runs):
+    """server.auto.pool = 'cluster': both clients of a task apply one weight, their equal
+    share 1/2 while their cluster has not reported, then the candidate their pooled sums chose
+    (the first decision is applied as it is); each still records its own validation losses."""
+    _cfg, folder = runs["mira-auto-pooled"]
+    rows = {(r.round, r.client): r for r in client_rows(folder)}
+    for task in ("polarity", "subject"):
+        first, second = (rows[(1, f"{task}-{i}")] for i in (0, 1))
+        assert first.mix_weight == second.mix_weight == 0.5 and first.alpha_choice is None
+        first, second = (rows[(2, f"{task}-{i}")] for i in (0, 1))
+        assert first.mix_weight == second.mix_weight == first.alpha_choice
+        assert first.mix_weight in (first.candidates or [])
+        assert first.val_losses != second.val_losses
 
 
 def test_auto_with_only_zero_is_local_training_exactly(runs):
@@ -357,8 +382,24 @@ def test_auto_with_mixed_ranks_keeps_ranks_and_reloads(runs):
         for key, value in adapters_of(folder)[client].items():
             assert rank in value.shape, key
     assert all(0.0 <= r.mix_weight <= 1.0 for r in client_rows(folder))
-    # Round 2's message also carried each client's neighbour mean: a stacked product of the
-    # neighbour's rank, so it costs more than the adapter alone.
-    second = [r for r in client_rows(folder) if r.round == 2]
-    assert all(r.bytes_down > r.bytes_up for r in second)
+    # After round 1 a message carries the neighbour's mean and not the client's own adapter,
+    # which it holds: in product space the exact stacked product, here the one neighbour's
+    # adapter (its own rank). Round 2's row also counts the final evaluation's message.
+    rows = {(r.round, r.client): r for r in client_rows(folder)}
+    for index, client in enumerate(cfg.client_ids):
+        neighbour = cfg.client_ids[index ^ 1]  # its task's other client
+        assert rows[(1, client)].bytes_down == rows[(1, client)].bytes_up
+        assert rows[(2, client)].bytes_down == 2 * rows[(2, neighbour)].bytes_up
     assert_reloads_to_recorded_eval_loss("mira-auto-hetero", runs, (0, 1))
+
+
+def test_auto_downlink_is_one_adapter_per_client_round_as_a_fixed_step(runs):
+    """A client holds its own trained adapter: the message that lets it choose its mix
+    carries only its neighbours' mean, and auto costs the downlink a fixed step does."""
+    fixed = {(r.round, r.client): r.bytes_down for r in client_rows(runs["mira"][1])}
+    for name in ("mira-auto", "mira-auto-tolerant"):
+        cfg, folder = runs[name]
+        for row in client_rows(folder):
+            final = row.round == cfg.federation.rounds  # + the final evaluation's message
+            assert row.bytes_down == (2 if final else 1) * row.bytes_up
+            assert row.bytes_down == fixed[(row.round, row.client)]

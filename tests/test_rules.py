@@ -91,6 +91,103 @@ def test_choose_within_takes_the_candidate_nearest_the_anchor_the_split_cannot_r
         rules.choose_within(losses, [-1.0, *errors[1:]], alphas, 1.0, 2 / 3)
 
 
+def _decide_by_hand(nll, tokens, alphas, tolerance, anchor, prior, smoothing):
+    """The auto decision written out in numpy: the one-standard-error rule toward ``anchor``
+    on the paired per-example differences to the argmin, then the moving average."""
+    losses = nll.sum(axis=1) / tokens.sum()
+    best = int(np.argmin(losses))
+    d = nll - nll[best]
+    se = np.sqrt(nll.shape[1]) * d.std(axis=1, ddof=1) / tokens.sum()
+    near = [j for j in range(len(alphas)) if losses[j] - losses[best] <= tolerance * se[j]]
+    index = min(near, key=lambda j: (abs(alphas[j] - anchor), alphas[j]))
+    applied = (
+        alphas[index] if prior is None else smoothing * prior + (1 - smoothing) * alphas[index]
+    )
+    return applied, index
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_decide_mix_is_an_independent_recomputation(seed: int) -> None:
+    """The one decision (client and server) against numpy written out, on random losses."""
+    rng = np.random.default_rng(seed)
+    alphas = [0.0, 0.25, 0.5, 2 / 3, 0.75, 1.0]
+    examples = int(rng.integers(2, 9))
+    curve = rng.normal(0, 0.3, size=3)  # loss along alpha: a random bend, example by example
+    a = np.array(alphas)[:, None]
+    nll = 3.0 + curve[0] * a + curve[1] * a**2 + rng.normal(0, 0.2, size=(6, examples))
+    tokens = rng.integers(1, 6, size=examples).astype(float)
+    tolerance, smoothing = float(rng.choice([0.0, 0.5, 1.0, 2.0])), float(rng.choice([0, 0.5]))
+    anchor = float(rng.choice(alphas))
+    prior = None if seed % 3 == 0 else float(rng.uniform())
+    losses = (nll.sum(axis=1) / tokens.sum()).tolist()
+    errors = rules.paired_standard_errors(nll, tokens).tolist()
+    decision = rules.decide_mix(
+        losses, errors, alphas, anchor, prior, tolerance=tolerance, smoothing=smoothing
+    )
+    alpha, index = _decide_by_hand(nll, tokens, alphas, tolerance, anchor, prior, smoothing)
+    assert decision.index == index
+    assert decision.alpha == pytest.approx(alpha, abs=1e-15)
+
+
+def test_search_points_are_the_ends_the_anchor_and_then_the_farthest() -> None:
+    alphas = [0.0, 0.25, 0.5, 2 / 3, 0.75, 1.0]
+    assert rules.search_points(alphas, 2 / 3, 3) == [0, 3, 5]
+    assert rules.search_points(alphas, 2 / 3, 4) == [0, 1, 3, 5]  # 1/4 is farthest from those
+    assert rules.search_points(alphas, 0.5, 4) == [0, 1, 2, 5]  # 1/4 and 3/4 tie: the smaller
+    assert rules.search_points(alphas, 0.0, 3) == [0, 1, 5]  # the nearest inside
+    assert rules.search_points(alphas, 2 / 3, 0) == rules.search_points(alphas, 2 / 3, 9)
+    assert rules.search_points(alphas, 2 / 3, 0) == list(range(6))
+    assert rules.search_points([0.0], 0.0, 4) == [0]
+    for wrong in (-1, 1, 2):
+        with pytest.raises(ValueError, match="0 \\(every candidate\\) or >= 3"):
+            rules.search_points(alphas, 0.5, wrong)
+
+
+def test_interpolate_losses_keeps_the_measured_rows_and_follows_log_polynomials() -> None:
+    rng = np.random.default_rng(5)
+    alphas = [0.0, 0.25, 0.5, 2 / 3, 0.75, 1.0]
+    for evaluations in (3, 4):
+        points = rules.search_points(alphas, 2 / 3, evaluations)
+        # per example: log loss(a) a polynomial of degree evaluations - 1 in a
+        coefficients = rng.normal(size=(evaluations, 7))
+        exact = np.exp([sum(c * a**i for i, c in enumerate(coefficients)) for a in alphas])
+        filled = rules.interpolate_losses(exact[points], alphas, points)
+        np.testing.assert_allclose(filled, exact, rtol=1e-12, atol=0)
+        assert all(np.array_equal(filled[j], exact[j]) for j in points)  # bit for bit
+    # A loss rising from near 0 by orders of magnitude (a client whose neighbours hold other
+    # labels) stays positive and ordered between the measured points.
+    steep = np.array([0.001, 0.16, 1.156, 4.251])  # at 0, 1/2, 2/3 and 1
+    filled = rules.interpolate_losses(steep, [0.0, 0.25, 0.5, 2 / 3, 1.0], [0, 2, 3, 4])
+    assert 0.001 < filled[1] < 0.16
+    # An example whose float32 loss rounded to 0 is taken as 1e-6, not as log 0.
+    confident = np.array([[0.0, 1.0], [0.0, 2.0], [1e-3, 3.0]])
+    filled = rules.interpolate_losses(confident, [0.0, 0.5, 0.75, 1.0], [0, 1, 3])
+    assert 0 < filled[2, 0] < 1e-3 and 2.0 < filled[2, 1] < 3.0
+    everything = list(range(6))
+    assert np.array_equal(rules.interpolate_losses(exact, alphas, everything), exact)
+    with pytest.raises(ValueError, match="one row per distinct measured candidate"):
+        rules.interpolate_losses(exact[:2], alphas, rules.search_points(alphas, 0.5, 3))
+
+
+def test_pooled_losses_are_those_of_the_clients_examples_put_together() -> None:
+    """server.auto.pool = 'cluster': what the server adds up gives the losses and paired
+    standard errors of all the clients' examples at once, recomputed here in numpy."""
+    rng = np.random.default_rng(8)
+    clients = [(rng.uniform(1, 4, size=(5, m)), rng.integers(1, 6, size=m)) for m in (8, 3, 5)]
+    together = np.concatenate([nll for nll, _ in clients], axis=1)
+    tokens = np.concatenate([t for _, t in clients]).astype(float)
+    losses, errors = rules.pooled_losses([rules.validation_sums(n, t) for n, t in clients])
+    expected = together.sum(axis=1) / tokens.sum()
+    np.testing.assert_allclose(losses, expected, rtol=1e-12)
+    d = together - together[int(np.argmin(expected))]
+    by_hand = np.sqrt(together.shape[1]) * d.std(axis=1, ddof=1) / tokens.sum()
+    np.testing.assert_allclose(errors, by_hand, rtol=1e-9, atol=1e-15)
+    alone = rules.pooled_losses([rules.validation_sums(*clients[0])])  # one client: its own
+    np.testing.assert_allclose(alone[1], rules.paired_standard_errors(*clients[0]), atol=1e-15)
+    with pytest.raises(ValueError, match="at least one client"):
+        rules.pooled_losses([])
+
+
 def test_neighbour_means_in_factor_space_are_the_weighted_means() -> None:
     rng = np.random.default_rng(0)
     adapters = factor_adapters(rng, 4)

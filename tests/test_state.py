@@ -8,7 +8,7 @@ import pytest
 
 from mira.config import apply_overrides, config_from_dict
 from mira.core import rules
-from mira.federation.messages import Evaluation, Instruction, Reply
+from mira.federation.messages import Evaluation, Instruction, Reply, adapter_digest
 from mira.federation.state import (
     REJECTED,
     ClientState,
@@ -133,7 +133,7 @@ def test_unsampled_unchanged_clients_are_not_contacted_and_keep_their_evaluation
 
 
 def test_auto_sends_the_mean_checks_the_choice_and_mixes_like_the_client() -> None:
-    state = make_state("server.step='auto'", "server.auto_grid=[0.0, 0.25, 1.0]")
+    state = make_state("server.step='auto'", "server.auto.grid=[0.0, 0.25, 1.0]")
     _, replies, sent = run_exchange(state, 1)
     state.apply_rule(1, replies, sent, seconds=1.0)
     trained = [dict(c.adapter) for c in state.clients]
@@ -155,7 +155,7 @@ def test_auto_sends_the_mean_checks_the_choice_and_mixes_like_the_client() -> No
 
 def test_auto_tolerance_sends_the_anchor_and_rechecks_the_tolerant_choice() -> None:
     state = make_state(
-        "server.step='auto'", "server.auto_grid=[0.0, 1.0]", "server.auto_tolerance=1"
+        "server.step='auto'", "server.auto.grid=[0.0, 1.0]", "server.auto.tolerance=1"
     )
     _, replies, sent = run_exchange(state, 1)
     state.apply_rule(1, replies, sent, seconds=1.0)
@@ -181,6 +181,101 @@ def test_auto_tolerance_sends_the_anchor_and_rechecks_the_tolerant_choice() -> N
         state.close_round(replies, sent)
     replies[0].alpha, replies[0].val_standard_errors = 0.25, None
     with pytest.raises(ServerStateError, match="reported 0 standard errors for 3"):
+        state.close_round(replies, sent)
+
+
+def test_auto_leaves_out_the_adapter_a_client_holds_and_resends_it_to_one_that_lost_it() -> None:
+    """Under auto a client's message carries M_k and not W_k, which its node kept; a node that
+    lost it (a restarted process) says so and gets it again; after a resume, or on a new node,
+    the server sends it without asking."""
+    state = make_state("server.step='auto'")
+    instructions, replies, sent = run_exchange(state, 1)
+    assert all(i.adapter is not None and not i.held for i in instructions)
+    for reply in replies.values():
+        assert reply.trained is not None
+        reply.holds = adapter_digest(reply.trained)  # what the client kept: its upload
+    state.apply_rule(1, replies, sent, seconds=1.0)
+    saved, adapters = state.snapshot_state()
+    instructions = state.plan(2)
+    for instruction in instructions:
+        own = state.clients[state.index(instruction.client_id)].adapter
+        assert instruction.adapter is None and instruction.mean is not None
+        assert instruction.held == adapter_digest(own)
+    replies = {i: Reply(c.client_id, c.node_id) for i, c in enumerate(state.clients)}
+    replies[1].lacks_adapter = True
+    again = state.resend(replies)
+    assert [state.index(i.client_id) for i in again] == [1] and sorted(replies) == [0, 2, 3]
+    assert again[0].held == "" and again[0].adapter is state.clients[1].adapter
+    assert again[0].mean is not None and again[0].train  # the same work, adapter included
+    # A resumed server does not know what the nodes hold: it sends every adapter.
+    fresh = make_state("server.step='auto'")
+    fresh.restore_state(saved, adapters)
+    assert all(i.adapter is not None and i.mean is not None for i in fresh.plan(2))
+    # Nor does it for a client that moved to another node (a restarted SuperNode).
+    state.clients[0].node_id = 999
+    assert state.plan(2)[0].adapter is not None
+
+
+def test_a_fixed_step_sends_every_adapter_whatever_the_client_holds() -> None:
+    state = make_state()
+    _, replies, sent = run_exchange(state, 1)
+    for reply in replies.values():
+        reply.holds = adapter_digest(reply.trained or {})
+    state.apply_rule(1, replies, sent, seconds=1.0)
+    state.clients[0].adapter = replies[0].trained or {}  # as if its pull had left it as it is
+    assert all(i.adapter is not None and not i.held for i in state.plan(2))
+
+
+def test_auto_pooled_by_cluster_applies_the_clusters_decision_one_round_late() -> None:
+    """server.auto.pool = 'cluster': the clients of a cluster apply one weight, decided from
+    the sums they all reported the exchange before (their examples put together); before any
+    report, their equal share."""
+    state = make_state(
+        "server.step='auto'", "server.auto.grid=[0.0, 1.0]", "server.auto.pool='cluster'"
+    )
+    _, replies, sent = run_exchange(state, 1)
+    state.apply_rule(1, replies, sent, seconds=1.0)
+    instructions, replies, sent = run_exchange(state, 2)
+    assert all(i.alpha == 0.5 and i.candidates == [0.0, 0.5, 1.0] for i in instructions)
+    # a-0's examples favour alpha 1, a-1's alpha 0 by more: together, 0 (b: 1/2 throughout)
+    per_example = {
+        0: np.array([[3.0, 3.0], [2.9, 2.9], [2.8, 2.8]]),
+        1: np.array([[1.0, 1.0], [1.5, 1.5], [2.0, 2.0]]),
+        2: np.array([[2.0, 2.0], [1.0, 1.1], [2.0, 2.2]]),
+        3: np.array([[2.0, 2.1], [1.0, 1.0], [2.0, 2.1]]),
+    }
+    tokens = np.array([2.0, 2.0])
+    for i, reply in replies.items():
+        reply.alpha = 0.5  # what the server sent
+        reply.val_losses = (per_example[i].sum(axis=1) / 4).tolist()
+        reply.val_standard_errors = rules.paired_standard_errors(per_example[i], tokens).tolist()
+        reply.val_sums = rules.validation_sums(per_example[i], tokens)
+    closed = state.close_round(replies, sent)
+    assert closed is not None
+    assert all(r.mix_weight == 0.5 and r.alpha_choice is None for r in closed.rows)
+    for label, members in ((0, (0, 1)), (1, (2, 3))):
+        together = np.concatenate([per_example[i] for i in members], axis=1)
+        losses = together.sum(axis=1) / 8
+        errors = rules.paired_standard_errors(together, np.full(4, 2.0))
+        expected = rules.decide_mix(
+            losses, errors, [0.0, 0.5, 1.0], 0.5, None, tolerance=1.0, smoothing=0.5
+        )
+        assert state.cluster_mix[label] == (expected.alpha, [0.0, 0.5, 1.0][expected.index])
+    assert state.cluster_mix == {0: (0.0, 0.0), 1: (0.5, 0.5)}
+    state.apply_rule(2, replies, sent, seconds=1.0)
+    saved, adapters = state.snapshot_state()
+    instructions, replies, sent = run_exchange(state, 3)
+    assert [i.alpha for i in instructions] == [0.0, 0.0, 0.5, 0.5]
+    fresh = make_state(
+        "server.step='auto'", "server.auto.grid=[0.0, 1.0]", "server.auto.pool='cluster'"
+    )
+    fresh.restore_state(saved, adapters)
+    assert [i.alpha for i in fresh.plan(3)] == [0.0, 0.0, 0.5, 0.5]
+    assert fresh.cluster_mix == state.cluster_mix
+    for reply in replies.values():
+        reply.val_sums = rules.validation_sums(per_example[0], tokens)
+    replies[0].alpha = 0.5  # not what it was sent
+    with pytest.raises(ServerStateError, match=r"chose alpha = 0\.5 but the server sent it 0\.0"):
         state.close_round(replies, sent)
 
 
@@ -216,9 +311,9 @@ def test_rules_without_a_step_ignore_an_auto_step(method: str) -> None:
 def test_auto_smoothing_applies_the_moving_average_of_the_choices() -> None:
     state = make_state(
         "server.step='auto'",
-        "server.auto_grid=[0.0, 1.0]",
-        "server.auto_equal_share=false",
-        "server.auto_smoothing=0.5",
+        "server.auto.grid=[0.0, 1.0]",
+        "server.auto.equal_share=false",
+        "server.auto.smoothing=0.5",
     )
     applied = []
     for server_round in (1, 2, 3, 4):  # 4: the final evaluation

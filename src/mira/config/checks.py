@@ -9,7 +9,6 @@ allowed.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
@@ -20,7 +19,8 @@ from mira.config.schema import (
     TASK_KINDS,
     Config,
     ConfigError,
-    TaskConfig,
+    LearnedMix,
+    leaves,
 )
 
 
@@ -33,13 +33,11 @@ def check_config(cfg: Config) -> None:
 
 def _keys(cfg: Config) -> Iterator[tuple[str, Any, Mapping[str, Any]]]:
     """(dotted key, value, field metadata) of every key of ``cfg``."""
-    sections: list[tuple[str, Any, type]] = [
-        (name, getattr(cfg, name), cls) for name, cls in SECTIONS.items()
-    ]
-    sections += [(f"tasks[{i}]", task, TaskConfig) for i, task in enumerate(cfg.tasks)]
-    for name, values, cls in sections:
-        for f in dataclasses.fields(cls):
-            yield f"{name}.{f.name}", getattr(values, f.name), f.metadata
+    sections: list[tuple[str, Any]] = [(name, getattr(cfg, name)) for name in SECTIONS]
+    sections += [(f"tasks[{i}]", task) for i, task in enumerate(cfg.tasks)]
+    for name, values in sections:
+        for key, f, value in leaves(name, values):
+            yield key, value, f.metadata
 
 
 def check_key(key: str, value: Any, meta: Mapping[str, Any]) -> None:
@@ -85,10 +83,11 @@ def check_relations(cfg: Config) -> None:
             f"train.warmup_steps = {cfg.train.warmup_steps} must be >= 0 and below "
             f"federation.rounds * federation.local_steps = {total_steps}"
         )
-    if cfg.server.auto_step and not (cfg.server.auto_grid or cfg.server.auto_equal_share):
+    policy = cfg.server.policy
+    if isinstance(policy, LearnedMix) and not (policy.grid or policy.equal_share):
         raise ConfigError(
-            "server.step = 'auto' needs candidates: list some in server.auto_grid or set "
-            "server.auto_equal_share = true"
+            "server.step = 'auto' needs candidates: list some in server.auto.grid or set "
+            "server.auto.equal_share = true"
         )
     if cfg.server.graph == "knn" and cfg.server.knn < 1:
         raise ConfigError("server.graph = 'knn' needs server.knn >= 1")
@@ -97,7 +96,7 @@ def check_relations(cfg: Config) -> None:
             f"data.val_size = {cfg.data.val_size} must be >= 0 and below data.train_size = "
             f"{cfg.data.train_size} (validation examples are carved out of the training ones)"
         )
-    if cfg.server.method == "mira" and cfg.server.auto_step and cfg.data.val_size == 0:
+    if isinstance(policy, LearnedMix) and cfg.data.val_size == 0:
         raise ConfigError(
             "server.step = 'auto' chooses each client's mix weight on its validation split: "
             "set data.val_size > 0 (for example 8)"

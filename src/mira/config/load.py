@@ -13,7 +13,14 @@ from pathlib import Path
 from typing import Any, get_args, get_origin, get_type_hints
 
 from mira.config.checks import check_config, did_you_mean
-from mira.config.schema import QUICKSTART, SECTIONS, Config, ConfigError, TaskConfig
+from mira.config.schema import (
+    QUICKSTART,
+    RENAMED_KEYS,
+    SECTIONS,
+    Config,
+    ConfigError,
+    TaskConfig,
+)
 
 
 def _coerce(key: str, value: Any, annotation: Any, words: tuple[str, ...] = ()) -> Any:
@@ -69,6 +76,9 @@ def _build_section(section: str, cls: type, raw: Any) -> Any:
                 f"unknown key {section}.{key}; allowed keys: {allowed}"
                 + did_you_mean(key, fields, f"{section}.")
             )
+        if dataclasses.is_dataclass(hints[key]):  # a table of its own: [server.auto]
+            values[key] = _build_section(f"{section}.{key}", hints[key], value)
+            continue
         words = fields[key].metadata.get("words", ())
         try:
             coerced = _coerce(f"{section}.{key}", value, hints[key], words)
@@ -84,6 +94,7 @@ def config_from_dict(raw: Mapping[str, Any]) -> Config:
     """Build and validate a :class:`Config` from a parsed TOML mapping."""
     if not isinstance(raw, Mapping):
         raise ConfigError("a config must be a TOML table")
+    raw = moved_keys(raw)
     allowed = [*SECTIONS, "tasks"]
     sections: dict[str, Any] = {}
     for name, value in raw.items():
@@ -99,6 +110,42 @@ def config_from_dict(raw: Mapping[str, Any]) -> Config:
     cfg = Config(**sections, tasks=tasks)
     check_config(cfg)
     return cfg
+
+
+def moved_keys(raw: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of ``raw`` with every key of :data:`RENAMED_KEYS` that it spells the old way
+    moved to its new place (``server.auto_grid`` -> ``server.auto.grid``), so configs and run
+    directories written before the move still load.
+
+    Raises:
+        ConfigError: a key given under both names.
+    """
+    copy: dict[str, Any] = json.loads(json.dumps(raw))
+    for old, new in RENAMED_KEYS.items():
+        *old_path, old_key = old.split(".")
+        holder = _table(copy, old_path)
+        if holder is None or old_key not in holder:
+            continue
+        *new_path, new_key = new.split(".")
+        target = _table(copy, new_path, create=True)
+        if target is None:
+            raise ConfigError(f"{'.'.join(new_path)} must be a table of keys to take {old}")
+        if new_key in target:
+            raise ConfigError(f"{old} and {new} are both given; keep {new} ({old} is its old name)")
+        target[new_key] = holder.pop(old_key)
+    return copy
+
+
+def _table(raw: dict[str, Any], path: Sequence[str], create: bool = False) -> Any:
+    """The table at ``path`` in ``raw`` (made when ``create``), or None where there is none."""
+    node: Any = raw
+    for part in path:
+        if not isinstance(node, dict):
+            return None
+        if part not in node and create:
+            node[part] = {}
+        node = node.get(part)
+    return node if isinstance(node, dict) else None
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -121,9 +168,10 @@ def apply_overrides(raw: dict[str, Any], overrides: Sequence[str]) -> dict[str, 
 
     ``tasks.N.key=value`` addresses the N-th task entry.
     """
-    result = json.loads(json.dumps(raw))
+    result = moved_keys(raw)
     for text in overrides:
         path, value = parse_override(text)
+        path = RENAMED_KEYS.get(".".join(path), ".".join(path)).split(".")
         node: Any = result
         for i, part in enumerate(path[:-1]):
             if isinstance(node, list):
@@ -167,8 +215,9 @@ def to_toml(cfg: Config) -> str:
 
 # Keys added after run directories were first written, with the value that reproduces what a
 # run written before them computed: its config.toml lacks the key, and today's default could
-# compute something else (before data.chat_template every prompt went to the model raw).
-WRITTEN_BEFORE = {"data.chat_template": "off"}
+# compute something else (before data.chat_template every prompt went to the model raw; before
+# server.auto.evaluations every client evaluated all its candidates).
+WRITTEN_BEFORE = {"data.chat_template": "off", "server.auto.evaluations": 0}
 
 
 def load_run_config(run_config: str | Path, overrides: Sequence[str] = ()) -> Config:
@@ -179,9 +228,10 @@ def load_run_config(run_config: str | Path, overrides: Sequence[str] = ()) -> Co
 
 def run_config_from_dict(raw: Mapping[str, Any], overrides: Sequence[str] = ()) -> Config:
     """:func:`load_run_config` of a config a run recorded as a dict (its checkpoint keeps one)."""
-    filled: dict[str, Any] = json.loads(json.dumps(raw))  # a copy, to fill in what it predates
+    filled = moved_keys(raw)  # a copy, to fill in what it predates
     for dotted, value in WRITTEN_BEFORE.items():
-        section, key = dotted.split(".")
-        if isinstance(filled.get(section, {}), dict):
-            filled.setdefault(section, {}).setdefault(key, value)
+        *path, key = dotted.split(".")
+        table = _table(filled, path, create=True)
+        if table is not None:
+            table.setdefault(key, value)
     return config_from_dict(apply_overrides(filled, overrides))

@@ -10,12 +10,11 @@ it). ``python -m mira.config.pyproject`` prints the table; ``--write`` puts it i
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
 
-from mira.config.schema import SECTIONS
+from mira.config.schema import SECTIONS, leaves
 
 HEADER = "[tool.flwr.app.config]"
 
@@ -56,7 +55,7 @@ def table() -> str:
         lines += [f"# {comment}", f"{key} = {value}"]
     lines += [f"# {line}" for line in CONFIG_KEYS_COMMENT.splitlines()]
     blocks = [
-        [f'{section}.{f.name} = ""' for f in dataclasses.fields(cls)]
+        [f'{key} = ""' for key, _field, _default in leaves(section, cls())]
         for section, cls in SECTIONS.items()
     ]
     lines += blocks[0]

@@ -25,18 +25,15 @@ def load_resumed(run_config: str | Path, overrides: Sequence[str]) -> Config:
 
 def differing_keys(old: dict[str, Any], new: dict[str, Any]) -> list[tuple[str, Any, Any]]:
     """(dotted key, old value, new value) of every key two config dicts disagree on, in order;
-    a section that is not a table on both sides (the task list) counts as one key."""
+    a table within a section is compared key by key (``server.auto.tolerance``), and a section
+    that is not a table on both sides (the task list) counts as one key."""
     found = []
-    for section in sorted(set(old) | set(new)):
-        a, b = old.get(section), new.get(section)
+    for name in sorted(set(old) | set(new)):
+        a, b = old.get(name), new.get(name)
         if isinstance(a, dict) and isinstance(b, dict):
-            found += [
-                (f"{section}.{key}", a.get(key), b.get(key))
-                for key in sorted(set(a) | set(b))
-                if a.get(key) != b.get(key)
-            ]
+            found += [(f"{name}.{key}", x, y) for key, x, y in differing_keys(a, b)]
         elif a != b:
-            found.append((section, a, b))
+            found.append((name, a, b))
     return found
 
 

@@ -14,7 +14,7 @@ import dataclasses
 import json
 import operator
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,7 @@ ALL_LINEAR = "all-linear"
 TASK_KINDS = ("classification", "generation")
 WANDB_MODES = ("offline", "online")
 CHAT_TEMPLATES = ("auto", "on", "off")
+POOLS = ("client", "cluster")
 TASK_METRICS = ("accuracy", "rouge_l", "exact_match", "token_f1")
 """Task metrics a client may report, all higher-is-better, in the order tables show them."""
 AUTO = "auto"
@@ -140,6 +141,10 @@ def _gpu_share(gpus: float) -> bool:
 
 def _not_negative(value: float) -> bool:
     return value >= 0
+
+
+def _no_or_three(value: float) -> bool:
+    return value == 0 or value >= 3
 
 
 _GRAPH = Pattern(
@@ -393,6 +398,89 @@ class FederationConfig:
 
 
 @dataclass(frozen=True)
+class FixedStep:
+    """MIRA's pull with one step for every client: W_k <- W_k - step * sum_l a_kl (W_k - W_l)
+    (``server.step`` a number)."""
+
+    step: float
+
+
+@dataclass(frozen=True)
+class LearnedMix:
+    """``server.step = 'auto'``: every round each client chooses its own mix weight alpha_k
+    from its candidates by its validation loss, W_k <- (1 - alpha_k) W_k + alpha_k M_k
+    (docs/design.md, "Personalisation strength"). The ``[server.auto]`` table."""
+
+    grid: tuple[float, ...] = field(
+        default=(0.0, 0.25, 0.5, 0.75, 1.0),
+        metadata=_meta(
+            "The mix weights alpha in [0, 1] every client may choose (0 = keep its own "
+            "adapter, 1 = take its neighbours' mean).",
+            bounds="[0, 1]",
+        ),
+    )
+    equal_share: bool = field(
+        default=True,
+        metadata=_meta(
+            "Also offer each client its equal-share point n / (n + 1) for its n neighbours "
+            "(on a uniform cluster, exactly cluster-fedavg)."
+        ),
+    )
+    smoothing: float = field(
+        default=0.5,
+        metadata=_meta(
+            "Weight in [0, 1) of the previous rounds in the mix weight a client applies, "
+            "alpha_t = s * alpha_(t-1) + (1 - s) * (this round's choice); 0 = apply each "
+            "round's choice as it is.",
+            bounds="[0, 1)",
+        ),
+    )
+    tolerance: float = field(
+        default=1.0,
+        metadata=_meta(
+            "How many standard errors of the validation loss a candidate may lie above the best "
+            "one and still count as good as it; among those, the client chooses the one nearest "
+            "its equal-share point n / (n + 1). 0 = the argmin (docs/results.md measures both).",
+            bounds=Bounds("a finite number >= 0", _not_negative),
+        ),
+    )
+    evaluations: int = field(
+        default=4,
+        metadata=_meta(
+            "How many candidates a client evaluates on its validation split, one forward pass "
+            "each: the smallest, the largest, the one nearest its equal-share point, then the "
+            "ones farthest from those; the others' per-example losses are read off the curve "
+            "through them in log space. 0 = every candidate.",
+            bounds=Bounds("0 (every candidate) or at least 3", _no_or_three),
+        ),
+    )
+    pool: str = field(
+        default="client",
+        metadata=_meta(
+            "Whose validation examples choose: 'client' = each client its own; 'cluster' = the "
+            "server pools the validation losses of a cluster's clients and the cluster takes "
+            "one mix weight, decided one round late (docs/design.md).",
+            choices=POOLS,
+        ),
+    )
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        """The dotted keys of the table: ``server.auto.grid``, ..."""
+        return tuple(f"server.auto.{f.name}" for f in dataclasses.fields(cls))
+
+
+RENAMED_KEYS = {
+    "server.auto_grid": "server.auto.grid",
+    "server.auto_equal_share": "server.auto.equal_share",
+    "server.auto_smoothing": "server.auto.smoothing",
+    "server.auto_tolerance": "server.auto.tolerance",
+}
+"""Keys that moved, old name -> new: a config, an override or a run's config.toml that spells a
+key the old way still loads, into the new key."""
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     method: str = field(
         default="mira",
@@ -402,46 +490,16 @@ class ServerConfig:
         default=0.1,
         metadata=_meta(
             "MIRA server step gamma = eta * lambda (gamma * max degree must be < 1), or 'auto': "
-            "every round each client chooses its own mix weight alpha_k from server.auto_grid "
-            "by its loss on its validation split (data.val_size), W_k <- (1 - alpha_k) W_k + "
-            "alpha_k M_k with M_k its neighbours' weighted mean.",
+            "every round each client chooses its own mix weight alpha_k by its loss on its "
+            "validation split (data.val_size), W_k <- (1 - alpha_k) W_k + alpha_k M_k with M_k "
+            "its neighbours' weighted mean; [server.auto] below says how.",
             words=(AUTO,),
             bounds=">= 0",
         ),
     )
-    auto_grid: tuple[float, ...] = field(
-        default=(0.0, 0.25, 0.5, 0.75, 1.0),
-        metadata=_meta(
-            "server.step = 'auto': the mix weights alpha in [0, 1] every client tries "
-            "(0 = keep its own adapter, 1 = take its neighbours' mean).",
-            bounds="[0, 1]",
-        ),
-    )
-    auto_equal_share: bool = field(
-        default=True,
-        metadata=_meta(
-            "server.step = 'auto': also try each client's equal-share point n / (n + 1) for its "
-            "n neighbours (on a uniform cluster, exactly cluster-fedavg)."
-        ),
-    )
-    auto_smoothing: float = field(
-        default=0.5,
-        metadata=_meta(
-            "server.step = 'auto': weight in [0, 1) of the previous rounds in the mix weight a "
-            "client applies, alpha_t = s * alpha_(t-1) + (1 - s) * (this round's choice); "
-            "0 = apply each round's choice as it is.",
-            bounds="[0, 1)",
-        ),
-    )
-    auto_tolerance: float = field(
-        default=1.0,
-        metadata=_meta(
-            "server.step = 'auto': how many standard errors of the validation loss a candidate "
-            "may lie above the best one and still count as good as it; among those, the client "
-            "chooses the one nearest its equal-share point n / (n + 1). 0 = the argmin "
-            "(docs/results.md measures both).",
-            bounds=Bounds("a finite number >= 0", _not_negative),
-        ),
+    auto: LearnedMix = field(
+        default_factory=LearnedMix,
+        metadata=_meta("server.step = 'auto': how each client learns its mix weight."),
     )
     graph: str = field(
         default="clusters",
@@ -523,9 +581,15 @@ class ServerConfig:
     )
 
     @property
-    def auto_step(self) -> bool:
-        """server.step = 'auto': each client chooses its own mix weight."""
-        return self.step == AUTO
+    def policy(self) -> FixedStep | LearnedMix:
+        """How MIRA's pull is set, decided here once from ``step`` (docs/design.md,
+        "Personalisation strength"): :class:`LearnedMix` (the ``[server.auto]`` table) when the
+        method is mira and ``step = 'auto'``, else :class:`FixedStep`. Rules without a step
+        (fedit, local, the cluster rules) get FixedStep(0.0) whatever ``step`` says, so one
+        config with ``step = 'auto'`` serves every method of ``mira compare``."""
+        if self.method == "mira" and self.step == AUTO:
+            return self.auto
+        return FixedStep(0.0 if isinstance(self.step, str) else float(self.step))
 
 
 @dataclass(frozen=True)
@@ -740,26 +804,35 @@ def _plain(value: Any) -> Any:
     return value
 
 
+def leaves(prefix: str, values: Any) -> Iterator[tuple[str, dataclasses.Field[Any], Any]]:
+    """(dotted key, field, value) of every key of a section's ``values`` (a section
+    dataclass), a nested table's keys in its place: ``server.auto.grid`` after ``server.step``."""
+    for f in dataclasses.fields(values):
+        value = getattr(values, f.name)
+        if dataclasses.is_dataclass(value):
+            yield from leaves(f"{prefix}.{f.name}", value)
+        else:
+            yield f"{prefix}.{f.name}", f, value
+
+
 def describe() -> list[tuple[str, str, str]]:
     """(key, default, help) for every key of the schema, for the README and ``mira config``."""
     rows = []
     for section, cls in [*SECTIONS.items(), ("tasks[]", TaskConfig)]:
-        defaults = cls()
-        for f in dataclasses.fields(cls):
-            default = getattr(defaults, f.name)
+        for key, f, default in leaves(section, cls()):
             help_text = f.metadata.get("help", "")
             if "choices" in f.metadata:
                 help_text += " One of: " + ", ".join(f.metadata["choices"]) + "."
-            rows.append((f"{section}.{f.name}", json.dumps(_plain(default)), help_text))
+            rows.append((key, json.dumps(_plain(default)), help_text))
     return rows
 
 
 def keys_with_role(*roles: str) -> tuple[str, ...]:
     """The dotted keys whose metadata gives them one of ``roles``, in schema order."""
     return tuple(
-        f"{section}.{f.name}"
+        key
         for section, cls in SECTIONS.items()
-        for f in dataclasses.fields(cls)
+        for key, f, _value in leaves(section, cls())
         if f.metadata.get("role") in roles
     )
 

@@ -16,15 +16,20 @@ all stored adapters, new_k = sum_l M[k, l] W_l, in factor or product space
 ``mira`` with ``server.step = "auto"`` reads the pull as a mix, W_k <- (1 - alpha_k) W_k +
 alpha_k M_k with M_k the neighbours' weighted mean (:func:`neighbour_means`), and lets each
 client choose its own alpha_k from :func:`auto_candidates` by its loss on a validation split
-it holds (:func:`choose_within`: the argmin, or with a tolerance the candidate nearest the
-equal-share point among those the split cannot tell from the best; smoothed across rounds by
-:func:`smoothed_mix`); :func:`mix_toward`
+it holds, measured at a few of them (:func:`search_points`) and read off the curve through
+those for the rest (:func:`interpolate_losses`). :func:`decide_mix` is the one decision, on
+the client and on the server alike (:func:`choose_within`: the argmin, or with a tolerance the
+candidate nearest the equal-share point among those the split cannot tell from the best;
+smoothed across rounds by :func:`smoothed_mix`); pooled by cluster the server makes it from
+the clients' :func:`validation_sums` put together (:func:`pooled_losses`). :func:`mix_toward`
 forms the chosen adapter, on the client and on the server alike, so both hold the same numbers.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -126,7 +131,7 @@ def apply_rule(
 def auto_candidates(grid: Sequence[float], neighbours: int, equal_share: bool) -> list[float]:
     """The mix weights alpha a client tries, ascending.
 
-    ``grid`` (``server.auto_grid``) plus, with ``equal_share``, the client's equal-share point
+    ``grid`` (``server.auto.grid``) plus, with ``equal_share``, the client's equal-share point
     n / (n + 1) for its ``neighbours`` count n: its own adapter and each neighbour's then weigh
     the same, which on a uniform cluster of n + 1 is exactly cluster-fedavg. A client without
     neighbours has nothing to mix with: its only candidate is 0.
@@ -202,7 +207,7 @@ def choose_within(
     tolerance: float,
     anchor: float,
 ) -> int:
-    """Index of the candidate a client chooses (``server.auto_tolerance`` = tolerance tau).
+    """Index of the candidate a client chooses (``server.auto.tolerance`` = tolerance tau).
 
     tau = 0 is the argmin (:func:`choose_mix`). With tau > 0 every candidate whose loss is
     within tau standard errors of the best one's (L_j - L_best <= tau * SE_j,
@@ -243,7 +248,7 @@ def smoothed_mix(choice: float, prior: float | None, smoothing: float) -> float:
     """The mix weight a client applies: alpha_t = s * alpha_{t-1} + (1 - s) * choice_t.
 
     ``choice`` is this round's argmin over the grid, ``prior`` the weight the client applied
-    the last time it chose (None: never), ``smoothing`` s = ``server.auto_smoothing``. With
+    the last time it chose (None: never), ``smoothing`` s = ``server.auto.smoothing``. With
     s = 0 the client applies its choice as it is. The validation loss of a mix is nearly linear
     in alpha over the grid, so a noisy estimate from a few examples lands on an end of the grid
     (0 or 1) and flips between them from round to round; the moving average keeps the weight
@@ -252,6 +257,168 @@ def smoothed_mix(choice: float, prior: float | None, smoothing: float) -> float:
     if prior is None or smoothing <= 0:
         return float(choice)
     return float(smoothing * prior + (1 - smoothing) * choice)
+
+
+@dataclass(frozen=True)
+class MixDecision:
+    """What a client applies: ``alpha``, the smoothed mix weight, from the candidate at
+    ``index`` (its choice this round)."""
+
+    alpha: float
+    index: int
+
+
+def decide_mix(
+    losses: Sequence[float],
+    standard_errors: Sequence[float] | None,
+    candidates: Sequence[float],
+    anchor: float,
+    prior: float | None,
+    *,
+    tolerance: float,
+    smoothing: float,
+) -> MixDecision:
+    """The one decision of ``server.step = "auto"``, made by the client and checked by the
+    server with the same numbers (docs/design.md, "Personalisation strength"): the candidate
+    :func:`choose_within` picks (the argmin, or with ``tolerance`` the one nearest ``anchor``
+    among those within ``tolerance`` standard errors of the best), then the weight
+    :func:`smoothed_mix` applies after ``prior`` (None: the first choice) with ``smoothing``.
+    """
+    index = choose_within(losses, standard_errors, candidates, tolerance, anchor)
+    return MixDecision(smoothed_mix(candidates[index], prior, smoothing), index)
+
+
+SURE_LOSS = 1e-6
+"""The smallest summed NLL whose logarithm :func:`interpolate_losses` takes: a confident
+example's float32 loss rounds to exactly 0, and log 0 would bend the curve without bound."""
+
+
+def search_points(candidates: Sequence[float], anchor: float, evaluations: int) -> list[int]:
+    """Indices of the candidates a client evaluates on its validation split, ascending
+    (``server.auto.evaluations``; 0 = every candidate).
+
+    The smallest and the largest candidate, the one nearest ``anchor`` (the equal-share point,
+    where a tolerant choice leans) between them, then, one at a time, the candidate farthest
+    from those taken (ties to the smaller), until ``evaluations`` are taken: on the default grid
+    with the equal share 2/3, 0, 2/3, 1 and then 1/4. :func:`interpolate_losses` reads the
+    others off the curve through them.
+
+    Raises:
+        ValueError: ``evaluations`` of 1 or 2 (too few to bend), or negative.
+    """
+    if evaluations < 0 or evaluations in (1, 2):
+        raise ValueError(f"evaluations must be 0 (every candidate) or >= 3, got {evaluations}")
+    count = len(candidates)
+    if evaluations == 0 or evaluations >= count:
+        return list(range(count))
+    taken = [0, count - 1]
+    inner = range(1, count - 1)
+    taken.append(min(inner, key=lambda j: (abs(candidates[j] - anchor), candidates[j])))
+    while len(taken) < evaluations:
+        rest = [j for j in inner if j not in taken]
+        taken.append(
+            max(rest, key=lambda j: (min(abs(candidates[j] - candidates[i]) for i in taken), -j))
+        )
+    return sorted(taken)
+
+
+def interpolate_losses(
+    measured: np.ndarray, candidates: Sequence[float], points: Sequence[int]
+) -> np.ndarray:
+    """Losses at every candidate from those ``measured`` at ``points`` (rows in that order):
+    the measured rows as they are, every other candidate's row from the polynomial through the
+    points in log space (Lagrange; a cubic for four points), column by column.
+
+    Per example: row j of ``measured`` holds the summed NLL of every validation example under
+    candidate ``points[j]``, so each example's loss is interpolated along alpha on its own and
+    the paired standard errors (:func:`paired_standard_errors`) apply to the result as to
+    measured rows; a 1-d ``measured`` (mean losses) works the same. Why in log space: a loss is
+    positive, and where a client's neighbours hold other labels its loss rises from near 0 at
+    alpha = 0 by orders of magnitude toward 1, a curve no polynomial in the loss itself follows
+    (it dips below 0) but one in its logarithm does (docs/design.md, "Personalisation strength",
+    measures how often the choice comes out as with every candidate evaluated).
+
+    Raises:
+        ValueError: not one row per measured point, or two points at the same alpha.
+    """
+    measured = np.asarray(measured, dtype=np.float64)
+    nodes = [float(candidates[j]) for j in points]
+    if measured.shape[0] != len(points) or len(set(nodes)) != len(points):
+        raise ValueError(
+            f"need one row per distinct measured candidate: {measured.shape[0]} rows for "
+            f"points {list(points)}"
+        )
+    with np.errstate(invalid="ignore"):  # a loss rounded to 0 in float32: "certain"
+        logs = np.log(np.maximum(measured, SURE_LOSS))
+    filled = np.empty((len(candidates), *measured.shape[1:]))
+    for j, alpha in enumerate(candidates):
+        if j in points:
+            filled[j] = measured[list(points).index(j)]
+            continue
+        weights = [
+            math.prod((alpha - other) / (node - other) for other in nodes if other != node)
+            for node in nodes
+        ]
+        filled[j] = np.exp(np.tensordot(np.asarray(weights), logs, axes=1))
+    return filled
+
+
+@dataclass(frozen=True)
+class ValidationSums:
+    """One client's validation losses of every candidate as sums a server can add up over the
+    clients of a cluster (``server.auto.pool = 'cluster'``): per candidate j the summed target
+    NLL over its examples, the paired moments sum_i d_ij d_ik of the per-example differences
+    d_ij = nll_ij - nll_i0 to the first candidate, its number of examples and of target tokens.
+    The per-example losses stay with the client."""
+
+    nll: tuple[float, ...]
+    moments: tuple[tuple[float, ...], ...]
+    examples: int
+    tokens: float
+
+
+def validation_sums(nll: np.ndarray, tokens: np.ndarray) -> ValidationSums:
+    """:class:`ValidationSums` of per-example losses ``nll[j, i]`` with ``tokens[i]`` target
+    tokens each (the arrays :func:`paired_standard_errors` takes)."""
+    nll = np.asarray(nll, dtype=np.float64)
+    differences = nll - nll[0]
+    return ValidationSums(
+        nll=tuple(float(v) for v in nll.sum(axis=1)),
+        moments=tuple(tuple(float(v) for v in row) for row in differences @ differences.T),
+        examples=int(nll.shape[1]),
+        tokens=float(np.sum(tokens)),
+    )
+
+
+def pooled_losses(parts: Sequence[ValidationSums]) -> tuple[list[float], list[float]]:
+    """The validation loss of every candidate over all the examples of ``parts`` and the
+    standard error of its difference to the best one, as :func:`paired_standard_errors` gives
+    them for those examples put together: L_j = sum of the NLL / sum of the tokens, and
+    SE_j = sqrt(n) sd(d) / T over the n pooled examples' d_i = nll_ij - nll_ib, from
+    sum d = N_j - N_b and sum d^2 = Q_jj - 2 Q_jb + Q_bb (the differences to candidate 0
+    cancel).
+
+    Raises:
+        ValueError: no parts, parts of different lengths, or no target token at all.
+    """
+    if not parts or len({len(p.nll) for p in parts}) != 1:
+        raise ValueError("need the sums of at least one client, all of the same candidates")
+    nll = np.sum([p.nll for p in parts], axis=0)
+    moments = np.sum([p.moments for p in parts], axis=0)
+    examples = sum(p.examples for p in parts)
+    tokens = sum(p.tokens for p in parts)
+    if tokens <= 0:
+        raise ValueError("the validation splits have no target token")
+    losses = nll / tokens
+    if examples < 2:
+        return losses.tolist(), [0.0] * len(losses)
+    best = choose_mix(losses)
+    summed = nll - nll[best]
+    squares = np.diag(moments) - 2 * moments[:, best] + moments[best, best]
+    with np.errstate(invalid="ignore"):
+        variance = np.maximum(squares - summed**2 / examples, 0.0) / (examples - 1)
+        errors = np.sqrt(examples * variance) / tokens
+    return losses.tolist(), np.where(np.isfinite(errors), errors, 0.0).tolist()
 
 
 def neighbour_means(

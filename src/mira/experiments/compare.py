@@ -15,7 +15,6 @@ in ``DIR/comparison.json``. Reading the runs back and tabulating them is
 from __future__ import annotations
 
 import datetime as dt
-import json
 import shlex
 import shutil
 import time
@@ -29,6 +28,7 @@ from mira.config import (
     OPERATIONAL_KEYS,
     Config,
     ConfigError,
+    LearnedMix,
     differing_keys,
     load_config,
     load_run_config,
@@ -149,20 +149,23 @@ def plan_comparison(
     return planned
 
 
-# Keys read only by mira's learned mix (server.step = "auto"): a run with any other rule or a
-# fixed step computes the same thing whatever they hold.
-AUTO_KEYS = ("auto_grid", "auto_equal_share", "auto_smoothing", "auto_tolerance")
+AUTO_KEYS = LearnedMix.keys()
+"""Keys read only by mira's learned mix (the ``[server.auto]`` table): a run whose policy is
+not :class:`LearnedMix` (another rule, or a fixed step) computes the same whatever they hold."""
 
 
-def _comparable(cfg_dict: dict[str, Any]) -> dict[str, Any]:
-    out = json.loads(json.dumps(cfg_dict))
-    for key in OPERATIONAL_KEYS:
-        section, name = key.split(".")
-        out.get(section, {}).pop(name, None)
-    server = out.get("server", {})
-    if server.get("method") != "mira" or server.get("step") != "auto":
-        for name in AUTO_KEYS:
-            server.pop(name, None)
+def _comparable(cfg: Config) -> dict[str, Any]:
+    """``cfg`` as a dict without the keys that cannot change what the run computes."""
+    out = cfg.to_dict()
+    ignored = OPERATIONAL_KEYS
+    if not isinstance(cfg.server.policy, LearnedMix):
+        ignored += AUTO_KEYS
+    for key in ignored:
+        *path, name = key.split(".")
+        table = out
+        for part in path:
+            table = table.get(part, {})
+        table.pop(name, None)
     return out
 
 
@@ -175,10 +178,10 @@ def config_differences(folder: Path, cfg: Config) -> list[str]:
     if not path.is_file():
         return []
     try:
-        stored = load_run_config(path).to_dict()
+        stored = load_run_config(path)
     except ConfigError as err:
         return [f"{path.name} unreadable ({err})"]
-    old, new = _comparable(stored), _comparable(cfg.to_dict())
+    old, new = _comparable(stored), _comparable(cfg)
     return [f"{key}: {a!r} -> {b!r}" for key, a, b in differing_keys(old, new)]
 
 

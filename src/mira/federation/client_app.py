@@ -6,9 +6,11 @@ from its node config's ``partition-id`` (Flower node ids are not stable identiti
 - ``query`` (identify): its identity (client id, task, rank, split sizes), the shared LoRA
   init and, on request, its fingerprint;
 - ``train`` / ``evaluate`` (one exchange of a round, :mod:`mira.federation.messages`): from the
-  adapter it was sent, (auto) choose its mix with its neighbours' mean on its validation
-  split, evaluate the result on its eval split, compute a fingerprint if asked, then train
-  ``federation.local_steps`` AdamW steps if asked; send back what it did.
+  adapter it was sent (auto: or the one its node kept in ``Context.state``, when the message
+  leaves it out), (auto) choose its mix with its neighbours' mean on its validation split,
+  evaluate the result on its eval split, compute a fingerprint if asked, then train
+  ``federation.local_steps`` AdamW steps if asked; send back what it did (auto: and keep the
+  adapter it now holds).
 
 The base model is loaded once per process and reused; data splits are cached per process.
 """
@@ -37,12 +39,19 @@ from mira.client.chat import chat_format
 from mira.client.model import LoraModel, lora_model
 from mira.client.privacy import privatise_update
 from mira.client.ranks import client_rank
-from mira.config import Config, config_from_dict
+from mira.config import Config, LearnedMix, config_from_dict
 from mira.core import rules
 from mira.core.adapters import Adapter, lora_scale
 from mira.data import ClientData, load_client_data
 from mira.federation import codec
-from mira.federation.messages import Evaluation, IdentifyRequest, Identity, Instruction, Reply
+from mira.federation.messages import (
+    Evaluation,
+    IdentifyRequest,
+    Identity,
+    Instruction,
+    Reply,
+    adapter_digest,
+)
 from mira.graph import fingerprint
 
 # One piece of client work at a time in a process: a handler abandoned by deadline_mod may
@@ -308,50 +317,78 @@ def _identify(request: IdentifyRequest, context: Context) -> Identity:
 
 
 def choose_mix(
-    cfg: Config, model: LoraModel, name: str, instruction: Instruction, rank: int, val: Any
-) -> tuple[float, list[float], list[float] | None, Adapter]:
-    """``server.step = "auto"``: the validation loss of (1 - alpha) W_k + alpha M_k for every
-    candidate alpha, the alpha applied (:func:`mira.core.rules.choose_within`: the argmin, or
-    with ``server.auto_tolerance`` the candidate nearest the equal-share point among those
-    within that many standard errors of the best; smoothed across rounds by
-    :func:`mira.core.rules.smoothed_mix`), the standard errors (None without a tolerance), and
-    its adapter.
+    cfg: Config,
+    model: LoraModel,
+    name: str,
+    own: Adapter,
+    instruction: Instruction,
+    rank: int,
+    val: Any,
+    reply: Reply,
+) -> Adapter:
+    """``server.step = "auto"``: mix ``own`` (W_k) with its neighbours' mean M_k,
+    (1 - alpha) W_k + alpha M_k, for the alpha chosen by the validation losses of the
+    candidates, and put in ``reply`` the alpha applied, every candidate's validation loss and,
+    with a tolerance, their standard errors (docs/design.md, "Personalisation strength").
+    Returns the mixed adapter, which is active.
 
-    Only this client's validation split is used; the eval split never influences the choice.
+    One forward pass of the validation split per candidate that :func:`rules.search_points`
+    names (``server.auto.evaluations`` of them; the other candidates' per-example losses are
+    read off the curve through them, :func:`rules.interpolate_losses`), then the decision
+    :func:`rules.decide_mix`, which the server checks with the same numbers. Pooled by cluster
+    (``server.auto.pool``), the client applies the alpha the server sent and reports its sums
+    (:func:`rules.validation_sums`) for the next decision instead. Only this client's
+    validation split is used; the eval split never influences the choice.
     """
     assert instruction.mean is not None
-    space = instruction.space
+    policy = cfg.server.auto
+    space, candidates = instruction.space, instruction.candidates
     scale = lora_scale(cfg.lora.alpha, rank, cfg.lora.rslora)
-    tolerance = cfg.server.auto_tolerance
     pad_id = model.tokenizer.pad_token_id
-    candidates: list[Adapter] = []
-    losses: list[float] = []
-    per_example = []
+    pooled = policy.pool == "cluster"
+    per_example = policy.tolerance > 0 or pooled
+    points = rules.search_points(candidates, instruction.anchor, policy.evaluations)
+    mixed: dict[float, Adapter] = {}
+    measured: list[Any] = []  # per candidate: its per-example losses, or its mean loss
     tokens = np.zeros(0)
-    for alpha in instruction.candidates:
-        mixed = rules.mix_toward(instruction.adapter, instruction.mean, alpha, space, scale)
-        model.set_adapter(name, mixed)
-        if tolerance > 0:
+    for j in points:
+        mixed[candidates[j]] = rules.mix_toward(own, instruction.mean, candidates[j], space, scale)
+        model.set_adapter(name, mixed[candidates[j]])
+        if per_example:
             nll, tokens = learner.example_nll(model.peft, val, cfg.train.eval_batch_size, pad_id)
-            per_example.append(nll)
-            losses.append(float(nll.sum() / tokens.sum()) if tokens.sum() else math.nan)
+            measured.append(nll)
         else:
-            losses.append(learner.eval_loss(model.peft, val, cfg.train.eval_batch_size, pad_id))
-        candidates.append(mixed)
-    errors = None
-    if tolerance > 0:
-        errors = rules.paired_standard_errors(np.stack(per_example), tokens).tolist()
-    chosen = rules.choose_within(
-        losses, errors, instruction.candidates, tolerance, instruction.anchor
-    )
-    prior = instruction.prior[0] if instruction.prior else None
-    alpha = rules.smoothed_mix(instruction.candidates[chosen], prior, cfg.server.auto_smoothing)
-    if alpha == instruction.candidates[chosen]:
-        adapter = candidates[chosen]
+            measured.append(learner.eval_loss(model.peft, val, cfg.train.eval_batch_size, pad_id))
+    if per_example:
+        nll = rules.interpolate_losses(np.stack(measured), candidates, points)
+        total = tokens.sum()
+        reply.val_losses = [float(row.sum() / total) if total else math.nan for row in nll]
+        if policy.tolerance > 0:
+            reply.val_standard_errors = rules.paired_standard_errors(nll, tokens).tolist()
+        if pooled:
+            reply.val_sums = rules.validation_sums(nll, tokens)
     else:
-        adapter = rules.mix_toward(instruction.adapter, instruction.mean, alpha, space, scale)
+        losses = rules.interpolate_losses(np.asarray(measured), candidates, points)
+        reply.val_losses = losses.tolist()
+    if pooled:
+        if instruction.alpha is None:
+            raise ValueError("server.auto.pool = 'cluster', but the server sent no mix weight")
+        reply.alpha = instruction.alpha
+    else:
+        reply.alpha = rules.decide_mix(
+            reply.val_losses,
+            reply.val_standard_errors,
+            candidates,
+            instruction.anchor,
+            instruction.prior[0] if instruction.prior else None,
+            tolerance=policy.tolerance,
+            smoothing=policy.smoothing,
+        ).alpha
+    adapter = mixed.get(reply.alpha)
+    if adapter is None:
+        adapter = rules.mix_toward(own, instruction.mean, reply.alpha, space, scale)
     model.set_adapter(name, adapter)
-    return alpha, losses, errors, adapter
+    return adapter
 
 
 def evaluate_adapter(
@@ -404,17 +441,21 @@ def _round_work(msg: Message, context: Context) -> Message:
         raise ValueError(
             f"server sent client {instruction.client_id}'s adapter to {cfg.client_ids[shard]}"
         )
+    reply = Reply(client_id=instruction.client_id, node_id=instruction.node_id)
+    identity = _identity(cfg, shard, instruction.node_id)
+    start = instruction.adapter
+    if start is None:  # the server left out the adapter this node said it holds
+        start = codec.kept_adapter(context.state)
+        if start is None or adapter_digest(start) != instruction.held:
+            reply.lacks_adapter = True  # a restarted process: the server sends it again
+            return codec.encode_reply(reply, msg, identity)
     encoded = _client_data(config_json, shard)
     rank = client_rank(cfg, shard)
     model = _lora_model(cfg)
     name = model.activate(cfg.lora, rank)
-    model.set_adapter(name, instruction.adapter)
-    reply = Reply(client_id=instruction.client_id, node_id=instruction.node_id)
-    start = instruction.adapter
+    model.set_adapter(name, start)
     if instruction.mean is not None:
-        reply.alpha, reply.val_losses, reply.val_standard_errors, start = choose_mix(
-            cfg, model, name, instruction, rank, encoded.val
-        )
+        start = choose_mix(cfg, model, name, start, instruction, rank, encoded.val, reply)
     if instruction.evaluate:
         reply.evaluation = evaluate_adapter(cfg, model, encoded, instruction.task_metrics)
     if instruction.fingerprint:
@@ -442,4 +483,9 @@ def _round_work(msg: Message, context: Context) -> Message:
                 cfg.privacy.noise_multiplier,
                 np.random.default_rng(),
             )
-    return codec.encode_reply(reply, msg, _identity(cfg, shard, instruction.node_id))
+    if isinstance(cfg.server.policy, LearnedMix):
+        # Kept for the next exchange: what it uploaded (the server's copy), else where it is.
+        held = start if reply.trained is None else reply.trained
+        codec.keep_adapter(context.state, held)
+        reply.holds = adapter_digest(held)
+    return codec.encode_reply(reply, msg, identity)

@@ -26,6 +26,7 @@ from flwr.app import (
 )
 
 from mira.core.adapters import Adapter
+from mira.core.rules import ValidationSums
 from mira.federation.messages import Evaluation, IdentifyRequest, Identity, Instruction, Reply
 
 # Records of a message (RecordDict keys).
@@ -38,6 +39,8 @@ IDENTITY = "identity"  # ConfigRecord: who answered
 TRAINING = "metrics"  # MetricRecord: TRAIN_LOSS
 EVALUATION = "evaluation"  # MetricRecord: the Evaluation's entries (Evaluation.as_dict)
 CHOICE = "choice"  # ConfigRecord: the alpha applied, the validation loss of every candidate
+HOLDING = "holding"  # ConfigRecord: which adapter the client holds (auto; keys below)
+KEPT = "mira.adapter"  # ArrayRecord of a ClientApp's Context.state: the adapter it holds (auto)
 
 # Keys of the SETTINGS record.
 CONFIG_JSON = "mira.config"  # the client's view of the config, as JSON
@@ -53,6 +56,8 @@ ANCHOR = "anchor"
 SPACE = "space"  # 'factor' or 'product': where the mix with the mean is formed
 PARTITION = "partition"  # the client's index in the config's client order (its partition-id)
 SHARD = "shard"  # the client's index among its own task's clients
+HELD = "held"  # with no ADAPTER record: the digest of the adapter the client holds and starts from
+APPLY = "apply_alpha"  # auto pooled by cluster: the mix weight the server decided
 
 # Keys of the IDENTITY record.
 ID_PARTITION = "partition"  # the node's partition-id (answer to "who")
@@ -69,6 +74,14 @@ TRAIN_LOSS = "train_loss"
 ALPHA = "alpha"
 VAL_LOSSES = "val_losses"
 VAL_STANDARD_ERRORS = "val_standard_errors"
+VAL_NLL = "val_nll"  # pooled by cluster: rules.ValidationSums, entry by entry
+VAL_MOMENTS = "val_moments"  # row after row
+VAL_EXAMPLES = "val_examples"
+VAL_TOKENS = "val_tokens"
+
+# Keys of the HOLDING record.
+HOLDS = "digest"  # the adapter the client holds after the exchange (messages.adapter_digest)
+LACKS = "lacks_adapter"  # the client did not hold the adapter the message left out
 
 ABANDONED_CODE = 1000
 """The error code of a reply whose client gave up on the message at its deadline (Flower's
@@ -198,7 +211,13 @@ def encode_instruction(instruction: Instruction, config_json: str) -> tuple[Mess
             SHARD: instruction.shard,
         }
     )
-    content = RecordDict({SETTINGS: settings, ADAPTER: to_record(instruction.adapter)})
+    content = RecordDict({SETTINGS: settings})
+    if instruction.adapter is not None:
+        content.array_records[ADAPTER] = to_record(instruction.adapter)
+    else:
+        settings[HELD] = instruction.held
+    if instruction.alpha is not None:
+        settings[APPLY] = float(instruction.alpha)
     if instruction.mean is not None:
         content.array_records[MEAN] = to_record(instruction.mean)
         settings[CANDIDATES] = [float(a) for a in instruction.candidates]
@@ -217,11 +236,12 @@ def decode_instruction(message: Message) -> tuple[Instruction, str]:
     arrays = message.content.array_records
     mean = from_record(arrays[MEAN]) if MEAN in arrays else None
     prior = settings.get(PRIOR)
+    apply = settings.get(APPLY)
     instruction = Instruction(
         client_id=str(settings[CLIENT]),
         node_id=message.metadata.dst_node_id,
         round=int(str(settings[ROUND])),
-        adapter=from_record(arrays[ADAPTER]),
+        adapter=from_record(arrays[ADAPTER]) if ADAPTER in arrays else None,
         train=bool(settings[TRAIN]),
         evaluate=bool(settings[EVALUATE]),
         task_metrics=bool(settings[TASK_METRICS]),
@@ -233,6 +253,8 @@ def decode_instruction(message: Message) -> tuple[Instruction, str]:
         anchor=float(settings.get(ANCHOR, 0.0)),  # type: ignore[arg-type]
         partition=int(str(settings[PARTITION])),
         shard=int(str(settings[SHARD])),
+        held=str(settings.get(HELD, "")),
+        alpha=None if apply is None else _number(apply),
     )
     return instruction, str(settings[CONFIG_JSON])
 
@@ -263,9 +285,18 @@ def _reply_content(reply: Reply, identity: ConfigRecord) -> RecordDict:
         )
         if reply.val_standard_errors is not None:
             choice[VAL_STANDARD_ERRORS] = [float(v) for v in reply.val_standard_errors]
+        if reply.val_sums is not None:
+            choice[VAL_NLL] = list(reply.val_sums.nll)
+            choice[VAL_MOMENTS] = [v for row in reply.val_sums.moments for v in row]
+            choice[VAL_EXAMPLES] = reply.val_sums.examples
+            choice[VAL_TOKENS] = reply.val_sums.tokens
         content.config_records[CHOICE] = choice
     if reply.fingerprint is not None:
         content.array_records[FINGERPRINT] = ArrayRecord([reply.fingerprint.astype(np.float64)])
+    if reply.holds or reply.lacks_adapter:
+        content.config_records[HOLDING] = ConfigRecord(
+            {HOLDS: reply.holds, LACKS: reply.lacks_adapter}
+        )
     return content
 
 
@@ -294,9 +325,35 @@ def decode_reply(message: Message) -> Reply:
         if VAL_STANDARD_ERRORS in choice:
             errors = choice[VAL_STANDARD_ERRORS]
             reply.val_standard_errors = [_number(v) for v in errors]  # type: ignore[union-attr]
+        if VAL_NLL in choice:
+            nll = [_number(v) for v in choice[VAL_NLL]]  # type: ignore[union-attr]
+            flat = [_number(v) for v in choice[VAL_MOMENTS]]  # type: ignore[union-attr]
+            reply.val_sums = ValidationSums(
+                nll=tuple(nll),
+                moments=tuple(tuple(flat[i : i + len(nll)]) for i in range(0, len(flat), len(nll))),
+                examples=int(str(choice[VAL_EXAMPLES])),
+                tokens=_number(choice[VAL_TOKENS]),
+            )
     if FINGERPRINT in content.array_records:
         reply.fingerprint = content.array_records[FINGERPRINT].to_numpy_ndarrays()[0]
+    if HOLDING in content.config_records:
+        holding = content.config_records[HOLDING]
+        reply.holds = str(holding.get(HOLDS, ""))
+        reply.lacks_adapter = bool(holding.get(LACKS, False))
     return reply
+
+
+# ------------------------------------------------------------------------------ client state
+def keep_adapter(state: RecordDict, adapter: Adapter) -> None:
+    """Keep the adapter a client holds in its node's ``Context.state``, which Flower keeps for
+    the run, so the server need not send it again (docs/design.md, "Engine")."""
+    state.array_records[KEPT] = to_record(adapter)
+
+
+def kept_adapter(state: RecordDict) -> Adapter | None:
+    """The adapter :func:`keep_adapter` kept (None: none, e.g. a restarted client process)."""
+    record = state.array_records.get(KEPT)
+    return None if record is None else from_record(record)
 
 
 def rewrite_reply(message: Message, change: Callable[[Reply], None]) -> Message:

@@ -4,8 +4,9 @@ One exchange per client per round (docs/design.md, "Engine"). First contact is a
 asks a node which partition-id it holds, then an :class:`IdentifyRequest` that sends it its
 client's view of the config (:func:`client_view`), which the node answers with its
 :class:`Identity`. Every round, the server sends a client an :class:`Instruction`: the adapter
-it starts from (and, under ``server.step = "auto"``, its neighbours' mean and the mix weights
-to try), whether to evaluate that adapter (the personalised evaluation of the previous round),
+it starts from (under ``server.step = "auto"`` left out when its node holds it, named by
+:func:`adapter_digest`, and its neighbours' mean and the mix weights to try), whether to
+evaluate that adapter (the personalised evaluation of the previous round),
 whether to compute a fingerprint, and whether to train. The client answers with a
 :class:`Reply`, its :class:`Evaluation` included. The server state
 (:mod:`mira.federation.state`) works with these dataclasses only; :mod:`mira.federation.codec`
@@ -14,6 +15,7 @@ turns them into Flower messages and back, on both sides, and names every key the
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +24,7 @@ import numpy as np
 
 from mira.config import GRAPH_SOURCES, Config
 from mira.core.adapters import Adapter
+from mira.core.rules import ValidationSums
 
 
 def client_view(cfg: Config, partition: int) -> str:
@@ -86,7 +89,7 @@ class Instruction:
     client_id: str
     node_id: int
     round: int  # the round this exchange trains (rounds + 1 for the final evaluation)
-    adapter: Adapter  # the adapter to start from
+    adapter: Adapter | None  # the adapter to start from; None: the client holds it (``held``)
     train: bool
     evaluate: bool  # evaluate the start adapter (after the auto choice) on the eval split
     task_metrics: bool
@@ -98,6 +101,8 @@ class Instruction:
     space: str = "factor"  # auto: the pull space the mix is formed in
     partition: int = 0  # the client's partition-id, which the node must hold
     shard: int = 0  # its index among its task's clients (the view holds only its task)
+    held: str = ""  # with no adapter: the adapter_digest of the one it holds and starts from
+    alpha: float | None = None  # auto, pooled by cluster: the mix weight to apply
 
 
 EVAL_LOSS, NUM_EXAMPLES, PEAK_MEMORY_MB = "eval_loss", "num_examples", "peak_memory_mb"
@@ -145,3 +150,18 @@ class Reply:
     val_standard_errors: list[float] | None = None  # auto with a tolerance: SE of L_j - L_best
     fingerprint: np.ndarray | None = None
     bytes_up: int = 0
+    holds: str = ""  # auto: the adapter_digest of the adapter it holds after this exchange
+    lacks_adapter: bool = False  # it does not hold the adapter the instruction left out
+    val_sums: ValidationSums | None = None  # auto pooled by cluster: what the server adds up
+
+
+def adapter_digest(adapter: Adapter) -> str:
+    """A SHA-256 of an adapter's tensors (names, dtypes, shapes and bytes): how the server
+    names the adapter it leaves out of a message to a client that holds it, and how the client
+    checks that it holds that very one (docs/design.md, "Engine")."""
+    digest = hashlib.sha256()
+    for name in sorted(adapter):
+        value = np.ascontiguousarray(adapter[name])
+        digest.update(f"{name}:{value.dtype.str}:{value.shape};".encode())
+        digest.update(value.tobytes())
+    return digest.hexdigest()

@@ -744,6 +744,12 @@ def _serve(
         instructions = state.plan(server_round)
         what = "final evaluation" if final else f"round {server_round}"
         replies, sent, outcomes = _exchange(link, state, instructions, what)
+        again = state.resend(replies)  # to clients that no longer hold what a message left out
+        if again:
+            more, more_sent, more_outcomes = _exchange(link, state, again, what)
+            replies.update(more)
+            outcomes.update(more_outcomes)
+            sent = {i: size + more_sent.get(i, 0) for i, size in sent.items()}
         check_replies(state, instructions, outcomes, what)
         try:
             closed = state.close_round(

@@ -4,11 +4,12 @@ exchange contacts and with what, the server rule, and the metric rows each round
 One exchange per client per round (docs/design.md, "Engine"). Exchange r sends every client
 that trains in round r, and every client whose adapter changed in round r - 1 and is not yet
 evaluated, ONE message: the adapter it holds after round r - 1's rule (under
-``server.step = "auto"``, its own trained adapter and its neighbours' mean, to choose its mix
-from). The client first evaluates that personalised adapter (closing round r - 1's rows), then
-trains round r. After the last round one more exchange evaluates, and nothing else. So a
-round's rows are complete, and written, one exchange after its training; each reported eval
-loss is still that of the adapter the client held after that round's rule.
+``server.step = "auto"``, its neighbours' mean, to choose its mix with its own trained adapter,
+which its node keeps: the message leaves out an adapter the node said it holds). The client
+first evaluates that personalised adapter (closing round r - 1's rows), then trains round r.
+After the last round one more exchange evaluates, and nothing else. So a round's rows are
+complete, and written, one exchange after its training; each reported eval loss is still that
+of the adapter the client held after that round's rule.
 
 Everything here is plain Python and numpy, so the round logic is tested without Flower
 (tests/test_state.py); :mod:`mira.federation.server` moves the instructions and replies.
@@ -22,12 +23,13 @@ from typing import Any
 
 import numpy as np
 
-from mira.config import TASK_METRICS, Config
+from mira.config import TASK_METRICS, Config, LearnedMix
 from mira.core import rules
 from mira.core.adapters import Adapter, lora_scale
 from mira.core.mixing import mix_weights
+from mira.core.rules import ValidationSums
 from mira.errors import MiraError
-from mira.federation.messages import Evaluation, Instruction, Reply, task_of
+from mira.federation.messages import Evaluation, Instruction, Reply, adapter_digest, task_of
 from mira.graph.build import TaskGraph
 from mira.results.schema import OK, REJECTED, ClientRow, client_row
 
@@ -127,6 +129,9 @@ class ClientState:
     anchor: float = 0.0  # auto: its equal-share point, which a tolerant choice leans toward
     evaluation: Evaluation | None = None  # of ``adapter``, once known
     evaluated_task_metrics: bool = False  # whether ``evaluation`` includes the task metrics
+    held: tuple[int, str] | None = None  # auto: (node, adapter_digest) its node said it holds
+    apply_alpha: float | None = None  # auto pooled by cluster: the mix weight it is to apply
+    apply_choice: float | None = None  # ... and the candidate that chose it (None: the start)
 
 
 @dataclass
@@ -144,6 +149,7 @@ class ServerState:
 
     def __init__(self, cfg: Config, clients: list[ClientState], graph: TaskGraph):
         self.cfg = cfg
+        self.policy = cfg.server.policy
         self.clients = clients
         self.graph = graph
         ranks = [c.rank for c in clients]
@@ -155,12 +161,14 @@ class ServerState:
         self.accepted_norms: list[float] = []  # update norms accepted in the last exchange
         self.releases = [0] * len(clients)  # rounds each client was asked to train (for DP)
         self._contacted: dict[int, Instruction] = {}
+        # auto pooled by cluster: each cluster's last decision, (mix weight, candidate)
+        self.cluster_mix: dict[int, tuple[float, float]] = {}
 
     # ------------------------------------------------------------------------ queries
     @property
     def auto(self) -> bool:
         """MIRA with ``server.step = "auto"``: every client chooses its own mix weight."""
-        return self.cfg.server.method == "mira" and self.cfg.server.auto_step
+        return isinstance(self.policy, LearnedMix)
 
     def index(self, client_id: str) -> int:
         for i, client in enumerate(self.clients):
@@ -190,6 +198,8 @@ class ServerState:
 
         A client is contacted when it trains this round, when its adapter has changed since it
         was last evaluated (or its task metrics are due), or when fingerprints are refreshed.
+        Under auto the message leaves out the adapter when the client's node said it holds
+        that very one (:meth:`_held_digest`), naming it by digest instead.
         """
         final = server_round > self.cfg.federation.rounds
         sampled = set()
@@ -214,11 +224,13 @@ class ServerState:
             )
             if not (i in sampled or evaluate or refresh):
                 continue
+            held = self._held_digest(client)  # its node holds it: the message leaves it out
             instructions[i] = Instruction(
                 client_id=client.client_id,
                 node_id=client.node_id,
                 round=server_round,
-                adapter=client.adapter,
+                adapter=None if held else client.adapter,
+                held=held,
                 train=i in sampled,
                 evaluate=evaluate,
                 task_metrics=metrics_due and evaluate,
@@ -231,12 +243,39 @@ class ServerState:
                     else None
                 ),
                 anchor=client.anchor,
+                alpha=client.apply_alpha if client.mean is not None else None,
                 space=self.space,
                 partition=i,
                 shard=task_of(self.cfg, i)[1],
             )
         self._contacted = instructions
         return list(instructions.values())
+
+    def _held_digest(self, client: ClientState) -> str:
+        """Auto: the digest of the client's adapter when its node said it holds that very
+        adapter (its last reply), else ''. A fixed step sends every adapter: it changes with
+        every pull, and fixed-step runs keep the messages they always had."""
+        if not self.auto or client.held is None or client.held[0] != client.node_id:
+            return ""
+        digest = adapter_digest(client.adapter)
+        return digest if client.held[1] == digest else ""
+
+    def resend(self, replies: dict[int, Reply]) -> list[Instruction]:
+        """The instructions to send again, with the adapter, to the clients whose reply says
+        they do not hold the adapter their message left out (a restarted client process: its
+        node's state is gone); their replies are taken out of ``replies``. Whether a client
+        keeps its adapter never changes what it computes, only what travels."""
+        again = []
+        for i in sorted(replies):
+            if not replies[i].lacks_adapter:
+                continue
+            del replies[i]
+            client = self.clients[i]
+            client.held = None
+            instruction = self._contacted[i]
+            instruction.adapter, instruction.held = client.adapter, ""
+            again.append(instruction)
+        return again
 
     def close_round(
         self,
@@ -247,19 +286,21 @@ class ServerState:
     ) -> ClosedRound | None:
         """Take the choices and evaluations of the open round from this exchange's replies.
 
-        Under auto, each client's chosen alpha is checked against the choice its reported
-        validation losses (and, with ``server.auto_tolerance``, standard errors) make
-        (recomputed here, smoothing included) and its adapter becomes
-        (1 - alpha) W_k + alpha M_k, computed with the same function the client used. Bytes of
-        messages that only evaluate count toward the round they evaluate; ``seconds`` (the
-        final exchange's time) is added to the round's. A client whose message only evaluated
-        and went wrong (``outcomes``) has its status recorded in the closing row. Returns None
-        when no round is open.
+        Under auto, each client's chosen alpha is checked against the decision its reported
+        validation losses (and, with ``server.auto.tolerance``, standard errors) make
+        (:func:`mira.core.rules.decide_mix`, as the client made it; pooled by cluster, against
+        the weight the server sent, and the cluster's next weight is decided from the sums its
+        clients reported) and its adapter becomes (1 - alpha) W_k + alpha M_k, computed with
+        the same function the client used. Bytes of messages that only evaluate count toward
+        the round they evaluate; ``seconds`` (the final exchange's time) is added to the
+        round's. A client whose message only evaluated and went wrong (``outcomes``) has its
+        status recorded in the closing row. Returns None when no round is open.
         """
         if not self.open_rows:
             return None
         outcomes = outcomes or {}
         metrics_due = self.measures_task_metrics(self.trained_round)
+        sums: dict[int, list[tuple[int, ValidationSums]]] = {}
         for i, client in enumerate(self.clients):
             row = self.open_rows[i]
             reply = replies.get(i)
@@ -270,6 +311,8 @@ class ServerState:
                     row.status, row.reason = outcomes[i].status, outcomes[i].reason
             if reply is not None and client.mean is not None and reply.alpha is not None:
                 self._resolve_choice(i, reply, row)
+                if reply.val_sums is not None:
+                    sums.setdefault(self.graph.clusters[i], []).append((i, reply.val_sums))
             if reply is not None and reply.evaluation is not None:
                 client.evaluation = reply.evaluation
                 client.evaluated_task_metrics = bool(instruction and instruction.task_metrics)
@@ -283,6 +326,8 @@ class ServerState:
                 for name in TASK_METRICS:
                     if name in evaluation.metrics:
                         row.metrics[name] = evaluation.metrics[name]
+        if sums:
+            self._decide_pooled(sums)
         closed = ClosedRound(
             round=self.trained_round,
             rows=[self.open_rows[i] for i in range(len(self.clients))],
@@ -294,31 +339,49 @@ class ServerState:
         return closed
 
     def _resolve_choice(self, index: int, reply: Reply, row: ClientRow) -> None:
+        """Check a client's mix weight against what its reported numbers make it (pooled by
+        cluster: against the weight the server sent), and store its mixed adapter."""
         client = self.clients[index]
         assert client.mean is not None and reply.alpha is not None
+        policy = self.policy
+        assert isinstance(policy, LearnedMix)
         losses = reply.val_losses or []
         if len(losses) != len(client.candidates):
             raise ServerStateError(
                 f"client {client.client_id} reported {len(losses)} validation losses for "
                 f"{len(client.candidates)} candidates"
             )
-        tolerance = self.cfg.server.auto_tolerance
+        tolerance = policy.tolerance
         if tolerance > 0 and len(reply.val_standard_errors or []) != len(losses):
             raise ServerStateError(
                 f"client {client.client_id} reported {len(reply.val_standard_errors or [])} "
-                f"standard errors for {len(losses)} validation losses (server.auto_tolerance "
+                f"standard errors for {len(losses)} validation losses (server.auto.tolerance "
                 f"= {tolerance:g} needs one per candidate)"
             )
-        chosen = rules.choose_within(
-            losses, reply.val_standard_errors, client.candidates, tolerance, client.anchor
-        )
-        alpha = rules.smoothed_mix(
-            client.candidates[chosen], client.prior_alpha, self.cfg.server.auto_smoothing
-        )
+        if policy.pool == "cluster":
+            alpha, choice = client.apply_alpha, client.apply_choice
+            assert alpha is not None
+            if len(reply.val_sums.nll if reply.val_sums else []) != len(losses):
+                raise ServerStateError(
+                    f"client {client.client_id} reported no validation sums for its "
+                    f"{len(losses)} candidates (server.auto.pool = 'cluster' needs them)"
+                )
+            why = "the server sent it"
+        else:
+            decision = rules.decide_mix(
+                losses,
+                reply.val_standard_errors,
+                client.candidates,
+                client.anchor,
+                client.prior_alpha,
+                tolerance=tolerance,
+                smoothing=policy.smoothing,
+            )
+            alpha, choice = decision.alpha, client.candidates[decision.index]
+            why = "its validation losses make it"
         if not math.isclose(alpha, reply.alpha, rel_tol=0, abs_tol=1e-12):
             raise ServerStateError(
-                f"client {client.client_id} chose alpha = {reply.alpha} but its validation "
-                f"losses make it {alpha}"
+                f"client {client.client_id} chose alpha = {reply.alpha} but {why} {alpha}"
             )
         client.adapter = rules.mix_toward(
             client.adapter, client.mean, alpha, self.space, self.scales[index]
@@ -326,13 +389,34 @@ class ServerState:
         client.mean = None
         client.prior_alpha = alpha
         row.mix_weight = alpha
-        row.alpha_choice = client.candidates[chosen]
-        row.val_loss = float(losses[chosen])
+        row.alpha_choice = choice
+        if choice in client.candidates:
+            row.val_loss = float(losses[client.candidates.index(choice)])
         row.val_losses = [float(v) for v in losses]
         row.candidates = list(client.candidates)
         if tolerance > 0:
             row.val_standard_errors = [float(v) for v in reply.val_standard_errors or []]
             row.anchor = client.anchor
+
+    def _decide_pooled(self, sums: dict[int, list[tuple[int, ValidationSums]]]) -> None:
+        """``server.auto.pool = 'cluster'``: each cluster's one mix weight, from the sums its
+        clients reported in this exchange (their validation examples taken together), with
+        the same decision a client makes alone; its clients apply it in the next exchange."""
+        policy = self.policy
+        assert isinstance(policy, LearnedMix)
+        for label, reported in sums.items():
+            member = self.clients[reported[0][0]]  # every one of them tried these candidates
+            losses, errors = rules.pooled_losses([part for _, part in reported])
+            decision = rules.decide_mix(
+                losses,
+                errors,
+                member.candidates,
+                member.anchor,
+                self.cluster_mix[label][0] if label in self.cluster_mix else None,
+                tolerance=policy.tolerance,
+                smoothing=policy.smoothing,
+            )
+            self.cluster_mix[label] = (decision.alpha, member.candidates[decision.index])
 
     def screen_norms(self, replies: dict[int, Reply]) -> dict[int, Outcome]:
         """Refuse trained updates far larger than the round's others
@@ -371,8 +455,10 @@ class ServerState:
         return client_epsilon(privacy.noise_multiplier, self.releases[index], privacy.delta)
 
     def rebuild_graph(self, graph: TaskGraph) -> None:
-        """Use a graph rebuilt from fresh fingerprints for this round's rule and later."""
+        """Use a graph rebuilt from fresh fingerprints for this round's rule and later (its
+        clusters are new: pooled by cluster, each starts again from its equal share)."""
         self.graph = graph
+        self.cluster_mix = {}
 
     def apply_rule(
         self,
@@ -419,13 +505,16 @@ class ServerState:
                 self.releases[i] += 1
             if self.cfg.privacy.clip_norm > 0:
                 rows[i].epsilon = self.epsilon(i)
-        if self.auto:
-            self._open_choices(snapshot, active, trained)
+        for i in self._contacted:  # what each contacted node said it holds now, if anything
+            holds = replies[i].holds if i in replies else ""
+            self.clients[i].held = (self.clients[i].node_id, holds) if holds else None
+        if isinstance(self.policy, LearnedMix):
+            self._open_choices(snapshot, active, trained, self.policy)
         else:
             mixing = rules.mixing_for(
                 self.cfg.server.method,
                 adjacency=self.graph.adjacency,
-                step=0.0 if self.cfg.server.auto_step else float(self.cfg.server.step),
+                step=self.policy.step,
                 clusters=self.graph.clusters,
                 weights=[c.num_train for c in self.clients],
                 active=active,
@@ -444,7 +533,11 @@ class ServerState:
         self.open_seconds = seconds
 
     def _open_choices(
-        self, snapshot: list[Adapter], active: list[bool], trained: dict[int, Adapter]
+        self,
+        snapshot: list[Adapter],
+        active: list[bool],
+        trained: dict[int, Adapter],
+        policy: LearnedMix,
     ) -> None:
         """Auto: each trained client keeps its trained adapter until it chooses its mix with
         its neighbours' mean, computed here from the same snapshot as every other rule."""
@@ -459,11 +552,28 @@ class ServerState:
             client.evaluated_task_metrics = False
             client.mean = means[i]
             neighbours = int(np.count_nonzero(self.graph.adjacency[i]))
-            candidates = rules.auto_candidates(
-                self.cfg.server.auto_grid, neighbours, self.cfg.server.auto_equal_share
-            )
+            candidates = rules.auto_candidates(policy.grid, neighbours, policy.equal_share)
             client.candidates = candidates if client.mean is not None else []
             client.anchor = rules.sharing_anchor(neighbours)
+        if policy.pool == "cluster":
+            self._share_candidates([i for i in trained if self.clients[i].mean is not None])
+
+    def _share_candidates(self, choosing: list[int]) -> None:
+        """Pooled by cluster: the clients of a cluster that choose this round try the same
+        candidates (all of theirs), lean toward the same anchor (the mean of theirs: on a
+        uniform cluster everyone's equal share) and apply the cluster's last decision, or
+        before it has one, that anchor."""
+        groups: dict[int, list[int]] = {}
+        for i in choosing:
+            groups.setdefault(self.graph.clusters[i], []).append(i)
+        for label, members in groups.items():
+            candidates = sorted({a for i in members for a in self.clients[i].candidates})
+            anchor = float(np.mean([self.clients[i].anchor for i in members]))
+            alpha, choice = self.cluster_mix.get(label, (anchor, None))
+            for i in members:
+                client = self.clients[i]
+                client.candidates, client.anchor = candidates, anchor
+                client.apply_alpha, client.apply_choice = alpha, choice
 
     # ------------------------------------------------------------------------ checkpoints
     def snapshot_state(self) -> tuple[dict[str, Any], dict[str, Adapter]]:
@@ -481,6 +591,8 @@ class ServerState:
                     "candidates": client.candidates,
                     "prior_alpha": client.prior_alpha,
                     "anchor": client.anchor,
+                    "apply_alpha": client.apply_alpha,
+                    "apply_choice": client.apply_choice,
                     "evaluation": None
                     if client.evaluation is None
                     else client.evaluation.as_dict(),
@@ -495,6 +607,7 @@ class ServerState:
             "accepted_norms": self.accepted_norms,
             "releases": self.releases,
             "clients": clients,
+            "cluster_mix": [[label, *mix] for label, mix in sorted(self.cluster_mix.items())],
         }
         return state, adapters
 
@@ -523,6 +636,8 @@ class ServerState:
             client.candidates = [float(a) for a in entry["candidates"]]
             client.prior_alpha = entry.get("prior_alpha")
             client.anchor = float(entry.get("anchor", 0.0))
+            client.apply_alpha = entry.get("apply_alpha")
+            client.apply_choice = entry.get("apply_choice")
             stored = entry["evaluation"]
             client.evaluation = None if stored is None else Evaluation.from_dict(stored)
             client.evaluated_task_metrics = bool(entry["evaluated_task_metrics"])
@@ -531,3 +646,7 @@ class ServerState:
         self.open_seconds = float(state["open_seconds"])
         self.accepted_norms = [float(n) for n in state.get("accepted_norms", [])]
         self.releases = [int(n) for n in state.get("releases", [0] * len(self.clients))]
+        self.cluster_mix = {
+            int(label): (float(alpha), float(choice))
+            for label, alpha, choice in state.get("cluster_mix", [])
+        }

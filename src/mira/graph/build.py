@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from mira.config import FINGERPRINT_GRAPHS, Config, ConfigError
+from mira.config import FINGERPRINT_GRAPHS, Config, ConfigError, FixedStep
 from mira.core.mixing import check_step, validate_adjacency
 from mira.graph import sources
 from mira.graph.clustering import adjusted_rand_index, cluster_fingerprints, connected_components
@@ -47,14 +47,16 @@ def declared_labels(tasks: list[str]) -> list[int]:
 def check_config_step(cfg: Config, adjacency: np.ndarray | None) -> None:
     """Refuse a fixed MIRA step too large for the graph (before training), as a ConfigError.
 
-    ``server.step = "auto"`` has no step to check: each client's mix weight lies in [0, 1].
+    A :class:`~mira.config.LearnedMix` (``server.step = "auto"``) has no step to check: each
+    client's mix weight lies in [0, 1].
     """
-    if cfg.server.method != "mira" or cfg.server.auto_step:
+    policy = cfg.server.policy
+    if cfg.server.method != "mira" or not isinstance(policy, FixedStep):
         return
     # Fingerprint graphs are scaled to max degree 1 when they are built.
     graph = np.ones((2, 2)) - np.eye(2) if adjacency is None else adjacency
     try:
-        check_step(float(cfg.server.step), graph)
+        check_step(policy.step, graph)
     except ValueError as err:
         raise ConfigError(str(err)) from err
 
