@@ -30,10 +30,9 @@ def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-@pytest.fixture(scope="session")
-def tiny_tasks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Two small classification tasks of different kinds, as user JSONL files."""
-    folder = tmp_path_factory.mktemp("tiny-tasks")
+def write_tiny_tasks(folder: Path) -> dict[str, Path]:
+    """Two small classification tasks of different kinds, as user JSONL files in ``folder``
+    (benchmarks/startup.py and benchmarks/overhead.py use them too)."""
     sentiment, topic = [], []
     for i in range(48):
         word = (POSITIVE if i % 2 == 0 else NEGATIVE)[i % 8]
@@ -54,6 +53,12 @@ def tiny_tasks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "polarity": _write_jsonl(folder / "polarity.jsonl", sentiment),
         "subject": _write_jsonl(folder / "subject.jsonl", topic),
     }
+
+
+@pytest.fixture(scope="session")
+def tiny_tasks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Two small classification tasks of different kinds, as user JSONL files."""
+    return write_tiny_tasks(tmp_path_factory.mktemp("tiny-tasks"))
 
 
 def tiny_raw(tasks: dict[str, Path], cache: Path, clients: int = 2) -> dict:

@@ -188,7 +188,10 @@ def test_a_round_line_counts_from_the_start_of_mira_run_and_estimates_the_rest()
     clock.now += 25
     progress.end()
     progress.begin("identify", 2)  # each client process loads the model
-    clock.now += 15
+    clock.now += 10
+    progress.advance(1, 2)  # the first identity
+    clock.now += 5
+    progress.advance(2, 2)
     progress.end()
     progress.start_run(3)
     for server_round, seconds in ((1, 10.0), (2, 14.0)):
@@ -221,7 +224,8 @@ def test_a_round_line_counts_from_the_start_of_mira_run_and_estimates_the_rest()
         "preflight": 20.0,
         "engine": 30.0,
         "clients_start": 25.0,
-        "identify": 15.0,
+        "model_load": 10.0,
+        "identify": 5.0,
         "rounds": 36.0,
         "final_evaluation": 3.0,
         "shutdown": 2.0,

@@ -10,6 +10,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from typing import NoReturn
 
 from mira.config import (
     METHODS,
@@ -445,7 +446,21 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command ``argv`` (default: this process's arguments); return its exit status.
+
+    From the command line (``argv`` None), a command that trained ends its process as soon as
+    it is done (:func:`_end_process`)."""
     args = build_parser().parse_args(argv)
+    code = _command(args)
+    if argv is None and args.command in TRAINING_COMMANDS:
+        _end_process(code)
+    return code
+
+
+TRAINING_COMMANDS = ("run", "compare")
+
+
+def _command(args: argparse.Namespace) -> int:
     try:
         return int(args.func(args))
     except ConfigError as err:
@@ -465,6 +480,20 @@ def main(argv: list[str] | None = None) -> int:
     except MiraError as err:
         print(f"mira: {err}", file=sys.stderr)
         return 1
+
+
+def _end_process(code: int) -> NoReturn:
+    """Exit now with ``code``, after the exit handlers (logging, file locks, temporary
+    folders) but without Python's teardown of every module: after a run that imported torch,
+    transformers and Flower, that teardown takes seconds (docs/startup.md) and has nothing
+    left to do, every file of the run being closed."""
+    import atexit
+    import os
+
+    atexit._run_exitfuncs()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -48,7 +48,8 @@ PHASES = {
     "preflight": "checking the data, the model and the config",
     "engine": "starting Flower's SuperLink and simulation process",
     "clients_start": "starting Ray and the client processes",
-    "identify": "the client processes load the base model and identify their clients",
+    "model_load": "a client process loads the base model and answers for its first client",
+    "identify": "the other clients' identities (and fingerprints), the task graph",
     "rounds": "training rounds",
     "final_evaluation": "final evaluation",
     "shutdown": "stopping the engine",
@@ -57,7 +58,7 @@ PHASES = {
 """The phases of one ``mira run``, in order, and what a user is told of each. Everything before
 ``rounds`` is the start-up; ``rounds`` is the only part that grows with the number of rounds."""
 
-STARTUP = ("imports", "preflight", "engine", "clients_start", "identify")
+STARTUP = ("imports", "preflight", "engine", "clients_start", "model_load", "identify")
 
 _ANSI = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)|\x1b[@-Z\\-_]")
 """Terminal control sequences (CSI, OSC, two-character escapes) a message may carry, such as
@@ -267,7 +268,7 @@ class Progress:
         with self._lock:
             self._exchanges += 1
             if self.times is None:  # first contact: who are you, then identify
-                self.timeline.mark("clients_start" if self._exchanges == 1 else "identify")
+                self.timeline.mark("clients_start" if self._exchanges == 1 else "model_load")
             elif phase == FINAL_EVALUATION:
                 self.timeline.mark("final_evaluation")
             self._exchange = _Exchange(
@@ -285,6 +286,8 @@ class Progress:
         with self._lock:
             if self._exchange is not None:
                 self._exchange.done, self._exchange.total = done, total
+            if self.timeline.current == "model_load":  # the first identity is back
+                self.timeline.mark("identify")
         if self.verbose:
             self._write(f"  {self._phase}: {done}/{total} clients done")
 

@@ -66,6 +66,9 @@ client_app: Any = "mira.federation.client_app:app"
 CONNECTION = "mira-run"  # the SuperLink connection in the temporary FLWR_HOME
 STARTUP_TIMEOUT = 60.0  # seconds for the SuperLink to accept connections
 STOP_GRACE = 5.0  # seconds between SIGTERM and SIGKILL when stopping it
+# ... once the ServerApp has written its outcome: nothing there is left to finish, and Ray's
+# client processes take seconds to wind down on SIGTERM.
+DONE_GRACE = 0.5
 POLL_SECONDS = 0.2
 LOG_TAIL = 40  # lines of Flower's output kept to explain a failure
 
@@ -371,14 +374,15 @@ class LocalSuperLink:
                 reader.join()
         finally:
             if cli.poll() is None:
-                end_process_tree(cli.pid)
+                end_process_tree(cli.pid, DONE_GRACE if relay.ended else STOP_GRACE)
             reader.join(timeout=STOP_GRACE)
         return "\n".join(tail)
 
-    def stop(self) -> None:
-        """Stop the SuperLink and everything it started (the simulation, Ray)."""
+    def stop(self, grace: float = STOP_GRACE) -> None:
+        """Stop the SuperLink and everything it started (the simulation, Ray), SIGKILLing
+        what is left ``grace`` seconds after SIGTERM."""
         if self.process is not None:
-            end_process_tree(self.process.pid)
+            end_process_tree(self.process.pid, grace)
             self.process.wait()
             self.process = None
 
@@ -418,7 +422,7 @@ def run_simulation(
     try:
         with tempfile.TemporaryDirectory(prefix="mira-run-", ignore_cleanup_errors=True) as tmp:
             folder = Path(tmp)
-            superlink = LocalSuperLink(folder)
+            superlink, relay = LocalSuperLink(folder), None
             # Its start (seconds of imports in a process of its own) overlaps the checks.
             superlink.launch()
             try:
@@ -435,10 +439,11 @@ def run_simulation(
                     app_dir, federation_config(cfg, verbose), relay, verbose
                 )
             finally:
-                superlink.stop()
+                superlink.stop(DONE_GRACE if relay is not None and relay.ended else STOP_GRACE)
     finally:
         progress.close()
         watchdog.close()
+    assert relay is not None
     if relay.error is not None:
         raise relay.error
     if not relay.done:
