@@ -259,7 +259,7 @@ def test_every_declared_bound_is_enforced_with_one_message_form():
     """Each key's bounds, declared in its field metadata, refuse a value outside them with one
     message form: '{key} must be {bounds}, got {value}', or '{key}[i] = {value} must be ...'."""
     declared = _keys_with("bounds")
-    assert len(declared) == 45
+    assert len(declared) == 46
     for section, name, annotation, bounds in declared:
         whole = int in (annotation, *typing.get_args(annotation))
         bad = next(

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from mira.core.adapters import from_modules
-from mira.core.mixing import cluster_mixing, mixing_matrix
+from mira.core.mixing import cluster_mixing, mixing_matrix, neighbour_mean_rows
 from mira.core.robust import bounded_mixing, edge_reference, pairwise_distances
-from mira.core.rules import apply_mixing
+from mira.core.rules import apply_mixing, bound_pull, neighbour_means
 
 RNG = np.random.default_rng(7)
 
@@ -103,3 +103,50 @@ def test_a_sign_flipped_neighbour_moves_an_honest_client_at_most_the_bound() -> 
 def test_a_multiple_that_is_not_positive_and_finite_is_refused(multiple: float) -> None:
     with pytest.raises(ValueError, match="positive number"):
         bounded_mixing(np.eye(2), np.zeros((2, 2)), multiple)
+
+
+def test_bound_pull_off_is_the_rule_itself_and_on_is_bounded_mixing() -> None:
+    adapters = [adapter(2) for _ in range(6)]
+    mixing = cluster_mixing([0, 0, 0, 1, 1, 1], [1.0] * 6)
+    assert bound_pull(mixing, adapters, "factor", [1.0] * 6, 0.0) is mixing
+    distances = pairwise_distances(adapters, "product", [2.0] * 6)
+    np.testing.assert_array_equal(
+        bound_pull(mixing, adapters, "product", [2.0] * 6, 1.5),
+        bounded_mixing(mixing, distances, 1.5),
+    )
+
+
+def test_the_auto_neighbour_mean_under_the_bound_keeps_some_of_the_clients_own_weight() -> None:
+    honest = [adapter(2, 0.1) for _ in range(8)]
+    adapters = [*honest]
+    adapters[3] = {key: -9.0 * value for key, value in honest[3].items()}
+    adjacency = np.zeros((8, 8))
+    for members in ([0, 1, 2, 3], [4, 5, 6, 7]):
+        for i in members:
+            for j in members:
+                adjacency[i, j] = float(i != j)
+    active = [True] * 8
+    plain = neighbour_means(adapters, adjacency, active, "factor", [1.0] * 8)[0]
+    robust = neighbour_means(adapters, adjacency, active, "factor", [1.0] * 8, robust=1.0)[0]
+    rows = bounded_mixing(
+        neighbour_mean_rows(adjacency, active),
+        pairwise_distances(adapters, "factor", [1.0] * 8),
+        1.0,
+    )
+    assert plain is not None and robust is not None
+    assert rows[0, 0] > 0 and rows[0].sum() == pytest.approx(1.0)
+    for key in robust:
+        expected = sum(rows[0, j] * adapters[j][key] for j in range(8))
+        np.testing.assert_allclose(robust[key], expected, rtol=1e-6, atol=1e-9)
+    # The flipped client's share of client 0's mean is cut.
+    assert rows[0, 3] < 1 / 3
+
+
+def test_server_robust_is_refused_with_rules_that_send_one_global_model() -> None:
+    from mira.config import load_config
+    from mira.errors import MiraError
+
+    for method in ("fedit", "cluster-merge"):
+        with pytest.raises(MiraError, match=r"server\.robust bounds"):
+            load_config(None, [f"server.method={method}", "server.robust=2"])
+    assert load_config(None, ["server.method=cluster-fedavg", "server.robust=2"]).server.robust == 2

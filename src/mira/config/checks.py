@@ -89,6 +89,12 @@ def check_relations(cfg: Config) -> None:
             "server.step = 'auto' needs candidates: list some in server.auto.grid or set "
             "server.auto.equal_share = true"
         )
+    if cfg.server.robust > 0 and cfg.server.method in ("fedit", "cluster-merge"):
+        raise ConfigError(
+            f"server.robust bounds each client's pull toward its neighbours; "
+            f"server.method = {cfg.server.method!r} sends every client one global model. "
+            "Use server.robust with mira or cluster-fedavg, or set it to 0"
+        )
     if cfg.server.graph == "knn" and cfg.server.knn < 1:
         raise ConfigError("server.graph = 'knn' needs server.knn >= 1")
     if not 0 <= cfg.data.val_size < cfg.data.train_size:

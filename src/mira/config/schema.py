@@ -579,6 +579,16 @@ class ServerConfig:
             choices=PULL_SPACES,
         ),
     )
+    robust: float = field(
+        default=0.0,
+        metadata=_meta(
+            "Robust pull: clip every neighbour's difference W_l - W_k to this many times the "
+            "round's median difference over the graph's edges, so that one client's update "
+            "moves its neighbours a bounded distance (mira, auto and cluster-fedavg). "
+            "0 = off.",
+            bounds=">= 0 (0 = off)",
+        ),
+    )
 
     @property
     def policy(self) -> FixedStep | LearnedMix:

@@ -41,6 +41,7 @@ from mira.core.mixing import (
     mixing_matrix,
     neighbour_mean_rows,
 )
+from mira.core.robust import bounded_mixing, pairwise_distances
 from mira.core.spaces import factor_mix, product_mix
 
 PULL_SPACES = ("factor", "product")
@@ -101,6 +102,22 @@ def apply_mixing(
         modules = product_mix([to_modules(a) for a in adapters], mixing, list(scales))
         mixed = [from_modules(m) for m in modules]
     return [dict(adapters[i]) if unchanged[i] else mixed[i] for i in range(k)]
+
+
+def bound_pull(
+    mixing: np.ndarray,
+    adapters: Sequence[Adapter],
+    space: str,
+    scales: Sequence[float],
+    robust: float,
+) -> np.ndarray:
+    """``mixing`` under the robust pull (``server.robust`` = the multiple; 0 = unchanged):
+    every neighbour's difference clipped to that multiple of the round's median edge, measured
+    in the pull's ``space`` (:mod:`mira.core.robust`)."""
+    if robust <= 0:
+        return mixing
+    distances = pairwise_distances(adapters, space, scales)
+    return bounded_mixing(mixing, distances, robust)
 
 
 def apply_rule(
@@ -427,16 +444,19 @@ def neighbour_means(
     active: Sequence[bool],
     space: str,
     scales: Sequence[float],
+    robust: float = 0.0,
 ) -> list[Adapter | None]:
     """Each active client's neighbour mean M_k = sum_l a_kl W_l / delta_k (None when it has no
-    neighbour or is not active), in the form :func:`mix_toward` takes.
+    neighbour or is not active), in the form :func:`mix_toward` takes. With ``robust`` > 0
+    (``server.robust``) each neighbour's difference from W_k is clipped first
+    (:func:`bound_pull`), so M_k keeps some of W_k's own weight.
 
     Factor space: the weighted mean of the tensors, shaped like the client's adapter. Product
     space: the exact product sum_l (a_kl / delta_k) s_l B_l A_l as stacked factors of rank
     R = sum of the neighbours' ranks (A = [A_l; ...], B = [c_l s_l B_l, ...], scale 1), so no
     information is lost before the client's own projection.
     """
-    rows = neighbour_mean_rows(adjacency, active)
+    rows = bound_pull(neighbour_mean_rows(adjacency, active), adapters, space, scales, robust)
     has_mean = [bool(np.any(rows[k])) for k in range(len(adapters))]
     if not any(has_mean):
         return [None] * len(adapters)

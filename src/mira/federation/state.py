@@ -519,6 +519,9 @@ class ServerState:
                 weights=[c.num_train for c in self.clients],
                 active=active,
             )
+            mixing = rules.bound_pull(
+                mixing, snapshot, self.space, self.scales, self.cfg.server.robust
+            )
             updated = rules.apply_mixing(snapshot, mixing, self.space, self.scales)
             weights = mix_weights(mixing)
             for i, client in enumerate(self.clients):
@@ -542,7 +545,12 @@ class ServerState:
         """Auto: each trained client keeps its trained adapter until it chooses its mix with
         its neighbours' mean, computed here from the same snapshot as every other rule."""
         means = rules.neighbour_means(
-            snapshot, self.graph.adjacency, active, self.space, self.scales
+            snapshot,
+            self.graph.adjacency,
+            active,
+            self.space,
+            self.scales,
+            self.cfg.server.robust,
         )
         for i, client in enumerate(self.clients):
             if i not in trained:
