@@ -208,3 +208,16 @@ def test_a_simulated_run_logs_every_round_to_wandb_and_cards_its_adapters(tiny_c
         assert f"after round {last} of {last}" in card
         assert f"| eval loss (mean over target tokens) | {row.eval_loss:#.4g} |" in card
         assert f"| accuracy | {row.metrics['accuracy']:#.4g} |" in card
+
+
+def test_a_run_ends_with_one_line_per_logger_saying_where_and_how_to_sync(tmp_path: Path):
+    from mira.results.rundir import logger_lines
+
+    assert logger_lines(tmp_path, load_config(None)) == []
+    both = load_config(None, ["output.wandb=true", "output.tensorboard=true"])
+    tensorboard, wandb = logger_lines(tmp_path, both)
+    assert str(RunLayout(tmp_path).tensorboard) in tensorboard
+    assert "tensorboard --logdir" in tensorboard
+    assert wandb.startswith("W&B (offline)") and f"wandb sync {tmp_path}/wandb/" in wandb
+    online = load_config(None, ["output.wandb=true", "output.wandb_mode=online"])
+    assert logger_lines(tmp_path, online)[0].startswith("W&B: project")

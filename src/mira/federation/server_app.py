@@ -44,7 +44,7 @@ from mira.federation.relay import RelayProgress
 from mira.federation.server import run_federation
 from mira.graph.build import static_graph
 from mira.results.report import final_table, write_report
-from mira.results.rundir import check_new_run_dir
+from mira.results.rundir import check_new_run_dir, logger_lines
 from mira.results.schema import RunLayout
 
 # Run-config keys that are not mira config keys (those are all 'section.key').
@@ -156,6 +156,10 @@ def report(out_dir: Path) -> None:
     print(f"\n{final_table(out_dir)}", flush=True)
     path = write_report(out_dir)
     print(f"\nreport: {path} and {RunLayout(out_dir).report_html}", flush=True)
+    config = RunLayout(out_dir).config
+    if config.is_file():  # every run directory has one; a bare folder of metrics does not
+        for line in logger_lines(out_dir, load_run_config(config)):
+            print(line, flush=True)
 
 
 @app.main()

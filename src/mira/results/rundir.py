@@ -840,3 +840,25 @@ def disk_full_error(out_dir: Path, err: OSError) -> RunDirError | None:
         f"{head} Its last checkpoint (after round {checkpoint.round}) is intact: free some "
         f"space and continue with `mira run --resume {out_dir}`"
     )
+
+
+def logger_lines(out_dir: Path, cfg: Config) -> list[str]:
+    """What a run ends with for each logger it wrote to besides metrics.jsonl: where its files
+    are and how to look at them or upload them (empty when none is enabled)."""
+    layout = RunLayout(out_dir)
+    lines = []
+    if cfg.output.tensorboard:
+        lines.append(
+            f"TensorBoard: {layout.tensorboard} (view with: tensorboard --logdir "
+            f"{layout.tensorboard})"
+        )
+    if cfg.output.wandb and cfg.output.wandb_mode == "offline":
+        lines.append(
+            f"W&B (offline): {layout.wandb} (upload with: wandb sync {layout.wandb}/offline-run-*)"
+        )
+    elif cfg.output.wandb:
+        lines.append(
+            f"W&B: project {cfg.output.wandb_project}, synced as the run went (files in "
+            f"{layout.wandb})"
+        )
+    return lines
