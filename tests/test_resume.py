@@ -321,7 +321,7 @@ def test_mira_run_prints_one_line_for_a_full_disk(tiny_config, tmp_path, monkeyp
     from mira.federation import simulation
 
     folder = tmp_path / "run"
-    _stopped_run(tiny_config(), folder)
+    _stopped_run(tiny_config("federation.rounds=5"), folder)  # stopped before its last round
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device", str(ReportFiles(folder).report_md))

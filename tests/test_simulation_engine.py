@@ -51,8 +51,8 @@ def test_mira_run_emits_no_flower_deprecation_and_relays_every_round(
     superlink_logs: list[str] = []
     stop = LocalSuperLink.stop
 
-    def keep_log_then_stop(link: LocalSuperLink) -> None:
-        stop(link)
+    def keep_log_then_stop(link: LocalSuperLink, *args: float) -> None:
+        stop(link, *args)
         superlink_logs.append(link.log.read_text(errors="replace"))
 
     monkeypatch.setattr(LocalSuperLink, "stop", keep_log_then_stop)
