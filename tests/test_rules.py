@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from mira.config import METHODS, RULES
 from mira.core import rules
 from mira.core.adapters import from_modules, lora_scale, to_modules
 from mira.core.mixing import mix_weights, mixing_matrix, neighbour_mean_rows
@@ -280,3 +281,42 @@ def test_apply_rule_local_returns_copies_and_modules_round_trip() -> None:
     )
     assert all(np.array_equal(kept[i][k], adapters[i][k]) for i in range(3) for k in adapters[0])
     assert from_modules(to_modules(adapters[0])).keys() == adapters[0].keys()
+
+
+def _round_matrix(method: str, *, step: float = 0.2, split: int = 2) -> np.ndarray:
+    """``method``'s mixing matrix on 4 sampled clients of unequal weights in two clusters:
+    clients [0, split) and [split, 4), each cluster fully connected."""
+    clusters = [0 if i < split else 1 for i in range(4)]
+    adjacency = np.array(
+        [[float(i != j and clusters[i] == clusters[j]) for j in range(4)] for i in range(4)]
+    )
+    return rules.mixing_for(
+        method,
+        adjacency=adjacency,
+        step=step,
+        clusters=clusters,
+        weights=[1.0, 2.0, 3.0, 4.0],
+        active=[True] * 4,
+    )
+
+
+def test_every_rule_has_one_mixing_matrix_and_its_record_says_what_that_matrix_does() -> None:
+    assert tuple(rules.MIXING) == tuple(RULES) == METHODS
+    for name, rule in RULES.items():
+        mixing = _round_matrix(name)
+        np.testing.assert_allclose(mixing.sum(axis=1), 1.0)
+        # One model for every client: every row the same.
+        assert rule.global_model == bool(np.allclose(mixing, mixing[0])), name
+        # The step (server.step) changes the matrix of exactly the rules that read it.
+        assert rule.uses_step == (not np.allclose(_round_matrix(name, step=0.1), mixing)), name
+        # The graph (edges and clusters) changes the matrix of exactly the rules that read it.
+        assert rule.uses_graph == (not np.allclose(_round_matrix(name, split=1), mixing)), name
+    weights = np.array([1.0, 2.0, 3.0, 4.0])
+    np.testing.assert_allclose(_round_matrix("fedit")[0], weights / weights.sum())
+    np.testing.assert_allclose(_round_matrix("cluster-merge")[0], [1 / 6, 2 / 6, 3 / 14, 4 / 14])
+    np.testing.assert_allclose(_round_matrix("local"), np.eye(4))
+
+
+def test_an_unknown_rule_names_the_known_ones() -> None:
+    with pytest.raises(ValueError, match="unknown server method 'fedavg'; choose one of: mira, "):
+        _round_matrix("fedavg")

@@ -7,6 +7,7 @@ its allowed set raises :class:`ConfigError` with a message naming the key (``sec
 what is allowed.
 
 - :mod:`~mira.config.schema`: the sections, every key's type, default and help; the key lists;
+- :mod:`~mira.config.rules`: the server rules as records (:data:`RULES`), whence the method list;
 - :mod:`~mira.config.checks`: the rules a value follows beyond its type;
 - :mod:`~mira.config.load`: TOML files, overrides, type coercion, a run directory's config;
 - :mod:`~mira.config.resume`: what a resumed run may change.
@@ -31,6 +32,7 @@ from mira.config.resume import (
     load_resumed,
     resume_changes,
 )
+from mira.config.rules import RULES, Rule
 from mira.config.schema import (
     ALL_LINEAR,
     AUTO,
@@ -89,6 +91,7 @@ __all__ = [
     "QUICKSTART",
     "RENAMED_KEYS",
     "RESUME_KEYS",
+    "RULES",
     "SECTIONS",
     "TASK_KINDS",
     "TASK_METRICS",
@@ -104,6 +107,7 @@ __all__ = [
     "ModelConfig",
     "OutputConfig",
     "PrivacyConfig",
+    "Rule",
     "ServerConfig",
     "TaskConfig",
     "TrainConfig",

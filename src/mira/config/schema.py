@@ -18,9 +18,11 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from mira.config.rules import RULES
 from mira.errors import MiraError
 
-METHODS = ("mira", "fedit", "cluster-fedavg", "cluster-merge", "local")
+METHODS = tuple(RULES)
+"""The server rules, ``server.method``'s choices: the names of :data:`mira.config.rules.RULES`."""
 GRAPH_SOURCES = ("clusters", "tasks", "random", "full", "knn")
 FINGERPRINT_GRAPHS = ("clusters", "knn")
 CLUSTER_METHODS = ("kmeans", "agglomerative")

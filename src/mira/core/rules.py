@@ -28,7 +28,7 @@ forms the chosen adapter, on the client and on the server alike, so both hold th
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -60,6 +60,30 @@ def resolve_pull_space(pull_space: str, ranks: Sequence[int]) -> str:
     return pull_space
 
 
+@dataclass(frozen=True)
+class RoundGraph:
+    """What a fixed rule's mixing matrix is made of in one round: the graph's ``adjacency``,
+    the pull's ``step``, every client's cluster, its weight (its examples) and whether it was
+    sampled (``active``)."""
+
+    adjacency: np.ndarray
+    step: float
+    clusters: Sequence[int]
+    weights: Sequence[float]
+    active: Sequence[bool]
+
+
+MIXING: dict[str, Callable[[RoundGraph], np.ndarray]] = {
+    "mira": lambda r: mixing_matrix(r.adjacency, r.step, r.active),
+    "fedit": lambda r: fedavg_mixing(r.weights, r.active),
+    "cluster-fedavg": lambda r: cluster_mixing(r.clusters, r.weights, r.active),
+    "cluster-merge": lambda r: cluster_merge_mixing(r.clusters, r.weights, r.active),
+    "local": lambda r: np.eye(r.adjacency.shape[0]),
+}
+"""The mixing matrix of every server rule (:data:`mira.config.RULES`, the same names), the one
+place a rule's math is chosen."""
+
+
 def mixing_for(
     method: str,
     *,
@@ -70,18 +94,9 @@ def mixing_for(
     active: Sequence[bool],
 ) -> np.ndarray:
     """The mixing matrix of a fixed ``method`` for this round's sampled (``active``) clients."""
-    k = adjacency.shape[0]
-    if method == "local":
-        return np.eye(k)
-    if method == "mira":
-        return mixing_matrix(adjacency, step, active)
-    if method == "fedit":
-        return fedavg_mixing(weights, active)
-    if method == "cluster-fedavg":
-        return cluster_mixing(clusters, weights, active)
-    if method == "cluster-merge":
-        return cluster_merge_mixing(clusters, weights, active)
-    raise ValueError(f"unknown server method {method!r}")
+    if method not in MIXING:
+        raise ValueError(f"unknown server method {method!r}; choose one of: {', '.join(MIXING)}")
+    return MIXING[method](RoundGraph(adjacency, step, clusters, weights, active))
 
 
 def apply_mixing(

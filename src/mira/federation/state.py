@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from mira.config import TASK_METRICS, Config, LearnedMix
+from mira.config import RULES, TASK_METRICS, Config, LearnedMix
 from mira.core import rules
 from mira.core.adapters import Adapter, lora_scale
 from mira.core.mixing import mix_weights
@@ -186,7 +186,7 @@ class ServerState:
         refresh = self.cfg.server.graph_refresh
         return (
             self.cfg.server.graph in ("clusters", "knn")
-            and self.cfg.server.method not in ("fedit", "local")
+            and RULES[self.cfg.server.method].uses_graph
             and refresh > 0
             and server_round > 1
             and (server_round - 1) % refresh == 0

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from mira.config import FINGERPRINT_GRAPHS, Config, ConfigError, FixedStep
+from mira.config import FINGERPRINT_GRAPHS, RULES, Config, ConfigError, FixedStep
 from mira.core.mixing import check_step, validate_adjacency
 from mira.graph import sources
 from mira.graph.clustering import adjusted_rand_index, cluster_fingerprints, connected_components
@@ -33,9 +33,10 @@ class TaskGraph:
 def needs_fingerprints(cfg: Config) -> bool:
     """Whether the server must ask the clients for fingerprints before round 1.
 
-    Only graph-using rules need a graph: ``fedit`` and ``local`` never read it.
+    Only graph-using rules need a graph (:attr:`mira.config.Rule.uses_graph`): ``fedit`` and
+    ``local`` never read it.
     """
-    return cfg.server.graph in FINGERPRINT_GRAPHS and cfg.server.method not in ("fedit", "local")
+    return cfg.server.graph in FINGERPRINT_GRAPHS and RULES[cfg.server.method].uses_graph
 
 
 def declared_labels(tasks: list[str]) -> list[int]:
@@ -51,7 +52,7 @@ def check_config_step(cfg: Config, adjacency: np.ndarray | None) -> None:
     client's mix weight lies in [0, 1].
     """
     policy = cfg.server.policy
-    if cfg.server.method != "mira" or not isinstance(policy, FixedStep):
+    if not RULES[cfg.server.method].uses_step or not isinstance(policy, FixedStep):
         return
     # Fingerprint graphs are scaled to max degree 1 when they are built.
     graph = np.ones((2, 2)) - np.eye(2) if adjacency is None else adjacency

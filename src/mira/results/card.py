@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from mira.config import TASK_METRICS, Config
+from mira.config import RULES, TASK_METRICS, Config
 from mira.results.document import fmt
 from mira.results.schema import OK, AdapterFiles, ClientRow
 
@@ -46,19 +46,6 @@ METRIC_NAMES = {
     "rouge_l": "ROUGE-L",
     "exact_match": "exact match",
     "token_f1": "token F1",
-}
-
-# What each server rule leaves a client holding (the README's "Why MIRA is not averaging").
-RULES = {
-    "mira": "after each round the server pulled every client's adapter toward its task-graph "
-    "neighbours' adapters (MIRA's Laplacian regularisation), so each client holds its own.",
-    "fedit": "after each round the server averaged all clients' adapters (FedIT): every client "
-    "holds the same global adapter.",
-    "cluster-fedavg": "after each round the server averaged the adapters within each cluster of "
-    "the task graph: every client holds its cluster's adapter.",
-    "cluster-merge": "after each round the server merged the clusters' averaged adapters into "
-    "one: every client holds the same adapter.",
-    "local": "the clients never communicated: this adapter saw this client's data only.",
 }
 
 
@@ -146,9 +133,10 @@ def model_card(
     modules = adapter_config.get("target_modules") or cfg.lora.target_modules
     modules = [modules] if isinstance(modules, str) else sorted(modules)
     scaling = "alpha / sqrt(r) (rsLoRA)" if cfg.lora.rslora else "alpha / r"
-    rule = cfg.server.method
-    if rule == "mira":
-        rule += f", server.step = {cfg.server.step}"
+    rule = RULES[cfg.server.method]
+    rule_text = rule.name
+    if rule.uses_step:
+        rule_text += f", server.step = {cfg.server.step}"
     if on_hub:
         named = f"[`{base}`]({HUB}/{base})"
     elif relative_base:
@@ -161,7 +149,7 @@ def model_card(
         f"{what}, after round {server_round} of "
         f"{cfg.federation.rounds} of a federated run of mira with {cfg.num_clients} clients "
         f"(tasks {', '.join(sorted(set(cfg.client_tasks)))}). Every client fine-tuned a LoRA "
-        f"adapter on its own data, which the server never saw; {RULES[cfg.server.method]}",
+        f"adapter on its own data, which the server never saw; {rule.card}",
         "",
         "| | |",
         "| --- | --- |",
@@ -173,7 +161,7 @@ def model_card(
         f"| task | `{task}` |",
         f"| LoRA | rank {rank}, alpha {cfg.lora.alpha:g} (scale {scaling}), dropout "
         f"{cfg.lora.dropout:g}, on {', '.join(f'`{m}`' for m in modules)} |",
-        f"| server rule | {rule} |",
+        f"| server rule | {rule_text} |",
         f"| task graph | `{graph_source}` |",
         f"| round | {server_round} of {cfg.federation.rounds} "
         f"({cfg.federation.local_steps} local steps per round) |",
