@@ -30,11 +30,13 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-# Two pytest workers, each test file on one of them (a file's module fixtures run once). Most
-# of the suite waits on Flower's and Ray's start-up in other processes, so two at once use
-# two cores; `.venv/bin/pytest` alone runs it in one process.
+# Two pytest workers sharing the tests one at a time, the slow ones first, except the modules
+# whose tests share simulated runs (tests/conftest.py, SHARED_MODULES), which go whole to one
+# worker so those runs are made once; both workers end together. Most of the suite waits on
+# Flower's and Ray's start-up in other processes, so two at once use two cores;
+# `.venv/bin/pytest` alone runs it in one process.
 unit: $(STAMP)
-	$(BIN)/pytest -n 2 --dist loadfile
+	$(BIN)/pytest -n 2 --dist loadgroup
 
 test: lint typecheck unit
 

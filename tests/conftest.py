@@ -1,10 +1,12 @@
-"""Shared fixtures: a tiny random model cached once per session, and tiny user tasks."""
+"""Shared fixtures: a tiny random model cached once per session, and tiny user tasks; and the
+order the tests are handed to `make unit`'s two workers in."""
 
 from __future__ import annotations
 
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -103,6 +105,35 @@ def tiny_config(cache_dir: Path, tiny_tasks: dict[str, Path]):
         )
 
     return make
+
+
+SHARED_MODULES = ("test_archs", "test_chat_template", "test_export", "test_federation")
+"""Modules whose tests share module-scoped fixtures that take long to build (simulated runs of
+the tiny model, a loaded model): under `make unit` each runs on one worker, in one piece."""
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The slow tests (a simulation, servers) first, so that under `make unit` the quick ones
+    fill in at the end and both workers finish together; a stable order, so each module's
+    tests stay in one piece."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """`make unit` (`pytest -n 2 --dist loadgroup`): every test is a unit of work of its own,
+    but the tests of a :data:`SHARED_MODULES` module are one unit, so their fixtures are built
+    once. (pytest-xdist's own groups mark each test's id, which this pytest no longer reads:
+    the units are named here.)"""
+    if config.getvalue("dist") != "loadgroup":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class SharedModules(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return path if Path(path).stem in SHARED_MODULES else nodeid
+
+    return SharedModules(config, log)
 
 
 RELIABILITY_LOG = "MIRA_RELIABILITY_LOG"

@@ -264,6 +264,9 @@ class LocalSuperLink:
             "FLWR_HOME": str(self.home),
             "FLWR_DISABLE_UPDATE_CHECK": "1",
             "FLWR_TELEMETRY_ENABLED": os.environ.get("FLWR_TELEMETRY_ENABLED", "0"),
+            # The SuperExec that starts the simulation process looks for a submitted run every
+            # second by default: a tenth of that, so the run starts when submitted.
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.1",
             "PYTHONUNBUFFERED": "1",
         }
         self.process: subprocess.Popen[bytes] | None = None
