@@ -311,6 +311,8 @@ def test_every_rule_has_one_mixing_matrix_and_its_record_says_what_that_matrix_d
         assert rule.uses_step == (not np.allclose(_round_matrix(name, step=0.1), mixing)), name
         # The graph (edges and clusters) changes the matrix of exactly the rules that read it.
         assert rule.uses_graph == (not np.allclose(_round_matrix(name, split=1), mixing)), name
+        # A rule that exchanges nothing leaves every client its own adapter.
+        assert rule.exchanges == (not np.allclose(mixing, np.eye(4))), name
     weights = np.array([1.0, 2.0, 3.0, 4.0])
     np.testing.assert_allclose(_round_matrix("fedit")[0], weights / weights.sum())
     np.testing.assert_allclose(_round_matrix("cluster-merge")[0], [1 / 6, 2 / 6, 3 / 14, 4 / 14])

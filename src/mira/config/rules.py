@@ -23,6 +23,9 @@ class Rule:
     - ``uses_step``: it reads ``server.step`` (the pull's strength, or 'auto');
     - ``global_model``: every client receives one and the same model, so there is no pull
       toward neighbours for ``server.robust`` to bound;
+    - ``exchanges``: clients send adapters to the server and receive the rule's result (false
+      for a rule under which every client could keep its own adapter: the bytes a report
+      counts for it are 0);
     - ``card``: what the rule leaves a client holding, the sentence that ends the model card's
       first paragraph.
     """
@@ -32,6 +35,7 @@ class Rule:
     uses_step: bool
     global_model: bool
     card: str
+    exchanges: bool = True
 
 
 _RULES = (
@@ -73,6 +77,7 @@ _RULES = (
         uses_step=False,
         global_model=False,
         card="the clients never communicated: this adapter saw this client's data only.",
+        exchanges=False,
     ),
 )
 

@@ -599,7 +599,7 @@ class ServerConfig:
         method is mira and ``step = 'auto'``, else :class:`FixedStep`. Rules without a step
         (fedit, local, the cluster rules) get FixedStep(0.0) whatever ``step`` says, so one
         config with ``step = 'auto'`` serves every method of ``mira compare``."""
-        if self.method == "mira" and self.step == AUTO:
+        if RULES[self.method].uses_step and self.step == AUTO:
             return self.auto
         return FixedStep(0.0 if isinstance(self.step, str) else float(self.step))
 

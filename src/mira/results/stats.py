@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import numpy as np
 from scipy import stats as scipy_stats
 
-from mira.config import TASK_METRICS
+from mira.config import RULES, TASK_METRICS
 from mira.results.schema import MIX_WEIGHT, ClientRow, RunRecord, RunRows
 
 Stat = float | None
@@ -24,7 +24,7 @@ T = TypeVar("T")
 
 CONFIDENCE = 0.95
 """Level of the t-interval of a mean over seeds (:func:`t_interval`)."""
-SILENT_RULES = ("local",)
+SILENT_RULES = tuple(rule.name for rule in RULES.values() if not rule.exchanges)
 """Server rules that exchange nothing: every client could keep its own adapter."""
 
 
