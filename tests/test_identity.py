@@ -246,6 +246,19 @@ def test_simulation_nodes_have_no_keys_and_nothing_changes(tiny_config, table_pa
         first_contact(cfg, grid, table_path)
 
 
+def test_mira_run_refuses_a_client_table_before_loading_anything(tiny_config, monkeypatch):
+    from mira.federation import simulation
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("data or model loaded")
+
+    monkeypatch.setattr(simulation, "load_client_data", refuse)
+    monkeypatch.setattr(simulation, "check_model", refuse)
+    with pytest.raises(ConfigError, match=r"federation\.node_keys = 'keys\.toml' binds") as err:
+        simulation.preflight(tiny_config("federation.node_keys=keys.toml"))
+    assert "leave it empty for `mira run`" in str(err.value)
+
+
 def test_a_replacement_key_put_in_the_table_while_the_run_goes_on_is_accepted(
     tiny_config, table_path, keys
 ):

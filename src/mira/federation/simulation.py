@@ -48,7 +48,7 @@ from typing import IO, Any
 import psutil
 import tomli_w
 
-from mira.client.model import resolve_device
+from mira.client.devices import resolve_device
 from mira.config import Config, ConfigError, to_toml
 from mira.data import load_client_data
 from mira.federation.preflight import check_lengths, check_model
@@ -83,6 +83,12 @@ def preflight(cfg: Config) -> str:
     Returns the local source of the base model (converted and cached once, here, so the
     workers only load it).
     """
+    if cfg.federation.node_keys:
+        raise ConfigError(
+            f"federation.node_keys = {cfg.federation.node_keys!r} binds clients to SuperNode "
+            "keys, which the Simulation Engine's nodes do not have: leave it empty for `mira "
+            "run` and give it to the Deployment Engine's runs (README, 'Many machines')"
+        )
     for partition in range(cfg.num_clients):
         load_client_data(cfg, partition)
     tokenizer = check_model(cfg)  # first: a mistyped name fails before the server reads it
