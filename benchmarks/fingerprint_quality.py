@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from mira.client import learner
-from mira.client.model import lora_model
+from mira.client.lora import lora_model
 from mira.config import Config, ServerConfig, config_from_dict
 from mira.data import load_client_data
 from mira.federation.client_app import client_fingerprint

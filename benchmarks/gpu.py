@@ -58,14 +58,15 @@ def measure_training(device: str, dtype: str, steps: int, overrides: list[str]) 
     import torch
 
     from mira.client import learner
+    from mira.client.devices import resolve_device
     from mira.client.learner import Encoded
+    from mira.client.lora import check_target_modules, lora_model
     from mira.client.memory import (
         DTYPE_BYTES,
         ModelShape,
         estimate_training_memory,
         framework_overhead_mb,
     )
-    from mira.client.model import check_target_modules, lora_model, resolve_device
     from mira.config import load_config
 
     cfg = load_config(None, [*overrides, f"model.device={device}", f"model.dtype={dtype}"])

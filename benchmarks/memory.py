@@ -4,7 +4,7 @@ Every run is a fresh Python process (so one run's peak cannot carry over into th
 
 1. imports torch, transformers, peft and mira, sets torch's thread count, and records its
    resident set size (RSS): the baseline, the Python/torch runtime, which the estimate excludes;
-2. loads the cached converted SmolLM2-135M-Instruct through ``mira.client.model.lora_model`` and
+2. loads the cached converted SmolLM2-135M-Instruct through ``mira.client.lora.lora_model`` and
    activates a LoRA adapter of the given rank on the given target modules;
 3. runs ``--steps`` AdamW steps of ``mira.client.learner.train_steps`` on random token sequences of
    exactly ``seq_len`` tokens (or, for the padded rows, lengths drawn from [seq_len/2, seq_len]
@@ -122,7 +122,7 @@ def measure(run: Run, steps: int, targets: tuple[str, ...], threads: int) -> Mea
 
     from mira.client import learner
     from mira.client.learner import collate
-    from mira.client.model import lora_model
+    from mira.client.lora import lora_model
     from mira.config import Config, FederationConfig, LoraConfig, ModelConfig, TrainConfig
 
     torch.set_num_threads(threads)

@@ -91,7 +91,7 @@ def bare_loop(cfg, threads: int | None = None) -> tuple[float, list[float]]:
 
     from mira.client import learner
     from mira.client.chat import chat_format
-    from mira.client.model import lora_model
+    from mira.client.lora import lora_model
     from mira.client.ranks import client_rank
     from mira.core import rules
     from mira.core.adapters import lora_scale
@@ -212,7 +212,7 @@ def main() -> int:
         folder = Path(tmp)
         config, described, overrides = write_config(folder, args.tiny, args.config)
         cfg = config_for(str(config), sweep[-1])
-        from mira.client.model import prepare_model
+        from mira.client.base import prepare_model
 
         prepare_model(cfg.model)  # built or converted once, before anything is timed
         load_before = os.getloadavg()

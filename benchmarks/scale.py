@@ -387,7 +387,8 @@ def server_writes(model: str, clients: int, repeats: int = 2) -> dict[str, Any]:
     the peft ``adapter_config.json`` that each adapter folder builds. Best of ``repeats``."""
     import numpy as np
 
-    from mira.client.model import lora_model, prepare_model
+    from mira.client.base import prepare_model
+    from mira.client.lora import lora_model
     from mira.client.sharing import PeftAdapterWriter
     from mira.results.rundir import Checkpoint, RunWriter, write_checkpoint
     from mira.results.schema import ClientRow

@@ -224,7 +224,7 @@ def main() -> int:
                     sys.executable,
                     "-c",
                     "import sys; from mira.config import load_config; "
-                    "from mira.client.model import prepare_model; "
+                    "from mira.client.base import prepare_model; "
                     "prepare_model(load_config(sys.argv[1]).model)",
                     str(config),
                 ],

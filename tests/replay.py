@@ -10,8 +10,9 @@ import numpy as np
 import torch
 
 from mira.client import learner
-from mira.client.model import Adapter, lora_model
+from mira.client.lora import lora_model
 from mira.config import Config, LearnedMix
+from mira.core.adapters import Adapter
 from mira.data import load_client_data
 from mira.federation.client_app import training_seed
 

@@ -17,7 +17,8 @@ import pytest
 import torch
 from safetensors.numpy import load_file
 
-from mira.client.model import ModelError, check_target_modules, lora_model
+from mira.client.errors import ModelError
+from mira.client.lora import check_target_modules, lora_model
 from mira.config import LoraConfig, ModelConfig
 from mira.federation.simulation import run_simulation
 from mira.results.schema import AdapterFiles, RunLayout

@@ -12,8 +12,8 @@ import tomli_w
 import torch
 
 from mira.client import learner
+from mira.client.base import model_source
 from mira.client.chat import chat_format, fit_prompt, prompt_parts, reply_text, split_tokens
-from mira.client.model import model_source
 from mira.config import ConfigError, check_resumable, load_run_config
 from mira.data import Example, load_client_data
 from mira.federation.preflight import check_lengths

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from mira.client import learner
-from mira.client.model import ModelError, lora_model, resolve_device
+from mira.client.devices import resolve_device
+from mira.client.errors import ModelError
+from mira.client.lora import lora_model
 from mira.config import ConfigError, ModelConfig, apply_overrides, config_from_dict
 from mira.data import load_client_data
 from mira.errors import MiraError

@@ -25,7 +25,8 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from mira.cli import main
-from mira.client.model import SMOLLM2_HUB_ID, SOURCE_NOTE, model_source, peft_lora_config
+from mira.client.base import SMOLLM2_HUB_ID, SOURCE_NOTE, model_source
+from mira.client.lora import peft_lora_config
 from mira.client.sharing import PeftAdapterWriter, base_identity
 from mira.config import Config
 from mira.export import ExportError, export_client
@@ -407,7 +408,7 @@ def test_library_output_is_restored_and_verbose_shows_everything() -> None:
 
 # ------------------------------------------------------------------------------ metadata
 def test_base_model_is_only_ever_a_hub_id() -> None:
-    from mira.client.model import TINY_RANDOM
+    from mira.client.tiny import TINY_RANDOM
     from mira.results.card import LOCALLY_BUILT, hub_id
 
     assert LOCALLY_BUILT == TINY_RANDOM

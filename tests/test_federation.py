@@ -170,7 +170,7 @@ def assert_reloads_to_recorded_eval_loss(run: str, runs, partitions: tuple[int, 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from mira.client import learner
-    from mira.client.model import model_source
+    from mira.client.base import model_source
     from mira.data import load_client_data
 
     cfg, folder = runs[run]

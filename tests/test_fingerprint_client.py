@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from mira.client import learner
-from mira.client.model import lora_model
+from mira.client.lora import lora_model
 from mira.data import load_client_data
 from mira.federation.client_app import client_fingerprint
 

@@ -11,7 +11,7 @@ import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from mira.client import learner
-from mira.client.model import lora_model
+from mira.client.lora import lora_model
 from mira.config import Config, TrainConfig
 from mira.data import load_client_data
 

@@ -9,6 +9,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from mira.client.learner import Encoded, collate
+from mira.client.lora import lora_model
 from mira.client.memory import (
     DTYPE_BYTES,
     FRAMEWORK_OVERHEAD_MB,
@@ -19,7 +20,6 @@ from mira.client.memory import (
     framework_overhead_mb,
     lora_parameter_count,
 )
-from mira.client.model import lora_model
 from mira.config import LoraConfig
 
 ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from mira.client.model import ModelError
+from mira.client.errors import ModelError
 from mira.config import ConfigError
 from mira.federation.preflight import check_lengths, check_model
 

@@ -29,9 +29,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from mira.client.model import TINY_RANDOM, model_source
+from mira.client.base import model_source
 from mira.client.quiet import library_output
 from mira.client.sharing import base_identity, tokenizer_files
+from mira.client.tiny import TINY_RANDOM
 from mira.config import Config, ConfigError, load_config
 from mira.errors import MiraError
 from mira.results.card import hub_id, model_card

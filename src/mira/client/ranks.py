@@ -20,6 +20,9 @@ def client_rank(cfg: Config, partition: int) -> int:
     if task.rank:
         return task.rank
     if task.memory_mb:
+        from mira.client.base import hf_config
+        from mira.client.devices import resolve_device
+        from mira.client.lora import default_target_modules
         from mira.client.memory import (
             DTYPE_BYTES,
             TARGET_MODULES,
@@ -27,7 +30,6 @@ def client_rank(cfg: Config, partition: int) -> int:
             choose_rank,
             framework_overhead_mb,
         )
-        from mira.client.model import default_target_modules, hf_config, resolve_device
 
         config = hf_config(cfg.model)
         device, dtype = resolve_device(cfg.model)

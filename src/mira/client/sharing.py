@@ -19,15 +19,10 @@ import json
 import tempfile
 from pathlib import Path
 
-from mira.assets import SMOLLM2
-from mira.client.model import (
-    PACKAGED_SMOLLM2,
-    SMOLLM2_GGUF,
-    SMOLLM2_HUB_ID,
-    SOURCE_NOTE,
-    TINY_RANDOM,
-    peft_lora_config,
-)
+from mira.assets import SMOLLM2, SMOLLM2_GGUF
+from mira.client.base import PACKAGED_SMOLLM2, SMOLLM2_HUB_ID, SOURCE_NOTE
+from mira.client.lora import peft_lora_config
+from mira.client.tiny import TINY_RANDOM
 from mira.config import LoraConfig
 
 

@@ -36,7 +36,7 @@ from flwr.clientapp import ClientApp
 
 from mira.client import learner
 from mira.client.chat import chat_format
-from mira.client.model import LoraModel, lora_model
+from mira.client.lora import LoraModel, lora_model
 from mira.client.privacy import privatise_update
 from mira.client.ranks import client_rank
 from mira.config import Config, LearnedMix, config_from_dict
@@ -178,7 +178,7 @@ def _lora_model(cfg: Config) -> LoraModel:
     # Workers share the machine's cores: each takes its slice for torch's intra-op threads.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, cfg.federation.workers)))
     # A memory budget counts process memory only on the CPU (on a GPU, device memory).
-    from mira.client.model import resolve_device
+    from mira.client.devices import resolve_device
 
     if any(task.memory_mb for task in cfg.tasks) and resolve_device(cfg.model)[0] == "cpu":
         bound_heap_growth()

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from mira.client.base import model_source
 from mira.client.chat import chat_format, example_parts
-from mira.client.model import ModelError, model_source
+from mira.client.errors import ModelError
 from mira.config import Config, ConfigError
 from mira.data import load_client_data
 
@@ -35,7 +36,8 @@ def check_model(cfg: Config) -> Any:
     from huggingface_hub.errors import HFValidationError
     from transformers import AutoConfig, AutoTokenizer
 
-    from mira.client.model import PACKAGED_SMOLLM2, TINY_FAMILIES, looks_like_path
+    from mira.client.base import PACKAGED_SMOLLM2, looks_like_path
+    from mira.client.tiny import TINY_FAMILIES
 
     name = cfg.model.name
     packaged = [PACKAGED_SMOLLM2, *TINY_FAMILIES]

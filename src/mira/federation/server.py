@@ -572,7 +572,7 @@ def check_replies(
 def describe_devices(cfg: Config, out_dir: Path, progress: Progress) -> None:
     """Say, in the run's first lines and in run.json, where the clients train (``model.device``
     and ``model.dtype`` resolved on this machine; the server itself never touches a GPU)."""
-    from mira.client.model import resolve_device  # asks NVML, never creates a CUDA context
+    from mira.client.devices import resolve_device  # asks NVML, never creates a CUDA context
 
     device, dtype = resolve_device(cfg.model)
     progress.note(f"clients train on {device} with {dtype} base weights (LoRA in float32)")

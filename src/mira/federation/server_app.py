@@ -27,7 +27,8 @@ from typing import Any
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from mira.client.model import check_target_modules, prepare_model
+from mira.client.base import prepare_model
+from mira.client.lora import check_target_modules
 from mira.client.ranks import client_rank
 from mira.config import (
     Config,

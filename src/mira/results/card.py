@@ -25,7 +25,7 @@ from mira.results.document import fmt
 from mira.results.schema import OK, AdapterFiles, ClientRow
 
 LOCALLY_BUILT = "tiny-random-"
-"""Names of the models mira builds itself from a seed (``mira.client.model.TINY_RANDOM``):
+"""Names of the models mira builds itself from a seed (``mira.client.tiny.TINY_RANDOM``):
 valid hub ids in form, but on no hub."""
 HUB = "https://huggingface.co"
 
@@ -51,7 +51,7 @@ METRIC_NAMES = {
 
 def looks_local(name: str) -> bool:
     """Whether a base model name can only be a local folder (as
-    ``mira.client.model.looks_like_path`` decides: absolute, ``.`` or ``~`` first, a backslash,
+    ``mira.client.base.looks_like_path`` decides: absolute, ``.`` or ``~`` first, a backslash,
     two slashes or more, or an existing folder)."""
     return (
         name.startswith(("/", ".", "~"))
