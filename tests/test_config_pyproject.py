@@ -27,7 +27,13 @@ def test_the_table_declares_every_config_key_empty_and_the_server_app_keys():
     assert list(dotted) == [key for key, _, _ in describe() if not key.startswith("tasks[]")]
     assert set(dotted.values()) == {""}
     plain = {key: value for key, value in declared.items() if key not in SECTIONS}
-    assert plain == {"config": "", "overrides": "", "out": "runs/flwr", "resume": False}
+    assert plain == {
+        "config": "",
+        "overrides": "",
+        "out": "runs/flwr",
+        "resume": False,
+        "verbose": False,
+    }
 
 
 def test_write_replaces_a_stale_table_and_nothing_else(tmp_path, monkeypatch, capsys):

@@ -37,6 +37,11 @@ APP_KEYS: tuple[tuple[str, str | bool, str], ...] = (
         "Output directory, new or empty (or the run to resume): metrics, graph, adapters, report.",
     ),
     ("resume", False, "Continue the run in `out` after its last checkpointed round."),
+    (
+        "verbose",
+        False,
+        "Show the libraries' warnings and progress bars; else they go to `out`/library.log.",
+    ),
 )
 
 CONFIG_KEYS_COMMENT = """\

@@ -13,6 +13,8 @@ from its node config's ``partition-id`` (Flower node ids are not stable identiti
   adapter it now holds).
 
 The base model is loaded once per process and reused; data splits are cached per process.
+Unless the run config says ``verbose = true``, the libraries' warnings and progress bars are
+dropped in this process (:func:`output_mod`).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from mira.client import learner
 from mira.client.chat import chat_format
 from mira.client.lora import LoraModel, lora_model
 from mira.client.privacy import privatise_update
+from mira.client.quiet import quiet_process
 from mira.client.ranks import client_rank
 from mira.config import Config, LearnedMix, config_from_dict
 from mira.core import rules
@@ -166,7 +169,17 @@ def _check_not_cancelled() -> None:
         raise TimeoutError("this work was abandoned at its deadline")
 
 
-app = ClientApp(mods=[deadline_mod])
+def output_mod(
+    msg: Message, context: Context, call_next: Callable[[Message, Context], Message]
+) -> Message:
+    """The ServerApp's output policy in this process (:func:`mira.client.quiet.quiet_process`):
+    the run config's ``verbose`` shows the libraries' warnings and progress bars; without it
+    they are dropped (a client has no run directory to keep them in)."""
+    quiet_process(context.run_config.get("verbose", False) in (True, "true"))
+    return call_next(msg, context)
+
+
+app = ClientApp(mods=[output_mod, deadline_mod])
 
 
 @lru_cache(maxsize=4)

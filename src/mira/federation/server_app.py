@@ -10,7 +10,11 @@ The run config (``[tool.flwr.app.config]`` in pyproject.toml, overridden by
   (``--run-config "federation.rounds=2 server.method='fedit'"``): each one that is not ''
   overrides that key after ``overrides``, read and checked exactly as ``mira run --set``;
   '' (the declared default) leaves the key as the config file has it;
-- ``out``: the run directory; ``resume``: continue the run there.
+- ``out``: the run directory; ``resume``: continue the run there;
+- ``verbose``: show the libraries' warnings, logs and progress bars as they come. Otherwise
+  (:func:`library_log`) the ServerApp keeps them in the run directory's ``library.log``, the
+  ClientApp drops them, and only errors and mira's own lines are shown (as ``mira run`` does
+  without ``-v``).
 
 ``mira run`` also sets ``relay`` (:mod:`mira.federation.relay`): the ServerApp then reports its
 progress and its outcome through that file, and ``mira run`` prints the final table and writes
@@ -19,7 +23,10 @@ the report. Without it (``flwr run``) the ServerApp does both itself after the l
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +36,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from mira.client.base import prepare_model
 from mira.client.lora import check_target_modules
+from mira.client.quiet import app_output
 from mira.client.ranks import client_rank
 from mira.config import (
     Config,
@@ -49,7 +57,7 @@ from mira.results.rundir import check_new_run_dir, logger_lines
 from mira.results.schema import RunLayout
 
 # Run-config keys that are not mira config keys (those are all 'section.key').
-WRAPPER_KEYS = ("config", "overrides", "out", "resume", "relay")
+WRAPPER_KEYS = ("config", "overrides", "out", "resume", "verbose", "relay")
 DEFAULT_OUT = "runs/flwr"
 
 app = ServerApp()
@@ -63,6 +71,7 @@ class RunRequest:
     overrides: tuple[str, ...]  # 'section.key=value', applied in order
     out_dir: Path
     resume: bool
+    verbose: bool = False
 
     def load(self) -> Config:
         """The config, overridden and validated (the errors of ``mira run --set``); resuming,
@@ -121,6 +130,7 @@ def read_run_config(run_config: Mapping[str, Any]) -> RunRequest:
         overrides=tuple(overrides),
         out_dir=Path(str(run_config.get("out", "")) or DEFAULT_OUT),
         resume=_flag("resume", run_config.get("resume", False)),
+        verbose=_flag("verbose", run_config.get("verbose", False)),
     )
 
 
@@ -163,17 +173,39 @@ def report(out_dir: Path) -> None:
             print(line, flush=True)
 
 
+@contextmanager
+def library_log(request: RunRequest) -> Iterator[None]:
+    """The libraries' output while the block runs, as :func:`~mira.client.quiet.app_output`
+    says: unless ``request.verbose``, kept and then appended to the run directory's
+    ``library.log``, if the block ran a run there (a refused ``out`` is left as it was; a run
+    that failed before it began writes none)."""
+    layout = RunLayout(request.out_dir)
+    ours = request.resume or not layout.config.exists()  # else serve refuses the folder
+    with tempfile.TemporaryFile("w+", encoding="utf-8") as held:
+        try:
+            with app_output(request.verbose, held):
+                yield
+        finally:
+            if ours and layout.config.is_file() and held.tell():
+                held.seek(0)
+                with layout.library_log.open("a", encoding="utf-8") as log:
+                    shutil.copyfileobj(held, log)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     relay_to = str(context.run_config.get("relay", ""))
     if not relay_to:  # flwr run: this process shows the run and reports on it
         request = read_run_config(context.run_config)
-        serve(grid, request, Progress())
-        report(request.out_dir)
+        with library_log(request):
+            serve(grid, request, Progress())
+            report(request.out_dir)
         return
     relay = RelayProgress(Path(relay_to))  # mira run: it shows the run and reports on it
     try:
-        serve(grid, read_run_config(context.run_config), relay)
+        request = read_run_config(context.run_config)
+        with library_log(request):
+            serve(grid, request, relay)
     except Exception as err:
         relay.finish(err)
         raise

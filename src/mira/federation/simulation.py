@@ -173,10 +173,17 @@ def app_reference(app: Any) -> str:
 
 
 def write_app(
-    folder: Path, cfg: Config, out_dir: Path, resume: bool, clients: str, relay: Path
+    folder: Path,
+    cfg: Config,
+    out_dir: Path,
+    resume: bool,
+    clients: str,
+    relay: Path,
+    verbose: bool = False,
 ) -> Path:
     """A Flower app for this run: a pyproject.toml naming the ServerApp, the ClientApp and the
-    run config (the resolved config, written beside it). Returns the app's folder."""
+    run config (the resolved config, written beside it; ``verbose``: the apps show the
+    libraries' output). Returns the app's folder."""
     config = folder / "config.toml"
     config.write_text(to_toml(cfg))
     app_dir = folder / "app"
@@ -198,6 +205,7 @@ def write_app(
                         "overrides": "",
                         "out": str(Path(out_dir).resolve()),
                         "resume": resume,
+                        "verbose": verbose,
                         "relay": str(relay),
                     },
                 }
@@ -443,7 +451,7 @@ def run_simulation(
                 )
                 superlink.wait_ready()
                 relay = RelayReader(folder / "relay.jsonl", progress)
-                app_dir = write_app(folder, cfg, out_dir, resume, clientapp, relay.path)
+                app_dir = write_app(folder, cfg, out_dir, resume, clientapp, relay.path, verbose)
                 flower_tail = superlink.run(
                     app_dir, federation_config(cfg, verbose), relay, verbose
                 )

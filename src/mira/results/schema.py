@@ -428,6 +428,11 @@ class RunLayout(ReportFiles):
         return self.dir / "run.json"
 
     @property
+    def library_log(self) -> Path:
+        """What the ServerApp kept off the console: the libraries' warnings and logs."""
+        return self.dir / "library.log"
+
+    @property
     def done(self) -> Path:
         """In a comparison: written only after the run returned with its last round."""
         return self.dir / "DONE"
