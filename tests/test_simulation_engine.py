@@ -116,6 +116,8 @@ def test_flwr_run_takes_dotted_keys_and_writes_the_report(tiny_config, tmp_path)
         report = ReportFiles(out)
         assert f"report: {report.report_md} and {report.report_html}" in stream
         assert "Personalised eval loss after round 1" in stream
+        # The libraries' output stays off the stream (tests/test_quiet_apps.py).
+        assert "Loading weights" not in stream and "FutureWarning" not in stream, stream
         clients = read_metrics(out).clients
         assert {r.round for r in clients} == {1} and len(clients) == 4
         for row in clients:  # the final table shows each client's loss
