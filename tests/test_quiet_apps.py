@@ -17,7 +17,11 @@ from types import SimpleNamespace
 import pytest
 from flwr.common.logger import ConsoleHandler, console_handler
 from flwr.common.logger import log as flower_log
-from huggingface_hub.utils import are_progress_bars_disabled, enable_progress_bars
+from huggingface_hub.utils import (
+    are_progress_bars_disabled,
+    disable_progress_bars,
+    enable_progress_bars,
+)
 from huggingface_hub.utils import tqdm as hub_tqdm
 from ray._private.log import PlainRayHandler as RayHandler
 from tqdm import tqdm
@@ -53,16 +57,23 @@ def python_console(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     flower = (console_handler.level, console_handler.colored)
     hf = (hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled())
     hub_bars_off = are_progress_bars_disabled()
+    # Start from a new process's levels: a ClientApp run in this process before (another
+    # test) turned them down for the whole process, as it does in its own.
+    hf_logging.set_verbosity_warning()
+    hf_logging.enable_progress_bar()
+    enable_progress_bars()
+    console_handler.setLevel(logging.INFO)
+    console_handler.colored = True
     with warnings.catch_warnings():
         warnings.simplefilter("default")
         yield
     console_handler.setLevel(flower[0])
     console_handler.colored = flower[1]
     hf_logging.set_verbosity(hf[0])
-    if hf[1]:
-        hf_logging.enable_progress_bar()
-    if not hub_bars_off:
-        enable_progress_bars()
+    if not hf[1]:
+        hf_logging.disable_progress_bar()
+    if hub_bars_off:
+        disable_progress_bars()
 
 
 def library_noise() -> None:
