@@ -1,4 +1,4 @@
-"""Where a base model runs and in what precision (DESIGN "Devices").
+"""Where a base model runs and in what precision (README, "Devices and precision").
 
 :func:`resolve_device` turns ``model.device`` and ``model.dtype`` into a device and the dtype
 of the frozen base weights (:data:`TORCH_DTYPES` maps that name to torch's dtype). It creates

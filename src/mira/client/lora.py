@@ -6,7 +6,7 @@ means the attention projections of the model's family (:data:`ATTENTION_PROJECTI
 ``["all-linear"]`` every linear layer but the output head. :func:`check_target_modules`
 refuses, before training, a name that matches nothing and lists the modules that exist.
 
-Precision (DESIGN "Devices"): the frozen base weights are in the dtype
+Precision (README, "Devices and precision"): the frozen base weights are in the dtype
 :func:`mira.client.devices.resolve_device` chose; LoRA weights, their gradients and the
 optimizer state stay float32 (peft's ``autocast_adapter_dtype``, enforced here), and adapters
 leave the client as float32 numpy arrays on the CPU, so the server's maths and the saved

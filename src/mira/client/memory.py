@@ -1,6 +1,6 @@
 """Training-memory estimate of one LoRA client, and the rank a memory budget allows.
 
-Clients differ (heterogeneous LoRA ranks, DESIGN "Two spaces for the pull"): a phone trains
+Clients differ (heterogeneous LoRA ranks, docs/design.md, "Two spaces for the pull"): a phone trains
 rank 4, a workstation rank 16. :func:`choose_rank` picks, for a client's memory budget, the
 largest rank of a configured set whose :func:`estimate_training_memory` fits.
 
