@@ -293,7 +293,7 @@ class LoraModel:
         A is Kaiming-uniform (peft's default bound, 1/sqrt(in)) drawn from a generator
         seeded only by ``seed`` and the rank, in sorted key order, and B is zero; so the
         result does not depend on which process or device builds it or what it did before
-        (DESIGN: all clients start from one shared initialisation).
+        (docs/design.md, "The algorithm": all clients start from one shared initialisation).
         """
         name = self.activate(lora, rank, purpose)
         generator = torch.Generator().manual_seed(seed * 1000 + rank)
