@@ -456,6 +456,15 @@ class LearnedMix:
             bounds=Bounds("0 (every candidate) or at least 3", _no_or_three),
         ),
     )
+    every: int = field(
+        default=1,
+        metadata=_meta(
+            "How often a client chooses: every N-th time it trains; the times in between it "
+            "applies the mix weight it applied last to its new neighbours' mean, without a "
+            "validation pass (pooled by cluster: the cluster's last weight). 1 = every time.",
+            bounds=">= 1",
+        ),
+    )
     pool: str = field(
         default="client",
         metadata=_meta(

@@ -350,13 +350,22 @@ def choose_mix(
     read off the curve through them, :func:`rules.interpolate_losses`), then the decision
     :func:`rules.decide_mix`, which the server checks with the same numbers. Pooled by cluster
     (``server.auto.pool``), the client applies the alpha the server sent and reports its sums
-    (:func:`rules.validation_sums`) for the next decision instead. Only this client's
-    validation split is used; the eval split never influences the choice.
+    (:func:`rules.validation_sums`) for the next decision instead. Sent no candidates (the
+    times in between its choices, ``server.auto.every``), it applies the weight the server
+    sent, with no validation pass. Only this client's validation split is used; the eval split
+    never influences the choice.
     """
     assert instruction.mean is not None
     policy = cfg.server.auto
     space, candidates = instruction.space, instruction.candidates
     scale = lora_scale(cfg.lora.alpha, rank, cfg.lora.rslora)
+    if not candidates:  # a time it reuses its last weight (server.auto.every): no search
+        if instruction.alpha is None:
+            raise ValueError("server.step = 'auto': the server sent no candidates and no weight")
+        reply.alpha = instruction.alpha
+        adapter = rules.mix_toward(own, instruction.mean, reply.alpha, space, scale)
+        model.set_adapter(name, adapter)
+        return adapter
     pad_id = model.tokenizer.pad_token_id
     pooled = policy.pool == "cluster"
     per_example = policy.tolerance > 0 or pooled

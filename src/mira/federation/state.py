@@ -130,8 +130,9 @@ class ClientState:
     evaluation: Evaluation | None = None  # of ``adapter``, once known
     evaluated_task_metrics: bool = False  # whether ``evaluation`` includes the task metrics
     held: tuple[int, str] | None = None  # auto: (node, adapter_digest) its node said it holds
-    apply_alpha: float | None = None  # auto pooled by cluster: the mix weight it is to apply
+    apply_alpha: float | None = None  # auto: the weight it is to apply (pooled, or reused)
     apply_choice: float | None = None  # ... and the candidate that chose it (None: the start)
+    reused: int = 0  # auto: times it applied its last weight again since it last chose
 
 
 @dataclass
@@ -345,6 +346,17 @@ class ServerState:
         assert client.mean is not None and reply.alpha is not None
         policy = self.policy
         assert isinstance(policy, LearnedMix)
+        if not client.candidates:  # it reused a weight the server sent (server.auto.every)
+            if client.apply_alpha is None or not math.isclose(
+                client.apply_alpha, reply.alpha, rel_tol=0, abs_tol=1e-12
+            ):
+                raise ServerStateError(
+                    f"client {client.client_id} applied alpha = {reply.alpha} but the server "
+                    f"sent it {client.apply_alpha} to apply again (server.auto.every)"
+                )
+            self._store_mix(index, reply.alpha, row)
+            client.reused += 1
+            return
         losses = reply.val_losses or []
         if len(losses) != len(client.candidates):
             raise ServerStateError(
@@ -383,12 +395,8 @@ class ServerState:
             raise ServerStateError(
                 f"client {client.client_id} chose alpha = {reply.alpha} but {why} {alpha}"
             )
-        client.adapter = rules.mix_toward(
-            client.adapter, client.mean, alpha, self.space, self.scales[index]
-        )
-        client.mean = None
-        client.prior_alpha = alpha
-        row.mix_weight = alpha
+        self._store_mix(index, alpha, row)
+        client.reused = 0
         row.alpha_choice = choice
         if choice in client.candidates:
             row.val_loss = float(losses[client.candidates.index(choice)])
@@ -397,6 +405,18 @@ class ServerState:
         if tolerance > 0:
             row.val_standard_errors = [float(v) for v in reply.val_standard_errors or []]
             row.anchor = client.anchor
+
+    def _store_mix(self, index: int, alpha: float, row: ClientRow) -> None:
+        """Client ``index``'s adapter becomes (1 - alpha) W_k + alpha M_k, as the client
+        computed it; alpha is the weight it applied last from now on."""
+        client = self.clients[index]
+        assert client.mean is not None
+        client.adapter = rules.mix_toward(
+            client.adapter, client.mean, alpha, self.space, self.scales[index]
+        )
+        client.mean = None
+        client.prior_alpha = alpha
+        row.mix_weight = alpha
 
     def _decide_pooled(self, sums: dict[int, list[tuple[int, ValidationSums]]]) -> None:
         """``server.auto.pool = 'cluster'``: each cluster's one mix weight, from the sums its
@@ -563,8 +583,24 @@ class ServerState:
             candidates = rules.auto_candidates(policy.grid, neighbours, policy.equal_share)
             client.candidates = candidates if client.mean is not None else []
             client.anchor = rules.sharing_anchor(neighbours)
+            client.apply_alpha = client.apply_choice = None
+        choosing = [i for i in trained if self.clients[i].mean is not None]
+        reusing = [i for i in choosing if self._reuses(self.clients[i], policy)]
+        choosing = [i for i in choosing if i not in reusing]
         if policy.pool == "cluster":
-            self._share_candidates([i for i in trained if self.clients[i].mean is not None])
+            self._share_candidates(choosing)
+        for i in reusing:  # no validation pass: the weight it applied last, or its cluster's
+            client = self.clients[i]
+            client.candidates = []
+            label = self.graph.clusters[i]
+            pooled = policy.pool == "cluster" and label in self.cluster_mix
+            client.apply_alpha = self.cluster_mix[label][0] if pooled else client.prior_alpha
+
+    @staticmethod
+    def _reuses(client: ClientState, policy: LearnedMix) -> bool:
+        """Whether a client that trained applies its last weight again instead of choosing
+        (``server.auto.every``): it has chosen before, fewer than ``every`` times ago."""
+        return client.prior_alpha is not None and client.reused + 1 < policy.every
 
     def _share_candidates(self, choosing: list[int]) -> None:
         """Pooled by cluster: the clients of a cluster that choose this round try the same
@@ -601,6 +637,7 @@ class ServerState:
                     "anchor": client.anchor,
                     "apply_alpha": client.apply_alpha,
                     "apply_choice": client.apply_choice,
+                    "reused": client.reused,
                     "evaluation": None
                     if client.evaluation is None
                     else client.evaluation.as_dict(),
@@ -646,6 +683,7 @@ class ServerState:
             client.anchor = float(entry.get("anchor", 0.0))
             client.apply_alpha = entry.get("apply_alpha")
             client.apply_choice = entry.get("apply_choice")
+            client.reused = int(entry.get("reused", 0))
             stored = entry["evaluation"]
             client.evaluation = None if stored is None else Evaluation.from_dict(stored)
             client.evaluated_task_metrics = bool(entry["evaluated_task_metrics"])
