@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mira-bootstrap
 
-.PHONY: demo test lint typecheck unit data-check venv clean
+.PHONY: demo test lint typecheck unit quick data-check venv clean
 
 venv: $(STAMP)
 
@@ -30,13 +30,17 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(BIN)/mypy
 
-# Two pytest workers sharing the tests one at a time, the slow ones first, except the modules
-# whose tests share simulated runs (tests/conftest.py, SHARED_MODULES), which go whole to one
-# worker so those runs are made once; both workers end together. Most of the suite waits on
-# Flower's and Ray's start-up in other processes, so two at once use two cores;
-# `.venv/bin/pytest` alone runs it in one process.
+# Every test, tests/unit and tests/e2e (tests/README.md): two pytest workers sharing the tests
+# one at a time, the slow ones first, except the modules whose tests share simulated runs
+# (tests/conftest.py, SHARED_MODULES), which go whole to one worker so those runs are made
+# once; both workers end together. Most of the suite waits on Flower's and Ray's start-up in
+# other processes, so two at once use two cores; `.venv/bin/pytest` alone runs it in one process.
 unit: $(STAMP)
 	$(BIN)/pytest -n 2 --dist loadgroup
+
+# The unit tests only: no simulation, no server, in one process.
+quick: $(STAMP)
+	$(BIN)/pytest -q tests/unit
 
 test: lint typecheck unit
 

@@ -1,10 +1,16 @@
 """Shared fixtures: a tiny random model cached once per session, and tiny user tasks; and the
-order the tests are handed to `make unit`'s two workers in."""
+order the tests are handed to `make unit`'s two workers in.
+
+tests/ and every folder of test modules under it are on ``sys.path``: the helpers here
+(faults.py, replay.py) and a test module's helpers import by their module name from any folder
+(``from test_compare import write_fake_run``), which is why every file name under tests/ is
+unique (tests/README.md)."""
 
 from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +18,11 @@ import pytest
 
 from mira.config import Config, apply_overrides, config_from_dict
 from mira.results.schema import RunLayout
+
+TESTS = Path(__file__).resolve().parent
+for _folder in [TESTS, *sorted({p.parent for p in TESTS.rglob("test_*.py")})]:
+    if str(_folder) not in sys.path:
+        sys.path.append(str(_folder))
 
 POSITIVE = ["good", "great", "lovely", "superb", "fine", "bright", "warm", "happy"]
 NEGATIVE = ["bad", "awful", "dull", "poor", "grim", "sad", "cold", "weak"]
@@ -107,7 +118,7 @@ def tiny_config(cache_dir: Path, tiny_tasks: dict[str, Path]):
     return make
 
 
-SHARED_MODULES = ("test_archs", "test_chat_template", "test_export", "test_federation")
+SHARED_MODULES = ("test_archs_runs", "test_chat_template", "test_export", "test_federation")
 """Modules whose tests share module-scoped fixtures that take long to build (simulated runs of
 the tiny model, a loaded model): under `make unit` each runs on one worker, in one piece."""
 
@@ -134,6 +145,19 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
             return path if Path(path).stem in SHARED_MODULES else nodeid
 
     return SharedModules(config, log)
+
+
+@pytest.fixture(scope="module")
+def privacy_bench():
+    """benchmarks/privacy.py, imported under the name the Simulation Engine's workers use."""
+    import importlib
+
+    folder = str(TESTS.parent / "benchmarks")
+    sys.path.insert(0, folder)
+    try:
+        return importlib.import_module("privacy")
+    finally:
+        sys.path.remove(folder)
 
 
 RELIABILITY_LOG = "MIRA_RELIABILITY_LOG"

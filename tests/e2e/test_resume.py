@@ -27,7 +27,7 @@ from mira.results.schema import AdapterFiles, ReportFiles, RunLayout
 
 pytestmark = pytest.mark.slow
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).parents[1]
 
 # `mira run CONFIG --out OUT --verbose` with tests/faults.py's ClientApp in place of mira's.
 DRIVER = (

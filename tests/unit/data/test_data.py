@@ -38,7 +38,7 @@ from mira.data.sources import read_csv, read_jsonl, read_orange_tab
 from mira.data.splits import client_splits, dirichlet_shards, iid_shards
 from mira.data.tasks import Source, clip
 
-FIXTURES = Path(__file__).parent / "fixtures" / "data"
+FIXTURES = Path(__file__).parents[2] / "fixtures" / "data"
 
 
 @pytest.fixture(autouse=True)

@@ -47,7 +47,7 @@ from mira.results.schema import RunLayout
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 STARTUP_TIMEOUT = 60.0  # seconds for the SuperLink to accept connections
 RUN_TIMEOUT = 900.0  # seconds for `flwr run --stream` of one round (60-90 s on 2 idle cores)

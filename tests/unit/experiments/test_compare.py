@@ -1,8 +1,8 @@
 """mira compare: planning, skipping and re-running, and the aggregated numbers.
 
 A fake runner writes synthetic run directories with fixed numbers, so every statistic in
-comparison.csv is checked against a value computed by hand below. One slow test runs the real
-Simulation Engine on the tiny model.
+comparison.csv is checked against a value computed by hand below. The real Simulation Engine
+on the tiny model: tests/e2e/test_compare_runs.py.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import tomli_w
 
-from mira.config import Config, ConfigError, load_config
+from mira.config import Config, ConfigError
 from mira.experiments.compare import CompareError, parse_methods, parse_seeds, run_comparison
 from mira.results.diff import DiffError
 from mira.results.document import Table, markdown_table
@@ -27,7 +27,6 @@ from mira.results.runs import run_folder, summarise_comparison
 from mira.results.schema import (
     ClientRow,
     ComparisonLayout,
-    ReportFiles,
     RoundRow,
     RunLayout,
     encode_row,
@@ -419,36 +418,6 @@ def test_a_runner_that_stops_early_is_not_marked_done(tmp_path: Path, config_fil
     with pytest.raises(CompareError, match="round 2"):
         run_comparison(str(config_file), [], ["mira"], [1], out, runner=FakeRunner(rounds=1))
     assert not RunLayout(run_folder(out, "mira", 1)).done.exists()
-
-
-# ------------------------------------------------------------------------------ real
-@pytest.mark.slow
-def test_real_comparison_of_mira_and_local_on_the_tiny_model(tiny_config, tmp_path: Path) -> None:
-    # one client per task: the 'full' graph gives mira a neighbour to pull toward
-    cfg = tiny_config(
-        "federation.rounds=1", "federation.local_steps=1", "server.graph=full", clients=1
-    )
-    path = tmp_path / "tiny.toml"
-    path.write_text(tomli_w.dumps(cfg.to_dict()))
-    out = tmp_path / "cmp"
-    run_comparison(str(path), [], ["mira", "local"], [3], out)
-    rows = read_csv(ComparisonLayout(out).summary_csv)
-    assert list(rows) == ["mira", "local"]
-    for row in rows.values():
-        assert row["seeds"] == "1"
-        assert math.isfinite(float(row["personalised_loss_mean"]))
-        assert math.isfinite(float(row["personalised_loss_worst"]))
-        assert float(row["bytes_up_per_round"]) > 0
-        assert float(row["wall_seconds"]) > 0
-    # same clients, data and initialisation; only the server rule differs
-    assert rows["mira"]["personalised_loss_mean"] != rows["local"]["personalised_loss_mean"]
-    stored = load_config(ComparisonLayout(out).run("mira", 3).config)
-    assert stored.federation.seed == 3 and stored.server.method == "mira"
-    # the report reads what real runs write (seconds, not minutes, on top of the runs)
-    from mira.results.report import write_report
-
-    write_report(out)
-    assert ReportFiles(out).task_graph_plot.is_file()
 
 
 def _save_adapters(folder: Path, shift: float) -> None:

@@ -3,11 +3,8 @@ mira.core.accounting's epsilon against the analytic Gaussian mechanism and two a
 
 from __future__ import annotations
 
-import importlib
 import itertools
 import math
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -174,17 +171,6 @@ def test_noise_for_epsilon_inverts_client_epsilon():
 # ---------------------------------------------------------------------------- the benchmark
 
 
-@pytest.fixture(scope="module")
-def bench():
-    """benchmarks/privacy.py, imported under the name the Simulation Engine's workers use."""
-    folder = str(Path(__file__).resolve().parents[1] / "benchmarks")
-    sys.path.insert(0, folder)
-    try:
-        return importlib.import_module("privacy")
-    finally:
-        sys.path.remove(folder)
-
-
 def random_adapters(count: int, seed: int) -> list[dict[str, np.ndarray]]:
     rng = np.random.default_rng(seed)
     return [
@@ -197,7 +183,7 @@ def random_adapters(count: int, seed: int) -> list[dict[str, np.ndarray]]:
 
 
 @pytest.mark.parametrize("method", ["mira", "fedit"])
-def test_a_client_recovers_what_the_others_uploaded_from_its_pulled_adapter(bench, method):
+def test_a_client_recovers_what_the_others_uploaded_from_its_pulled_adapter(privacy_bench, method):
     # Two tasks of two clients: under mira each client's one neighbour, under fedit the mean
     # of the other three, mixed by the server's own code.
     adjacency = np.array([[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 0, 1], [0, 0, 1, 0]], dtype=float)
@@ -212,7 +198,7 @@ def test_a_client_recovers_what_the_others_uploaded_from_its_pulled_adapter(benc
     )
     received = rules.apply_mixing(uploads, mixing, "factor", [2.0] * 4)
     for k in range(4):
-        estimate = bench.reconstruct_others(received[k], uploads[k], float(mixing[k, k]))
+        estimate = privacy_bench.reconstruct_others(received[k], uploads[k], float(mixing[k, k]))
         if method == "mira":
             partner = k ^ 1
             expected = {key: v.astype(np.float64) for key, v in uploads[partner].items()}
@@ -221,40 +207,6 @@ def test_a_client_recovers_what_the_others_uploaded_from_its_pulled_adapter(benc
             expected = {key: np.mean([a[key] for a in others], axis=0) for key in uploads[k]}
         for key, value in expected.items():
             np.testing.assert_allclose(estimate[key], value, rtol=0, atol=1e-5)
-
-
-@pytest.mark.slow
-def test_the_benchmark_on_the_tiny_model(bench, tiny_config, tmp_path):
-    cfg = tiny_config("federation.rounds=2")
-    assert cfg.server.graph == "tasks" and cfg.num_clients == 4
-    plain = bench.run_one(cfg, tmp_path / "none", bench.Level("none", 0.0, 0.0), seed=1)
-    # Without DP a client holds its neighbour's trained adapter (float32 rounding aside).
-    assert plain["error_last"] < 1e-3 and plain["exact_max"] < 1e-3, plain
-    clip = plain["update_norm_median"]
-    noisy = bench.run_one(cfg, tmp_path / "dp", bench.Level("z=0.5", clip, 0.5), seed=1)
-    # With DP it still recovers exactly what the neighbour uploaded, but that is the clipped
-    # update plus noise of norm about z C sqrt(d) >> C: far from what the neighbour trained.
-    assert noisy["exact_max"] < 1e-3, noisy
-    assert noisy["error_last"] > 1.0, noisy
-    assert math.isfinite(noisy["loss"]), noisy
-
-
-@pytest.mark.slow
-def test_a_private_run_reports_each_clients_epsilon(tiny_config, tmp_path):
-    import json
-
-    from mira.core.accounting import client_epsilon
-    from mira.federation.simulation import run_simulation
-    from mira.results.rundir import read_metrics
-
-    cfg = tiny_config("privacy.clip_norm=0.05", "privacy.noise_multiplier=2.0")
-    run_simulation(cfg, tmp_path)
-    for row in read_metrics(tmp_path).clients:  # every client trains every round: one release
-        assert row.epsilon == pytest.approx(client_epsilon(2.0, row.round, 1e-5))
-    info = json.loads(RunLayout(tmp_path).run_info.read_text())
-    assert info["privacy"]["epsilon_max"] == pytest.approx(client_epsilon(2.0, 2, 1e-5))
-    assert set(info["privacy"]["epsilon"]) == set(cfg.client_ids)
-    assert info["device"] == "cpu" and info["dtype"] == "float32"
 
 
 @pytest.mark.parametrize("noise", [0.0, 2.0])

@@ -21,7 +21,7 @@ from mira.results.schema import ClientRow, RunLayout
 
 pytestmark = pytest.mark.slow
 
-TESTS = Path(__file__).parent
+TESTS = Path(__file__).parents[1]
 
 
 @pytest.fixture

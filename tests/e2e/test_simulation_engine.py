@@ -20,7 +20,7 @@ from mira.results.schema import ReportFiles, RunLayout
 
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 # A line of Flower's logger ("WARNING :   ...", "DEBUG 2026-...: ..."), also from a Ray actor.
 FLOWER_LOG_LINE = re.compile(r"^(?:\(\w+ pid=\d+\)\s*)?(?:DEBUG|INFO|WARNING|ERROR)\b")
@@ -116,7 +116,7 @@ def test_flwr_run_takes_dotted_keys_and_writes_the_report(tiny_config, tmp_path)
         report = ReportFiles(out)
         assert f"report: {report.report_md} and {report.report_html}" in stream
         assert "Personalised eval loss after round 1" in stream
-        # The libraries' output stays off the stream (tests/test_quiet_apps.py).
+        # The libraries' output stays off the stream (tests/unit/federation/test_quiet_apps.py).
         assert "Loading weights" not in stream and "FutureWarning" not in stream, stream
         clients = read_metrics(out).clients
         assert {r.round for r in clients} == {1} and len(clients) == 4

@@ -21,7 +21,7 @@ from mira.results.schema import (
     encode_row,
 )
 
-ARCHIVE = Path(__file__).resolve().parents[1] / "docs" / "results" / "archive"
+ARCHIVE = Path(__file__).resolve().parents[3] / "docs" / "results" / "archive"
 RUNS = sorted(
     run.metrics
     for folder in sorted(ARCHIVE.iterdir())

@@ -8,7 +8,7 @@ from pathlib import Path
 from mira.config import SECTIONS, describe
 from mira.config.pyproject import current, main, table, updated
 
-PYPROJECT = Path(__file__).parents[1] / "pyproject.toml"
+PYPROJECT = Path(__file__).parents[3] / "pyproject.toml"
 
 
 def test_pyproject_holds_the_generated_table():

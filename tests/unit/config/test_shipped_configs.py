@@ -10,7 +10,7 @@ from mira.client.memory import ModelShape, choose_rank
 from mira.client.ranks import client_rank
 from mira.config import load_config
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[3]
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.toml")), ids=lambda p: p.name)

@@ -21,7 +21,7 @@ from mira.federation.server_app import WRAPPER_KEYS, as_override, read_run_confi
 from mira.results.errors import RunExistsError
 from mira.results.schema import RunLayout
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def flwr_run_config(*run_config: str) -> dict[str, Any]:

@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SOURCE = ROOT / "src"
+TESTS = ROOT / "tests"
 DESIGN = ROOT / "docs" / "design.md"
 FOUNDATION = {"config", "errors"}
 """What every folder may import (the table's row for them says so)."""
@@ -178,3 +179,14 @@ def test_the_import_map_has_no_cycle() -> None:
 def test_the_cycle_finder_finds_cycles() -> None:
     assert strongly_connected({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert strongly_connected({"a": {"b"}, "b": set()}) == []
+
+
+def test_the_unit_tests_mirror_the_package_under_unique_file_names() -> None:
+    """tests/unit/<folder> is a folder of src/mira, or app for its top-level modules
+    (tests/README.md); test modules import each other by file name, and `make unit` keeps a
+    module's tests together by it, so no two files under tests/ share one."""
+    package = {p.name for p in (SOURCE / "mira").iterdir() if (p / "__init__.py").is_file()}
+    folders = {p.name for p in (TESTS / "unit").iterdir() if p.is_dir() and p.name[0] != "_"}
+    assert folders - package <= {"app"}, f"not a folder of src/mira: {sorted(folders - package)}"
+    names = [p.name for p in TESTS.rglob("*.py") if p.name != "conftest.py"]
+    assert sorted(n for n in set(names) if names.count(n) > 1) == []

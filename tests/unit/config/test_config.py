@@ -28,7 +28,7 @@ from mira.config import (
 )
 from mira.config.schema import Bounds
 
-ROOT = Path(__file__).parents[1]
+ROOT = Path(__file__).parents[3]
 
 
 def _raw(**sections):
@@ -48,7 +48,8 @@ def test_quickstart_is_valid_and_uses_the_packaged_model():
 def test_defaults_and_client_order():
     cfg = config_from_dict(_raw())
     assert cfg.lora.rank == 8
-    # [] = the family's attention projections: q, k, v and o for Llama (tests/test_archs.py).
+    # [] = the family's attention projections: q, k, v and o for Llama
+    # (tests/unit/client/test_archs.py).
     assert cfg.lora.target_modules == ()
     assert cfg.client_ids == ["a-0", "a-1", "b-0"]
     assert cfg.client_tasks == ["a", "a", "b"]
@@ -204,7 +205,7 @@ def test_readme_config_reference_is_current():
     buffer = io.StringIO()
     with redirect_stdout(buffer):
         main(["config", "--markdown"])
-    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    readme = (Path(__file__).parents[3] / "README.md").read_text()
     start = readme.index("<!-- config-reference:start -->")
     end = readme.index("<!-- config-reference:end -->")
     assert readme[start:end].split("\n", 1)[1].strip() == buffer.getvalue().strip()
@@ -259,7 +260,7 @@ def test_every_declared_bound_is_enforced_with_one_message_form():
     """Each key's bounds, declared in its field metadata, refuse a value outside them with one
     message form: '{key} must be {bounds}, got {value}', or '{key}[i] = {value} must be ...'."""
     declared = _keys_with("bounds")
-    assert len(declared) == 46
+    assert len(declared) == 47
     for section, name, annotation, bounds in declared:
         whole = int in (annotation, *typing.get_args(annotation))
         bad = next(

@@ -1,7 +1,7 @@
 """Commands that only read results import neither torch nor flwr.
 
 Each command runs through ``mira.cli.main`` in a fresh interpreter on a small fixture; the
-interpreter then reports which heavy modules got imported along the way.
+interpreter then reports which heavy modules got imported along the way. Seconds each: e2e.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import pytest
 
 from mira.results.schema import ReportFiles, RunLayout
 from test_compare import CLIENTS, make_comparison_dir, write_fake_run
+
+pytestmark = pytest.mark.slow
 
 SCRIPT = """
 import json, sys
