@@ -1,12 +1,13 @@
 """docs/reliability.md: every fault and bad input mira is tested against, and what happened.
 
-Runs the fault tests (tests/test_faults.py, tests/test_rundir.py, tests/test_preflight.py,
-tests/test_data.py, the SIGKILL-and-resume test and the deployment tests: refused SuperNodes, a
-registered SuperNode claiming another node's partition-id against a client table, a SuperNode
-killed mid-round) with MIRA_RELIABILITY_LOG set: each test records the fault it injected, what the
-run did, how many rounds it completed and how many clients' adapters were lost (missing,
-unreadable or not finite). This script writes those records as a table. A test that fails
-writes no record, and the script says so and exits 1.
+Runs the fault tests (tests/e2e/test_faults.py, tests/unit/results/test_rundir.py,
+tests/unit/federation/test_preflight.py, tests/unit/data/test_data.py, the SIGKILL-and-resume
+test and the deployment tests: refused SuperNodes, a registered SuperNode claiming another
+node's partition-id against a client table, a SuperNode killed mid-round) with
+MIRA_RELIABILITY_LOG set: each test records the fault it injected, what the run did, how many
+rounds it completed and how many clients' adapters were lost (missing, unreadable or not
+finite). This script writes those records as a table. A test that fails writes no record, and
+the script says so and exits 1.
 
     .venv/bin/python benchmarks/reliability.py --out docs/reliability.md
 """
@@ -23,12 +24,12 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 TESTS = [
-    "tests/test_faults.py",
-    "tests/test_rundir.py",
-    "tests/test_preflight.py",
-    "tests/test_data.py",
-    "tests/test_resume.py",
-    "tests/test_deployment.py",
+    "tests/e2e/test_faults.py",
+    "tests/unit/results/test_rundir.py",
+    "tests/unit/federation/test_preflight.py",
+    "tests/unit/data/test_data.py",
+    "tests/e2e/test_resume.py",
+    "tests/e2e/test_deployment.py",
 ]
 
 

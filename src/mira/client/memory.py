@@ -285,12 +285,12 @@ def estimate_training_memory(
     The peak is at the end of the forward pass (or the start of backward): every saved
     activation, the logits and the previous step's gradients are alive together. Per-layer
     transients are negligible and not counted; the embedding is frozen and needs no gradient.
-    The activations term equals, byte for byte, what autograd saves (tests/test_memory.py)
-    with sdpa whenever q, k or v carries LoRA, and with eager when q and k both do; otherwise
-    the first layer, whose input needs no gradient, saves less and the estimate errs high by
-    at most that one layer. The same holds with bfloat16 weights on the CPU
-    (tests/test_memory.py counts both). CUDA's attention kernels
-    save about the same (output and log-sum-exp) but were not counted here.
+    The activations term equals, byte for byte, what autograd saves
+    (tests/unit/client/test_memory.py) with sdpa whenever q, k or v carries LoRA, and with eager
+    when q and k both do; otherwise the first layer, whose input needs no gradient, saves less
+    and the estimate errs high by at most that one layer. The same holds with bfloat16 weights
+    on the CPU (tests/unit/client/test_memory.py counts both). CUDA's attention kernels save
+    about the same (output and log-sum-exp) but were not counted here.
 
     On the CPU the total is the process's live memory: glibc's malloc can keep much more
     resident unless its mmap threshold is pinned (docs/memory.md, "Allocator"). On a GPU it

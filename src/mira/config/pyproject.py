@@ -4,7 +4,7 @@ Flower's SuperLink refuses a ``--run-config`` key the app does not declare, so t
 the ServerApp's own keys and every key of the mira config, each '' (left as the config file has
 it). ``python -m mira.config.pyproject`` prints the table; ``--write`` puts it into
 ./pyproject.toml in place of the one there: run it after adding, renaming or removing a key
-(tests/test_config_pyproject.py fails until then).
+(tests/unit/config/test_config_pyproject.py fails until then).
 """
 
 from __future__ import annotations

@@ -9,8 +9,8 @@ with noise multiplier z, which is (1/z)-GDP (Gaussian differential privacy, Dong
 (epsilon, delta) curve is the analytic Gaussian mechanism (Balle & Wang, 2018, "Improving the
 Gaussian Mechanism for Differential Privacy", ICML, Thm 8). The conversion is Google's
 dp-accounting library (``dp_accounting.get_epsilon_gaussian``, the backend Flower's own
-``RdpAccountant`` wraps); tests/test_privacy.py checks the composition against its PLD
-accountant and its RDP accountant (an upper bound).
+``RdpAccountant`` wraps); tests/unit/client/test_privacy.py checks the composition against its
+PLD accountant and its RDP accountant (an upper bound).
 
 There is no amplification by sampling: mira samples clients with a seed the server knows, so a
 client's epsilon counts the rounds it trained, not the rounds of the run. Other neighbour

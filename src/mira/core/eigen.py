@@ -19,8 +19,9 @@ of :func:`mira.core.spaces.product_mix` run them in parallel (scipy's own Python
 GIL). Workspaces are kept per thread and matrix size, so a call allocates only its results.
 
 Eigenvalues are accurate to about eps * ||C|| and eigenvectors have residuals of the same order,
-as with ``eigh``; ``tests/test_eigen.py`` compares the two. When scipy's LAPACK cannot be loaded
-or any routine reports a failure, :func:`top_eigenpairs` falls back to ``numpy.linalg.eigh``.
+as with ``eigh``; ``tests/unit/core/test_eigen.py`` compares the two. When scipy's LAPACK cannot
+be loaded or any routine reports a failure, :func:`top_eigenpairs` falls back to
+``numpy.linalg.eigh``.
 """
 
 from __future__ import annotations

@@ -12,7 +12,8 @@ complete, and written, one exchange after its training; each reported eval loss 
 of the adapter the client held after that round's rule.
 
 Everything here is plain Python and numpy, so the round logic is tested without Flower
-(tests/test_state.py); :mod:`mira.federation.server` moves the instructions and replies.
+(tests/unit/federation/test_state.py); :mod:`mira.federation.server` moves the instructions and
+replies.
 """
 
 from __future__ import annotations
