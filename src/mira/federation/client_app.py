@@ -363,9 +363,9 @@ def choose_mix(
         if instruction.alpha is None:
             raise ValueError("server.step = 'auto': the server sent no candidates and no weight")
         reply.alpha = instruction.alpha
-        adapter = rules.mix_toward(own, instruction.mean, reply.alpha, space, scale)
-        model.set_adapter(name, adapter)
-        return adapter
+        reused = rules.mix_toward(own, instruction.mean, reply.alpha, space, scale)
+        model.set_adapter(name, reused)
+        return reused
     pad_id = model.tokenizer.pad_token_id
     pooled = policy.pool == "cluster"
     per_example = policy.tolerance > 0 or pooled
