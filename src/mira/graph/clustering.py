@@ -133,10 +133,15 @@ def cluster_fingerprints(
         raise ValueError(f"k_range {k_range} leaves no k in [2, {min(num - 1, distinct)}]")
     candidates: dict[int, np.ndarray] = {}
     scores: dict[int, float] = {}
-    for trial in range(low, high + 1):
-        labels = _fit_labels(points, method, trial, seed)
-        candidates[trial] = labels
-        scores[trial] = _silhouette(points, labels)
+    # A k above K / 2 always leaves a cluster of at most one client, which is chosen only when
+    # every k does: those are tried only then (with hundreds of clients, half the fits or less).
+    for span in ((low, min(high, num // 2)), (max(low, num // 2 + 1), high)):
+        if candidates and any(np.bincount(c).min() >= 2 for c in candidates.values()):
+            break
+        for trial in range(span[0], span[1] + 1):
+            labels = _fit_labels(points, method, trial, seed)
+            candidates[trial] = labels
+            scores[trial] = _silhouette(points, labels)
     no_singletons = [t for t in candidates if np.bincount(candidates[t]).min() >= 2]
     pool = no_singletons or list(candidates)
     best = max(pool, key=lambda t: (scores[t], -t))  # ties go to the smaller k

@@ -284,7 +284,7 @@ def test_clustering_recovers_known_groups(method: str) -> None:
     assert result.k == 4
     assert adjusted_rand_index(truth, result.labels) == 1.0
     assert result.score > 0.9
-    assert set(result.scores) == set(range(2, 12))
+    assert set(result.scores) == set(range(2, 7))  # k > 12 / 2 leaves a lone client
     assert result.scores[4] == max(result.scores.values())
     np.testing.assert_array_equal(result.labels, truth)  # numbered by first appearance
     np.testing.assert_array_equal(cluster_graph(result.labels), cluster_graph(truth))
@@ -364,3 +364,10 @@ def test_plot_adjacency_writes_png(tmp_path: Path) -> None:
     assert pixels[..., :3].std() > 0.05  # not a blank image
     with pytest.raises(ValueError, match="client ids"):
         plot_adjacency(cluster_graph(labels), ids[:3], labels, tmp_path / "x.png")
+
+
+def test_clustering_tries_the_larger_k_only_when_every_smaller_one_leaves_a_lone_client() -> None:
+    points = np.array([[0.0, 0.0], [0.01, 0.0], [0.0, 0.01], [10.0, 10.0]])
+    result = cluster_fingerprints(points)  # k = 2 leaves the far client alone: k = 3 is tried
+    assert set(result.scores) == {2, 3}
+    assert result.k == 2 and result.scores[2] == max(result.scores.values())
