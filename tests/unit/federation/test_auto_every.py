@@ -8,39 +8,24 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from mira.config import apply_overrides, config_from_dict
 from mira.core import rules
 from mira.federation.client_app import choose_mix
 from mira.federation.messages import Evaluation, Instruction, Reply
-from mira.federation.state import ClientState, ServerState, ServerStateError
-from mira.graph.build import TaskGraph
-from mira.graph.sources import declared_task_graph
+from mira.federation.state import ServerState, ServerStateError
+from test_state import make_state as state_of
 
 
 def make_state(*overrides: str) -> ServerState:
-    """Four clients of two tasks (a cluster each), auto over the grid {0, 1} plus the equal
-    share 1/2, decisive choices (no tolerance, no smoothing)."""
-    raw = {
-        "lora": {"rank": 2, "alpha": 4},
-        "federation": {"rounds": 6, "seed": 1},
-        "server": {
-            "method": "mira",
-            "step": "auto",
-            "graph": "tasks",
-            "auto": {"grid": [0.0, 1.0], "tolerance": 0.0, "smoothing": 0.0},
-        },
-        "data": {"train_size": 8, "eval_size": 4, "val_size": 2},
-        "tasks": [{"name": "a", "clients": 2}, {"name": "b", "clients": 2}],
-    }
-    cfg = config_from_dict(apply_overrides(raw, list(overrides)))
-    rng = np.random.default_rng(0)
-    init = {"m.lora_A.weight": rng.standard_normal((2, 3)), "m.lora_B.weight": np.zeros((3, 2))}
-    clients = [
-        ClientState(c, t, 2, node_id=100 + i, num_train=6, adapter=dict(init))
-        for i, (c, t) in enumerate(zip(cfg.client_ids, cfg.client_tasks, strict=True))
-    ]
-    graph = TaskGraph(declared_task_graph(cfg.client_tasks), [0, 0, 1, 1], "tasks")
-    return ServerState(cfg, clients, graph)
+    """test_state's four clients of two tasks (a cluster each) over 6 rounds, auto over the
+    grid {0, 1} plus the equal share 1/2, decisive choices (no tolerance, no smoothing)."""
+    return state_of(
+        "federation.rounds=6",
+        "server.step='auto'",
+        "server.auto.grid=[0.0, 1.0]",
+        "server.auto.tolerance=0",
+        "server.auto.smoothing=0",
+        *overrides,
+    )
 
 
 def reply_to(instruction: Instruction, server_round: int, best: float) -> Reply:
