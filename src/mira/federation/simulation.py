@@ -49,10 +49,11 @@ import psutil
 import tomli_w
 
 from mira.client.devices import resolve_device
+from mira.client.quiet import plain_console
 from mira.config import Config, ConfigError, to_toml
 from mira.data import load_client_data
 from mira.federation.preflight import check_lengths, check_model
-from mira.federation.progress import Progress
+from mira.federation.progress import Progress, plain_text
 from mira.federation.relay import RelayReader
 from mira.federation.server import FederationError
 from mira.federation.server_app import server_preflight
@@ -405,11 +406,16 @@ class LocalSuperLink:
 
 
 def _read_stream(stream: IO[bytes], tail: collections.deque[str], verbose: bool) -> None:
+    """Keep the last lines of ``flwr run``'s stream (for an error message, so without colour
+    codes) and, with ``verbose``, print each line: as Flower coloured it on a terminal, plain
+    when the output is piped or written to a file or NO_COLOR is set."""
+    coloured = not plain_console()
     for raw in stream:
         line = raw.decode(errors="replace").rstrip("\n")
-        tail.append(line)
+        plain = plain_text(line)
+        tail.append(plain)
         if verbose:
-            print(line, flush=True)
+            print(line if coloured else plain, flush=True)
 
 
 def run_simulation(

@@ -6,6 +6,7 @@ console is not a terminal (here: pytest captures it) or NO_COLOR is set."""
 
 from __future__ import annotations
 
+import collections
 import io
 import logging
 import sys
@@ -31,6 +32,7 @@ from mira.client.quiet import LIBRARY_LOGGERS, app_output, plain_console, quiet_
 from mira.config import ConfigError
 from mira.federation import client_app
 from mira.federation.server_app import RunRequest, library_log, read_run_config
+from mira.federation.simulation import _read_stream
 from mira.results.schema import RunLayout
 
 ESC = "\x1b["
@@ -204,3 +206,19 @@ def test_library_log_goes_into_the_run_directory_of_the_run_only(tmp_path):
         warnings.warn("noise", FutureWarning, stacklevel=1)
         raise ConfigError("server.method = 'x' is not a method")
     assert not fresh.exists()
+
+
+def test_flower_cli_stream_is_plain_when_piped(monkeypatch, capsys):
+    """`mira run -v` replays `flwr run`'s stream: its coloured lines arrive plain when the
+    console is not a terminal, and the lines kept for an error message never carry codes."""
+
+    stream = io.BytesIO(b"\x1b[92mINFO \x1b[0m:      Starting run\n")
+    tail: collections.deque[str] = collections.deque(maxlen=5)
+    _read_stream(stream, tail, verbose=True)
+    assert capsys.readouterr().out == "INFO :      Starting run\n"
+    assert list(tail) == ["INFO :      Starting run"]
+
+    monkeypatch.setenv("FORCE_COLOR", "1")  # as on a terminal
+    _read_stream(io.BytesIO(b"\x1b[92mINFO \x1b[0m: x\n"), tail, verbose=True)
+    assert ESC in capsys.readouterr().out
+    assert tail[-1] == "INFO : x"
