@@ -13,7 +13,6 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
-from mira.config.rules import RULES
 from mira.config.schema import (
     ALL_LINEAR,
     SECTIONS,
@@ -89,14 +88,6 @@ def check_relations(cfg: Config) -> None:
         raise ConfigError(
             "server.step = 'auto' needs candidates: list some in server.auto.grid or set "
             "server.auto.equal_share = true"
-        )
-    if cfg.server.robust > 0 and RULES[cfg.server.method].global_model:
-        # The rules that pull a client toward its graph neighbours: mira, cluster-fedavg.
-        pulling = [r.name for r in RULES.values() if r.uses_graph and not r.global_model]
-        raise ConfigError(
-            f"server.robust bounds each client's pull toward its neighbours; "
-            f"server.method = {cfg.server.method!r} sends every client one global model. "
-            f"Use server.robust with {' or '.join(pulling)}, or set it to 0"
         )
     if cfg.server.graph == "knn" and cfg.server.knn < 1:
         raise ConfigError("server.graph = 'knn' needs server.knn >= 1")

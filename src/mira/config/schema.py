@@ -595,8 +595,8 @@ class ServerConfig:
         metadata=_meta(
             "Robust pull: clip every neighbour's difference W_l - W_k to this many times the "
             "round's median difference over the graph's edges, so that one client's update "
-            "moves its neighbours a bounded distance (mira, auto and cluster-fedavg). "
-            "0 = off.",
+            "moves its neighbours a bounded distance (mira, auto and cluster-fedavg; fedit "
+            "and cluster-merge send one global model and ignore it). 0 = off.",
             bounds=">= 0 (0 = off)",
         ),
     )
@@ -611,6 +611,14 @@ class ServerConfig:
         if RULES[self.method].uses_step and self.step == AUTO:
             return self.auto
         return FixedStep(0.0 if isinstance(self.step, str) else float(self.step))
+
+    @property
+    def pull_bound(self) -> float:
+        """The robust pull's multiple this rule applies: ``robust``, or 0 (off) for the rules
+        that send every client one global model (fedit, cluster-merge: no pull toward
+        neighbours to bound), so one config with ``robust`` set serves every method of
+        ``mira compare``, as :attr:`policy` does for ``step``."""
+        return 0.0 if RULES[self.method].global_model else float(self.robust)
 
 
 @dataclass(frozen=True)

@@ -541,7 +541,7 @@ class ServerState:
                 active=active,
             )
             mixing = rules.bound_pull(
-                mixing, snapshot, self.space, self.scales, self.cfg.server.robust
+                mixing, snapshot, self.space, self.scales, self.cfg.server.pull_bound
             )
             updated = rules.apply_mixing(snapshot, mixing, self.space, self.scales)
             weights = mix_weights(mixing)
@@ -571,7 +571,7 @@ class ServerState:
             active,
             self.space,
             self.scales,
-            self.cfg.server.robust,
+            self.cfg.server.pull_bound,
         )
         for i, client in enumerate(self.clients):
             if i not in trained:

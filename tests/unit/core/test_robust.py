@@ -142,11 +142,14 @@ def test_the_auto_neighbour_mean_under_the_bound_keeps_some_of_the_clients_own_w
     assert rows[0, 3] < 1 / 3
 
 
-def test_server_robust_is_refused_with_rules_that_send_one_global_model() -> None:
+def test_rules_that_send_one_global_model_ignore_server_robust() -> None:
+    """fedit and cluster-merge have no pull toward neighbours to bound: they accept the key
+    and apply 0, so one config with server.robust serves every method of `mira compare`."""
     from mira.config import load_config
-    from mira.errors import MiraError
 
     for method in ("fedit", "cluster-merge"):
-        with pytest.raises(MiraError, match=r"server\.robust bounds"):
-            load_config(None, [f"server.method={method}", "server.robust=2"])
-    assert load_config(None, ["server.method=cluster-fedavg", "server.robust=2"]).server.robust == 2
+        cfg = load_config(None, [f"server.method={method}", "server.robust=2"])
+        assert cfg.server.robust == 2 and cfg.server.pull_bound == 0
+    for method in ("mira", "cluster-fedavg", "local"):
+        cfg = load_config(None, [f"server.method={method}", "server.robust=2"])
+        assert cfg.server.pull_bound == 2

@@ -308,6 +308,38 @@ def test_rules_without_a_step_ignore_an_auto_step(method: str) -> None:
     assert weights == ({0.0} if method == "local" else weights - {0.0})
 
 
+@pytest.mark.parametrize("method", ["fedit", "cluster-merge"])
+def test_rules_that_send_one_global_model_ignore_server_robust(method: str) -> None:
+    """A robust multiple that would clip (0.5 of the median edge) leaves a global-model rule
+    exactly as without it: every client still gets the same model."""
+    adapters = []
+    for robust in ("0", "0.5"):
+        state = make_state(f"server.method={method}", f"server.robust={robust}")
+        _, replies, sent = run_exchange(state, 1, shifts={0: -0.9, 1: 0.1, 2: 0.2, 3: 0.3})
+        state.apply_rule(1, replies, sent, seconds=1.0)
+        adapters.append([c.adapter for c in state.clients])
+    for plain, bounded in zip(*adapters, strict=True):
+        assert all(np.array_equal(plain[k], bounded[k]) for k in plain)
+    first = adapters[1][0]
+    assert all(np.array_equal(first[k], a[k]) for a in adapters[1] for k in first)
+
+
+@pytest.mark.parametrize("method", ["mira", "cluster-fedavg"])
+def test_rules_that_pull_apply_server_robust(method: str) -> None:
+    """The same multiple changes what a pulling rule sends (the check above is not vacuous)."""
+    adapters = []
+    for robust in ("0", "0.5"):
+        state = make_state(f"server.method={method}", f"server.robust={robust}")
+        _, replies, sent = run_exchange(state, 1, shifts={0: -0.9, 1: 0.1, 2: 0.2, 3: 0.3})
+        state.apply_rule(1, replies, sent, seconds=1.0)
+        adapters.append([c.adapter for c in state.clients])
+    assert any(
+        not np.array_equal(plain[k], bounded[k])
+        for plain, bounded in zip(*adapters, strict=True)
+        for k in plain
+    )
+
+
 def test_auto_smoothing_applies_the_moving_average_of_the_choices() -> None:
     state = make_state(
         "server.step='auto'",
