@@ -49,14 +49,12 @@ def pairwise_distances(
     if k == 0:
         return np.zeros((0, 0))
     if space == "factor":
-        keys = sorted(adapters[0])
-        flat = np.stack(
-            [
-                np.concatenate([np.ravel(np.asarray(a[key], dtype=np.float64)) for key in keys])
-                for a in adapters
-            ]
-        )
-        gram = flat @ flat.T
+        # Tensor by tensor: a K x (one tensor) block at a time, never a float64 copy of every
+        # client's whole adapter (K x d, e.g. 100 clients of a 7B model's rank-16 adapter).
+        gram = np.zeros((k, k))
+        for key in sorted(adapters[0]):
+            block = np.stack([np.ravel(np.asarray(a[key], dtype=np.float64)) for a in adapters])
+            gram += block @ block.T
     elif space == "product":
         modules = [to_modules(a) for a in adapters]
         gram = np.zeros((k, k))
