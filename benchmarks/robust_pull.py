@@ -63,19 +63,35 @@ def accepted_updates(run: Path, client: str) -> str:
     return f"{sum(r.train_loss is not None for r in rows)} of {len(rows)}"
 
 
+def mates_mix_weight(run: Path, client: str) -> str:
+    """The mean mix weight (the share taken from the neighbours, ``mix_weight``) of the rows of
+    ``client``'s task-mates over every round they trained: what auto's validation choice and
+    the robust pull left of the pull toward a poisoned neighbourhood."""
+    from mira.results.rundir import read_metrics
+
+    rows = read_metrics(run).clients
+    task = next((r.task for r in rows if r.client == client), None)
+    weights = [
+        r.mix_weight
+        for r in rows
+        if r.task == task and r.client != client and r.mix_weight is not None
+    ]
+    return f"{statistics.fmean(weights):.3f}" if weights else "-"
+
+
 def table(out: Path, methods: list[str], seed: int, client: str) -> list[str]:
     from mira.results.schema import ComparisonLayout
 
     lines = [
         "| method | clients | flipped client's task-mates | every honest client | worst honest "
-        "| flipped client's updates accepted |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| task-mates' mix weight | flipped client's updates accepted |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for method in methods:
         for setting in ("clean", "flipped"):
             run = ComparisonLayout(out / setting).run(method, seed)
             if not run.metrics.is_file():
-                lines.append(f"| {method} | {setting} | not run | | |")
+                lines.append(f"| {method} | {setting} | not run | | | | |")
                 continue
             losses = final_losses(run.dir)
             accepted = accepted_updates(run.dir, client)
@@ -85,7 +101,8 @@ def table(out: Path, methods: list[str], seed: int, client: str) -> list[str]:
             every = [v for _, v in honest.values()]
             lines.append(
                 f"| {method} | {setting} | {statistics.fmean(mates):.4f} | "
-                f"{statistics.fmean(every):.4f} | {max(every):.4f} | {accepted} |"
+                f"{statistics.fmean(every):.4f} | {max(every):.4f} | "
+                f"{mates_mix_weight(run.dir, client)} | {accepted} |"
             )
     return lines
 
