@@ -582,6 +582,16 @@ class ServerConfig:
             "Rank of the probe LoRA: the same for every client, whatever its rank.", bounds="> 0"
         ),
     )
+    fingerprint_cache: bool = field(
+        default=True,
+        metadata=_meta(
+            "Keep each client's first-contact fingerprint in its own cache folder "
+            "(fingerprints/ under model.cache_dir, $MIRA_CACHE or ~/.cache/mira), keyed by "
+            "everything it depends on, so a later run on the same data and settings skips "
+            "computing it (the same numbers either way).",
+            role=OPERATIONAL,
+        ),
+    )
     pull_space: str = field(
         default="auto",
         metadata=_meta(

@@ -38,6 +38,7 @@ from flwr.clientapp import ClientApp
 
 from mira.client import learner
 from mira.client.chat import chat_format
+from mira.client.fingerprint_cache import cached_fingerprint, fingerprint_key
 from mira.client.lora import LoraModel, lora_model
 from mira.client.privacy import privatise_update
 from mira.client.quiet import quiet_process
@@ -279,8 +280,26 @@ def client_fingerprint(
     projected to ``server.fingerprint_dim`` with the seed every client shares, unit norm.
 
     ``own`` names the client's current adapter to keep active (a refresh measures the
-    client's personalised model); None measures the base model.
+    client's personalised model); None measures the base model, and that fingerprint is kept
+    in the client's cache for the next run on the same data and settings
+    (:mod:`mira.client.fingerprint_cache`, ``server.fingerprint_cache``).
     """
+    if own is None and cfg.server.fingerprint_cache:
+        base = model.base
+        key = fingerprint_key(
+            cfg, partition, base.source, base.model, base.device, base.dtype, encoded_train
+        )
+        return cached_fingerprint(
+            key,
+            lambda: _fingerprint(cfg, partition, model, encoded_train, None),
+            cfg.model.cache_dir,
+        )
+    return _fingerprint(cfg, partition, model, encoded_train, own)
+
+
+def _fingerprint(
+    cfg: Config, partition: int, model: LoraModel, encoded_train: Any, own: str | None
+) -> np.ndarray:
     probe_lora = dataclasses.replace(cfg.lora, dropout=0.0)
     rank = cfg.server.fingerprint_rank
     model.shared_init(probe_lora, rank, cfg.federation.seed, purpose="probe")

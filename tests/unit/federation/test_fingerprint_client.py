@@ -1,4 +1,5 @@
-"""A client's fingerprint with the tiny model: deterministic, unit norm, side-effect free."""
+"""A client's fingerprint with the tiny model: deterministic, unit norm, side-effect free.
+Computed each time here (server.fingerprint_cache off); test_fingerprint_cache tests the cache."""
 
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ def _encoded(cfg, partition):
 
 
 def test_fingerprint_is_deterministic_normalised_and_leaves_adapters_alone(tiny_config):
-    cfg = tiny_config("server.fingerprint_dim=64")
+    cfg = tiny_config("server.fingerprint_dim=64", "server.fingerprint_cache=false")
     model = lora_model(cfg.model)
     own = model.activate(cfg.lora, cfg.lora.rank)
     rng = np.random.default_rng(0)
@@ -40,11 +41,14 @@ def test_fingerprint_is_deterministic_normalised_and_leaves_adapters_alone(tiny_
 
 
 def test_update_fingerprint_differs_from_gradient_and_is_deterministic(tiny_config):
-    cfg = tiny_config("server.fingerprint=update", "server.fingerprint_dim=32")
+    cfg = tiny_config(
+        "server.fingerprint=update", "server.fingerprint_dim=32", "server.fingerprint_cache=false"
+    )
     model = lora_model(cfg.model)
     encoded = _encoded(cfg, 2)
     one = client_fingerprint(cfg, 2, model, encoded, None)
     two = client_fingerprint(cfg, 2, model, encoded, None)
     np.testing.assert_array_equal(one, two)
-    gradient = client_fingerprint(tiny_config("server.fingerprint_dim=32"), 2, model, encoded, None)
+    plain = tiny_config("server.fingerprint_dim=32", "server.fingerprint_cache=false")
+    gradient = client_fingerprint(plain, 2, model, encoded, None)
     assert not np.allclose(one, gradient)
