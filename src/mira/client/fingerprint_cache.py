@@ -21,6 +21,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable, Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -64,15 +65,18 @@ def fingerprint_key(
     import torch
     import transformers
 
-    from mira import __version__
-
     tokens = hashlib.sha256()
     for example in encoded:
         tokens.update(json.dumps([example.input_ids, example.labels]).encode())
     server = cfg.server
     parts = {
         "format": FORMAT,
-        "versions": [__version__, torch.__version__, transformers.__version__, peft.__version__],
+        "versions": [
+            metadata.version("mira"),
+            torch.__version__,
+            transformers.__version__,
+            peft.__version__,
+        ],
         "model": _model_identity(source, model),
         "runs_on": [device, dtype, torch.get_num_threads()],
         "config": {

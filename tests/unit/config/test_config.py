@@ -304,6 +304,7 @@ def test_resume_and_operational_keys_come_from_the_roles_in_the_schema():
         "federation.round_timeout",
         "federation.min_replies",
         "federation.node_keys",
+        "server.fingerprint_cache",
     )
     assert RESUME_KEYS[0] == "federation.rounds"
     assert RESUME_KEYS[1:] == OPERATIONAL_KEYS
@@ -314,6 +315,7 @@ def test_resume_and_operational_keys_come_from_the_roles_in_the_schema():
         ("federation", "round_timeout", "operational"),
         ("federation", "min_replies", "operational"),
         ("federation", "node_keys", "operational"),
+        ("server", "fingerprint_cache", "operational"),
     ]
 
 
