@@ -6,7 +6,10 @@ Three measurements of `mira run -v` as a user starts it (a new process each time
    2 local steps), from the command to the end of the process;
 2. the quickstart (the real model, converted and cached already) up to round 1: from the
    command to the last identity (with its fingerprint) of the second identify exchange, after
-   which round 1 begins; the run is then interrupted;
+   which round 1 begins; the run is then interrupted. Twice: with every fingerprint computed
+   (`server.fingerprint_cache = false`, as on a client's first run) and with the clients'
+   fingerprints read from their cache (as in every later run on the same data and settings;
+   the cache is filled by one untimed run first);
 3. `mira run --resume` of the finished tiny run.
 
 With ``--base FOLDER`` (a checkout of another mira, e.g. ``git worktree add /tmp/base
@@ -57,6 +60,7 @@ class Mira:
     src: Path | None  # None: the installed one
     tiny: list[float] = field(default_factory=list)
     to_round_1: list[float] = field(default_factory=list)
+    to_round_1_cached: list[float] = field(default_factory=list)
     resume: list[float] = field(default_factory=list)
     startups: list[dict[str, float]] = field(default_factory=list)
     runs: list[Path] = field(default_factory=list)
@@ -131,13 +135,21 @@ def measure(mira: Mira, work: Path, config: Path, index: int) -> None:
     mira.resume.append(seconds)
 
 
-def measure_quickstart(mira: Mira, work: Path, index: int) -> None:
+def quickstart_to_round_1(mira: Mira, out: Path, *overrides: str) -> float:
     env = mira.env(Path(os.environ.get("MIRA_CACHE", Path.home() / ".cache" / "mira")))
-    out = work / f"{mira.name}-quickstart-{index}"
-    _, marked, output = timed([*MIRA, "run", "--out", str(out), "-v"], env, stop=Identified())
+    settings = [arg for key in overrides for arg in ("--set", key)]
+    command = [*MIRA, "run", *settings, "--out", str(out), "-v"]
+    _, marked, output = timed(command, env, stop=Identified())
     if marked is None:
         raise RuntimeError(f"the quickstart never reached round 1:\n{output[-3000:]}")
-    mira.to_round_1.append(marked)
+    return marked
+
+
+def measure_quickstart(mira: Mira, work: Path, index: int) -> None:
+    computed = work / f"{mira.name}-quickstart-{index}"
+    mira.to_round_1.append(quickstart_to_round_1(mira, computed, "server.fingerprint_cache=false"))
+    cached = work / f"{mira.name}-quickstart-cached-{index}"
+    mira.to_round_1_cached.append(quickstart_to_round_1(mira, cached))
 
 
 def largest_difference(first: Path, second: Path) -> str:
@@ -164,7 +176,11 @@ def report(miras: list[Mira], repeats: int, load: tuple[float, float], diff: str
     now, base = miras[0], miras[1] if len(miras) > 1 else None
     rows = [
         ("whole one-round tiny run", "tiny"),
-        ("quickstart: `mira run` to round 1", "to_round_1"),
+        ("quickstart: `mira run` to round 1, fingerprints computed", "to_round_1"),
+        (
+            "quickstart: `mira run` to round 1, fingerprints from the clients' cache",
+            "to_round_1_cached",
+        ),
         ("`mira run --resume` of the finished tiny run", "resume"),
     ]
     head = "| what | this mira |" + (" base | ratio (this / base) |" if base else "")
@@ -231,6 +247,9 @@ def main() -> int:
                 ],
                 mira.env(work / f"cache-{mira.name}"),
             )
+        if not args.no_quickstart:  # fill the clients' fingerprint caches, untimed
+            for mira in miras:
+                quickstart_to_round_1(mira, work / f"{mira.name}-quickstart-fill")
         for index in range(args.repeats):
             for mira in miras if index % 2 == 0 else miras[::-1]:
                 measure(mira, work, config, index)
