@@ -36,18 +36,25 @@ __all__ = ["bounded_mixing", "edge_reference", "pairwise_distances"]
 
 
 def pairwise_distances(
-    adapters: Sequence[Adapter], space: str, scales: Sequence[float]
+    adapters: Sequence[Adapter],
+    space: str,
+    scales: Sequence[float],
+    pairs: np.ndarray | None = None,
 ) -> np.ndarray:
     """K x K Euclidean distances ||W_k - W_l|| between the clients' adapters, in float64.
 
     ``space`` 'factor': of all stored tensors together (equal shapes needed). 'product': of the
     effective updates s_k B_k A_k summed over modules, from the Gram matrix
     <s_k B_k A_k, s_l B_l A_l> = s_k s_l tr((B_k^T B_l)(A_l A_k^T)), which only needs r x r
-    products, so the clients may have different ranks.
+    products, so the clients may have different ranks. ``pairs`` (K x K, true where a distance
+    is needed, e.g. the graph's edges) limits the product space's pair products to those:
+    the other entries are then 0, not distances.
     """
     k = len(adapters)
     if k == 0:
         return np.zeros((0, 0))
+    wanted = np.ones((k, k), dtype=bool) if pairs is None else np.asarray(pairs, dtype=bool)
+    wanted = wanted | wanted.T
     if space == "factor":
         # Tensor by tensor: a K x (one tensor) block at a time, never a float64 copy of every
         # client's whole adapter (K x d, e.g. 100 clients of a 7B model's rank-16 adapter).
@@ -69,6 +76,8 @@ def pairwise_distances(
             for i in range(k):
                 a_i, b_i = factors[i]
                 for j in range(i, k):
+                    if j != i and not wanted[i, j]:
+                        continue
                     a_j, b_j = factors[j]
                     inner = float(np.sum((b_i.T @ b_j) * (a_i @ a_j.T)))
                     gram[i, j] += inner
@@ -79,6 +88,7 @@ def pairwise_distances(
     norms = np.diag(gram)
     squared = norms[:, None] + norms[None, :] - 2.0 * gram
     distances = np.sqrt(np.clip(squared, 0.0, None))
+    distances[~wanted] = 0.0
     np.fill_diagonal(distances, 0.0)
     return distances
 

@@ -131,7 +131,8 @@ def bound_pull(
     in the pull's ``space`` (:mod:`mira.core.robust`)."""
     if robust <= 0:
         return mixing
-    distances = pairwise_distances(adapters, space, scales)
+    edges = np.asarray(mixing) > 0  # bounded_mixing reads the edges' distances only
+    distances = pairwise_distances(adapters, space, scales, pairs=edges)
     return bounded_mixing(mixing, distances, robust)
 
 

@@ -46,6 +46,25 @@ def test_product_distances_are_those_of_the_full_products_with_mixed_ranks() -> 
     assert np.all(np.diag(got) == 0)
 
 
+def test_distances_of_the_edges_only_are_those_of_every_pair_there() -> None:
+    """The pull asks for the edges' distances only (in product space, K^2 pair products would
+    dominate a round with many clients); on those pairs they are the full computation's."""
+    adapters = [adapter(r) for r in (2, 4, 3, 2, 4)]
+    scales = [2.0, 0.5, 1.0, 1.5, 0.25]
+    mixing = np.eye(5) * 0.5
+    mixing[0, 1] = mixing[1, 0] = mixing[2, 4] = mixing[4, 2] = 0.5
+    edges = mixing > 0
+    for space, group in (("product", adapters), ("factor", [adapter(2) for _ in range(5)])):
+        full = pairwise_distances(group, space, scales)
+        some = pairwise_distances(group, space, scales, pairs=edges)
+        off = edges & ~np.eye(5, dtype=bool)
+        np.testing.assert_allclose(some[off], full[off], rtol=1e-12)
+        assert np.all(some[~edges] == 0)
+        np.testing.assert_array_equal(
+            bounded_mixing(mixing, some, 1.0), bounded_mixing(mixing, full, 1.0)
+        )
+
+
 def test_bounded_mixing_keeps_rows_and_clips_only_far_edges() -> None:
     # Six clients on a complete graph, five of them 1 apart, the last 9 from everyone: 5 of the
     # 15 edges are long, so the median edge is an honest one.
