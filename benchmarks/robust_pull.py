@@ -126,14 +126,16 @@ def main() -> int:
     from mira.config import load_config
     from mira.experiments.compare import run_comparison
 
-    cfg = load_config(args.config, args.overrides)
+    # The undefended runs are explicit, whatever server.robust's default.
+    overrides = ["server.robust=0", *args.overrides]
+    cfg = load_config(args.config, overrides)
     client = args.client or cfg.client_ids[0]
     methods = variants(args.methods.split(","), args.multiple)
-    run_comparison(args.config, args.overrides, methods, [args.seed], args.out / "clean")
+    run_comparison(args.config, overrides, methods, [args.seed], args.out / "clean")
     runner = flip_runner(client, cfg.federation.rounds)
     run_comparison(
         args.config,
-        args.overrides,
+        overrides,
         methods,
         [args.seed],
         args.out / "flipped",
