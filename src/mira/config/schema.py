@@ -601,7 +601,7 @@ class ServerConfig:
         ),
     )
     robust: float = field(
-        default=0.0,
+        default=2.0,
         metadata=_meta(
             "Robust pull: clip every neighbour's difference W_l - W_k to this many times the "
             "round's median difference over the graph's edges, so that one client's update "

@@ -375,8 +375,9 @@ def test_a_non_finite_train_loss_refuses_the_update_and_keeps_the_mean_finite() 
     assert train_loss_problem(float("nan")) == "reported a non-finite train_loss (nan)"
     assert train_loss_problem(float("-inf")) == "reported a non-finite train_loss (-inf)"
     # What the server does with such a reply (mira.federation.server._exchange): its update is
-    # refused, the client keeps its adapter, its row says why and carries no loss.
-    state = make_state()
+    # refused, the client keeps its adapter, its row says why and carries no loss. (The pull
+    # unbounded, so that b-1's adapter below is the plain rule's.)
+    state = make_state("server.robust=0")
     _, replies, sent = run_exchange(state, 1)
     replies[2].train_loss = float("nan")
     problem = train_loss_problem(replies[2].train_loss)
