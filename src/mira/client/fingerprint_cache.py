@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from mira.assets import cache_root
+from mira.client.base import LoadedBase
 from mira.client.learner import Encoded
 from mira.config import Config
 
@@ -49,18 +50,10 @@ def _model_identity(source: str, model: Any) -> Any:
 
 
 def fingerprint_key(
-    cfg: Config,
-    partition: int,
-    source: str,
-    model: Any,
-    device: str,
-    dtype: str,
-    encoded: Sequence[Encoded],
+    cfg: Config, partition: int, base: LoadedBase, encoded: Sequence[Encoded]
 ) -> str:
-    """The sha256 of everything a base-model fingerprint of client ``partition`` depends on.
-
-    ``source`` is what the base model was loaded from, ``model`` the loaded transformers
-    model, ``encoded`` the client's encoded training examples."""
+    """The sha256 of everything a base-model fingerprint of client ``partition`` depends on:
+    ``base`` is the loaded base model, ``encoded`` the client's encoded training examples."""
     import peft
     import torch
     import transformers
@@ -77,8 +70,8 @@ def fingerprint_key(
             transformers.__version__,
             peft.__version__,
         ],
-        "model": _model_identity(source, model),
-        "runs_on": [device, dtype, torch.get_num_threads()],
+        "model": _model_identity(base.source, base.model),
+        "runs_on": [base.device, base.dtype, torch.get_num_threads()],
         "config": {
             "model": dataclasses.asdict(cfg.model),
             "lora": dataclasses.asdict(cfg.lora),

@@ -285,10 +285,7 @@ def client_fingerprint(
     (:mod:`mira.client.fingerprint_cache`, ``server.fingerprint_cache``).
     """
     if own is None and cfg.server.fingerprint_cache:
-        base = model.base
-        key = fingerprint_key(
-            cfg, partition, base.source, base.model, base.device, base.dtype, encoded_train
-        )
+        key = fingerprint_key(cfg, partition, model.base, encoded_train)
         return cached_fingerprint(
             key,
             lambda: _fingerprint(cfg, partition, model, encoded_train, None),

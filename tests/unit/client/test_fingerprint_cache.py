@@ -23,10 +23,7 @@ def _encoded(cfg, partition):
 
 
 def _key(cfg, partition, encoded):
-    base = lora_model(cfg.model).base
-    return fingerprint_key(
-        cfg, partition, base.source, base.model, base.device, base.dtype, encoded
-    )
+    return fingerprint_key(cfg, partition, lora_model(cfg.model).base, encoded)
 
 
 def test_computed_once_then_read_back(tmp_path: Path) -> None:
