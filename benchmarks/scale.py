@@ -33,6 +33,7 @@ system's monotonic clock and the process's peak memory after it.
 
     .venv/bin/python benchmarks/scale.py --out docs/scale.md
     .venv/bin/python benchmarks/scale.py --tiny-only --clients 12,48 --rounds 4 --out docs/scale.md
+    .venv/bin/python benchmarks/scale.py --real-only --clients 12,48 --rounds 4 --out docs/scale.md
 
 With `--out`, the measured rows replace those of the same model and client count in the file's
 data (kept in it as a JSON comment), so rows measured at different times make one table; the
@@ -651,7 +652,9 @@ def _counts(text: str) -> list[int]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--tiny-only", action="store_true", help="skip the real model's rows")
+    only = parser.add_mutually_exclusive_group()
+    only.add_argument("--tiny-only", action="store_true", help="skip the real model's rows")
+    only.add_argument("--real-only", action="store_true", help="skip the tiny model's rows")
     parser.add_argument(
         "--clients",
         type=_counts,
@@ -669,7 +672,7 @@ def main() -> int:
     args = parser.parse_args()
     if args.writes:
         return measure_writes(args)
-    todo = [(TINY, k) for k in args.clients or TINY_CLIENTS]
+    todo = [] if args.real_only else [(TINY, k) for k in args.clients or TINY_CLIENTS]
     if not args.tiny_only:
         todo += [(REAL, k) for k in args.clients or REAL_CLIENTS]
     rows = read_data(args.out) if args.out else {}
@@ -687,7 +690,7 @@ def main() -> int:
 
 def measure_writes(args: argparse.Namespace) -> int:
     """``--writes``: :func:`server_writes` for each model and client count."""
-    models = [TINY] if args.tiny_only else [TINY, REAL]
+    models = [TINY] if args.tiny_only else [REAL] if args.real_only else [TINY, REAL]
     rows = read_data(args.out) if args.out else {}
     for model in models:
         for clients in args.clients or TINY_CLIENTS:
