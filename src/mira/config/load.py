@@ -216,8 +216,13 @@ def to_toml(cfg: Config) -> str:
 # Keys added after run directories were first written, with the value that reproduces what a
 # run written before them computed: its config.toml lacks the key, and today's default could
 # compute something else (before data.chat_template every prompt went to the model raw; before
-# server.auto.evaluations every client evaluated all its candidates).
-WRITTEN_BEFORE = {"data.chat_template": "off", "server.auto.evaluations": 0}
+# server.auto.evaluations every client evaluated all its candidates; before server.robust
+# every pull was unbounded).
+WRITTEN_BEFORE = {
+    "data.chat_template": "off",
+    "server.auto.evaluations": 0,
+    "server.robust": 0.0,
+}
 
 
 def load_run_config(run_config: str | Path, overrides: Sequence[str] = ()) -> Config:

@@ -165,6 +165,20 @@ def test_old_flat_auto_keys_load_into_the_server_auto_table(tmp_path):
     assert load_run_config(archived).server.policy == LearnedMix(evaluations=0)
 
 
+def test_a_run_from_before_the_bound_stays_unbounded(tmp_path):
+    # server.robust defaults to 2 now; a config.toml written before the key existed ran
+    # every pull unbounded, so resuming or comparing it must not bound it silently.
+    old = load_config().to_dict()
+    del old["server"]["robust"]
+    path = tmp_path / "config.toml"
+    path.write_text(tomli_w.dumps(old))
+    assert load_config().server.robust == 2.0
+    assert load_run_config(path).server.robust == 0.0
+    assert load_run_config(path, ["server.robust=2"]).server.robust == 2.0
+    path.write_text(to_toml(load_config()))  # written with the key, it keeps its value
+    assert load_run_config(path).server.robust == 2.0
+
+
 def test_bad_override_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match=r"section\.key=value"):
         apply_overrides(_raw(), ["server.method"])
