@@ -606,7 +606,8 @@ class ServerConfig:
             "Robust pull: clip every neighbour's difference W_l - W_k to this many times the "
             "round's median difference over the graph's edges, so that one client's update "
             "moves its neighbours a bounded distance (mira, auto and cluster-fedavg; fedit "
-            "and cluster-merge send one global model and ignore it). 0 = off.",
+            "and cluster-merge send one global model and ignore it). 0 = off; a run "
+            "directory written before this key existed resumes with 0.",
             bounds=">= 0 (0 = off)",
         ),
     )
