@@ -89,26 +89,39 @@ def device_of(model: Any) -> torch.device:
     return next(model.parameters()).device
 
 
-def _forward_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def target_logits(
+    model: Any, batch: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The logits a loss needs: at the positions whose next token is a target.
+
+    Returns float32 logits [n, vocab], the n target tokens and each one's row in the batch,
+    in row-major order. Only those positions go through the output layer (transformers'
+    ``logits_to_keep`` with a boolean mask): the prompt's positions, most of a sequence,
+    never form a vocabulary-wide row, which saves the output layer's and the loss's work on
+    them and their memory. A model whose forward returns every position anyway has them
+    picked here, so the numbers are the same either way.
+    """
+    labels = batch["labels"]
+    following = torch.full_like(labels, IGNORE)
+    following[:, :-1] = labels[:, 1:]
+    keep = following != IGNORE
     device = device_of(model)
-    return model(
+    logits = model(
         input_ids=batch["input_ids"].to(device),
         attention_mask=batch["attention_mask"].to(device),
+        logits_to_keep=keep.to(device),
     ).logits
+    if logits.dim() == 3:  # not sliced: [batch, width, vocab]
+        logits = logits[keep.to(logits.device)]
+    rows = keep.nonzero()[:, 0]
+    return logits.float(), following[keep].to(logits.device), rows.to(logits.device)
 
 
 def target_nll(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
     """Summed negative log-likelihood of the target tokens, and how many there are."""
-    logits = _forward_logits(model, batch)
-    shifted_logits = logits[:, :-1, :].float()
-    shifted_labels = batch["labels"][:, 1:].to(logits.device)
-    nll = torch.nn.functional.cross_entropy(
-        shifted_logits.reshape(-1, shifted_logits.shape[-1]),
-        shifted_labels.reshape(-1),
-        ignore_index=IGNORE,
-        reduction="sum",
-    )
-    return nll, int((shifted_labels != IGNORE).sum())
+    logits, targets, _ = target_logits(model, batch)
+    nll = torch.nn.functional.cross_entropy(logits, targets, reduction="sum")
+    return nll, int(targets.numel())
 
 
 def learning_rate(train: TrainConfig, position: int, total: int) -> float:
@@ -259,13 +272,10 @@ def example_nll(
 
 def sequence_nll(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Summed target NLL of each sequence of a batch, shape [batch]."""
-    logits = _forward_logits(model, batch)
-    shifted_logits = logits[:, :-1, :].float()
-    shifted_labels = batch["labels"][:, 1:].to(logits.device)
-    per_token = torch.nn.functional.cross_entropy(
-        shifted_logits.transpose(1, 2), shifted_labels, ignore_index=IGNORE, reduction="none"
-    )
-    return per_token.sum(dim=1)
+    logits, targets, rows = target_logits(model, batch)
+    per_token = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    sums = torch.zeros(batch["labels"].shape[0], dtype=per_token.dtype, device=per_token.device)
+    return sums.index_add(0, rows, per_token)
 
 
 @torch.no_grad()

@@ -278,7 +278,10 @@ def estimate_training_memory(
       the lm_head output, plus a float32 contiguous copy of the shifted logits and its
       log-softmax in the forward pass; in the backward pass the gradients of the log-softmax
       and of its input next to the saved log-softmax. At vocabulary 49,152 one token's logits
-      weigh as much as 85 hidden states of SmolLM2.
+      weigh as much as 85 hidden states of SmolLM2. This is the worst case, a batch whose
+      every position is followed by a target: the loss forms logits only at those positions
+      (:func:`mira.client.learner.target_logits`), so a task with short replies holds far
+      less (the estimate errs high by up to this term, and a memory budget errs safe).
     - framework_overhead = ``framework_overhead_mb`` MiB, the one measured constant: the
       tokenizer, model objects and library pages first touched by training (not tensors).
 

@@ -162,3 +162,67 @@ def test_gradient_checkpointing_gives_the_same_training(tiny_config) -> None:
     assert not any(getattr(m, "gradient_checkpointing", False) for m in base.modules())
     assert not base.get_input_embeddings()._forward_hooks  # nothing of it is left
     assert all(np.array_equal(again[key], plain[key]) for key in plain)
+
+
+def full_logits_nll(model, batch) -> torch.Tensor:
+    """Per-sequence target NLL from every position's logits: the loss written out the long way."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    shifted = logits[:, :-1, :].float()
+    labels = batch["labels"][:, 1:]
+    per_token = torch.nn.functional.cross_entropy(
+        shifted.transpose(1, 2), labels, ignore_index=learner.IGNORE, reduction="none"
+    )
+    return per_token.sum(dim=1)
+
+
+class EveryPosition(torch.nn.Module):
+    """A model whose forward ignores ``logits_to_keep`` and returns every position's logits."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, **ignored):
+        return self.model(input_ids=input_ids, attention_mask=attention_mask)
+
+
+def test_the_loss_forms_logits_only_where_a_target_follows(tiny_config) -> None:
+    cfg = tiny_config()
+    model = lora_model(cfg.model)
+    model.activate(cfg.lora, cfg.lora.rank)
+    tokenizer = model.tokenizer
+    examples = load_client_data(cfg, 0).train[:5]
+    batch = learner.collate(
+        [learner.encode(tokenizer, e, cfg.model.max_length) for e in examples],
+        tokenizer.pad_token_id,
+    )
+    net = model.peft.eval()
+    logits, targets, rows = learner.target_logits(net, batch)
+    following = batch["labels"][:, 1:]
+    assert logits.shape == (learner.target_count(batch), net.config.vocab_size)
+    assert targets.tolist() == following[following != learner.IGNORE].tolist()
+    assert rows.tolist() == sorted(rows.tolist())
+    assert logits.shape[0] < batch["labels"].numel() // 2  # the prompts' positions are skipped
+    with torch.no_grad():
+        expected = full_logits_nll(net, batch)
+        per_sequence = learner.sequence_nll(net, batch)
+        total, count = learner.target_nll(net, batch)
+        unsliced = learner.sequence_nll(EveryPosition(net), batch)
+    torch.testing.assert_close(per_sequence, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(unsliced, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(total, expected.sum(), rtol=1e-5, atol=1e-5)
+    assert count == learner.target_count(batch)
+    # The gradient of the loss is that of the long way too (eval mode: no dropout).
+    params = [p for p in net.parameters() if p.requires_grad]
+    for p in params:
+        p.grad = None
+    learner.target_nll(net, batch)[0].backward()
+    short = [p.grad.clone() for p in params]
+    for p in params:
+        p.grad = None
+    full_logits_nll(net, batch).sum().backward()
+    for a, b in zip(short, (p.grad for p in params), strict=True):
+        # float32 rounding of the same sums in another order, relative to the gradient's size
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * float(b.abs().max()))
+    for p in params:
+        p.grad = None
