@@ -297,7 +297,7 @@ def measure(model: str, clients: int, rounds: int, keep: Path | None) -> dict[st
         out = (keep / f"{model}-{clients}") if keep else folder / "run"
         timings = (keep / f"{model}-{clients}.timings.json") if keep else folder / "timings.json"
         timeline = Timeline()
-        load_before = os.getloadavg()[0]
+        load_before = settled_load()
         started = time.monotonic()
         with server_hooks(folder, timings):
             run_simulation(cfg, out, progress=timeline.progress)
@@ -486,9 +486,28 @@ def measure_retrying(
 
 
 # ------------------------------------------------------------------------------ the doc
+SETTLE_SECONDS = 180  # the longest a row waits for the machine to settle before it starts
+
+
+def settled_load(limit: float = SETTLE_SECONDS) -> float:
+    """The machine's load average (1 min) once it is below half the cores, waiting up to
+    ``limit`` seconds for the previous row's own load to decay; the last value if it is not."""
+    cores = os.cpu_count() or 1
+    deadline = time.monotonic() + limit
+    load = os.getloadavg()[0]
+    while load >= 0.5 * cores and time.monotonic() < deadline:
+        time.sleep(5)
+        load = os.getloadavg()[0]
+    return load
+
+
 def quiet(row: dict[str, Any]) -> bool:
-    """Measured while the machine's load stayed below half its cores."""
-    return max(row["load"]) < 0.5 * row["cores"]
+    """Started on a quiet machine: the load before the row, settled, was below half the cores.
+
+    The load after a row is mostly the row's own (its two client processes keep two cores
+    busy), so it is recorded but not judged.
+    """
+    return row["load"][0] < 0.5 * row["cores"]
 
 
 def _server_part(row: dict[str, Any]) -> float:
@@ -536,7 +555,8 @@ def tables(rows: dict[str, dict[str, Any]], wanted: Sequence[tuple[str, int]]) -
         server = _server_part(row)
         where = (
             f"{row['date']}, {row['cores']} cores, load {row['load'][0]:.1f} / "
-            f"{row['load'][1]:.1f}" + ("" if quiet(row) else ": busy, to measure on quiet cores")
+            f"{row['load'][1]:.1f}"
+            + ("" if quiet(row) else ": busy before it started, to measure on quiet cores")
         )
         lines.append(
             f"| {model} | {clients} ({_spread(row['tasks'])}) "
