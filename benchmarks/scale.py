@@ -179,6 +179,21 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+SETTLE_SECONDS = 180  # the longest a row waits for the machine to settle before it starts
+
+
+def settled_load(limit: float = SETTLE_SECONDS) -> float:
+    """The machine's load average (1 min) once it is below half the cores, waiting up to
+    ``limit`` seconds for the previous row's own load to decay; the last value if it is not."""
+    cores = os.cpu_count() or 1
+    deadline = time.monotonic() + limit
+    load = os.getloadavg()[0]
+    while load >= 0.5 * cores and time.monotonic() < deadline:
+        time.sleep(5)
+        load = os.getloadavg()[0]
+    return load
+
+
 def rss_mb() -> float:
     """This process's resident memory now."""
     import psutil
@@ -486,21 +501,6 @@ def measure_retrying(
 
 
 # ------------------------------------------------------------------------------ the doc
-SETTLE_SECONDS = 180  # the longest a row waits for the machine to settle before it starts
-
-
-def settled_load(limit: float = SETTLE_SECONDS) -> float:
-    """The machine's load average (1 min) once it is below half the cores, waiting up to
-    ``limit`` seconds for the previous row's own load to decay; the last value if it is not."""
-    cores = os.cpu_count() or 1
-    deadline = time.monotonic() + limit
-    load = os.getloadavg()[0]
-    while load >= 0.5 * cores and time.monotonic() < deadline:
-        time.sleep(5)
-        load = os.getloadavg()[0]
-    return load
-
-
 def quiet(row: dict[str, Any]) -> bool:
     """Started on a quiet machine: the load before the row, settled, was below half the cores.
 
