@@ -256,7 +256,9 @@ def table(rows: list[dict[str, Any]], key: str, title: str) -> str:
     unit = ", ".join(sorted({f"{r['adapter_bytes'] / 1024:.1f} KiB" for r in rows}))
     lines = [
         f"{title}: what one more client adds, in adapters' worth (one adapter = {unit}; "
-        f"{rows[0]['model']}, LoRA rank {rows[0]['rank']}, server.step = {rows[0]['step']}):",
+        f"{rows[0]['model']}, LoRA rank {rows[0]['rank']}, server.step = {rows[0]['step']}"
+        + (f"; {rows[0]['label']}" if rows[0].get("label") else "")
+        + "):",
         "",
         f"| held by (mira caller > mira function > Flower or Ray function) | {head} |",
         "| --- |" + " ---: |" * len(steps),
@@ -276,7 +278,7 @@ def checkpoint_table(rows: list[dict[str, Any]]) -> str:
     head = " | ".join(f"{a['clients']} to {b['clients']}" for a, b in itertools.pairwise(rows))
     lines = [
         "While the last round's checkpoint is written: what one more client adds, in adapters' "
-        "worth:",
+        "worth" + (f" ({rows[0]['label']})" if rows[0].get("label") else "") + ":",
         "",
         f"| | {head} |",
         "| --- |" + " ---: |" * (len(rows) - 1),
@@ -309,15 +311,15 @@ def read_series(out: Path) -> list[list[dict[str, Any]]]:
     return list(json.loads(out.read_text().split(DATA, 1)[1].split("-->", 1)[0]))
 
 
+def _series_key(row: dict[str, Any]) -> tuple[str, list[str], str]:
+    return row["model"], row["overrides"], row.get("label", "")
+
+
 def write_doc(out: Path, rows: list[dict[str, Any]]) -> None:
     """Both tables of every series of rows between the markers of ``out``: ``rows`` replaces
     a series measured before with the same model and overrides, and joins the others. Text
     outside the markers is kept."""
-    series = [
-        old
-        for old in read_series(out)
-        if (old[0]["model"], old[0]["overrides"]) != (rows[0]["model"], rows[0]["overrides"])
-    ]
+    series = [old for old in read_series(out) if _series_key(old[0]) != _series_key(rows[0])]
     series.append(rows)
     parts = []
     for one in series:
@@ -341,6 +343,12 @@ def main() -> int:
         metavar="KEY=VALUE",
         help="a config override, as mira run --set (e.g. lora.rank=256 for larger adapters)",
     )
+    parser.add_argument(
+        "--label",
+        default="",
+        help="names the series in the doc's titles; a series replaces the one measured before "
+        "with the same model, overrides and label",
+    )
     parser.add_argument("--clients", type=scale._counts, default=[12, 48], help="default 12,48")
     parser.add_argument("--rounds", type=int, default=3, help="default 3")
     parser.add_argument("--out", type=Path, help="markdown file to write (docs/server_memory.md)")
@@ -350,7 +358,7 @@ def main() -> int:
     rows = []
     for clients in args.clients:
         print(f"== {args.model}, {clients} clients, {args.rounds} rounds", flush=True)
-        rows.append(census(args.model, clients, args.rounds, args.set))
+        rows.append(census(args.model, clients, args.rounds, args.set) | {"label": args.label})
     if args.out:
         write_doc(args.out, rows)
     else:

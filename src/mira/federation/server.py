@@ -398,7 +398,7 @@ def discover(link: Link, cfg: Config, fingerprints: bool) -> tuple[list[ClientSt
             )
         )
     check_shared_init(clients, cfg.federation.seed)
-    link.inits = {c.rank: dict(c.adapter) for c in clients}
+    link.inits = {rank: dict(init) for rank, init in share_init(clients).items()}
     try:
         rules.resolve_pull_space(cfg.server.pull_space, [c.rank for c in clients])
     except ValueError as err:
@@ -476,6 +476,18 @@ def check_shared_init(clients: list[ClientState], seed: int) -> None:
                     f"initialisations ({key}); every client must use federation.seed = "
                     f"{seed} and the same base model"
                 )
+
+
+def share_init(clients: list[ClientState]) -> dict[int, Adapter]:
+    """Give every client of a rank the same arrays: the first one's copy of the shared LoRA
+    init, which :func:`check_shared_init` found equal to each of theirs. The server then
+    holds one init per rank instead of one per client until a client's adapter is replaced
+    (docs/server_memory.md); no rule changes an adapter in place, each makes new arrays.
+    Returns the init of each rank."""
+    inits: dict[int, Adapter] = {}
+    for client in clients:
+        client.adapter = inits.setdefault(client.rank, client.adapter)
+    return inits
 
 
 def graph_from_fingerprints(

@@ -9,6 +9,7 @@ import pytest
 from mira.config import apply_overrides, config_from_dict
 from mira.core import rules
 from mira.federation.messages import Evaluation, Instruction, Reply, adapter_digest
+from mira.federation.server import share_init
 from mira.federation.state import (
     REJECTED,
     ClientState,
@@ -405,3 +406,24 @@ def test_a_non_finite_train_loss_refuses_the_update_and_keeps_the_mean_finite() 
         rtol=0,
         atol=1e-12,
     )
+
+
+@pytest.mark.parametrize("step", ["0.5", "auto"])
+def test_clients_of_a_rank_share_one_init_that_no_round_changes(step: str) -> None:
+    # Decoded from each client's identity reply, every client holds its own copy of the
+    # shared init; after share_init they hold the first one's, and rounds (a rule, auto's
+    # mix, a client not sampled) replace adapters without writing into those arrays.
+    state = make_state(f"server.step={step}", "federation.fraction=0.5")
+    for client in state.clients:
+        client.adapter = {k: v.copy() for k, v in client.adapter.items()}
+    first = state.clients[0].adapter
+    inits = share_init(state.clients)
+    assert list(inits) == [2] and inits[2] is first
+    assert all(client.adapter is first for client in state.clients)
+    before = {k: v.copy() for k, v in first.items()}
+    for server_round in (1, 2, 3):
+        _, replies, sent = run_exchange(state, server_round)
+        state.close_round(replies, sent)
+        state.apply_rule(server_round, replies, sent, seconds=1.0)
+    for key, value in before.items():
+        np.testing.assert_array_equal(first[key], value)
