@@ -202,26 +202,34 @@ def rss_mb() -> float:
 
 
 @contextlib.contextmanager
-def server_hooks(folder: Path, timings: Path) -> Iterator[None]:
-    """Processes started inside load :func:`install_server_hooks` at start-up."""
+def process_hook(
+    folder: Path, script: Path, function: str, env: str, value: Path
+) -> Iterator[None]:
+    """Processes started inside import ``script`` and call its ``function`` at start-up
+    (a ``sitecustomize`` in ``folder``, put first on PYTHONPATH), with ``env`` = ``value``."""
     (folder / "sitecustomize.py").write_text(
         "import importlib.util\n"
-        f"spec = importlib.util.spec_from_file_location('mira_scale', {str(Path(__file__))!r})\n"
+        f"spec = importlib.util.spec_from_file_location('mira_{script.stem}', {str(script)!r})\n"
         "module = importlib.util.module_from_spec(spec)\n"
         "spec.loader.exec_module(module)\n"
-        "module.install_server_hooks()\n"
+        f"module.{function}()\n"
     )
-    saved = {key: os.environ.get(key) for key in ("PYTHONPATH", TIMINGS_ENV)}
+    saved = {key: os.environ.get(key) for key in ("PYTHONPATH", env)}
     os.environ["PYTHONPATH"] = os.pathsep.join([str(folder), *filter(None, [saved["PYTHONPATH"]])])
-    os.environ[TIMINGS_ENV] = str(timings)
+    os.environ[env] = str(value)
     try:
         yield
     finally:
-        for key, value in saved.items():
-            if value is None:
+        for key, old in saved.items():
+            if old is None:
                 os.environ.pop(key, None)
             else:
-                os.environ[key] = value
+                os.environ[key] = old
+
+
+def server_hooks(folder: Path, timings: Path) -> contextlib.AbstractContextManager[None]:
+    """Processes started inside load :func:`install_server_hooks` at start-up."""
+    return process_hook(folder, Path(__file__), "install_server_hooks", TIMINGS_ENV, timings)
 
 
 # ------------------------------------------------------------------------------ the config
@@ -242,13 +250,14 @@ def spread(clients: int, capacities: Sequence[int]) -> list[int]:
     return counts
 
 
-def scale_config(model: str, clients: int, rounds: int) -> Any:
+def scale_config(model: str, clients: int, rounds: int, overrides: Sequence[str] = ()) -> Any:
     """The headline config on ``model`` with ``clients`` spread over its tasks,
-    ``federation.fraction`` = 0.25 and ``rounds`` rounds."""
-    from mira.config import config_from_dict
+    ``federation.fraction`` = 0.25, ``rounds`` rounds and ``overrides`` (as `mira run
+    --set`)."""
+    from mira.config import apply_overrides, config_from_dict
     from mira.data.clients import task_examples
 
-    raw = tomllib.loads(HEADLINE.read_text())
+    raw = apply_overrides(tomllib.loads(HEADLINE.read_text()), list(overrides))
     raw["model"]["name"] = model
     raw["federation"]["rounds"] = rounds
     raw["federation"]["fraction"] = FRACTION

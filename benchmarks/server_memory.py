@@ -32,7 +32,6 @@ import os
 import platform
 import sys
 import tempfile
-import tomllib
 import tracemalloc
 from collections import defaultdict
 from pathlib import Path
@@ -183,33 +182,17 @@ def install_census() -> None:
 def census(model: str, clients: int, rounds: int, overrides: list[str]) -> dict[str, Any]:
     """One run of ``clients`` clients of ``model`` (the headline's config with ``overrides``,
     as `mira run --set`); the census of its last round's exchange and of first contact."""
-    from mira.config import apply_overrides, config_from_dict, to_toml
     from mira.federation.simulation import run_simulation
     from mira.results.schema import RunLayout
 
-    cfg = scale.scale_config(model, clients, rounds)
-    cfg = config_from_dict(apply_overrides(tomllib.loads(to_toml(cfg)), overrides))
+    cfg = scale.scale_config(model, clients, rounds, overrides)
     with tempfile.TemporaryDirectory(prefix="mira-census-") as tmp:
         folder = Path(tmp)
-        me = str(Path(__file__))
-        (folder / "sitecustomize.py").write_text(
-            "import importlib.util\n"
-            f"spec = importlib.util.spec_from_file_location('mira_census', {me!r})\n"
-            "module = importlib.util.module_from_spec(spec)\n"
-            "spec.loader.exec_module(module)\n"
-            "module.install_census()\n"
+        hook = scale.process_hook(
+            folder, Path(__file__), "install_census", CENSUS_ENV, folder / "census.json"
         )
-        saved = os.environ.get("PYTHONPATH")
-        os.environ["PYTHONPATH"] = os.pathsep.join([str(folder), *filter(None, [saved])])
-        os.environ[CENSUS_ENV] = str(folder / "census.json")
-        try:
+        with hook:
             run_simulation(cfg, folder / "run")
-        finally:
-            os.environ.pop(CENSUS_ENV)
-            if saved is None:
-                os.environ.pop("PYTHONPATH")
-            else:
-                os.environ["PYTHONPATH"] = saved
         found = json.loads((folder / "census.json").read_text())
         held = sum(p.stat().st_size for p in RunLayout(folder / "run").checkpoint_adapter_files())
     rounds_seen = [e for e in found["exchanges"] if e["what"].startswith("round ")]

@@ -398,7 +398,7 @@ def discover(link: Link, cfg: Config, fingerprints: bool) -> tuple[list[ClientSt
             )
         )
     check_shared_init(clients, cfg.federation.seed)
-    link.inits = {rank: dict(init) for rank, init in share_init(clients).items()}
+    link.inits = share_init(clients)
     try:
         rules.resolve_pull_space(cfg.server.pull_space, [c.rank for c in clients])
     except ValueError as err:
